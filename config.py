@@ -1,0 +1,162 @@
+"""One typed config for model, data and training. CLI flags are generated from its fields.
+
+Precedence: dataclass defaults < --preset < --config FILE (YAML/JSON) < explicit flags.
+The config is saved inside every checkpoint, so a checkpoint alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from utils import UserError
+
+
+@dataclass
+class Config:
+    # --- model ---
+    image_model: str = "resnet50"             # any timm model name (resnet50, vit_base_patch16_224, ...)
+    image_weights: str = "hub"                # hub | none | pkg:efficientnet-lite0 | PATH (.pth/.safetensors)
+    text_model: str = "distilbert-base-uncased"  # transformers name or local folder (pkg:all-minilm-l6-v2)
+    text_weights: str = "pretrained"          # pretrained | none (random init from the model's config)
+    text_layers: int = 0                      # >0: override the number of transformer layers (tiny test models)
+    text_width: int = 0                       # >0: override the hidden size (random-init only)
+    text_pooling: str = "cls"                 # cls | mean
+    embed_dim: int = 256
+    proj_dropout: float = 0.1
+    image_size: int = 224
+    grayscale: bool = True                    # faces are converted to gray then 3 channels (FER domain)
+    max_length: int = 64                      # text tokens
+    logit_scale_init: float = 14.285714       # 1 / 0.07; clamped at 100 in the model
+    freeze_text: bool = False                 # keep the pretrained text geometry (projection still trains)
+    freeze_image: bool = False
+    # --- data ---
+    data: str = "."                           # folder holding captions.csv (image paths relative to `images`)
+    captions: str = "captions.csv"
+    images: str = "images"
+    val_fraction: float = 0.1                 # carved out (stratified by label) when captions.csv has no split
+    positives: str = "caption"                # caption | label: which pairs count as positives in the loss
+    caption_bank: str = ""                    # "" = captions.csv's own captions; paper | rich | PATH (label,caption)
+    caption_sampling: str = "first"           # first | random: which bank sentence an image gets each epoch
+    sampler: str = "none"                     # none | balanced (label-balanced batches) | weighted (1/class count)
+    exclude_classes: str = ""                 # comma list of labels left out of training (unseen-class protocol)
+    augment: bool = True
+    num_workers: int = 0
+    # --- training ---
+    epochs: int = 50
+    batch_size: int = 16
+    lr_image: float = 1e-4
+    lr_text: float = 1e-5
+    lr_head: float = 1e-3                     # projection heads and temperature
+    weight_decay: float = 0.01                # never applied to 1-D params (norms, biases, logit_scale)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    amp: bool = True                          # CUDA only: bf16 where supported, else fp16 + GradScaler
+    device: str = "auto"                      # auto = cuda, then mps, then cpu
+    seed: int = 0
+    out_dir: str = "runs/exp"
+    resume: str = ""                          # path to a last.pth to continue exactly
+    max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
+    final_path: str = "model_final.pth"       # best epoch is copied here
+    log_every: int = 10
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The source paper: ResNet50 + DistilBERT, 224 px, batch 16, 50 epochs, one T4.
+    "paper": dict(image_model="resnet50", image_weights="hub", text_model="distilbert-base-uncased",
+                  image_size=224, batch_size=16, epochs=50, lr_image=1e-4, lr_text=1e-5),
+    "vit": dict(image_model="vit_base_patch16_224", image_weights="hub", image_size=224),
+    # Offline, 2 CPU cores: the packaged ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 (frozen), small images.
+    "offline": dict(image_model="tf_efficientnet_lite0", image_weights="pkg:efficientnet-lite0",
+                    text_model="pkg:all-minilm-l6-v2", text_pooling="mean", freeze_text=True,
+                    image_size=64, batch_size=32, epochs=6, warmup_steps=20, lr_image=1e-3, lr_head=3e-3,
+                    proj_dropout=0.0),
+    # Tiny random-init model for tests and smoke runs: no weights needed at all.
+    "tiny": dict(image_model="resnet10t", image_weights="none", text_model="pkg:all-minilm-l6-v2",
+                 text_weights="none", text_layers=1, text_width=64, text_pooling="mean", image_size=48,
+                 embed_dim=64, batch_size=32, epochs=3, warmup_steps=5, lr_image=2e-3, lr_text=2e-3,
+                 lr_head=3e-3, proj_dropout=0.0, max_length=32),
+}
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    return get_type_hints(Config)[f.name]
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Config field (underscores -> dashes), plus --preset and --config."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings applied before --config and flags")
+    parser.add_argument("--config", help="YAML or JSON file of config fields")
+    for f in fields(Config):
+        t = _type_of(f)
+        kw = dict(default=None, help=f"(default: {f.default})", dest=f.name)
+        if t is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_parse_bool, nargs="?", const=True,
+                                metavar="BOOL", **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=t, **kw)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config fields")
+    return data
+
+
+def make_config(overrides: dict[str, Any] | None = None, preset: str | None = None,
+                config_file: str | None = None) -> Config:
+    """Defaults < preset < file < overrides, with unknown keys refused in one line."""
+    merged: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        merged.update(PRESETS[preset])
+    if config_file:
+        merged.update(read_config_file(config_file))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise UserError(f"unknown config field(s): {', '.join(unknown)}")
+    return config_from_dict(merged)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return make_config(flags, preset=args.preset, config_file=args.config)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild from a checkpoint's dict: unknown keys (from newer versions) are ignored, types coerced."""
+    cfg = Config()
+    for f in fields(Config):
+        if f.name in d:
+            t = _type_of(f)
+            v = d[f.name]
+            setattr(cfg, f.name, _parse_bool(str(v)) if t is bool and not isinstance(v, bool) else t(v))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

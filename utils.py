@@ -1,0 +1,89 @@
+"""Small shared helpers: user-facing errors, device choice, seeding, atomic saves, weight loading."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag, missing weights). Printed as one line, no traceback."""
+
+
+def run_cli(main, argv=None) -> int:
+    """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr and an exit code."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu -- decided when called, never at import time."""
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {requested} asked for, but no CUDA GPU is visible; use --device cpu")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Tensors from a .safetensors or a .pth/.pt/.bin file; pickles are read with weights_only=True (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code, truncated file, not a torch file at all
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def file_digest(path: str | os.PathLike, n: int = 16) -> str:
+    """Short sha256 of a file's bytes (checkpoint identity for caches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]
