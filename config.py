@@ -31,6 +31,7 @@ class Config:
     grayscale: bool = True                    # faces are converted to gray then 3 channels (FER domain)
     max_length: int = 64                      # text tokens
     logit_scale_init: float = 14.285714       # 1 / 0.07; clamped at 100 in the model
+    objective: str = "clip"                   # clip (contrastive) | ce (plain classifier baseline on the same towers)
     freeze_text: bool = False                 # keep the pretrained text geometry (projection still trains)
     freeze_image: bool = False
     # --- data ---
@@ -55,7 +56,8 @@ class Config:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    amp: bool = True                          # CUDA only: bf16 where supported, else fp16 + GradScaler
+    amp: str = "auto"                         # auto | bf16 | fp16 | off (auto: CUDA bf16 or fp16+scaler; CPU bf16
+                                              # where it has native bf16 (AMX/AVX512-BF16), else fp32)
     device: str = "auto"                      # auto = cuda, then mps, then cpu
     seed: int = 0
     out_dir: str = "runs/exp"
@@ -79,8 +81,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_model="resnet10t", image_weights="none", text_model="pkg:all-minilm-l6-v2",
                  text_weights="none", text_layers=1, text_width=64, text_pooling="mean", image_size=48,
                  embed_dim=64, batch_size=32, epochs=3, warmup_steps=5, lr_image=2e-3, lr_text=2e-3,
-                 lr_head=3e-3, proj_dropout=0.0, max_length=32),
+                 lr_head=3e-3, proj_dropout=0.0, max_length=32, amp="off"),
 }
+
+
+CHOICES: dict[str, tuple[str, ...]] = dict(text_pooling=("cls", "mean"), positives=("caption", "label"),
+                                           amp=("auto", "bf16", "fp16", "off"), objective=("clip", "ce"),
+                                           caption_sampling=("first", "random"),
+                                           sampler=("none", "balanced", "weighted"))
 
 
 def _type_of(f: dataclasses.Field) -> type:
@@ -106,7 +114,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--" + f.name.replace("_", "-"), type=_parse_bool, nargs="?", const=True,
                                 metavar="BOOL", **kw)
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=t, **kw)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=t, choices=CHOICES.get(f.name), **kw)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -139,7 +147,13 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     unknown = sorted(set(merged) - known)
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(unknown)}")
-    return config_from_dict(merged)
+    cfg = config_from_dict(merged)
+    for name, options in CHOICES.items():
+        if getattr(cfg, name) not in options:
+            raise UserError(f"{name} = {getattr(cfg, name)!r} is not one of {', '.join(options)}")
+    if cfg.batch_size < 2 or cfg.image_size < 16 or cfg.embed_dim < 1:
+        raise UserError("batch_size must be >= 2 (contrastive), image_size >= 16 and embed_dim >= 1")
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

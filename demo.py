@@ -2,18 +2,21 @@
 
     python demo.py                         # model_final.pth over images/, http://127.0.0.1:7860
     python demo.py --quickstart            # no model yet: train one on the bundled sample first (offline, ~3 min)
-    python demo.py --gallery DIR --checkpoint PATH --host 0.0.0.0 --port 7860 [--share]
+    python demo.py --gallery DIR --checkpoint PATH --host 0.0.0.0 --port 7860 [--share] [--max-faces 5]
 
-The Gradio code is a thin layer over retrieval.py; every handler turns a bad request into a message.
+The Gradio code is a thin layer over retrieval.py / sequence.py / vocab.py; every handler turns a bad request into a
+message. Endpoints (gradio_client): /search, /rank, /similar, /sequence, /save_vocab, /load_vocab.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import tempfile
 import traceback
 from pathlib import Path
 
-from retrieval import Engine, rank_expressions, search_text, similar_images
+from retrieval import (Engine, frame_crops, load_frames, rank_faces, score_frames, search_text, similar_images,
+                       similar_to_gallery_image)
 from utils import UserError, run_cli
 
 PAPER_SENTENCES = [
@@ -35,19 +38,21 @@ PAPER_SENTENCES = [
 ]
 EXAMPLES = ["a wide smile", "An expression of disdain and superiority."] + PAPER_SENTENCES
 MAX_UPLOAD_PIXELS = 40_000_000
+MAX_VOCAB_BYTES = 256_000
 
 
 def safe(fn):
-    """Handler wrapper: UserError -> its message; anything else -> a short message (server keeps serving)."""
+    """Handler wrapper: UserError -> its message; anything else -> a short message (server keeps serving).
+    The fallback gets (message, *request arguments), so it can keep what the user had."""
     @functools.wraps(fn)
     def wrapper(*args):
         try:
             return fn(*args)
         except UserError as e:
-            return fn.fallback(str(e))
+            return fn.fallback(str(e), *args)
         except Exception as e:  # noqa: BLE001 -- a demo request must never take the server down
             traceback.print_exc()
-            return fn.fallback(f"could not handle this request ({type(e).__name__}: {e})")
+            return fn.fallback(f"could not handle this request ({type(e).__name__}: {e})", *args)
     return wrapper
 
 
@@ -66,53 +71,153 @@ def open_upload(image):
     return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
 
 
+def read_vocab_upload(path) -> str:
+    """Text of an uploaded vocabulary file, checked with vocab.parse_vocab (errors name the file and line)."""
+    from vocab import parse_vocab
+    if not path:
+        raise UserError("choose a text file with one `name: sentence` per line")
+    path = Path(path)
+    if path.stat().st_size > MAX_VOCAB_BYTES:
+        raise UserError(f"{path.name}: over {MAX_VOCAB_BYTES // 1000} kB; a vocabulary is one short line per expression")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path.name}: not UTF-8 text; save it as UTF-8 with one `name: sentence` per line") from None
+    parse_vocab(text, source=path.name)
+    return text
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def gallery_items(hits) -> list[tuple[str, str]]:
+    return [(str(p), f"{s:.3f}  {p.name}") for p, s in hits]
+
+
 # ----------------------------------------------------------------------------- handlers (no Gradio inside)
 
-def make_handlers(engine: Engine) -> dict:
-    @with_fallback(lambda msg: ([], msg))
+def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> dict:
+    from vocab import parse_vocab, save_vocab
+
+    def vocab_items(vocab_text) -> list[tuple[str, str]]:
+        if not (vocab_text or "").strip():
+            raise UserError("the expression list is empty: one `name: sentence` per line")
+        return parse_vocab(vocab_text, source="expression list")
+
+    @with_fallback(lambda msg, *_: ([], msg))
     def on_search(query, k):
         hits = search_text(engine, query, int(k))
-        return [(str(p), f"{s:.3f}  {p.name}") for p, s in hits], f"{len(hits)} best matches for “{query.strip()}”"
+        return gallery_items(hits), f"{len(hits)} best matches for “{query.strip()}”"
 
-    @with_fallback(lambda msg: (None, {}, msg))
+    @with_fallback(lambda msg, *_: (None, {}, msg))
     def on_rank(image, vocab_text, detect):
-        from faces import draw_boxes, faces_or_whole
-        from vocab import parse_vocab
-        items = parse_vocab(vocab_text or "")
-        if not items:
-            raise UserError("the expression list is empty: one `name: sentence` per line")
+        from faces import draw_boxes
+        items = vocab_items(vocab_text)
         photo = open_upload(image)
-        crops, boxes, found = faces_or_whole(photo, max_faces=5, grayscale=engine.cfg.grayscale) if detect \
-            else ([photo], [], False)
-        lines, first = [], {}
-        for n, crop in enumerate(crops, 1):
-            ranked = rank_expressions(engine, crop, [s for _, s in items])
-            name_of = {s: name for name, s in items}
-            top = {name_of[s]: p for s, p, _ in ranked[:5]}
-            first = first or top
-            lines.append(f"**face {n}**: " + ", ".join(f"{k} {v:.0%}" for k, v in top.items()))
-        note = "" if found or not detect else "No face found: ranked the whole image. "
-        return (draw_boxes(photo, boxes) if found else photo), first, note + "  \n".join(lines)
+        res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)
+        names = [name for name, _ in items]
+        rows = ["| face | 1st | 2nd | 3rd | 4th | 5th |", "|---|---|---|---|---|---|"]
+        for n, p in enumerate(res.probs, 1):                              # p: [C], faces largest first
+            top = p.argsort(kind="stable")[::-1][:5]
+            rows.append(f"| {n} | " + " | ".join(f"{_md(names[i])} {p[i]:.0%}" for i in top) + " |")
+        notes = []
+        if detect and not res.found:
+            notes.append("No face found: ranked the whole image.")
+        if res.more:
+            notes.append(f"More than {max_faces} faces: showing the {max_faces} largest (--max-faces).")
+        elif res.found:
+            notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
+        first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
+        return (draw_boxes(photo, res.boxes) if res.found else photo), first, " ".join(notes) + "\n\n" + "\n".join(rows)
 
-    @with_fallback(lambda msg: ([], msg))
+    @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k):
         hits = similar_images(engine, open_upload(image), int(k))
-        return [(str(p), f"{s:.3f}  {p.name}") for p, s in hits], f"{len(hits)} faces with the closest expression"
+        return gallery_items(hits), f"{len(hits)} faces with the closest expression"
 
-    return dict(search=on_search, rank=on_rank, similar=on_similar)
+    @with_fallback(lambda msg, *_: ([], msg))
+    def on_similar_gallery(paths, index, k):
+        """A click on result `index` of the last text search -> faces with the closest expression, itself first."""
+        if not paths or index is None or not 0 <= int(index) < len(paths):
+            raise UserError("search first, then click one of the results")
+        hits = similar_to_gallery_image(engine, paths[int(index)], int(k))
+        return gallery_items(hits), f"{len(hits)} faces closest to {Path(paths[int(index)]).name} (itself first)"
+
+    @with_fallback(lambda msg, *_: ({}, None, msg))
+    def on_sequence(files, vocab_text, detect, decay):
+        from sequence import sequence_scores, timeline_figure
+        items = vocab_items(vocab_text)
+        files = [files] if isinstance(files, str) else files
+        frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
+        crops, found = frame_crops(frames, bool(detect), engine.cfg.grayscale)
+        names = [name for name, _ in items]
+        scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
+        overall, w = sequence_scores(scores, float(decay))                # [C], [T]
+        fig = timeline_figure(scores, names, top=5, decay=float(decay))
+        msg = [f"**{len(frames)} frames** (decay {float(decay):g}: the last frame weighs {w[-1]:.0%})."]
+        missing = [str(t) for t, f in enumerate(found, 1) if not f]
+        if detect and missing:
+            msg.append(f"No face found in frame(s) {', '.join(missing)}: the whole frame was scored.")
+        if skipped:
+            msg.append(f"Skipped {len(skipped)} file(s): " + "; ".join(skipped))
+        return {n: float(v) for n, v in zip(names, overall)}, fig, " ".join(msg)
+
+    @with_fallback(lambda msg, *_: (None, msg))
+    def on_save_vocab(vocab_text):
+        items = vocab_items(vocab_text)
+        path = Path(tempfile.mkdtemp(prefix="exprclip-vocab-")) / "expressions.txt"
+        save_vocab(items, path)
+        return str(path), f"saved {len(items)} expressions: download expressions.txt"
+
+    @with_fallback(lambda msg, file, current=None: (current or "", msg))
+    def on_load_vocab(file, current=None):
+        text = read_vocab_upload(file)
+        return text, f"loaded {len(parse_vocab(text))} expressions from {Path(file).name}"
+
+    return dict(search=on_search, rank=on_rank, similar=on_similar, similar_gallery=on_similar_gallery,
+                sequence=on_sequence, save_vocab=on_save_vocab, load_vocab=on_load_vocab)
 
 
 # ----------------------------------------------------------------------------- UI
 
-def build_app(engine: Engine):
+def _image_input(**kw):
+    """A gr.Image whose undecodable uploads reach the handler as a path (so they get a message, not a toast)."""
     import gradio as gr
-    from vocab import format_vocab, load_vocab
-    h = make_handlers(engine)
+
+    class SafeImage(gr.Image):
+        is_template = True                                                 # rendered by gr.Image's frontend
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception:  # noqa: BLE001 -- the handler's safe_open_image says what is wrong
+                return getattr(payload, "path", None)
+    return SafeImage(type="filepath", image_mode=None, **kw)
+
+
+def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
+    import gradio as gr
+    from vocab import SHIPPED, format_vocab, load_vocab
+    h = make_handlers(engine, max_faces, max_frames)
     n = len(engine.index) if engine.index is not None else 0
     with gr.Blocks(title="ExprCLIP: search faces by expression") as app:
         gr.Markdown(f"# ExprCLIP\nDescribe an expression to find faces, or upload a face to name its expression. "
                     f"Gallery: {n} images" + (f", {len(engine.failed)} unreadable: "
                                               + ", ".join(p.name for p in engine.failed[:10]) if engine.failed else ""))
+        with gr.Accordion("Expression list (used by Face → expressions and Sequence): edit, load or save", open=False):
+            with gr.Row():
+                vocab = gr.Textbox(label="Expressions (name: sentence, one per line)", lines=10, scale=3,
+                                   value=format_vocab(load_vocab("paper")))
+                with gr.Column(scale=1):
+                    preset = gr.Dropdown(list(SHIPPED), value="paper", label="Load a shipped list")
+                    upload = gr.UploadButton("Load from a text file", file_types=[".txt"], type="filepath")
+                    save = gr.Button("Save as a text file")
+                    saved = gr.File(label="Saved list", interactive=False)
+                    vocab_status = gr.Markdown()
+            preset.change(lambda name: format_vocab(load_vocab(name)), preset, vocab, api_visibility="private")
+            upload.upload(h["load_vocab"], [upload, vocab], [vocab, vocab_status], api_name="load_vocab")
+            save.click(h["save_vocab"], vocab, [saved, vocab_status], api_name="save_vocab")
         with gr.Tab("Text → faces"):
             with gr.Row():
                 query = gr.Textbox(label="Expression description", placeholder="a wide smile", scale=4)
@@ -120,29 +225,52 @@ def build_app(engine: Engine):
             go = gr.Button("Search", variant="primary")
             gr.Examples(EXAMPLES, inputs=query)
             status = gr.Markdown()
-            gallery = gr.Gallery(label="Most similar faces (cosine score)", columns=6, height="auto")
-            for trigger in (go.click, query.submit):
-                trigger(h["search"], [query, k], [gallery, status])
+            gallery = gr.Gallery(label="Most similar faces (cosine score): click one to find similar expressions",
+                                 columns=6, height="auto")
+            hit_paths = gr.State([])
+            pick_status = gr.Markdown()
+            similar = gr.Gallery(label="Faces with the closest expression to the clicked one", columns=6, height="auto")
+
+            def search_ui(q, top_k):
+                items, msg = h["search"](q, top_k)
+                return items, msg, [p for p, _ in items]
+
+            def pick(paths, top_k, evt: gr.SelectData):
+                return h["similar_gallery"](paths, evt.index, top_k)
+
+            go.click(search_ui, [query, k], [gallery, status, hit_paths], api_name="search")
+            query.submit(search_ui, [query, k], [gallery, status, hit_paths], api_visibility="private")
+            gallery.select(pick, [hit_paths, k], [similar, pick_status], api_visibility="private")
         with gr.Tab("Face → expressions"):
             with gr.Row():
-                image = gr.Image(label="Face or photo", type="filepath", sources=["upload", "webcam", "clipboard"])
+                image = _image_input(label="Face or photo", sources=["upload", "webcam", "clipboard"])
                 with gr.Column():
-                    vocab = gr.Textbox(label="Expressions (name: sentence, one per line)", lines=10,
-                                       value=format_vocab(load_vocab("paper")))
-                    preset = gr.Dropdown(["paper", "fine_grained"], value="paper", label="Load a shipped list")
-                    detect = gr.Checkbox(value=True, label="Detect and crop faces")
-            rank = gr.Button("Rank expressions", variant="primary")
-            with gr.Row():
-                boxes = gr.Image(label="Faces found", type="pil")
-                bars = gr.Label(num_top_classes=5, label="Top-5 (face 1)")
+                    detect = gr.Checkbox(value=True, label=f"Detect and crop faces (up to {max_faces}, largest first)")
+                    rank = gr.Button("Rank expressions", variant="primary")
+                    bars = gr.Label(num_top_classes=5, label="Top-5 (face 1, the largest)")
+            boxes = gr.Image(label="Faces found (numbered as in the table)", type="pil")
             per_face = gr.Markdown()
-            preset.change(lambda name: format_vocab(load_vocab(name)), preset, vocab)
-            rank.click(h["rank"], [image, vocab, detect], [boxes, bars, per_face])
+            rank.click(h["rank"], [image, vocab, detect], [boxes, bars, per_face], api_name="rank")
             sim_k = gr.Slider(1, 50, value=12, step=1, label="Similar faces: top K")
             sim = gr.Button("Find faces with a similar expression")
             sim_status = gr.Markdown()
             sim_gallery = gr.Gallery(columns=6, height="auto")
-            sim.click(h["similar"], [image, sim_k], [sim_gallery, sim_status])
+            sim.click(h["similar"], [image, sim_k], [sim_gallery, sim_status], api_name="similar")
+        with gr.Tab("Sequence"):
+            gr.Markdown(f"Several images (frames, taken in file-name order) or a short video (up to {max_frames} "
+                        "frames sampled evenly): per-frame expression probabilities and one turn-weighted score, "
+                        "recent frames weighing more.")
+            files = gr.File(label="Frames or a video", file_count="multiple", type="filepath")
+            with gr.Row():
+                seq_detect = gr.Checkbox(value=True, label="Detect the largest face per frame")
+                decay = gr.Slider(0, 1, value=0.5, step=0.05, label="Decay (1 = plain mean, 0 = last frame only)")
+            run = gr.Button("Score the sequence", variant="primary")
+            with gr.Row():
+                seq_bars = gr.Label(num_top_classes=5, label="Overall top-5 (turn-weighted)")
+                plot = gr.Plot(label="Timeline")
+            seq_status = gr.Markdown()
+            run.click(h["sequence"], [files, vocab, seq_detect, decay], [seq_bars, plot, seq_status],
+                      api_name="sequence")
     return app
 
 
@@ -163,12 +291,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache-dir", default=".cache/gallery", help="where gallery embeddings are cached")
     ap.add_argument("--quickstart", action="store_true", help="train on the bundled sample if --checkpoint is missing")
+    ap.add_argument("--max-faces", type=int, default=5, help="faces ranked per photo, largest first")
+    ap.add_argument("--max-frames", type=int, default=32, help="frames scored per sequence (videos: sampled evenly)")
     a = ap.parse_args(argv)
+    if a.max_faces < 1 or a.max_frames < 1:
+        raise UserError("--max-faces and --max-frames must be at least 1")
     if a.quickstart and not Path(a.checkpoint).exists():
         quickstart(a.checkpoint)
     engine = Engine.load(a.checkpoint, a.gallery, a.device, a.cache_dir)
     print(f"gallery: {len(engine.index)} images embedded" + (f", {len(engine.failed)} unreadable" if engine.failed else ""))
-    build_app(engine).queue(default_concurrency_limit=4, max_size=64).launch(
+    build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(
         server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
     return 0
 

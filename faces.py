@@ -21,13 +21,14 @@ CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2
 WORK_SIDE = 1024      # longest side the detector works at (big photos are shrunk first: speed)
 SMALL_SIDE = 160      # shortest side below which images are upscaled (tiny faces: FER is 48x48)
 PAD_FRAC = 0.25       # replicate-pad each side by this fraction: lets faces that fill the frame be found
+SCALE = 1.1           # detector pyramid step
 MIN_NEIGHBORS = 3     # per-cascade hits needed (OpenCV's minNeighbors)
-SOLO_VOTES = 10       # a box only one cascade finds is kept when it has this many hits (else: false alarm)
+SOLO_VOTES = 15       # a box only one cascade finds is kept when it has this many hits (else: false alarm)
 
 
 @dataclass(frozen=True)
 class Box:
-    """A face box in pixel coordinates of the input image; score = cascade votes (higher = surer)."""
+    """A face box in input-image pixels (x1, y1 exclusive); score = summed cascade neighbour votes (higher = surer)."""
     x0: int
     y0: int
     x1: int
@@ -67,7 +68,7 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _nms(boxes: np.ndarray, votes: np.ndarray, iou: float = 0.3, inside: float = 0.6) -> list[np.ndarray]:
-    """Greedy NMS by votes that also merges boxes mostly inside a kept one; returns each group's indices, keeper first."""
+    """Greedy NMS by votes, also merging boxes mostly inside the keeper; each group's indices, keeper first."""
     order = np.argsort(-votes, kind="stable")
     groups = []
     while len(order):
@@ -83,17 +84,18 @@ def detect_faces(image: Image.Image, max_faces: int = 10, min_size_frac: float =
     """Frontal faces in `image` (any PIL mode), largest first; min_size_frac is relative to the shorter side."""
     gray = np.asarray(image.convert("L"))                             # [H,W] uint8
     H, W = gray.shape
+    if min(H, W) < 8:
+        return []
     min_face = max(min_size_frac * min(H, W), 1.0)                    # px, input scale
-    s = min(1.0, WORK_SIDE / max(H, W))                               # shrink big photos ...
-    s = max(s, 24.0 / min_face, SMALL_SIDE / min(H, W))                # ... but keep faces >= 24 px, tiny ones up
-    s = min(s, 8.0)
+    s = min(1.0, max(WORK_SIDE / max(H, W), 24.0 / min_face))         # shrink big photos, keeping faces >= 24 px
+    s = min(max(s, SMALL_SIDE / min(H, W)), 8.0)                      # tiny images (FER 48x48) go up
     work = cv2.resize(gray, (round(W * s), round(H * s)), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
     pad = round(PAD_FRAC * min(work.shape))
     work = cv2.copyMakeBorder(work, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     side = max(round(min_face * s), 20)
     found, votes, source = [], [], []
     for c, name in enumerate(CASCADES):
-        rects, n = _cascade(name).detectMultiScale2(work, scaleFactor=1.1, minNeighbors=MIN_NEIGHBORS,
+        rects, n = _cascade(name).detectMultiScale2(work, scaleFactor=SCALE, minNeighbors=MIN_NEIGHBORS,
                                                     minSize=(side, side))
         for (x, y, w, h), k in zip(rects, n):
             found.append([x, y, x + w, y + h])
@@ -104,13 +106,14 @@ def detect_faces(image: Image.Image, max_faces: int = 10, min_size_frac: float =
     xyxy = (np.array(found, dtype=np.float64) - pad) / s             # [N,4] back to input pixels
     xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, W)
     xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, H)
-    votes, source = np.array(votes), np.array(source)                # [N], [N]
+    ok = (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)  # drop hits wholly in the padding
+    xyxy, votes, source = xyxy[ok], np.array(votes)[ok], np.array(source)[ok]  # [N,4], [N], [N]
     boxes = []
     for g in _nms(xyxy, votes):
         agree = len(set(source[g].tolist())) >= min(2, len(CASCADES))
         if agree or votes[g[0]] >= SOLO_VOTES:
             boxes.append(Box(*(int(round(v)) for v in xyxy[g[0]]), score=float(votes[g].sum())))
-    boxes = [b for b in boxes if b.w > 0 and b.h > 0]
+    boxes = [b for b in boxes if b.w > 0 and b.h > 0]                # rounding can still empty a sliver
     return sorted(boxes, key=lambda b: (-b.area, -b.score))[:max_faces]
 
 
@@ -185,6 +188,8 @@ def safe_open_image(src, max_pixels: int = 40_000_000) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(im))
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, fp = "image data", io.BytesIO(bytes(src))
+    elif hasattr(src, "read"):                                        # an open file / upload stream
+        name, fp = str(getattr(src, "name", "image data")), src
     else:
         name, fp = str(src), src
         if not os.path.isfile(fp):

@@ -105,6 +105,8 @@ def build_text_encoder(cfg: Config, load_weights: bool = True, hf_config: dict |
             model = transformers.AutoModel.from_config(conf)
     except OSError as e:
         raise UserError(_hub_hint("text", cfg.text_model, e))
+    if getattr(model, "pooler", None) is not None:   # BERT's pooler is unused (we pool last_hidden_state):
+        model.pooler = None                            # drop it, so DDP sees no parameter without a gradient
     return model, tokenizer
 
 
@@ -136,14 +138,19 @@ class ProjectionHead(nn.Module):
 
 class ExprCLIP(nn.Module):
     def __init__(self, cfg: Config, load_weights: bool = True, hf_config: dict | None = None,
-                 tokenizer_dir: str | None = None):
+                 tokenizer_dir: str | None = None, class_names: list[str] | None = None):
         super().__init__()
         self.cfg = cfg
+        self.class_names = list(class_names or [])     # label order of `classifier` (objective=ce)
         self.image_encoder = build_image_encoder(cfg, load_weights)
         self.text_encoder, self.tokenizer = build_text_encoder(cfg, load_weights, hf_config, tokenizer_dir)
         self.image_head = ProjectionHead(self.image_encoder.num_features, cfg.embed_dim, cfg.proj_dropout)
         self.text_head = ProjectionHead(self.text_encoder.config.hidden_size, cfg.embed_dim, cfg.proj_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        if cfg.objective == "ce":   # baseline: a linear classifier over the image embedding, trained with CE
+            if not self.class_names:
+                raise UserError("objective=ce needs labelled data (a `label` column in captions.csv)")
+            self.classifier = nn.Linear(cfg.embed_dim, len(self.class_names))
         data_cfg = timm.data.resolve_data_config({}, model=self.image_encoder)
         self.image_mean, self.image_std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
         for enc, frozen in ((self.text_encoder, cfg.freeze_text), (self.image_encoder, cfg.freeze_image)):
@@ -167,14 +174,32 @@ class ExprCLIP(nn.Module):
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[U, L] tokens -> [U, D] unit vectors (CLS or masked-mean pooling)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_text):
-            h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [U, L, H]
+        if self.cfg.freeze_text:
+            pooled = self.frozen_features(input_ids, attention_mask)
+        else:
+            pooled = self.pool(input_ids, attention_mask)
+        return F.normalize(self.text_head(pooled), dim=-1)
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[U, L] tokens -> [U, H] pooled text-tower features."""
+        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [U, L, H]
         if self.cfg.text_pooling == "mean":
             m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:
-            pooled = h[:, 0]
-        return F.normalize(self.text_head(pooled), dim=-1)
+            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return h[:, 0]
+
+    @torch.no_grad()
+    def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A frozen tower's pooled features never change: compute each caption once, then reuse (keyed by tokens)."""
+        keys = [ids[m.bool()].cpu().numpy().tobytes() for ids, m in zip(input_ids, attention_mask)]
+        cache = self.__dict__.setdefault("_frozen_cache", {})
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        if todo:
+            feats = self.pool(input_ids[todo], attention_mask[todo]).float()        # [T, H]
+            if len(cache) + len(todo) > 100_000:
+                cache.clear()
+            cache.update({keys[i]: f for i, f in zip(todo, feats)})
+        return torch.stack([cache[k] for k in keys]).to(input_ids.device)           # [U, H]
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,
@@ -193,6 +218,8 @@ class ExprCLIP(nn.Module):
         Each distinct caption is encoded once and scattered to its pairs, so the text cost scales with U, not B.
         Returns (image_emb [B,D], text_emb [B,D], logit_scale scalar)."""
         img = self.encode_image(pixels)
+        if self.cfg.objective == "ce":                            # baseline: (img, class logits [B, C], scale)
+            return img, self.classifier(img) * self.scale(), self.scale()
         txt = self.encode_tokens(input_ids, attention_mask)      # [U, D]
         if text_index is not None:
             txt = txt[text_index]                                 # [B, D]
@@ -210,7 +237,7 @@ def _tokenizer_files(tokenizer) -> dict[str, str]:
 def checkpoint_payload(model: ExprCLIP, **extra) -> dict:
     """Everything needed to rebuild the model offline: config, HF text config, tokenizer files, weights."""
     raw = model.module if hasattr(model, "module") else model
-    return dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg),
+    return dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg), class_names=list(raw.class_names),
                 text_config=raw.text_encoder.config.to_dict(), tokenizer=_tokenizer_files(raw.tokenizer),
                 state_dict={k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra)
 
@@ -240,7 +267,8 @@ def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
     with tempfile.TemporaryDirectory() as d:
         for name, text in ck["tokenizer"].items():
             (Path(d) / name).write_text(text)
-        model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d)
+        model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d,
+                         class_names=ck.get("class_names"))
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -1,10 +1,12 @@
 """Convert a face-expression dataset to DIR/captions.csv (image,caption,label,split[,soft_labels]).
 
   python prepare.py SOURCE --format fer2013-csv|folder|ferplus|affectnet|rafdb --out DIR [--copy] [--bank paper]
+  python prepare.py PHOTOS --format folder --out DIR --detect-faces [--grayscale] [--no-face keep|skip]
 
 Images that already are files are referenced in place (path relative to DIR when the file lies inside DIR, else
 absolute) unless --copy. Pixels from a CSV, face crops, copies and images that had to be converted to 8-bit L/RGB
 are written under DIR/images/<prefix>/ and listed relative to DIR. Running again onto the same DIR appends.
+--detect-faces crops the largest face of every image (OpenCV cascades, faces.py) and writes the crops there too.
 """
 from __future__ import annotations
 
@@ -350,16 +352,35 @@ def save(im: Image.Image, dst: Path, out: Path) -> str:
     return listed_path(dst, out)
 
 
-def place(r, out: Path, prefix: str, copy: bool, verify: bool, notes: Counter) -> str:
-    """Write or reference one row's image; returns its captions.csv path. Raises Skip."""
+def face_cropper(margin: float = 0.25, grayscale: bool = False, no_face: str = "skip"):
+    """crop(im, notes) -> the largest face of `im` with `margin` (faces.py); no face: Skip, or `im` when 'keep'."""
+    from faces import crop_face, detect_faces
+
+    def crop(im: Image.Image, notes: Counter) -> Image.Image:
+        boxes = detect_faces(im, max_faces=1)
+        if boxes:
+            notes["face detected and cropped"] += 1
+            im = crop_face(im, boxes[0], margin, grayscale)
+        elif no_face == "skip":
+            raise Skip("no face found (--no-face skip)")
+        else:
+            notes["no face found, kept whole (--no-face keep)"] += 1
+        return im.convert("L") if grayscale or im.mode == "L" else im
+    return crop
+
+
+def place(r, out: Path, prefix: str, copy: bool, verify: bool, notes: Counter, crop=None) -> str:
+    """Write or reference one row's image (face-cropped by `crop` when given); its captions.csv path. Raises Skip."""
     dst = out / "images" / prefix / r.name
     if isinstance(getattr(r, "pixels", None), str):
-        return save(Image.fromarray(decode_pixels(r.pixels), "L"), dst, out)
-    if isinstance(getattr(r, "box", None), tuple):
+        im = Image.fromarray(decode_pixels(r.pixels), "L")
+        return save(crop(im, notes) if crop else im, dst, out)
+    if isinstance(getattr(r, "box", None), tuple) or crop is not None:
         im, note = load_image(r.src)
         if note:
             notes[note] += 1
-        return save(crop_box(im, r.box), dst, out)
+        im = crop_box(im, r.box) if isinstance(getattr(r, "box", None), tuple) else im
+        return save(crop(im, notes) if crop else im, dst, out)
     if verify:
         im, note = load_image(r.src)
         if note:
@@ -389,10 +410,15 @@ def merge_captions(path: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> t
 
 def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str] | None = None,
             bank: str = "paper", sampling: str = "random", seed: int = 0, verify: bool = True,
-            image_root=None) -> pd.DataFrame:
-    """Read SOURCE as `fmt`, write images, merge into OUT/captions.csv; returns the whole table (report in .attrs)."""
+            image_root=None, detect_faces: bool = False, no_face: str = "skip", grayscale: bool = False,
+            face_margin: float = 0.25) -> pd.DataFrame:
+    """Read SOURCE as `fmt`, write images, merge into OUT/captions.csv; returns the whole table (report in .attrs).
+    detect_faces: write the largest face of each image instead (no face: `no_face` = skip or keep)."""
     if fmt not in READERS:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(READERS)}")
+    if no_face not in ("skip", "keep") or face_margin < 0 or (grayscale and not detect_faces):
+        raise UserError("--no-face is keep or skip, --face-margin >= 0, and --grayscale goes with --detect-faces")
+    crop = face_cropper(face_margin, grayscale, no_face) if detect_faces else None
     source, out = Path(os.path.abspath(source)), Path(os.path.abspath(out))
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
@@ -413,7 +439,7 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
     notes, images = Counter(), []
     for r in rows.itertuples(index=False):
         try:
-            images.append(place(r, out, prefix, copy, verify, notes))
+            images.append(place(r, out, prefix, copy, verify, notes, crop))
         except Skip as e:
             skipped[str(e)] += 1
             images.append(None)
@@ -465,11 +491,19 @@ def main(argv=None) -> int:
                    help="trusted folders: do not open image files (no check or 8-bit conversion; much faster)")
     p.add_argument("--image-root", help="image folder when it is not where the format expects it (ferplus, "
                    "affectnet CSV, rafdb)")
+    p.add_argument("--detect-faces", action="store_true", help="uncropped photos: write the largest face of each "
+                   "image (OpenCV cascades) to DIR/images/<prefix>/")
+    p.add_argument("--no-face", default="skip", choices=["skip", "keep"],
+                   help="with --detect-faces: images without a face are skipped (default) or kept whole; counted")
+    p.add_argument("--grayscale", action="store_true", help="with --detect-faces: write the crops in grey")
+    p.add_argument("--face-margin", type=float, default=0.25, help="with --detect-faces: crop side = face side * "
+                   "(1 + margin)")
     args = p.parse_args(argv)
     t0 = time.time()
     table = convert(args.source, args.format, args.out, copy=args.copy, label_map=parse_label_map(args.label_map),
                     bank=args.bank, sampling=args.caption_sampling, seed=args.seed, verify=not args.no_verify,
-                    image_root=args.image_root)
+                    image_root=args.image_root, detect_faces=args.detect_faces, no_face=args.no_face,
+                    grayscale=args.grayscale, face_margin=args.face_margin)
     print(format_report(table))
     print(f"done in {time.time() - t0:.1f} s")
     return 0

@@ -4,11 +4,16 @@
     search_text(engine, "a wide smile", k=8)            -> [(path, cosine), ...]
     rank_expressions(engine, pil_image, sentences)      -> [(sentence, probability, cosine), ...]
     similar_images(engine, pil_image, k=8)              -> [(path, cosine), ...]
+    similar_to_gallery_image(engine, path, k=8)         -> [(path, cosine), ...], the query itself first
+    rank_faces(engine, photo, sentences, max_faces=5)   -> FaceScores (boxes largest first, probs [F, C])
+    load_frames(paths, max_frames=32)                   -> (frames, skipped): images + evenly sampled video frames
+    score_frames(engine, frames, sentences)             -> probabilities [T, C]
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +23,15 @@ from PIL import Image
 
 from config import Config
 from dataset import build_transform
+from faces import Box, faces_or_whole, safe_open_image
 from index import GalleryIndex, list_images, make_encoder
 from model import ExprCLIP, load_checkpoint
 from utils import UserError, file_digest, pick_device
 
 MAX_QUERY_CHARS = 500
+MAX_PIXELS = 40_000_000        # per uploaded image or video frame
+MAX_FRAME_SIDE = 1280          # sequence frames are shrunk to this longest side (memory; detection works at 1024)
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".gif"}
 
 
 @dataclass
@@ -61,12 +70,21 @@ class Engine:
     def embed_text(self, texts: list[str]) -> np.ndarray:
         return self.model.encode_text(texts).float().cpu().numpy()       # [n, D]
 
-    @torch.no_grad()
     def embed_image(self, image: Image.Image) -> np.ndarray:
         """PIL image -> [D] unit vector, with the model's own eval preprocessing (gray faces -> 3 channels)."""
-        im = image.convert("L").convert("RGB") if self.cfg.grayscale else image.convert("RGB")
-        x = build_transform(self.cfg, train=False)(image=np.asarray(im))["image"][None].to(self.device)
-        return self.model.encode_image(x)[0].float().cpu().numpy()
+        return self.embed_images([image])[0]
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """PIL images -> [N, D] unit vectors, encoded in batches."""
+        tf = build_transform(self.cfg, train=False)
+        gray = self.cfg.grayscale
+        out = [np.zeros((0, self.cfg.embed_dim), np.float32)]
+        for i in range(0, len(images), batch_size):
+            ims = [im.convert("L").convert("RGB") if gray else im.convert("RGB") for im in images[i:i + batch_size]]
+            x = torch.stack([tf(image=np.asarray(im))["image"] for im in ims]).to(self.device)   # [b, 3, H, W]
+            out.append(self.model.encode_image(x).float().cpu().numpy())
+        return np.concatenate(out)                                       # [N, D]
 
 
 def clean_query(text: str | None) -> str:
@@ -87,6 +105,15 @@ def similar_images(engine: Engine, image: Image.Image, k: int = 8) -> list[tuple
     return _search(engine, engine.embed_image(image)[None], k)
 
 
+def similar_to_gallery_image(engine: Engine, path: str | os.PathLike, k: int = 8) -> list[tuple[Path, float]]:
+    """Gallery images with the expression closest to the gallery image at `path`; that image itself comes first."""
+    path, k = Path(path), max(int(k), 1)
+    hits = similar_images(engine, safe_open_image(path, MAX_PIXELS), k + 1)
+    is_query = [os.path.abspath(p) == os.path.abspath(path) for p, _ in hits]
+    own = next((s for (_, s), q in zip(hits, is_query) if q), 1.0)     # float16 storage: ~1.0, not exactly
+    return [(path, own)] + [h for h, q in zip(hits, is_query) if not q][:k - 1]
+
+
 def _search(engine: Engine, q: np.ndarray, k: int) -> list[tuple[Path, float]]:
     if engine.index is None or len(engine.index) == 0:
         raise UserError("the gallery is empty: put images in the gallery folder (--gallery DIR) and restart")
@@ -105,3 +132,113 @@ def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -
     prob /= prob.sum()
     order = np.argsort(-cos, kind="stable")
     return [(sentences[i], float(prob[i]), float(cos[i])) for i in order]
+
+
+def score_images(engine: Engine, images: list[Image.Image], sentences: list[str]) -> np.ndarray:
+    """[N, C] softmax probabilities (model temperature) of each image over the sentences; texts encoded once."""
+    sentences = [s.strip() for s in sentences if s and s.strip()]
+    if not sentences:
+        raise UserError("the expression list is empty: add at least one description, one per line")
+    cos = engine.embed_images(images) @ engine.embed_text(sentences).T          # [N, C]
+    logits = float(engine.model.scale()) * cos
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return prob / prob.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class FaceScores:
+    boxes: list[Box]      # the faces scored, largest first (numbered 1, 2, ... by faces.draw_boxes); [] if detect off
+    found: bool           # False: no face found (or detection off), the whole image was scored
+    more: bool            # more than max_faces faces were found; the largest max_faces were kept
+    probs: np.ndarray     # [F, C] probabilities over the sentences, one row per box (one row when not found)
+
+
+def rank_faces(engine: Engine, photo: Image.Image, sentences: list[str], detect: bool = True,
+               max_faces: int = 5) -> FaceScores:
+    """Score each detected face (largest first, at most max_faces) or, when none is found, the whole image."""
+    if not detect:
+        return FaceScores([], False, False, score_images(engine, [photo], sentences))
+    crops, boxes, found = faces_or_whole(photo, max_faces=max_faces + 1, grayscale=engine.cfg.grayscale)
+    more = len(crops) > max_faces
+    return FaceScores(boxes[:max_faces], found, more, score_images(engine, crops[:max_faces], sentences))
+
+
+def _natural_key(path) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def _shrink(im: Image.Image, side: int = MAX_FRAME_SIDE) -> Image.Image:
+    if max(im.size) > side:
+        im = im.copy()
+        im.thumbnail((side, side), Image.BILINEAR)
+    return im
+
+
+def read_video(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[Image.Image]:
+    """Up to max_frames RGB frames spaced evenly over the video (OpenCV); unreadable videos -> UserError."""
+    import cv2
+    name = Path(path).name
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    try:
+        if not cap.isOpened():
+            raise UserError(f"{name}: not a video OpenCV can read (use MP4, AVI, MOV, WebM)")
+        w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        if w * h > max_pixels:
+            raise UserError(f"{name}: {w:.0f}x{h:.0f} frames are over the {max_pixels:,}-pixel limit; resize it first")
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if n <= 0:                                                   # unknown length: count by grabbing
+            while cap.grab():
+                n += 1
+            cap.release()
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        wanted = set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()) if n > 0 else set()
+        frames = []
+        for i in range(max(wanted, default=-1) + 1):                  # sequential: exact frames, any codec
+            if not cap.grab():
+                break
+            if i in wanted:
+                ok, bgr = cap.retrieve()
+                if ok:
+                    frames.append(_shrink(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))))
+    finally:
+        cap.release()
+    if not frames:
+        raise UserError(f"{name}: no frames could be decoded (use MP4, AVI, MOV, WebM)")
+    return frames
+
+
+def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tuple[list[Image.Image], list[str]]:
+    """Images and videos, ordered by file name (frame2 before frame10) -> (up to max_frames frames spaced evenly,
+    one message per file that could not be read). No readable frame at all -> UserError."""
+    paths = sorted((str(p) for p in paths or [] if p), key=_natural_key)
+    if not paths:
+        raise UserError("upload several images (frames) or a short video first")
+    frames, skipped = [], []
+    for p in paths:
+        try:
+            if Path(p).suffix.lower() in VIDEO_EXTS:
+                frames += read_video(p, max_frames, max_pixels)
+            else:
+                frames.append(_shrink(safe_open_image(p, max_pixels)))
+        except UserError as e:
+            skipped.append(str(e).replace(str(p), Path(p).name))
+    if not frames:
+        raise UserError("no readable frame: " + "; ".join(skipped))
+    if len(frames) > max_frames:
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    return frames, skipped
+
+
+def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False) -> tuple[list[Image.Image], list[bool]]:
+    """The largest face of each frame (detect on), else the whole frame; and whether a face was found per frame."""
+    if not detect:
+        return list(frames), [False] * len(frames)
+    out = [faces_or_whole(f, max_faces=1, grayscale=grayscale) for f in frames]
+    return [crops[0] for crops, _, _ in out], [found for _, _, found in out]
+
+
+def score_frames(engine: Engine, frames: list[Image.Image], sentences: list[str]) -> np.ndarray:
+    """[T, C] per-frame probabilities over the sentences (frames as given: crop faces first with frame_crops)."""
+    if not frames:
+        raise UserError("no frames to score: upload several images or a short video")
+    return score_images(engine, frames, sentences)

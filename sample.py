@@ -61,15 +61,15 @@ def sample_identity(i: int, rng: np.random.Generator) -> dict:
 
 def _brow(d, cx, cy, side, p, u, ink):
     """One eyebrow: `brow` moves it, `tilt` lifts (+) or drops (-) its inner end."""
-    inner, outer = cx - side * .03 * u, cx + side * .075 * u
-    y = cy - (.085 + .045 * p["brow"]) * u
-    d.line([(inner, y - .04 * p["tilt"] * u), (outer, y + .01 * p["tilt"] * u)], fill=ink, width=int(.022 * u))
+    inner, outer = cx - side * .035 * u, cx + side * .085 * u
+    y = cy - (.09 + .055 * p["brow"]) * u
+    d.line([(inner, y - .05 * p["tilt"] * u), (outer, y + .015 * p["tilt"] * u)], fill=ink, width=int(.03 * u))
 
 
 def _eye(d, cx, cy, p, u, ink, skin):
-    rx, ry = .045 * u, .022 * u * p["eye"]
+    rx, ry = .052 * u, .026 * u * p["eye"]
     d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=245, outline=ink, width=max(1, int(.008 * u)))
-    r = min(ry, .017 * u)
+    r = min(ry, .02 * u)
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=ink)
     if p["cheek"] > .5:   # raised cheeks push up under the eye
         d.arc([cx - rx, cy + .2 * ry, cx + rx, cy + 2.4 * ry], 200, 340, fill=skin - 45, width=int(.01 * u))
@@ -77,10 +77,10 @@ def _eye(d, cx, cy, p, u, ink, skin):
 
 def _mouth(d, cx, cy, p, u, ink):
     """Mouth from curve (smile/frown), openness, width and lip-corner asymmetry."""
-    w = .11 * u * p["width"]
-    lift = -.05 * u * p["curve"]                       # corners up when smiling
-    lc = cy + lift + (.04 * u * p["asym"] if p["asym_side"] < 0 else 0) * -1
-    rc = cy + lift + (.04 * u * p["asym"] if p["asym_side"] > 0 else 0) * -1
+    w = .125 * u * p["width"]
+    lift = -.06 * u * p["curve"]                       # corners up when smiling
+    lc = cy + lift + (.06 * u * p["asym"] if p["asym_side"] < 0 else 0) * -1
+    rc = cy + lift + (.06 * u * p["asym"] if p["asym_side"] > 0 else 0) * -1
     top = cy - .012 * u - .035 * u * p["lip"]
     bottom = cy + .02 * u + .11 * u * p["open"] + .01 * u * max(p["curve"], 0)
     upper = [(cx - w, lc), (cx - w / 2, top), (cx, top + .005 * u), (cx + w / 2, top), (cx + w, rc)]
@@ -92,7 +92,7 @@ def _mouth(d, cx, cy, p, u, ink):
     else:
         mid = cy + .5 * (lc + rc - 2 * cy) * -0.4 - lift * .6 + .01 * u
         d.line([(cx - w, lc), (cx - w / 2, mid), (cx + w / 2, mid), (cx + w, rc)], fill=ink,
-               width=int(.016 * u), joint="curve")
+               width=int(.024 * u), joint="curve")
 
 
 def draw_face(ident: dict, p: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:

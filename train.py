@@ -22,6 +22,7 @@ from tqdm import tqdm
 import metrics
 from config import Config, add_config_args, config_from_args, config_to_dict
 from dataset import Collate, PairDataset, build_vocabs, class_texts, read_table, split_table
+from distributed import cleanup, gather_for_loss, init_distributed
 from loss import clip_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
@@ -49,26 +50,54 @@ def param_groups(model: ExprCLIP, cfg: Config) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units on this CPU (AMX or AVX512-BF16): autocast to bf16 is then several times faster."""
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this config and device, or None for fp32."""
+    if cfg.amp == "off" or device.type not in ("cuda", "cpu"):
+        return None
+    if cfg.amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else None
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
 def amp_setup(cfg: Config, device: torch.device):
-    """(autocast context factory, GradScaler or None): bf16 where supported, fp16 + scaler on older GPUs."""
-    if not (cfg.amp and device.type == "cuda"):
+    """(autocast context factory, GradScaler or None): fp16 gets a scaler, bf16 and fp32 do not."""
+    dtype = amp_dtype(cfg, device)
+    if dtype is None:
         return nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.rank, self.world, local_rank = init_distributed()
+        self.main = self.rank == 0
+        self.device = torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available() \
+            else pick_device(cfg.device)
         seed_everything(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model = ExprCLIP(cfg).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.build_data()
+        self.model = ExprCLIP(cfg, class_names=list(self.label_vocab) if cfg.objective == "ce" else None)
+        self.model = self.model.to(self.device)
+        self.channels_last = self.device.type == "cuda" or amp_dtype(cfg, self.device) is not None
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.collate = Collate(self.model.tokenizer, cfg.max_length)
+        self.net = self.model   # what the training step calls: DDP-wrapped under torchrun
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.objective == "ce")
         self.steps_per_epoch = len(self.train_batches(0))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
@@ -93,7 +122,6 @@ class Trainer:
         cap_vocab, self.label_vocab = build_vocabs(df, self.bank)
         self.train_ds = PairDataset(self.train_df, cfg, True, cap_vocab, self.label_vocab, self.bank)
         self.val_ds = PairDataset(self.val_df, cfg, False, cap_vocab, self.label_vocab, self.bank)
-        self.collate = Collate(self.model.tokenizer, cfg.max_length)
         self.class_texts = class_texts(df, self.bank)
 
     def train_batches(self, epoch: int) -> list[list[int]]:
@@ -105,15 +133,24 @@ class Trainer:
             from samplers import BalancedBatchSampler
             s = BalancedBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
             s.set_epoch(epoch)
-            return [list(b) for b in s]
+            return self.shard([list(b) for b in s])
         if cfg.sampler == "weighted":
-            counts = np.bincount(np.asarray(labels) + 1)
-            w = 1.0 / counts[np.asarray(labels) + 1]
-            order = g.choice(n, size=n, replace=True, p=w / w.sum())
+            from samplers import class_weighted_sampler
+            order = np.fromiter(class_weighted_sampler(labels, seed=cfg.seed * 100_003 + epoch), int)
         else:
             order = g.permutation(n)
         nb = max(1, n // cfg.batch_size)            # drop_last: contrastive batches should be full
-        return [order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist() for k in range(nb)]
+        batches = [order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist() for k in range(nb)]
+        return self.shard(batches)
+
+    def shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """Under torchrun, rank r takes batches r, r+world, ... (equal counts): batch_size is per process."""
+        if self.world == 1:
+            return batches
+        per_rank = len(batches) // self.world
+        if per_rank == 0:
+            raise UserError(f"{len(batches)} batches cannot feed {self.world} processes; lower --batch-size")
+        return batches[self.rank::self.world][:per_rank]
 
     def loader(self, ds, batches) -> torch.utils.data.DataLoader:
         cfg = self.cfg
@@ -122,15 +159,22 @@ class Trainer:
                                            persistent_workers=False)
 
     # ------------------------------------------------------------------ steps
-    def forward_loss(self, batch) -> torch.Tensor:
-        dev = self.device
+    def forward_loss(self, batch, net=None) -> torch.Tensor:
+        """Contrastive loss over the (global, under torchrun) batch; or cross-entropy for objective=ce."""
+        dev, net = self.device, net or self.net
         pixels = batch["pixels"].to(dev, non_blocking=True)
-        if dev.type == "cuda":
+        if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            img, txt, scale = self.model(pixels, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                         batch["text_index"].to(dev))
-            return clip_loss(img.float(), txt.float(), scale.float(), batch["groups"].to(dev))
+            img, txt, scale = net(pixels, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                  batch["text_index"].to(dev))
+        if self.cfg.objective == "ce":             # txt holds class logits here
+            return torch.nn.functional.cross_entropy(txt.float(), batch["labels"].to(dev))
+        groups = batch["groups"].to(dev)
+        img, txt = img.float(), txt.float()
+        if self.world > 1 and net is self.net:
+            img, txt, groups = gather_for_loss(img, txt, groups)
+        return clip_loss(img, txt, scale.float(), groups)
 
     def train_step(self, batch) -> float:
         for g in self.opt.param_groups:
@@ -158,7 +202,7 @@ class Trainer:
         batches = self.train_batches(self.epoch)[self.batch_in_epoch:]   # resume mid-epoch where we stopped
         losses = []
         bar = tqdm(self.loader(self.train_ds, batches), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None)
+                   leave=False, dynamic_ncols=True, disable=None if self.main else True)
         for batch in bar:
             if batch is None:
                 continue
@@ -166,7 +210,7 @@ class Trainer:
             self.batch_in_epoch += 1
             if self.batch_in_epoch % self.cfg.log_every == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-self.cfg.log_every:]):.3f}",
-                                T=f"{1 / float(self.model.scale()):.3f}")
+                                T=f"{1 / self.model.scale().item():.3f}")
             if self.step >= self.total_steps:
                 break
         return float(np.mean(losses)) if losses else float("nan")
@@ -176,13 +220,12 @@ class Trainer:
         """Val loss, text->image precision@10 per class (mean), image->text top-1 against class prototypes."""
         self.model.eval()
         n, bs = len(self.val_ds), self.cfg.batch_size
-        batches = [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]
         losses, embs, labels = [], [], []
-        for batch in self.loader(self.val_ds, batches):
+        for batch in self.loader(self.val_ds, [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]):
             if batch is None:
                 continue
             if len(batch["labels"]) > 1:
-                losses.append(float(self.forward_loss(batch)))
+                losses.append(float(self.forward_loss(batch, net=self.model)))
             with self.autocast():
                 embs.append(self.model.encode_image(batch["pixels"].to(self.device)).float().cpu())
             labels.append(batch["labels"])
@@ -191,17 +234,25 @@ class Trainer:
         if not embs or not self.class_texts:
             return out
         img, y = torch.cat(embs).numpy(), torch.cat(labels).numpy()
+        classes, scores = self.class_scores(img)                          # [C], [N, C]
+        keep = np.isin(y, classes)
+        relevant = np.asarray(classes)[:, None] == y[None, keep]          # [C, N]
+        present = relevant.any(1)
+        out["val_p10"] = float(np.mean(metrics.precision_at_k(scores[keep].T[present], relevant[present], 10)))
+        out["val_top1"] = metrics.topk_accuracy(scores[keep], np.searchsorted(classes, y[keep]), 1)
+        return out
+
+    def class_scores(self, img: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """(label ids, [N, C] scores): cosine to each class's text prototype, or the CE baseline's logits."""
+        if self.cfg.objective == "ce":
+            logits = self.model.classifier(torch.from_numpy(img).to(self.device)).float().cpu().numpy()
+            return list(range(logits.shape[1])), logits
         names = sorted(self.class_texts, key=lambda l: self.label_vocab[l])
         texts = [t for l in names for t in self.class_texts[l]]
         text_labels = [self.label_vocab[l] for l in names for _ in self.class_texts[l]]
         txt = self.model.encode_text(texts).float().cpu().numpy()
         classes, protos = metrics.class_prototypes(txt, text_labels, classes=[self.label_vocab[l] for l in names])
-        scores = metrics.zero_shot_scores(img, protos)                  # [N, C]
-        relevant = np.asarray(classes)[:, None] == y[None, :]             # [C, N]
-        present = relevant.any(1)
-        out["val_p10"] = float(np.mean(metrics.precision_at_k(scores.T[present], relevant[present], 10)))
-        out["val_top1"] = metrics.topk_accuracy(scores, np.searchsorted(classes, y), 1)
-        return out
+        return list(classes), metrics.zero_shot_scores(img, protos)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -232,12 +283,17 @@ class Trainer:
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
 
     def end_epoch(self, train_loss: float, seconds: float) -> None:
-        row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **self.validate(),
+        """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved)."""
+        val = self.validate() if self.main else {}
+        row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **val,
                    lr_image=self.opt.param_groups[0]["lr"], temperature=1 / float(self.model.scale()),
-                   seconds=round(seconds, 1), images_per_s=round(self.batch_in_epoch * self.cfg.batch_size / seconds, 1))
+                   seconds=round(seconds, 1),
+                   images_per_s=round(self.batch_in_epoch * self.cfg.batch_size * self.world / seconds, 1))
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if not self.main:
+            return
         self.history.append(row)
         score = row["val_p10"] if not math.isnan(row["val_p10"]) else -row["val_loss"]
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if score > self.best:
             self.best = score
             save_checkpoint(self.out / "best.pth", self.model, epoch=row["epoch"], metrics=row)
@@ -248,20 +304,22 @@ class Trainer:
               "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row), flush=True)
 
     def fit(self) -> list[dict]:
-        print(f"training on {self.device}: {len(self.train_ds)} train / {len(self.val_ds)} val pairs, "
-              f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps in all", flush=True)
+        log = print if self.main else (lambda *a, **k: None)
+        log(f"training on {self.device}: {len(self.train_ds)} train / {len(self.val_ds)} val pairs, "
+              f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all", flush=True)
         try:
             while self.epoch < self.cfg.epochs and self.step < self.total_steps:
                 t0 = time.time()
                 loss = self.train_epoch()
                 self.end_epoch(loss, time.time() - t0)
         except KeyboardInterrupt:
-            self.save_last()
-            print(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
+            if self.main:
+                self.save_last()
+            log(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
                   f"continue with --resume {self.out / 'last.pth'}", file=sys.stderr)
             raise
         if self.cfg.final_path and Path(self.cfg.final_path).exists():
-            print(f"best epoch written to {self.cfg.final_path}")
+            log(f"best epoch written to {self.cfg.final_path}")
         return self.history
 
 
@@ -290,7 +348,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     cfg = config_from_args(ap.parse_args(argv))
-    Trainer(cfg).fit()
+    try:
+        Trainer(cfg).fit()
+    finally:
+        cleanup()
     return 0
 
 

@@ -17,14 +17,14 @@ FER = ROOT.parent / "shared" / "data" / "fer2013"
 
 # Tiny, weight-free training recipe that separates the sample's 8 classes in a few dozen steps.
 TINY_FLAGS = ["--preset", "tiny", "--caption-bank", "paper", "--augment", "false", "--image-size", "48",
-              "--batch-size", "32", "--epochs", "4", "--num-workers", "0"]
+              "--batch-size", "32", "--epochs", "10", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     from sample import make_sample
     d = tmp_path_factory.mktemp("sample")
-    make_sample(d, per_class=40, size=48, seed=1)
+    make_sample(d, per_class=60, size=48, seed=1)
     return d
 
 

@@ -138,3 +138,15 @@ def test_text_hub_failure_message():
     cfg = make_config(dict(text_model="no-such-org/no-such-model-xyz"), preset="tiny")
     with pytest.raises(UserError, match="--text-model FOLDER"):
         ExprCLIP(cfg)
+
+
+def test_frozen_text_tower_encodes_each_caption_once():
+    cfg = make_config(dict(freeze_text=True), preset="tiny")
+    model = ExprCLIP(cfg).eval()
+    calls = []
+    model.text_encoder.register_forward_hook(lambda m, i, o: calls.append(i))
+    a = model.encode_text(["a smile", "a frown"])
+    b = model.encode_text(["a frown", "a smile", "a smile"])
+    assert len(calls) == 1                                   # the second call was served from the cache
+    assert torch.allclose(a[0], b[1], atol=1e-6) and torch.allclose(a[1], b[0], atol=1e-6)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())

@@ -1,0 +1,111 @@
+"""Training-step throughput: distinct-caption text encoding vs encoding every caption (issue: cheaper steps).
+
+    python bench/bench_train.py                      # paper config: resnet50 @ 224, DistilBERT-sized text, batch 32
+    python bench/bench_train.py --image-size 64 --steps 5 --device cuda
+
+FER-style captions: one of the eight paper sentences per image, so a batch of 32 holds at most 8 distinct ones.
+Random-init weights (speed does not depend on them); the DistilBERT-sized tower is built from DistilBertConfig()
+with the uncased WordPiece vocabulary of the packaged MiniLM (or --tokenizer DIR). Prints images/s and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import make_config  # noqa: E402
+from captions import load_caption_bank  # noqa: E402
+from loss import clip_loss  # noqa: E402
+from model import ExprCLIP, resolve_source  # noqa: E402
+from train import amp_dtype, amp_setup, param_groups  # noqa: E402
+
+
+def distilbert_folder(tokenizer_dir: str) -> str:
+    """A local folder with DistilBERT's default config and an uncased WordPiece tokenizer (no download)."""
+    import transformers
+    d = tempfile.mkdtemp(prefix="distilbert-")
+    transformers.DistilBertConfig().save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(d)
+    return d
+
+
+def time_steps(model, cfg, device, batch, distinct: bool, steps: int, warmup: int) -> float:
+    """Images/s of full optimizer steps (forward, loss, backward, AdamW)."""
+    opt = torch.optim.AdamW(param_groups(model, cfg))
+    autocast, scaler = amp_setup(cfg, device)
+    pixels, caps, groups = batch
+    uniq = list(dict.fromkeys(caps)) if distinct else caps
+    tok = model.tokenize(uniq)
+    index = torch.tensor([uniq.index(c) for c in caps]) if distinct else None
+    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    index = index.to(device) if index is not None else None
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with autocast():
+            img, txt, s = model(pixels, ids, mask, index)
+            loss = clip_loss(img.float(), txt.float(), s.float(), groups)
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        scaler.step(opt) if scaler else opt.step()
+        if scaler:
+            scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * len(caps) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image-model", default="resnet50")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokenizer", default="pkg:all-minilm-l6-v2", help="folder with an uncased WordPiece tokenizer")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device(a.device)
+    cfg = make_config(dict(image_model=a.image_model, image_weights="none", image_size=a.image_size,
+                           text_model=distilbert_folder(resolve_source(a.tokenizer)), text_weights="none",
+                           batch_size=a.batch_size, max_length=a.max_length, device=a.device, amp=a.amp))
+    model = ExprCLIP(cfg).to(device)
+    dtype = amp_dtype(cfg, device)
+    if dtype is not None:
+        model = model.to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, a.batch_size)
+    sentences = [v[0] for v in load_caption_bank("paper").values()]
+    caps = [sentences[i] for i in labels]
+    pixels = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device)
+    if dtype is not None:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    batch = (pixels, caps, torch.tensor(labels, device=device))
+    every = distinct = 0.0
+    for _ in range(2):   # interleaved, best of two: warm-up and clock drift do not favour either mode
+        every = max(every, time_steps(model, cfg, device, batch, False, a.steps, a.warmup))
+        distinct = max(distinct, time_steps(model, cfg, device, batch, True, a.steps, a.warmup))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"device: {name}; {a.image_model} @ {a.image_size}px + DistilBERT-sized text (66M), batch {a.batch_size}, "
+          f"{len(set(caps))} distinct captions, autocast {dtype}")
+    print(f"every caption encoded : {every:8.1f} images/s")
+    print(f"distinct captions only: {distinct:8.1f} images/s")
+    print(f"speed-up              : {distinct / every:8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Evaluate a checkpoint on labelled faces: zero-shot classification through text prompts (or the CE baseline's
+classifier), text<->image retrieval, unseen-class AP and a seen/unseen score calibration.
+
+  python evaluate.py --checkpoint model_final.pth --data DIR|captions.csv|FOLDER [--split test] [--prompts paper|rich|PATH]
+                     [--json out.json] [--confusion cm.png] [--unseen surprise,...] [--compare-prompts paper,rich]
+
+DATA is a folder holding captions.csv, a captions.csv itself, or an image folder laid out SPLIT/CLASS/*.png or
+CLASS/*.png. The last printed line is a one-line JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import metrics
+from captions import CANONICAL, canonical_name, load_caption_bank
+from config import config_to_dict, make_config
+from dataset import BadImage, build_transform, class_texts, load_image_tensor, read_table
+from utils import UserError, pick_device, run_cli
+
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+SUMMARY_KEYS = ("top1", "top5", "war", "uar", "macro_f1", "t2i_mAP", "t2i_precision@10", "i2t_recall@1",
+                "i2t_recall@5", "i2t_median_rank")
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_data(data: str) -> tuple[pd.DataFrame, dict]:
+    """DATA -> (table with path,label,split; skipped counts). captions.csv paths resolve as in training."""
+    p = Path(data)
+    if p.is_file() or (p.is_dir() and (p / "captions.csv").is_file()):
+        folder, name = (p.parent, p.name) if p.is_file() else (p, "captions.csv")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            df = read_table(make_config(dict(data=str(folder), captions=name)))
+        missing = sum(int(m.group(1)) for w in caught if (m := re.search(r"(\d+) of \d+ listed images are missing",
+                                                                         str(w.message))))
+        skipped = {"missing file": missing}
+        if not (df["label"] != "").any():
+            raise UserError(f"{folder / name}: no labels; classification needs a `label` column (a class name per "
+                            "image, e.g. happiness)")
+    elif p.is_dir():
+        from prepare import read_folder
+        df, folder_skips = read_folder(Path(os.path.abspath(p)))
+        df = df.rename(columns={"src": "path"})
+        skipped = {"image not inside a class folder": folder_skips.get("image not inside a class folder", 0)}
+    else:
+        raise UserError(f"{data}: no such file or folder; pass --data DIR (with captions.csv), a captions.csv, "
+                        "or an image folder laid out SPLIT/CLASS/*.png or CLASS/*.png")
+    df = df.assign(label=[canonical_name(x) if str(x).strip() else "" for x in df["label"]],
+                   split=[SPLIT_ALIASES.get(s, s) for s in df.get("split", pd.Series("", index=df.index))
+                          .astype(str).str.strip().str.lower()])
+    skipped["no label"] = int((df["label"] == "").sum())
+    return df[df["label"] != ""].reset_index(drop=True), skipped
+
+
+def pick_split(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
+    """Rows of `split` ('all' = every row); default: test if present, else val, else all. -> (rows, description)."""
+    have = [s for s in dict.fromkeys(df["split"]) if s]
+    if split is None:
+        split = next((s for s in ("test", "val") if s in have), "all")
+        how = f"{split} (default; splits in data: {', '.join(have) or 'none'})"
+    else:
+        split = SPLIT_ALIASES.get(split.lower(), split.lower())
+        how = split
+    if split == "all":
+        return df, how
+    rows = df[df["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise UserError(f"--split {split}: no rows with that split; the data has: {', '.join(have) or 'no split column'}"
+                        " (or use --split all)")
+    return rows, how
+
+
+# ----------------------------------------------------------------------------- model side
+
+def autocast_for(model, cfg, device: torch.device, amp: str | None):
+    """Autocast context per train.amp_dtype (checkpoint's amp unless --amp overrides), or fp32."""
+    from train import amp_dtype
+    amp = amp or (cfg.amp if cfg.amp in ("auto", "bf16", "fp16", "off") else "auto")   # old checkpoints: amp=True
+    dtype = amp_dtype(replace(cfg, amp=amp), device)
+    if device.type == "cpu" and dtype == torch.float16:                 # CPU fp16 autocast: slow, no benefit
+        dtype = None
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext, dtype
+
+
+@torch.inference_mode()
+def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, autocast=nullcontext):
+    """-> (float32 [N,D] unit vectors, bool [N] decoded). Batches stream; the next one loads while one encodes."""
+    transform = build_transform(cfg, train=False)
+
+    def load(path):
+        try:
+            return load_image_tensor(path, cfg, transform)         # [3,H,W]
+        except (BadImage, OSError):
+            return None
+
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    embs, ok = [], []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        pending = pool.map(load, chunks[0]) if chunks else iter(())
+        for k in range(len(chunks)):
+            tensors = list(pending)
+            if k + 1 < len(chunks):
+                pending = pool.map(load, chunks[k + 1])             # prefetch: at most two batches in memory
+            good = [t for t in tensors if t is not None]
+            ok += [t is not None for t in tensors]
+            if good:
+                with autocast():
+                    embs.append(model.encode_image(torch.stack(good).to(device)).float().cpu())   # [b,D]
+    dim = model.cfg.embed_dim
+    return (torch.cat(embs).numpy() if embs else np.zeros((0, dim), np.float32)), np.asarray(ok, bool)
+
+
+@torch.inference_mode()
+def text_prototypes(model, bank: dict[str, list[str]], classes: list[str], autocast=nullcontext) -> np.ndarray:
+    """Prompt ensembling: each class's sentences encoded, averaged and re-normalised -> [C,D]."""
+    missing = [c for c in classes if c not in bank]
+    if missing:
+        raise UserError(f"the prompt bank has no sentence for class(es) {', '.join(missing)} (it has: "
+                        f"{', '.join(bank)}); pass --prompts with a CSV label,caption that covers them")
+    texts = [t for c in classes for t in bank[c]]
+    labels = [c for c in classes for _ in bank[c]]
+    with autocast():
+        emb = torch.cat([model.encode_text(texts[i:i + 256]).float().cpu() for i in range(0, len(texts), 256)])
+    return metrics.class_prototypes(emb, labels, classes)[1]
+
+
+def get_bank(name: str, table: pd.DataFrame) -> dict[str, list[str]]:
+    """Prompt sentences per class: a caption bank (paper, rich, CSV) or `data` = the table's own captions."""
+    if name != "data":
+        return load_caption_bank(name)
+    if "caption" not in table:
+        raise UserError("--prompts data needs a captions.csv (an image folder has no captions); use paper or rich")
+    return class_texts(table)
+
+
+def class_order(names) -> list[str]:
+    """Canonical (paper) order first, then other names in first-seen order."""
+    names = list(dict.fromkeys(names))
+    return [c for c in CANONICAL if c in names] + [c for c in names if c not in CANONICAL]
+
+
+def calibrate(scores: np.ndarray) -> np.ndarray:
+    """Seen/unseen calibration: subtract each class column's mean score over the evaluated images ([N,C])."""
+    return scores - scores.mean(axis=0, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def unseen_report(scores: np.ndarray, y: np.ndarray, classes: list[str], unseen: list[str],
+                  recall: dict, cal_recall: dict) -> dict:
+    """Per unseen class: AP of its prompt over all images (text->image), base rate, AP/base rate, recalls."""
+    out = {}
+    for name in unseen:
+        j = classes.index(name)
+        rel = y == j
+        ap = float(metrics.average_precision(scores[:, j][None], rel[None])[0]) if rel.any() else None
+        base = float(rel.mean()) if len(y) else None
+        out[name] = dict(n=int(rel.sum()), ap=ap, base_rate=base, ap_over_base=ap / base if ap is not None and base else None,
+                         recall=recall.get(name), calibrated_recall=cal_recall.get(name))
+    return out
+
+
+def score_report(scores: np.ndarray, y: np.ndarray, classes: list[str], unseen: list[str]) -> dict:
+    """Classification metrics, the calibrated variant (top1/uar/macro_f1, per-class recall) and the unseen block."""
+    rep = metrics.classification_report(scores, y, classes)
+    cal = metrics.classification_report(calibrate(scores), y, classes)
+    rep["calibrated"] = {k: cal[k] for k in ("top1", "uar", "macro_f1", "per_class_recall")}
+    if unseen:
+        rep["unseen"] = unseen_report(scores, y, classes, unseen, rep["per_class_recall"], cal["per_class_recall"])
+    return rep
+
+
+def parse_list(text: str | None) -> list[str]:
+    return [canonical_name(s) for s in (text or "").split(",") if s.strip()]
+
+
+def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper", unseen=(), compare=None,
+             batch_size: int = 64, device: str = "auto", all_classes: bool = False, confusion=None,
+             amp: str | None = None) -> dict:
+    """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring)."""
+    from model import load_checkpoint
+    dev = pick_device(device)
+    model, cfg = load_checkpoint(checkpoint, dev)
+    df, skipped = read_data(str(data))
+    table = df
+    df, split_how = pick_split(table, split)
+    autocast, dtype = autocast_for(model, cfg, dev, amp)
+    emb, ok = embed_images(model, cfg, list(df["path"]), dev, batch_size, autocast)
+    skipped["unreadable image"] = int((~ok).sum())
+    labels = list(df.loc[ok, "label"])
+    if not labels:
+        raise UserError(f"{data}: none of the {len(df)} selected images could be read")
+    ce = cfg.objective == "ce"
+    bank = None if ce else get_bank(prompts, table)
+    known = [canonical_name(c) for c in model.class_names] if ce else list(bank)
+    classes = class_order((known if all_classes else []) + labels)
+    unseen = parse_list(unseen) if isinstance(unseen, str) else [canonical_name(u) for u in unseen]
+    bad = [c for c in unseen if c not in classes]
+    if bad:
+        raise UserError(f"--unseen {', '.join(bad)}: not a scored class; known: {', '.join(classes)}")
+    out = dict(checkpoint=str(checkpoint), config=config_to_dict(cfg), data=str(data), split=split_how,
+               n_images=len(labels), skipped=skipped, skipped_total=sum(skipped.values()), classes=classes,
+               precision=str(dtype).replace("torch.", "") if dtype else "float32", device=str(dev))
+    y = np.array([classes.index(c) for c in labels])
+    if ce:
+        out.update(ce_scores(model, emb, y, classes, known, unseen))
+    else:
+        protos = text_prototypes(model, bank, classes, autocast)
+        scores = metrics.zero_shot_scores(emb, protos)             # [N,C]
+        out.update(scoring=f"text prompts ({prompts})", prompts=prompts, **score_report(scores, y, classes, unseen),
+                   retrieval=metrics.retrieval_report(emb, y, protos), compare_prompts=None)
+        if compare:
+            sets = list(compare) if len(compare) > 1 else [prompts, *compare]
+            out["compare_prompts"] = compare_prompts(model, emb, y, classes, {s: get_bank(s, table) for s in sets},
+                                                     autocast)
+    if confusion:
+        out["confusion_png"] = str(metrics.save_confusion_png(out["confusion"], classes, confusion))
+    return out
+
+
+def ce_scores(model, emb: np.ndarray, y: np.ndarray, classes: list[str], known: list[str], unseen) -> dict:
+    """CE baseline: the trained classifier's logits over the image embedding, columns of the scored classes."""
+    missing = [c for c in classes if c not in known]
+    if missing:
+        raise UserError(f"class(es) {', '.join(missing)} unknown to this classifier checkpoint; "
+                        f"it was trained on: {', '.join(known)}")
+    with torch.inference_mode():
+        logits = model.classifier(torch.from_numpy(emb).to(model.classifier.weight.device)).float().cpu().numpy()
+    scores = logits[:, [known.index(c) for c in classes]]          # [N,C]
+    return dict(scoring="classifier head (objective=ce; no text prompts, retrieval skipped)", prompts=None,
+                **score_report(scores, y, classes, unseen), retrieval=None, compare_prompts=None)
+
+
+def compare_prompts(model, emb, y, classes, banks: dict[str, dict], autocast) -> dict:
+    """Top-1/UAR with each prompt set on the same image embeddings; drop = the first set's minus each other's."""
+    res = {}
+    for name, bank in banks.items():
+        rep = metrics.classification_report(
+            metrics.zero_shot_scores(emb, text_prototypes(model, bank, classes, autocast)), y, classes)
+        res[name] = dict(top1=rep["top1"], uar=rep["uar"], macro_f1=rep["macro_f1"])
+    ref = res[next(iter(banks))]
+    for name in list(res)[1:]:
+        res[name].update(top1_drop=ref["top1"] - res[name]["top1"], uar_drop=ref["uar"] - res[name]["uar"])
+    return res
+
+
+# ----------------------------------------------------------------------------- output
+
+def summary(res: dict) -> dict:
+    """The one-line JSON summary: headline metrics, calibrated top1/uar, unseen AP ratios, prompt drops."""
+    s = {k: res.get(k) for k in SUMMARY_KEYS[:5]}
+    s.update({k: (res["retrieval"] or {}).get(k) for k in SUMMARY_KEYS[5:]})
+    s.update(calibrated_top1=res["calibrated"]["top1"], calibrated_uar=res["calibrated"]["uar"],
+             n_images=res["n_images"], skipped=res["skipped_total"], split=res["split"].split(" ")[0],
+             scoring="classifier" if res["prompts"] is None else f"text:{res['prompts']}")
+    for name, u in (res.get("unseen") or {}).items():
+        s[f"unseen_{name}"] = {k: u[k] for k in ("ap", "base_rate", "ap_over_base", "recall", "calibrated_recall")}
+    for name, c in list((res.get("compare_prompts") or {}).items())[1:]:
+        s[f"drop_{name}"] = {"top1": c["top1_drop"], "uar": c["uar_drop"]}
+    return s
+
+
+def report_text(res: dict) -> str:
+    """Human-readable report: header, per-class table, headline metrics, unseen and prompt-comparison tables."""
+    cfg, ret = res["config"], res.get("retrieval")
+    sk = ", ".join(f"{n} {k}" for k, n in res["skipped"].items() if n) or "none"
+    lines = [f"checkpoint: {res['checkpoint']} ({cfg['image_model']} + {cfg['text_model']}, {cfg['image_size']} px, "
+             f"objective {cfg['objective']}) on {res['device']} ({res['precision']})",
+             f"data: {res['data']}   split: {res['split']}   images: {res['n_images']}   skipped: {sk}",
+             f"scoring: {res['scoring']}; {len(res['classes'])} classes", ""]
+    rows = [dict(cls=c, n=int(np.sum(res["confusion"][j])), recall=res["per_class_recall"][c],
+                 cal_recall=res["calibrated"]["per_class_recall"][c],
+                 **({"t2i_AP": ret["t2i_AP_per_class"][j], "t2i_P@10": ret["t2i_precision@10_per_class"][j]}
+                    if ret else {})) for j, c in enumerate(res["classes"])]
+    lines += [metrics.format_table(rows, list(rows[0])), ""]
+    lines.append("top-1 {top1:.4f}  top-5 {top5:.4f}  WAR {war:.4f}  UAR {uar:.4f}  macro-F1 {macro_f1:.4f}".format(
+        **{k: res[k] if res[k] is not None else float("nan") for k in SUMMARY_KEYS[:5]}))
+    cal = res["calibrated"]
+    lines.append(f"calibrated (column means subtracted): top-1 {cal['top1']:.4f}  UAR {cal['uar']:.4f}")
+    if ret:
+        f = lambda v: "-" if v is None else f"{v:.4f}"
+        lines.append(f"retrieval: text->image mAP {f(ret['t2i_mAP'])}  P@1 {f(ret['t2i_precision@1'])}  "
+                     f"P@5 {f(ret['t2i_precision@5'])}  P@10 {f(ret['t2i_precision@10'])}   image->text "
+                     f"R@1 {f(ret['i2t_recall@1'])}  R@5 {f(ret['i2t_recall@5'])}  median rank {f(ret['i2t_median_rank'])}")
+    if res.get("unseen"):
+        lines += ["", "unseen classes (AP of the class prompt over all images vs its base rate):",
+                  metrics.format_table([dict(cls=k, **v) for k, v in res["unseen"].items()],
+                                       ["cls", "n", "ap", "base_rate", "ap_over_base", "recall", "calibrated_recall"])]
+    if res.get("compare_prompts"):
+        lines += ["", "prompt sets (drop = first set minus this one):", metrics.format_table(
+            [dict(prompts=k, **v) for k, v in res["compare_prompts"].items()],
+            ["prompts", "top1", "uar", "macro_f1", "top1_drop", "uar_drop"])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="model_final.pth")
+    p.add_argument("--data", required=True, help="DIR with captions.csv, a captions.csv, or SPLIT/CLASS/*.png folder")
+    p.add_argument("--split", help="train/val/test/all (default: test if present, else val, else all rows)")
+    p.add_argument("--prompts", default="paper", help="class sentences: paper, rich, a CSV label,caption, or data (the "
+                   "table's own captions, as training's validation does)")
+    p.add_argument("--compare-prompts", metavar="A,B", help="also score with these prompt sets; prints the drop")
+    p.add_argument("--unseen", metavar="CLS,...", help="classes to report zero-shot AP / base rate / recall for")
+    p.add_argument("--all-classes", action="store_true", help="score every class of the prompt bank (or classifier)")
+    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--confusion", help="write the confusion matrix PNG here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], help="override the checkpoint's autocast setting")
+    a = p.parse_args(argv)
+    if a.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
+    res = evaluate(a.checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
+                   a.device, a.all_classes, a.confusion, a.amp)
+    print(report_text(res))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.json}")
+    print(json.dumps(summary(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,73 @@
+"""Sequence mode: one expression ranking for a series of frames (or conversation turns), recent ones weighing more.
+
+Turn-weighted score, for frame scores s[t, c] with t = 0 .. T-1 (T-1 = most recent) and 0 <= decay <= 1:
+
+    w_t       = decay ** (T-1-t) / sum_u decay ** (T-1-u)      (weights sum to 1; the last frame has the most)
+    overall_c = sum_t w_t * s[t, c]                            (a weighted mean of the scores as given, no softmax)
+
+decay = 1 is the plain mean over frames; decay -> 0 keeps only the last frame (decay = 0 is exactly the last frame).
+Pass per-frame probabilities (softmax over expressions) to get a probability vector back; raw cosine similarities
+work too, and a sequence that never changes returns its own scores.
+"""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
+
+from utils import UserError
+
+
+def _as_scores(frame_scores) -> np.ndarray:
+    """[T,C] float64 array from a list / numpy array / torch tensor; refuses empty or non-finite input."""
+    if hasattr(frame_scores, "detach"):
+        frame_scores = frame_scores.detach().cpu().numpy()
+    s = np.asarray(frame_scores, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[:, None]                                                # [T] -> [T,1]
+    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+        raise UserError(f"sequence scores: expected a frames x expressions table, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise UserError("sequence scores: contain NaN or infinity; check the frames that produced them")
+    return s
+
+
+def frame_weights(T: int, decay: float = 0.5) -> np.ndarray:
+    """[T] weights w_t = decay**(T-1-t), normalised to sum 1 (see the module docstring)."""
+    if not 0.0 <= decay <= 1.0:
+        raise UserError(f"decay {decay}: must lie between 0 and 1 (1 = plain mean, near 0 = last frame only)")
+    w = float(decay) ** np.arange(T - 1, -1, -1, dtype=np.float64)   # [T], w[T-1] = 1
+    return w / w.sum()
+
+
+def sequence_scores(frame_scores, decay: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(overall [C], weights [T]) for frame scores [T,C]: overall = sum_t w_t * scores[t]."""
+    s = _as_scores(frame_scores)                                      # [T,C]
+    w = frame_weights(s.shape[0], decay)                              # [T]
+    return w @ s, w                                                   # [C], [T]
+
+
+def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float = 0.5) -> Figure:
+    """Per-frame scores of the `top` expressions by turn-weighted score, with the frame weights as grey bars."""
+    s = _as_scores(frame_scores)                                      # [T,C]
+    if len(names) != s.shape[1]:
+        raise UserError(f"timeline: {len(names)} names for {s.shape[1]} score columns; give one name per column")
+    overall, w = sequence_scores(s, decay)
+    order = np.argsort(-overall, kind="stable")[:max(1, top)]
+    T = s.shape[0]
+    x = np.arange(1, T + 1)
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.twinx()
+    bars.bar(x, w, color="0.85", width=0.6, zorder=0)
+    bars.set_ylabel("frame weight", color="0.5")
+    bars.set_ylim(0, max(1.0, float(w.max())))
+    ax.set_zorder(bars.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for c in order:
+        ax.plot(x, s[:, c], marker="o", label=f"{names[c]} ({overall[c]:.2f})")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("score")
+    ax.set_xticks(x if T <= 20 else np.linspace(1, T, 11).round().astype(int))
+    ax.set_title(f"top {len(order)} expressions over {T} frames (decay {decay:g})")
+    ax.legend(fontsize="small", loc="best")
+    return fig

@@ -1,0 +1,264 @@
+"""Demo features: vocabulary save/load, per-face ranking, similar-from-gallery, sequence mode, a concurrent-load
+test against the real app, and prepare.py --detect-faces."""
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import demo
+import prepare
+from retrieval import (Engine, frame_crops, load_frames, rank_expressions, rank_faces, read_video, score_frames,
+                       search_text, similar_to_gallery_image)
+from sequence import sequence_scores
+from utils import run_cli
+from vocab import load_vocab, parse_vocab
+
+FER_FACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013" / "test" / "happy"
+BIG, SMALL = "PublicTest_10248771.png", "PublicTest_10245799.png"      # faces the cascades find (see test_faces)
+VOCAB = "happy: a wide smile\nsad: a frown with a downturned mouth\nsurprised: wide-open eyes and an open mouth\n"
+
+
+@pytest.fixture(scope="module")
+def engine(trained, sample_dir, tmp_path_factory):
+    return Engine.load(trained[0], sample_dir / "images", "cpu", tmp_path_factory.mktemp("cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def h(engine):
+    return demo.make_handlers(engine, max_faces=5, max_frames=8)
+
+
+def _fer(name: str, size: int) -> Image.Image:
+    path = FER_FACE / name
+    if not path.is_file():
+        pytest.skip(f"FER-2013 not found at {path}")
+    return Image.open(path).convert("L").resize((size, size), Image.BICUBIC)
+
+
+def _two_faces(path: Path) -> str:
+    canvas = Image.new("L", (640, 360), 128)
+    canvas.paste(_fer(SMALL, 140), (420, 180))
+    canvas.paste(_fer(BIG, 180), (40, 40))
+    canvas.convert("RGB").save(path)
+    return str(path)
+
+
+def _sample_faces(sample_dir: Path, n: int) -> list[str]:
+    return [str(p) for p in sorted((sample_dir / "images").glob("*.png"))[:n]]
+
+
+# ----------------------------------------------------------------------------- 1. vocabularies
+
+def test_save_then_load_vocab_round_trips_the_fine_grained_list(h, tmp_path):
+    text = (Path(demo.__file__).parent / "vocab" / "fine_grained.txt").read_text()
+    path, msg = h["save_vocab"](text)
+    assert Path(path).name == "expressions.txt" and "saved 30 expressions" in msg
+    assert load_vocab(path) == parse_vocab(text) and len(load_vocab(path)) == 30
+    loaded, msg = h["load_vocab"](path, "old: text")
+    assert parse_vocab(loaded) == parse_vocab(text) and "loaded 30 expressions from expressions.txt" in msg
+
+
+def test_bad_vocab_files_get_a_message_with_the_line_and_keep_the_list(h, tmp_path):
+    bad = tmp_path / "mine.txt"
+    bad.write_text("# my list\nhappy: a smile\nsad:\n")
+    text, msg = h["load_vocab"](str(bad), VOCAB)
+    assert text == VOCAB and "mine.txt line 3" in msg and "no sentence" in msg
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9: un sourire".encode("latin-1"))
+    text, msg = h["load_vocab"](str(tmp_path / "latin1.txt"), VOCAB)
+    assert text == VOCAB and "not UTF-8" in msg
+    assert "choose a text file" in h["load_vocab"](None, VOCAB)[1]
+    assert h["save_vocab"]("   ") == (None, "the expression list is empty: one `name: sentence` per line")
+    path, msg = h["save_vocab"]("happy: a smile\nHappy: a grin")
+    assert path is None and "line 2" in msg and "already used" in msg
+
+
+# ----------------------------------------------------------------------------- 2. faces in a photo
+
+def test_rank_faces_largest_first_capped_and_numbered(engine, h, tmp_path):
+    photo = _two_faces(tmp_path / "two.png")
+    res = rank_faces(engine, Image.open(photo).convert("RGB"), [s for _, s in parse_vocab(VOCAB)], max_faces=5)
+    assert res.found and not res.more and len(res.boxes) == 2 and res.probs.shape == (2, 3)
+    assert res.boxes[0].area > res.boxes[1].area and res.boxes[0].x0 < 200          # the 180 px face is #1
+    assert np.allclose(res.probs.sum(1), 1)
+    boxed, bars, md = h["rank"](photo, VOCAB, True)
+    assert boxed.size == (640, 360) and set(bars) == {"happy", "sad", "surprised"}
+    assert "| 1 |" in md and "| 2 |" in md and "2 face(s) found" in md
+    assert bars == pytest.approx({n: float(p) for n, p in zip(["happy", "sad", "surprised"], res.probs[0])})
+    _, _, md = demo.make_handlers(engine, max_faces=1)["rank"](photo, VOCAB, True)
+    assert "| 1 |" in md and "| 2 |" not in md and "More than 1 faces: showing the 1 largest" in md
+
+
+def test_rank_says_when_no_face_is_found(h, tmp_path):
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (200, 190, 180)).save(blank)
+    img, bars, md = h["rank"](str(blank), VOCAB, True)
+    assert "No face found: ranked the whole image" in md and len(bars) == 3 and "| 1 |" in md
+    _, _, md = h["rank"](str(blank), VOCAB, False)
+    assert "No face found" not in md
+
+
+def test_max_faces_flag_is_checked(tmp_path, capsys):
+    assert run_cli(demo.main, ["--max-faces", "0", "--checkpoint", str(tmp_path / "none.pth")]) == 2
+    assert "--max-faces" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 3. similar faces from a click
+
+def test_similar_from_gallery_click_puts_the_query_first(engine, h):
+    hits = search_text(engine, "a wide smile", k=6)
+    paths = [str(p) for p, _ in hits]
+    sim = similar_to_gallery_image(engine, paths[2], k=4)
+    assert len(sim) == 4 and str(sim[0][0]) == paths[2] and sim[0][1] == pytest.approx(1.0, abs=5e-3)
+    assert len({str(p) for p, _ in sim}) == 4 and all(a[1] >= b[1] for a, b in zip(sim[1:], sim[2:]))
+    items, msg = h["similar_gallery"](paths, 2, 4)
+    assert items[0][0] == paths[2] and len(items) == 4 and "itself first" in msg
+    assert h["similar_gallery"]([], 0, 4) == ([], "search first, then click one of the results")
+    assert h["similar_gallery"](paths, 99, 4)[0] == []
+
+
+# ----------------------------------------------------------------------------- 4. sequence mode
+
+def _video(path: Path, n: int = 50) -> Path:
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(n):
+        out.write(np.full((48, 64, 3), i * 5, np.uint8))                 # frame i has brightness 5 i
+    out.release()
+    return path
+
+
+def test_video_frames_sampled_evenly(tmp_path):
+    frames = read_video(_video(tmp_path / "clip.avi"), max_frames=8)
+    want = np.linspace(0, 49, 8).round() * 5                             # frames 0, 7, 14, ..., 49
+    assert len(frames) == 8 and frames[0].size == (64, 48) and frames[0].mode == "RGB"
+    assert np.allclose([np.asarray(f).mean() for f in frames], want, atol=4)
+    assert len(read_video(tmp_path / "clip.avi", max_frames=100)) == 50
+
+
+def test_load_frames_orders_by_name_caps_and_reports_bad_files(tmp_path):
+    for i in (10, 2, 1):
+        Image.new("L", (40, 40), i * 20).save(tmp_path / f"frame{i}.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    frames, skipped = load_frames([tmp_path / n for n in ("frame10.png", "notes.png", "frame2.png", "frame1.png")])
+    assert [np.asarray(f)[0, 0, 0] for f in frames] == [20, 40, 200]   # frame1, frame2, frame10
+    assert len(skipped) == 1 and skipped[0].startswith("notes.png: not an image")
+    frames, _ = load_frames([_video(tmp_path / "v.avi"), tmp_path / "frame1.png"], max_frames=4)
+    assert len(frames) == 4
+    with pytest.raises(Exception, match="no readable frame"):
+        load_frames([tmp_path / "notes.png"])
+
+
+def test_score_frames_matches_single_image_ranking(engine, sample_dir):
+    images = [Image.open(p).convert("RGB") for p in _sample_faces(sample_dir, 3)]
+    sentences = [s for _, s in parse_vocab(VOCAB)]
+    scores = score_frames(engine, images, sentences)
+    assert scores.shape == (3, 3) and np.allclose(scores.sum(1), 1)
+    single = {s: p for s, p, _ in rank_expressions(engine, images[1], sentences)}
+    assert np.allclose(scores[1], [single[s] for s in sentences], atol=1e-5)
+    crops, found = frame_crops(images, detect=False)
+    assert crops == images and found == [False] * 3
+
+
+def test_sequence_handler_label_plot_and_message(engine, h, sample_dir, tmp_path):
+    files = _sample_faces(sample_dir, 4) + [str(tmp_path / "broken.png")]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    bars, fig, msg = h["sequence"](files, VOCAB, False, 0.5)
+    frames, _ = load_frames(files[:4])
+    want, w = sequence_scores(score_frames(engine, frames, [s for _, s in parse_vocab(VOCAB)]), 0.5)
+    assert bars == pytest.approx(dict(zip(["happy", "sad", "surprised"], want)))
+    assert fig is not None and len(fig.axes[0].lines) == 3
+    assert "**4 frames**" in msg and "Skipped 1 file(s): broken.png" in msg and f"{w[-1]:.0%}" in msg
+    for i in (1, 2):
+        Image.new("L", (64, 64), 100 * i).save(tmp_path / f"blank{i}.png")
+    _, _, msg = h["sequence"]([str(tmp_path / "blank1.png"), str(tmp_path / "blank2.png")], VOCAB, True, 1.0)
+    assert "**2 frames**" in msg and "No face found in frame(s) 1, 2" in msg
+    bars, fig, msg = h["sequence"]([], VOCAB, True, 0.5)
+    assert bars == {} and fig is None and "upload several images" in msg
+    assert "decay" in h["sequence"](files[:2], VOCAB, False, 2.0)[2]
+
+
+# ----------------------------------------------------------------------------- 5. the real server under load
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_keeps_serving_20_concurrent_requests(engine, sample_dir, tmp_path):
+    from gradio_client import Client, handle_file
+    face = _sample_faces(sample_dir, 1)[0]
+    (tmp_path / "notes.txt").write_text("hello")
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (8000, 6000)).save(bomb)                               # 48 MP: over the 40 MP limit
+    app = demo.build_app(engine).queue(default_concurrency_limit=4, max_size=64)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="20mb")
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        good = [("search", ("a wide smile", 5))] * 10 + [
+            ("rank", (handle_file(face), VOCAB, True)), ("similar", (handle_file(face), 3)),
+            ("sequence", ([handle_file(face)] * 3, VOCAB, False, 0.5))]
+        bad = [("search", ("", 5), "type a description"), ("search", ("   ", 5), "type a description"),
+               ("rank", (handle_file(str(tmp_path / "notes.txt")), VOCAB, True), "not an image"),
+               ("rank", (handle_file(str(bomb)), VOCAB, True), "pixel limit"),
+               ("similar", (handle_file(str(bomb)), 3), "pixel limit"),
+               ("rank", (handle_file(face), "", True), "empty"),
+               ("sequence", ([handle_file(str(tmp_path / "notes.txt"))], VOCAB, True, 0.5), "no readable frame")]
+        calls = [(name, args) for name, args in good] + [(name, args) for name, args, _ in bad]
+        assert len(calls) == 20
+        t0 = time.time()
+        with ThreadPoolExecutor(len(calls)) as pool:
+            results = list(pool.map(lambda c: client.predict(*c[1], api_name="/" + c[0]), calls))
+        elapsed = time.time() - t0
+        for (name, args), out in zip(good, results[:len(good)]):
+            if name in ("search", "similar"):
+                assert len(out[0]) == args[1] and ("best matches" in out[1] or "closest" in out[1]), (name, out)
+            else:
+                label = out[1] if name == "rank" else out[0]
+                assert label["label"] in {"happy", "sad", "surprised"} and "frames" in out[2] or "| 1 |" in out[2]
+        for (name, _, expect), out in zip(bad, results[len(good):]):
+            assert expect in out[-1], (name, out[-1])
+        gallery, msg = client.predict("a frown", 4, api_name="/search")       # still serving afterwards
+        assert len(gallery) == 4 and "best matches" in msg
+        print(f"20 concurrent requests answered in {elapsed:.1f} s")
+    finally:
+        app.close()
+
+
+# ----------------------------------------------------------------------------- 6. prepare.py --detect-faces
+
+def _photos(root: Path) -> Path:
+    (root / "happy").mkdir(parents=True)
+    canvas = Image.new("RGB", (420, 300), (128, 128, 128))
+    canvas.paste(_fer(BIG, 180).convert("RGB"), (60, 50))
+    canvas.save(root / "happy" / "party.png")
+    Image.new("RGB", (300, 300), (200, 200, 200)).save(root / "happy" / "blank.png")
+    return root
+
+
+def test_prepare_detect_faces_crops_and_counts_no_face(tmp_path, capsys):
+    src = _photos(tmp_path / "photos")
+    out = tmp_path / "data"
+    assert run_cli(prepare.main, [str(src), "--format", "folder", "--out", str(out), "--detect-faces",
+                                  "--grayscale"]) == 0
+    report = capsys.readouterr().out
+    assert "skipped 1: no face found (--no-face skip)" in report and "face detected and cropped: 1" in report
+    table = prepare.pd.read_csv(out / "captions.csv")
+    assert table["image"].tolist() == ["images/photos/happy/party.png"]
+    crop = Image.open(out / table["image"][0])
+    assert crop.mode == "L" and crop.width == crop.height and 180 <= crop.width <= 300
+    assert np.asarray(crop).std() > 20                                     # a face, not the flat background
+
+    kept = prepare.convert(src, "folder", tmp_path / "kept", detect_faces=True, no_face="keep")
+    assert sorted(kept["image"]) == ["images/photos/happy/blank.png", "images/photos/happy/party.png"]
+    assert kept.attrs["report"]["converted"] == {"face detected and cropped": 1,
+                                                 "no face found, kept whole (--no-face keep)": 1}
+    assert Image.open(tmp_path / "kept" / "images/photos/happy/blank.png").size == (300, 300)
+    assert Image.open(tmp_path / "kept" / "images/photos/happy/party.png").mode == "RGB"
+    assert run_cli(prepare.main, [str(src), "--format", "folder", "--out", str(out), "--grayscale"]) == 2
+    assert "--grayscale goes with --detect-faces" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""evaluate.py: zero-shot metrics of the session's tiny trained model, chance for a random-init one, input layouts,
+the CE classifier path, unseen-class AP, prompt comparison and one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import evaluate
+from utils import run_cli
+
+TRAINED_MIN_TOP1 = 0.6     # measured on the sample's val split (96 images, 8 classes): see the report
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    rc = run_cli(evaluate.main, [str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def random_checkpoint(trained, path, class_names=None, **changes):
+    """A random-init model with the trained checkpoint's config (plus changes), saved as a checkpoint."""
+    from dataclasses import replace
+    from model import ExprCLIP, load_checkpoint, save_checkpoint
+    _, cfg = load_checkpoint(trained[0])
+    torch.manual_seed(0)
+    model = ExprCLIP(replace(cfg, **changes), load_weights=False, class_names=class_names)
+    save_checkpoint(path, model)
+    return model
+
+
+def test_trained_model_cli(trained, sample_dir, tmp_path, capsys):
+    js, png = tmp_path / "out" / "res.json", tmp_path / "cm.png"
+    rc, out, err = run(["--checkpoint", trained[0], "--data", sample_dir / "captions.csv", "--json", js,
+                        "--confusion", png, "--unseen", "surprise"], capsys)
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["split"] == "val" and summary["n_images"] == 96 and summary["skipped"] == 0
+    assert summary["top1"] >= TRAINED_MIN_TOP1 and summary["uar"] >= TRAINED_MIN_TOP1 - 0.05
+    assert summary["top5"] >= summary["top1"] and summary["t2i_mAP"] > 0.5
+    u = summary["unseen_surprise"]
+    assert u["base_rate"] == pytest.approx(12 / 96) and u["ap"] > u["base_rate"]
+    assert u["ap_over_base"] == pytest.approx(u["ap"] / u["base_rate"])
+    res = json.loads(js.read_text())
+    assert res["config"]["image_model"] == "resnet10t" and res["scoring"].startswith("text prompts")
+    assert set(res["per_class_recall"]) == set(res["classes"]) and len(res["classes"]) == 8
+    assert np.array(res["confusion"]).sum() == 96 and len(res["retrieval"]["t2i_AP_per_class"]) == 8
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "split: val" in out and "unseen classes" in out
+
+
+def test_random_init_is_chance(trained, sample_dir, tmp_path):
+    ck = tmp_path / "random.pth"
+    random_checkpoint(trained, ck)
+    res = evaluate.evaluate(ck, sample_dir)
+    assert res["top1"] < 0.35 and res["n_images"] == 96
+
+
+def test_compare_prompts_and_all_splits(trained, sample_dir):
+    res = evaluate.evaluate(trained[0], sample_dir, split="all", compare=["paper", "rich"])
+    assert res["n_images"] == 480 and res["split"] == "all"
+    c = res["compare_prompts"]
+    assert set(c) == {"paper", "rich"}
+    assert c["rich"]["top1_drop"] == pytest.approx(c["paper"]["top1"] - c["rich"]["top1"])
+    assert c["paper"]["top1"] == pytest.approx(res["top1"])
+
+
+def test_folder_layouts(trained, sample_dir, tmp_path):
+    table = pd.read_csv(sample_dir / "captions.csv")
+    val = table[table["split"] == "val"].groupby("label").head(4)
+    for root, split in ((tmp_path / "flat", ""), (tmp_path / "split", "test")):
+        for r in val.itertuples():
+            folder = "happy" if r.label == "happiness" else r.label           # a synonym, harmonised
+            dst = root / split / folder
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(sample_dir / "images" / r.image, dst / r.image)
+    (tmp_path / "flat" / "anger" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "split" / "train" / "anger").mkdir(parents=True)
+    shutil.copy(sample_dir / "images" / val["image"].iloc[0], tmp_path / "split" / "train" / "anger" / "x.png")
+    flat = evaluate.evaluate(trained[0], tmp_path / "flat")
+    assert flat["n_images"] == 32 and flat["skipped"]["unreadable image"] == 1 and flat["split"].startswith("all")
+    assert "happiness" in flat["classes"] and flat["top1"] >= 0.5
+    split = evaluate.evaluate(trained[0], tmp_path / "split")
+    assert split["split"].startswith("test") and split["n_images"] == 32 and split["top1"] == flat["top1"]
+
+
+def test_ce_checkpoint_uses_classifier(trained, sample_dir, tmp_path, capsys):
+    ck = tmp_path / "ce.pth"
+    from model import save_checkpoint
+    names = ["anger", "contempt", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+    model = random_checkpoint(trained, ck, objective="ce", class_names=names)
+    with torch.no_grad():   # a classifier that always says "fear"
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.eye(8)[names.index("fear")])
+    save_checkpoint(ck, model)
+    rc, out, err = run(["--checkpoint", ck, "--data", sample_dir, "--unseen", "fear"], capsys)
+    assert rc == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["scoring"] == "classifier" and s["t2i_mAP"] is None and s["top1"] == pytest.approx(1 / 8)
+    assert s["unseen_fear"]["recall"] == 1.0 and "classifier head" in out
+
+
+def test_calibrate_recovers_offset_class():
+    y = np.repeat(np.arange(3), 10)
+    scores = np.eye(3)[y] * 0.1 + np.array([0.0, 0.0, 0.5])       # class 2's column sits 0.5 higher everywhere
+    assert evaluate.metrics.topk_accuracy(scores, y, 1) == pytest.approx(1 / 3)
+    assert evaluate.metrics.topk_accuracy(evaluate.calibrate(scores), y, 1) == 1.0
+
+
+def test_bad_inputs(trained, sample_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign.pth"
+    foreign.write_text("hello")
+    unlabelled = tmp_path / "nolabel"
+    unlabelled.mkdir()
+    pd.read_csv(sample_dir / "captions.csv")[["image", "caption"]].head(5).assign(
+        image=lambda d: [str(sample_dir / "images" / p) for p in d["image"]]).to_csv(unlabelled / "captions.csv")
+    cases = [(["--checkpoint", tmp_path / "none.pth", "--data", sample_dir], "checkpoint not found"),
+             (["--checkpoint", foreign, "--data", sample_dir], "foreign.pth"),
+             (["--checkpoint", trained[0], "--data", unlabelled], "`label` column"),
+             (["--checkpoint", trained[0], "--data", sample_dir, "--unseen", "boredom"], "known: neutral, happiness"),
+             (["--checkpoint", trained[0], "--data", sample_dir, "--split", "test"], "the data has: "),
+             (["--checkpoint", trained[0], "--data", tmp_path / "nowhere"], "no such file or folder")]
+    for argv, message in cases:
+        rc, out, err = run(argv, capsys)
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from sequence import frame_weights, sequence_scores, timeline_figure
+from utils import UserError
+
+
+@pytest.mark.parametrize("T,decay", [(1, 0.5), (5, 0.5), (7, 0.9), (4, 1.0), (3, 0.0)])
+def test_weights_follow_the_formula(T, decay):
+    scores = np.random.default_rng(T).random((T, 6))
+    overall, w = sequence_scores(scores, decay)
+    raw = np.array([decay ** (T - 1 - t) for t in range(T)])
+    assert w.shape == (T,) and np.allclose(w, raw / raw.sum(), rtol=0, atol=1e-12)
+    assert w.sum() == pytest.approx(1.0) and w[-1] == w.max()
+    assert np.allclose(overall, (raw[:, None] * scores).sum(0) / raw.sum())
+
+
+def test_constant_sequence_gives_the_constant():
+    row = np.array([0.1, -0.4, 2.5, 0.0])
+    for decay in (0.0, 0.3, 1.0):
+        overall, _ = sequence_scores(np.tile(row, (9, 1)), decay)
+        assert np.allclose(overall, row)
+
+
+def test_recent_frame_dominates_as_decay_goes_to_zero():
+    scores = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])          # last frame disagrees with the rest
+    assert sequence_scores(scores, 1.0)[0].argmax() == 0               # plain mean: majority wins
+    gaps = [abs(sequence_scores(scores, d)[0] - scores[-1]).max() for d in (0.5, 0.1, 0.01, 1e-6)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-5
+    assert np.array_equal(sequence_scores(scores, 0.0)[0], scores[-1])
+
+
+def test_accepts_torch_and_refuses_bad_input():
+    overall, w = sequence_scores(torch.ones(3, 2), 0.5)
+    assert overall.shape == (2,) and w.shape == (3,)
+    for bad in (np.zeros((0, 3)), np.array([[np.nan, 1.0]]), np.zeros((2, 2, 2))):
+        with pytest.raises(UserError):
+            sequence_scores(bad)
+    with pytest.raises(UserError, match="decay"):
+        frame_weights(3, 1.5)
+
+
+def test_timeline_plots_top_classes(tmp_path):
+    scores = np.array([[0.1, 0.5, 0.2, 0.9], [0.2, 0.4, 0.1, 0.8], [0.3, 0.9, 0.0, 0.1]])
+    fig = timeline_figure(scores, ["a", "b", "c", "d"], top=2)
+    assert isinstance(fig, Figure)
+    labels = [line.get_label().split()[0] for line in fig.axes[0].get_lines()]
+    assert labels == ["b", "d"]                                      # b: 0.7 overall, d: 0.4 with decay 0.5
+    fig.savefig(tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="names"):
+        timeline_figure(scores, ["a", "b"])
