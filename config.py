@@ -58,6 +58,7 @@ class Config:
     grad_clip: float = 1.0
     amp: str = "auto"                         # auto | bf16 | fp16 | off (auto: CUDA bf16 or fp16+scaler; CPU bf16
                                               # where it has native bf16 (AMX/AVX512-BF16), else fp32)
+    channels_last: bool = True                # NHWC memory format (faster for most CNNs on GPU and CPU)
     device: str = "auto"                      # auto = cuda, then mps, then cpu
     seed: int = 0
     out_dir: str = "runs/exp"
@@ -76,12 +77,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(image_model="tf_efficientnet_lite0", image_weights="pkg:efficientnet-lite0",
                     text_model="pkg:all-minilm-l6-v2", text_pooling="mean", freeze_text=True,
                     image_size=64, batch_size=32, epochs=6, warmup_steps=20, lr_image=1e-3, lr_head=3e-3,
-                    proj_dropout=0.0),
+                    proj_dropout=0.0, amp="off"),   # depthwise convs gain nothing from CPU bf16
     # Tiny random-init model for tests and smoke runs: no weights needed at all.
     "tiny": dict(image_model="resnet10t", image_weights="none", text_model="pkg:all-minilm-l6-v2",
                  text_weights="none", text_layers=1, text_width=64, text_pooling="mean", image_size=48,
                  embed_dim=64, batch_size=32, epochs=3, warmup_steps=5, lr_image=2e-3, lr_text=2e-3,
-                 lr_head=3e-3, proj_dropout=0.0, max_length=32, amp="off"),
+                 lr_head=3e-3, proj_dropout=0.0, max_length=32, amp="off", channels_last=False),
 }
 
 
@@ -168,6 +169,8 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         if f.name in d:
             t = _type_of(f)
             v = d[f.name]
+            if f.name == "amp" and isinstance(v, bool):   # early checkpoints stored amp as a bool
+                v = "auto" if v else "off"
             setattr(cfg, f.name, _parse_bool(str(v)) if t is bool and not isinstance(v, bool) else t(v))
     return cfg
 

@@ -78,7 +78,7 @@ def read_vocab_upload(path) -> str:
         raise UserError("choose a text file with one `name: sentence` per line")
     path = Path(path)
     if path.stat().st_size > MAX_VOCAB_BYTES:
-        raise UserError(f"{path.name}: over {MAX_VOCAB_BYTES // 1000} kB; a vocabulary is one short line per expression")
+        raise UserError(f"{path.name}: over {MAX_VOCAB_BYTES // 1000} kB; a vocabulary is one line per expression")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -89,6 +89,16 @@ def read_vocab_upload(path) -> str:
 
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
+
+
+def face_table(names: list[str], probs) -> str:
+    """Markdown table: one row per face (`face 1` = the largest, as numbered on the picture), its top-5 expressions."""
+    top_n = min(5, len(names))
+    rows = ["| | " + " | ".join(["1st", "2nd", "3rd", "4th", "5th"][:top_n]) + " |", "|---" * (top_n + 1) + "|"]
+    for n, p in enumerate(probs, 1):                                       # p: [C]
+        top = p.argsort(kind="stable")[::-1][:top_n]
+        rows.append(f"| face {n} | " + " | ".join(f"{_md(names[i])} {p[i]:.0%}" for i in top) + " |")
+    return "\n".join(rows)
 
 
 def gallery_items(hits) -> list[tuple[str, str]]:
@@ -117,10 +127,6 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
         photo = open_upload(image)
         res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)
         names = [name for name, _ in items]
-        rows = ["| face | 1st | 2nd | 3rd | 4th | 5th |", "|---|---|---|---|---|---|"]
-        for n, p in enumerate(res.probs, 1):                              # p: [C], faces largest first
-            top = p.argsort(kind="stable")[::-1][:5]
-            rows.append(f"| {n} | " + " | ".join(f"{_md(names[i])} {p[i]:.0%}" for i in top) + " |")
         notes = []
         if detect and not res.found:
             notes.append("No face found: ranked the whole image.")
@@ -129,7 +135,8 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
         elif res.found:
             notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
         first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
-        return (draw_boxes(photo, res.boxes) if res.found else photo), first, " ".join(notes) + "\n\n" + "\n".join(rows)
+        text = "\n\n".join([" ".join(notes), face_table(names, res.probs)]).strip()
+        return (draw_boxes(photo, res.boxes) if res.found else photo), first, text
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k):
@@ -184,16 +191,16 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
 def _image_input(**kw):
     """A gr.Image whose undecodable uploads reach the handler as a path (so they get a message, not a toast)."""
     import gradio as gr
+    image = gr.Image(type="filepath", image_mode=None, **kw)     # image_mode None: Gradio does not decode the file
+    strict = image.preprocess
 
-    class SafeImage(gr.Image):
-        is_template = True                                                 # rendered by gr.Image's frontend
-
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception:  # noqa: BLE001 -- the handler's safe_open_image says what is wrong
-                return getattr(payload, "path", None)
-    return SafeImage(type="filepath", image_mode=None, **kw)
+    def lenient(payload):
+        try:
+            return strict(payload)
+        except Exception:  # noqa: BLE001 -- the handler's safe_open_image says what is wrong
+            return getattr(payload, "path", None)
+    image.preprocess = lenient    # on the instance: Gradio writes a .pyi next to modules that subclass components
+    return image
 
 
 def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
@@ -205,7 +212,7 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
         gr.Markdown(f"# ExprCLIP\nDescribe an expression to find faces, or upload a face to name its expression. "
                     f"Gallery: {n} images" + (f", {len(engine.failed)} unreadable: "
                                               + ", ".join(p.name for p in engine.failed[:10]) if engine.failed else ""))
-        with gr.Accordion("Expression list (used by Face → expressions and Sequence): edit, load or save", open=False):
+        with gr.Accordion("Expression list (for Face → expressions and Sequence): edit, load or save", open=False):
             with gr.Row():
                 vocab = gr.Textbox(label="Expressions (name: sentence, one per line)", lines=10, scale=3,
                                    value=format_vocab(load_vocab("paper")))
@@ -235,8 +242,9 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
                 items, msg = h["search"](q, top_k)
                 return items, msg, [p for p, _ in items]
 
-            def pick(paths, top_k, evt: gr.SelectData):
+            def pick(paths, top_k, evt):
                 return h["similar_gallery"](paths, evt.index, top_k)
+            pick.__annotations__ = {"evt": gr.SelectData}   # a real class: the `annotations` import makes strings
 
             go.click(search_ui, [query, k], [gallery, status, hit_paths], api_name="search")
             query.submit(search_ui, [query, k], [gallery, status, hit_paths], api_visibility="private")
@@ -299,7 +307,8 @@ def main(argv=None) -> int:
     if a.quickstart and not Path(a.checkpoint).exists():
         quickstart(a.checkpoint)
     engine = Engine.load(a.checkpoint, a.gallery, a.device, a.cache_dir)
-    print(f"gallery: {len(engine.index)} images embedded" + (f", {len(engine.failed)} unreadable" if engine.failed else ""))
+    failed = f", {len(engine.failed)} unreadable" if engine.failed else ""
+    print(f"gallery: {len(engine.index)} images embedded{failed}")
     build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(
         server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
     return 0

@@ -195,38 +195,38 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     from model import load_checkpoint
     dev = pick_device(device)
     model, cfg = load_checkpoint(checkpoint, dev)
-    df, skipped = read_data(str(data))
-    table = df
+    table, skipped = read_data(str(data))
     df, split_how = pick_split(table, split)
-    autocast, dtype = autocast_for(model, cfg, dev, amp)
-    emb, ok = embed_images(model, cfg, list(df["path"]), dev, batch_size, autocast)
-    skipped["unreadable image"] = int((~ok).sum())
-    labels = list(df.loc[ok, "label"])
-    if not labels:
-        raise UserError(f"{data}: none of the {len(df)} selected images could be read")
     ce = cfg.objective == "ce"
     bank = None if ce else get_bank(prompts, table)
     known = [canonical_name(c) for c in model.class_names] if ce else list(bank)
-    classes = class_order((known if all_classes else []) + labels)
+    classes = class_order((known if all_classes else []) + list(df["label"]))
     unseen = parse_list(unseen) if isinstance(unseen, str) else [canonical_name(u) for u in unseen]
     bad = [c for c in unseen if c not in classes]
     if bad:
         raise UserError(f"--unseen {', '.join(bad)}: not a scored class; known: {', '.join(classes)}")
+    if ce and (missing := [c for c in classes if c not in known]):
+        raise UserError(f"class(es) {', '.join(missing)} unknown to this classifier checkpoint; "
+                        f"it was trained on: {', '.join(known)}")
+    autocast, dtype = autocast_for(model, cfg, dev, amp)
+    protos = None if ce else text_prototypes(model, bank, classes, autocast)     # [C,D]; checks the bank first
+    sets = list(compare) if len(compare or []) > 1 else [prompts, *(compare or [])]
+    banks = {s: get_bank(s, table) for s in sets} if compare and not ce else {}
+    emb, ok = embed_images(model, cfg, list(df["path"]), dev, batch_size, autocast)
+    skipped["unreadable image"] = int((~ok).sum())
+    y = np.array([classes.index(c) for c in df.loc[ok, "label"]])
+    if not len(y):
+        raise UserError(f"{data}: none of the {len(df)} selected images could be read")
     out = dict(checkpoint=str(checkpoint), config=config_to_dict(cfg), data=str(data), split=split_how,
-               n_images=len(labels), skipped=skipped, skipped_total=sum(skipped.values()), classes=classes,
+               n_images=len(y), skipped=skipped, skipped_total=sum(skipped.values()), classes=classes,
                precision=str(dtype).replace("torch.", "") if dtype else "float32", device=str(dev))
-    y = np.array([classes.index(c) for c in labels])
     if ce:
         out.update(ce_scores(model, emb, y, classes, known, unseen))
     else:
-        protos = text_prototypes(model, bank, classes, autocast)
         scores = metrics.zero_shot_scores(emb, protos)             # [N,C]
         out.update(scoring=f"text prompts ({prompts})", prompts=prompts, **score_report(scores, y, classes, unseen),
-                   retrieval=metrics.retrieval_report(emb, y, protos), compare_prompts=None)
-        if compare:
-            sets = list(compare) if len(compare) > 1 else [prompts, *compare]
-            out["compare_prompts"] = compare_prompts(model, emb, y, classes, {s: get_bank(s, table) for s in sets},
-                                                     autocast)
+                   retrieval=metrics.retrieval_report(emb, y, protos),
+                   compare_prompts=compare_prompts(model, emb, y, classes, banks, autocast) if compare else None)
     if confusion:
         out["confusion_png"] = str(metrics.save_confusion_png(out["confusion"], classes, confusion))
     return out
@@ -234,10 +234,6 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
 
 def ce_scores(model, emb: np.ndarray, y: np.ndarray, classes: list[str], known: list[str], unseen) -> dict:
     """CE baseline: the trained classifier's logits over the image embedding, columns of the scored classes."""
-    missing = [c for c in classes if c not in known]
-    if missing:
-        raise UserError(f"class(es) {', '.join(missing)} unknown to this classifier checkpoint; "
-                        f"it was trained on: {', '.join(known)}")
     with torch.inference_mode():
         logits = model.classifier(torch.from_numpy(emb).to(model.classifier.weight.device)).float().cpu().numpy()
     scores = logits[:, [known.index(c) for c in classes]]          # [N,C]

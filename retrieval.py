@@ -229,7 +229,8 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
     return frames, skipped
 
 
-def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False) -> tuple[list[Image.Image], list[bool]]:
+def frame_crops(frames: list[Image.Image], detect: bool,
+                grayscale: bool = False) -> tuple[list[Image.Image], list[bool]]:
     """The largest face of each frame (detect on), else the whole frame; and whether a face was found per frame."""
     if not detect:
         return list(frames), [False] * len(frames)

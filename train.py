@@ -89,7 +89,7 @@ class Trainer:
         self.build_data()
         self.model = ExprCLIP(cfg, class_names=list(self.label_vocab) if cfg.objective == "ce" else None)
         self.model = self.model.to(self.device)
-        self.channels_last = self.device.type == "cuda" or amp_dtype(cfg, self.device) is not None
+        self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
@@ -104,7 +104,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
         self.autocast, self.scaler = amp_setup(cfg, self.device)
-        self.step, self.epoch, self.batch_in_epoch, self.best, self.history = 0, 0, 0, -1.0, []
+        self.step, self.epoch, self.batch_in_epoch, self.best, self.history = 0, 0, 0, -math.inf, []
         if cfg.resume:
             self.load_state(cfg.resume)
 
@@ -177,6 +177,7 @@ class Trainer:
         return clip_loss(img, txt, scale.float(), groups)
 
     def train_step(self, batch) -> float:
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)   # dropout etc.: a function of the step (exact resume)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * get_lr(self.step, self.cfg, self.total_steps)
         loss = self.forward_loss(batch)
@@ -258,7 +259,7 @@ class Trainer:
     def state(self) -> dict:
         return dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                     step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
-                    history=self.history, torch_rng=torch.get_rng_state())
+                    history=self.history)
 
     def save_last(self) -> None:
         atomic_save(checkpoint_payload(self.model, trainer=self.state()), self.out / "last.pth")
@@ -279,14 +280,13 @@ class Trainer:
             self.scaler.load_state_dict(t["scaler"])
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.best, self.history = t["best"], list(t["history"])
-        torch.set_rng_state(t["torch_rng"])
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
 
     def end_epoch(self, train_loss: float, seconds: float) -> None:
         """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved)."""
         val = self.validate() if self.main else {}
         row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **val,
-                   lr_image=self.opt.param_groups[0]["lr"], temperature=1 / float(self.model.scale()),
+                   lr_image=self.opt.param_groups[0]["lr"], temperature=1 / self.model.scale().item(),
                    seconds=round(seconds, 1),
                    images_per_s=round(self.batch_in_epoch * self.cfg.batch_size * self.world / seconds, 1))
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0

@@ -17,7 +17,7 @@ FER = ROOT.parent / "shared" / "data" / "fer2013"
 
 # Tiny, weight-free training recipe that separates the sample's 8 classes in a few dozen steps.
 TINY_FLAGS = ["--preset", "tiny", "--caption-bank", "paper", "--augment", "false", "--image-size", "48",
-              "--batch-size", "32", "--epochs", "10", "--num-workers", "0"]
+              "--batch-size", "32", "--epochs", "16", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="session")

@@ -60,9 +60,9 @@ def test_random_init_is_chance(trained, sample_dir, tmp_path):
     assert res["top1"] < 0.35 and res["n_images"] == 96
 
 
-def test_compare_prompts_and_all_splits(trained, sample_dir):
-    res = evaluate.evaluate(trained[0], sample_dir, split="all", compare=["paper", "rich"])
-    assert res["n_images"] == 480 and res["split"] == "all"
+def test_compare_prompts_explicit_split(trained, sample_dir):
+    res = evaluate.evaluate(trained[0], sample_dir, split="validation", compare=["paper", "rich"])
+    assert res["n_images"] == 96 and res["split"] == "val"
     c = res["compare_prompts"]
     assert set(c) == {"paper", "rich"}
     assert c["rich"]["top1_drop"] == pytest.approx(c["paper"]["top1"] - c["rich"]["top1"])

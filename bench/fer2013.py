@@ -1,0 +1,148 @@
+"""FER-2013 benchmark on CPU: train on ../shared/data/fer2013/train, evaluate on test, write BENCHMARKS.md.
+
+    python bench/fer2013.py                       # all runs: clip, ce baseline, unseen-class (surprise)
+    python bench/fer2013.py --runs clip --epochs 2 --limit 2000     # a quick smoke run
+
+Every run uses the same image tower, image size, epochs and batch size (the `offline` preset: ImageNet
+EfficientNet-Lite0 + frozen all-MiniLM-L6-v2, both installed by pip), so the table compares objectives, not budgets.
+Results (JSON per run) go to --work; the table goes to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+import evaluate  # noqa: E402
+import prepare  # noqa: E402
+import train  # noqa: E402
+
+CLASSES = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+ANCHORS = """Published anchors (zero-shot and supervised, for context):
+CLIP ViT-L/14 zero-shot on FER-2013 49.0% and LAION ViT-L/14 53.7% (CLIP_benchmark);
+supervised single-network state of the art 73.28% (Khaireddin & Chen 2021, VGGNet, FER-2013 private test)."""
+
+
+def prepare_data(fer: Path, work: Path, limit: int) -> Path:
+    """captions.csv over the FER-2013 folders (referenced in place); `limit` keeps a class-stratified subset."""
+    data = work / "data"
+    if not (data / "captions.csv").is_file():
+        prepare.convert(fer, "folder", data, verify=False)
+    if limit:
+        df = pd.read_csv(data / "captions.csv")
+        frac = min(1.0, limit / len(df))
+        df = df.groupby(["split", "label"]).sample(frac=frac, random_state=0)
+        data = work / f"data_{limit}"
+        data.mkdir(parents=True, exist_ok=True)
+        df.to_csv(data / "captions.csv", index=False)
+    return data
+
+
+def run_flags(name: str, a, data: Path, out: Path) -> list[str]:
+    flags = ["--preset", "offline", "--data", str(data), "--out-dir", str(out), "--final-path", str(out / "final.pth"),
+             "--image-size", str(a.image_size), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+             "--val-fraction", "0.03", "--sampler", a.sampler, "--caption-bank", a.bank,
+             "--caption-sampling", "random", "--positives", "label", "--num-workers", str(a.workers),
+             "--augment", "true", "--lr-image", str(a.lr_image), "--warmup-steps", "200"]
+    if name == "ce":
+        flags += ["--objective", "ce"]
+    if name == "unseen":
+        flags += ["--exclude-classes", a.unseen]
+    return flags
+
+
+def run(name: str, a, data: Path, work: Path) -> dict:
+    out = work / name
+    result_file = out / "result.json"
+    if result_file.is_file() and not a.force:
+        return json.loads(result_file.read_text())
+    t0 = time.time()
+    train.main(run_flags(name, a, data, out))
+    wall = time.time() - t0
+    hist = pd.read_csv(out / "metrics.csv")
+    res = dict(run=name, train_minutes=round(wall / 60, 1), images_per_s=float(hist["images_per_s"].median()))
+    for prompts in (["paper", "rich"] if name != "ce" else ["paper"]):
+        ev = evaluate.evaluate(out / "final.pth", data, split="test", prompts=prompts,
+                               unseen=[a.unseen] if name == "unseen" else (),
+                               confusion=out / f"confusion_{prompts}.png")
+        res[prompts] = ev
+    result_file.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def table(results: list[dict], a, data: Path) -> str:
+    """BENCHMARKS.md: configuration, wall time, throughput, top-1/top-5/UAR, per-class recall, unseen class."""
+    lines = ["# Benchmarks: FER-2013", "",
+             f"Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
+             f"`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
+             f"Command: `python bench/fer2013.py --epochs {a.epochs} --image-size {a.image_size}`. "
+             f"Config: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), {a.image_size} px, "
+             f"batch {a.batch_size}, {a.epochs} epochs, `--sampler {a.sampler}`, caption bank `{a.bank}` "
+             f"(a random paraphrase per image per epoch), positives by label, augmentation on.", "",
+             "| run | train min | img/s | prompts | top-1 | top-5 | UAR | macro-F1 | " +
+             " | ".join(CLASSES) + " |", "|" + "---|" * (9 + len(CLASSES))]
+    for r in results:
+        for prompts in ("paper", "rich"):
+            ev = r.get(prompts)
+            if not ev:
+                continue
+            c = ev
+            per = [c["per_class_recall"].get(k) for k in CLASSES]
+            label = {"clip": "CLIP (contrastive)", "ce": "CE baseline (classifier head)",
+                     "unseen": f"CLIP, `{a.unseen}` unseen in training"}[r["run"]]
+            lines.append(f"| {label} | {r['train_minutes']} | {r['images_per_s']:.0f} | "
+                         f"{'classifier' if r['run'] == 'ce' else prompts} | {c['top1']:.1%} | {c['top5']:.1%} | "
+                         f"{c['uar']:.1%} | {c['macro_f1']:.3f} | " +
+                         " | ".join("-" if v is None else f"{v:.0%}" for v in per) + " |")
+    for r in results:
+        if r["run"] == "unseen" and r.get("paper", {}).get("unseen"):
+            lines += ["", f"Unseen class `{a.unseen}` (left out of training; scored by its sentence):", "",
+                      "| prompts | AP | base rate | AP / base rate | recall | recall, calibrated | top-1, calibrated |",
+                      "|---|---|---|---|---|---|---|"]
+            for prompts in ("paper", "rich"):
+                u = r[prompts]["unseen"][a.unseen]
+                lines.append(f"| {prompts} | {u['ap']:.3f} | {u['base_rate']:.3f} | {u['ap_over_base']:.2f}x | "
+                             f"{u['recall']:.1%} | {u['calibrated_recall']:.1%} | "
+                             f"{r[prompts]['calibrated']['top1']:.1%} |")
+    lines += ["", ANCHORS, ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fer", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
+    ap.add_argument("--work", default="runs/fer2013")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--runs", default="clip,ce,unseen")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr-image", type=float, default=1e-3)
+    ap.add_argument("--sampler", default="none")
+    ap.add_argument("--bank", default="rich")
+    ap.add_argument("--unseen", default="surprise")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many images (smoke runs)")
+    ap.add_argument("--force", action="store_true", help="retrain runs that already have a result.json")
+    a = ap.parse_args(argv)
+    fer = Path(a.fer)
+    if not (fer / "train").is_dir():
+        print(f"error: {fer}: FER-2013 folder not found (expected train/ and test/); pass --fer DIR", file=sys.stderr)
+        return 2
+    work = Path(a.work)
+    data = prepare_data(fer, work, a.limit)
+    results = [run(name, a, data, work) for name in a.runs.split(",")]
+    Path(a.out).write_text(table(results, a, data))
+    print(Path(a.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
