@@ -56,6 +56,9 @@ class Config:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    accum_steps: int = 1                      # >1: each optimizer step sees accum_steps x batch_size pairs, all
+                                              # contrasted with each other (GradCache-style, see accum.py)
+    compile: bool = False                     # torch.compile both towers
     amp: str = "auto"                         # auto | bf16 | fp16 | off (auto: CUDA bf16 or fp16+scaler; CPU bf16
                                               # where it has native bf16 (AMX/AVX512-BF16), else fp32)
     channels_last: bool = True                # NHWC memory format (faster for most CNNs on GPU and CPU)

@@ -151,37 +151,53 @@ class PairDataset(torch.utils.data.Dataset):
                  label_vocab: dict[str, int], bank: dict[str, list[str]] | None = None):
         self.df, self.cfg, self.transform = df.reset_index(drop=True), cfg, build_transform(cfg, train)
         self.caption_vocab, self.label_vocab, self.bank = caption_vocab, label_vocab, bank
-        self.epoch = 0
+        self.epoch = 0   # used for plain integer keys (validation); training keys carry their epoch
 
     def __len__(self) -> int:
         return len(self.df)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def caption(self, i: int) -> str:
+    def caption(self, i: int, epoch: int) -> str:
         row = self.df.iloc[i]
         if not self.bank or row["label"] not in self.bank:
             return row["caption"]
         options = self.bank[row["label"]]
         if self.cfg.caption_sampling == "random":   # a fresh paraphrase per image per epoch, reproducible
-            rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
+            rng = np.random.default_rng((self.cfg.seed, epoch, i))
             return options[int(rng.integers(len(options)))]
         return options[0]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        """key: a row index, or (epoch, index) from an EpochBatches sampler (persistent workers see the epoch)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         row = self.df.iloc[i]
         # augmentation is a pure function of (seed, epoch, index): exact resume, same result with any worker count
-        self.transform.set_random_seed(int(np.random.default_rng((self.cfg.seed, self.epoch, i)).integers(2**31)))
+        self.transform.set_random_seed(int(np.random.default_rng((self.cfg.seed, epoch, i)).integers(2**31)))
         try:
             pixels = self.transform(image=open_image(row["path"], self.cfg.grayscale))["image"]
         except BadImage as e:
             warnings.warn(f"skipping unreadable image {e}", stacklevel=2)
             return None
-        cap = self.caption(i)
+        cap = self.caption(i, epoch)
         label = self.label_vocab.get(row["label"], -1)
         group = label if self.cfg.positives == "label" and label >= 0 else self.caption_vocab[cap]
         return pixels, cap, group, label
+
+
+class EpochBatches:
+    """Batch sampler whose batches are replaced each epoch, so one DataLoader (and its persistent workers) serves
+    every epoch; it yields (epoch, index) keys so workers know the epoch without being told."""
+
+    def __init__(self):
+        self.epoch, self.batches = 0, []
+
+    def set(self, epoch: int, batches: list[list[int]]) -> None:
+        self.epoch, self.batches = epoch, batches
+
+    def __iter__(self):
+        return iter([[(self.epoch, i) for i in b] for b in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 @dataclass

@@ -15,27 +15,12 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from captions import load_caption_bank
 from retrieval import (Engine, frame_crops, load_frames, rank_faces, score_frames, search_text, similar_images,
                        similar_to_gallery_image)
 from utils import UserError, run_cli
 
-PAPER_SENTENCES = [
-    "An expression of calm and neutrality, with a neutral mouth and no particular indication of emotion. "
-    "The eyebrows are usually not raised or furrowed",
-    "An expression of contentment and pleasure, with a smile and the corners of the mouth turned up, often "
-    "accompanied by crinkling around the eyes. The face may appear relaxed and at ease",
-    "An expression of sadness and sorrow, with a downturned mouth or frown, and sometimes tears or a tightness "
-    "around the eyes. The face may appear physically withdrawn or resigned.",
-    "An expression of shock and astonishment, with wide-open eyes and raised eyebrows, sometimes accompanied by "
-    "a gasp or an open mouth",
-    "An expression of tension and withdrawal, with wide-open eyes, raised eyebrows, and a slightly open mouth. "
-    "The face may appear physically tense or frozen in fear",
-    "An expression of repulsion and displeasure, with a raised upper lip, a scrunched nose, and a downturned mouth",
-    "A facial expression showing irritation and unrest, with a wrinkled forehead, narrowed eyes, and tight lips "
-    "or a frown",
-    "An expression of disdain and superiority, with a slight smirk or sneer, often accompanied by a raised eyebrow "
-    "or a lopsided smile",
-]
+PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
 EXAMPLES = ["a wide smile", "An expression of disdain and superiority."] + PAPER_SENTENCES
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_VOCAB_BYTES = 256_000
@@ -286,7 +271,8 @@ def quickstart(checkpoint: str) -> None:
     """Train the offline preset on the bundled sample (images/ + captions.csv) into `checkpoint`."""
     import train
     print(f"{checkpoint} not found: training a model on the bundled sample (preset offline, a few minutes on CPU)")
-    train.main(["--preset", "offline", "--data", ".", "--final-path", checkpoint, "--out-dir", "runs/quickstart"])
+    root = Path(__file__).resolve().parent               # the bundled sample lives beside this file
+    train.main(["--preset", "offline", "--data", str(root), "--final-path", checkpoint, "--out-dir", "runs/quickstart"])
 
 
 def main(argv=None) -> int:

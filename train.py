@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 import metrics
 from config import Config, add_config_args, config_from_args, config_to_dict
-from dataset import Collate, PairDataset, build_vocabs, class_texts, read_table, split_table
+from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_table, split_table
 from distributed import cleanup, gather_for_loss, init_distributed
+from accum import accumulated_backward
 from loss import clip_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
@@ -93,8 +94,14 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
+        if cfg.compile:
+            self.model.image_encoder.compile()
+            self.model.text_encoder.compile()
         self.net = self.model   # what the training step calls: DDP-wrapped under torchrun
         if self.world > 1:
+            if cfg.accum_steps > 1:
+                raise UserError("--accum-steps > 1 is not supported under torchrun yet; raise --batch-size or "
+                                "the number of processes instead")
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.objective == "ce")
@@ -131,7 +138,7 @@ class Trainer:
         g = np.random.default_rng((cfg.seed, epoch))
         if cfg.sampler == "balanced":
             from samplers import BalancedBatchSampler
-            s = BalancedBatchSampler(labels, cfg.batch_size, seed=cfg.seed)
+            s = BalancedBatchSampler(labels, cfg.batch_size * cfg.accum_steps, seed=cfg.seed)
             s.set_epoch(epoch)
             return self.shard([list(b) for b in s])
         if cfg.sampler == "weighted":
@@ -139,8 +146,9 @@ class Trainer:
             order = np.fromiter(class_weighted_sampler(labels, seed=cfg.seed * 100_003 + epoch), int)
         else:
             order = g.permutation(n)
-        nb = max(1, n // cfg.batch_size)            # drop_last: contrastive batches should be full
-        batches = [order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist() for k in range(nb)]
+        bs = cfg.batch_size * cfg.accum_steps       # one optimizer step's pairs
+        nb = max(1, n // bs)                        # drop_last: contrastive batches should be full
+        batches = [order[k * bs:(k + 1) * bs].tolist() for k in range(nb)]
         return self.shard(batches)
 
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
@@ -152,11 +160,11 @@ class Trainer:
             raise UserError(f"{len(batches)} batches cannot feed {self.world} processes; lower --batch-size")
         return batches[self.rank::self.world][:per_rank]
 
-    def loader(self, ds, batches) -> torch.utils.data.DataLoader:
+    def loader(self, ds, batches, persistent: bool = False) -> torch.utils.data.DataLoader:
         cfg = self.cfg
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=self.collate,
                                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                           persistent_workers=False)
+                                           persistent_workers=persistent and cfg.num_workers > 0)
 
     # ------------------------------------------------------------------ steps
     def forward_loss(self, batch, net=None) -> torch.Tensor:
@@ -180,13 +188,18 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)   # dropout etc.: a function of the step (exact resume)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * get_lr(self.step, self.cfg, self.total_steps)
-        loss = self.forward_loss(batch)
         self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
+        backward = (lambda l: self.scaler.scale(l).backward()) if self.scaler is not None else (lambda l: l.backward())
+        if self.cfg.accum_steps > 1:
+            if self.channels_last:
+                batch = dict(batch, pixels=batch["pixels"].contiguous(memory_format=torch.channels_last))
+            loss = accumulated_backward(self.model, batch, self.cfg.accum_steps, self.autocast, backward,
+                                        self.device, self.cfg.objective)
         else:
-            loss.backward()
+            loss = self.forward_loss(batch)
+            backward(loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if self.scaler is not None:
@@ -199,10 +212,13 @@ class Trainer:
 
     def train_epoch(self) -> float:
         self.model.train()
-        self.train_ds.set_epoch(self.epoch)
-        batches = self.train_batches(self.epoch)[self.batch_in_epoch:]   # resume mid-epoch where we stopped
+        if not hasattr(self, "train_loader"):       # built once: its workers persist across epochs
+            self.epoch_batches = EpochBatches()
+            self.train_loader = self.loader(self.train_ds, self.epoch_batches, persistent=True)
+        # resume mid-epoch where we stopped
+        self.epoch_batches.set(self.epoch, self.train_batches(self.epoch)[self.batch_in_epoch:])
         losses = []
-        bar = tqdm(self.loader(self.train_ds, batches), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=None if self.main else True)
         for batch in bar:
             if batch is None:

@@ -99,3 +99,23 @@ def test_collate_tokenizes_each_distinct_caption_once(tmp_path):
     b = Collate(tok, 16)([(x, "smile", 0, 0), (x, "frown", 1, 1), (x, "smile", 0, 0), (x, "smile", 0, 0)])
     assert b["input_ids"].shape[0] == 2
     assert b["text_index"].tolist() == [0, 1, 0, 0]
+
+
+def test_epoch_travels_with_the_index_so_persistent_workers_see_it(tmp_path):
+    """Random paraphrases and augmentation depend on (seed, epoch, index) carried in the sampler's keys."""
+    from dataset import EpochBatches
+    rows = [dict(image=f"{i}.png", caption="c", label="happiness") for i in range(4)]
+    cfg = write_set(tmp_path, rows)
+    cfg.caption_sampling = "random"
+    bank = {"happiness": [f"paraphrase {k}" for k in range(12)]}
+    df = read_table(cfg)
+    caps, labels = build_vocabs(df, bank)
+    ds = PairDataset(df, cfg, True, caps, labels, bank)
+    sampler = EpochBatches()
+    seen = []
+    for epoch in range(4):
+        sampler.set(epoch, [[0, 1]])
+        (batch,) = list(sampler)
+        assert batch == [(epoch, 0), (epoch, 1)]
+        seen.append(ds[batch[0]][1])
+    assert len(set(seen)) > 1 and ds[(2, 0)][1] == seen[2]        # varies by epoch, reproducible
