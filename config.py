@@ -25,37 +25,37 @@ class Config:
     text_layers: int = 0                      # >0: override the number of transformer layers (tiny test models)
     text_width: int = 0                       # >0: override the hidden size (random-init only)
     text_pooling: str = "cls"                 # cls | mean
-    embed_dim: int = 256
-    proj_dropout: float = 0.1
-    image_size: int = 224
+    embed_dim: int = 256                      # shared embedding size of both projection heads
+    proj_dropout: float = 0.1                 # dropout inside the projection heads
+    image_size: int = 224                     # square input size in pixels
     grayscale: bool = True                    # faces are converted to gray then 3 channels (FER domain)
     max_length: int = 64                      # text tokens
     logit_scale_init: float = 14.285714       # 1 / 0.07; clamped at 100 in the model
     objective: str = "clip"                   # clip (contrastive) | ce (plain classifier baseline on the same towers)
     freeze_text: bool = False                 # keep the pretrained text geometry (projection still trains)
-    freeze_image: bool = False
+    freeze_image: bool = False                # keep the image tower fixed (only its projection head trains)
     # --- data ---
     data: str = "."                           # folder holding captions.csv (image paths relative to `images`)
-    captions: str = "captions.csv"
-    images: str = "images"
+    captions: str = "captions.csv"            # the pairs file inside --data (image,caption[,label,split])
+    images: str = "images"                    # image folder inside --data that `image` paths are relative to
     val_fraction: float = 0.1                 # carved out (stratified by label) when captions.csv has no split
     positives: str = "caption"                # caption | label: which pairs count as positives in the loss
     caption_bank: str = ""                    # "" = captions.csv's own captions; paper | rich | PATH (label,caption)
     caption_sampling: str = "first"           # first | random: which bank sentence an image gets each epoch
     sampler: str = "none"                     # none | balanced (label-balanced batches) | weighted (1/class count)
     exclude_classes: str = ""                 # comma list of labels left out of training (unseen-class protocol)
-    augment: bool = True
-    num_workers: int = 0
+    augment: bool = True                      # train-time flip, small affine, brightness/contrast (albumentations)
+    num_workers: int = 0                      # DataLoader worker processes (persistent across epochs)
     # --- training ---
-    epochs: int = 50
-    batch_size: int = 16
-    lr_image: float = 1e-4
-    lr_text: float = 1e-5
+    epochs: int = 50                          # passes over the training split
+    batch_size: int = 16                      # pairs per step (per process under torchrun)
+    lr_image: float = 1e-4                    # AdamW learning rate of the image tower
+    lr_text: float = 1e-5                     # AdamW learning rate of the text tower
     lr_head: float = 1e-3                     # projection heads and temperature
     weight_decay: float = 0.01                # never applied to 1-D params (norms, biases, logit_scale)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 100                   # linear warmup, then cosine decay (train.get_lr)
+    min_lr_ratio: float = 0.0                 # cosine floor as a fraction of each group's LR
+    grad_clip: float = 1.0                    # max global gradient norm (0 = off)
     accum_steps: int = 1                      # >1: each optimizer step sees accum_steps x batch_size pairs, all
                                               # contrasted with each other (GradCache-style, see accum.py)
     compile: bool = False                     # torch.compile both towers
@@ -63,12 +63,12 @@ class Config:
                                               # where it has native bf16 (AMX/AVX512-BF16), else fp32)
     channels_last: bool = True                # NHWC memory format (faster for most CNNs on GPU and CPU)
     device: str = "auto"                      # auto = cuda, then mps, then cpu
-    seed: int = 0
-    out_dir: str = "runs/exp"
+    seed: int = 0                             # data order, augmentation, dropout and init
+    out_dir: str = "runs/exp"                 # last.pth, best.pth, metrics.csv, curves.png
     resume: str = ""                          # path to a last.pth to continue exactly
     max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
     final_path: str = "model_final.pth"       # best epoch is copied here
-    log_every: int = 10
+    log_every: int = 10                       # progress-bar loss refresh, in steps
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,13 +107,32 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def field_comments() -> dict[str, str]:
+    """Each field's trailing `# comment` in the Config source (continuation lines joined): the flags' help text."""
+    import inspect
+    import re
+    out, last = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.*)", line)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2).strip()
+        elif last and re.match(r"\s+#\s*(.*)", line) and not line.strip().startswith("# ---"):
+            out[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return out
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """One --flag per Config field (underscores -> dashes), plus --preset and --config."""
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named settings applied before --config and flags")
     parser.add_argument("--config", help="YAML or JSON file of config fields")
+    helps = field_comments()
     for f in fields(Config):
         t = _type_of(f)
-        kw = dict(default=None, help=f"(default: {f.default})", dest=f.name)
+        text = helps.get(f.name, "").replace("%", "%%")
+        kw = dict(default=None, help=f"{text} (default: {f.default!r})".strip(), dest=f.name)
         if t is bool:
             parser.add_argument("--" + f.name.replace("_", "-"), type=_parse_bool, nargs="?", const=True,
                                 metavar="BOOL", **kw)

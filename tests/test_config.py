@@ -63,3 +63,10 @@ def test_checkpoint_dict_round_trip_ignores_unknown_keys():
     c = make_config(dict(epochs=3), preset="tiny")
     d = config_to_dict(c) | {"from_the_future": 1}
     assert config_from_dict(d) == c
+
+
+def test_every_flag_has_help_text():
+    from config import field_comments
+    helps = field_comments()
+    assert {f.name for f in dataclasses.fields(Config)} <= set(helps)
+    assert "bf16" in helps["amp"] and "GradCache" in helps["accum_steps"]     # continuation lines are joined
