@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from utils import UserError
+from utils import UserError, read_csv_checked
 
 # the source paper's 8 classes, in the paper's label order
 CANONICAL = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt")
@@ -43,15 +43,7 @@ def load_caption_bank(name_or_path: str = "paper") -> dict[str, list[str]]:
     path = BANK_DIR / f"{name_or_path}.csv" if name_or_path in SHIPPED_BANKS else Path(name_or_path)
     if not path.is_file():
         raise UserError(f"caption bank {name_or_path!r}: no such file; use paper, rich or a CSV with columns label,caption")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable caption bank CSV ({type(e).__name__}); it needs columns label,caption")
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in ("label", "caption") if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}); "
-                        "a caption bank needs columns label,caption")
+    df = read_csv_checked(path, ("label", "caption"), hint="a caption bank needs columns label,caption")
     bank: dict[str, list[str]] = {}
     for row, (label, caption) in enumerate(zip(df["label"], df["caption"]), start=2):
         if not label.strip() or not caption.strip():

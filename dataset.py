@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Config
-from utils import UserError
+from utils import UserError, read_csv_checked
 
 REQUIRED = ("image", "caption")
 
@@ -33,14 +33,7 @@ def read_table(cfg: Config) -> pd.DataFrame:
     path = Path(cfg.data) / cfg.captions
     if not path.is_file():
         raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python sample.py`)")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable CSV ({type(e).__name__})")
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing required column(s) {', '.join(missing)} "
-                        f"(found: {', '.join(df.columns) or 'none'}); expected image,caption[,label,split]")
+    df = read_csv_checked(path, REQUIRED, hint="expected image,caption[,label,split]")
     df = df[(df["image"] != "") & (df["caption"] != "")].copy()
     df["path"] = [str(resolve_image(cfg, p)) for p in df["image"]]
     exists = np.array([Path(p).is_file() for p in df["path"]], dtype=bool)

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from captions import CANONICAL, SYNONYMS, caption_for, clean_name, load_caption_bank
-from utils import UserError, run_cli
+from utils import UserError, read_csv_checked, run_cli
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -46,18 +46,7 @@ class Skip(Exception):
 
 def read_table(path: Path, required) -> pd.DataFrame:
     """CSV as strings; a UserError naming the file and any missing column."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns) or 'none'}); "
-                        "is --format right?")
-    return df
+    return read_csv_checked(path, required, hint="is --format right?")
 
 
 def safe_join(root: Path, rel: str) -> Path | None:

@@ -87,3 +87,20 @@ def file_digest(path: str | os.PathLike, n: int = 16) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:n]
+
+
+def read_csv_checked(path, required, hint: str = ""):
+    """A CSV as strings (no NaN), columns stripped; one-line UserErrors naming the file and any missing column."""
+    import pandas as pd
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file{'; ' + hint if hint else ''}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing required column(s) {', '.join(missing)} "
+                        f"(found: {', '.join(df.columns) or 'none'}){'; ' + hint if hint else ''}")
+    return df

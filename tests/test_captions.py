@@ -45,7 +45,7 @@ def test_user_bank_csv_synonyms_and_errors(tmp_path):
     assert load_caption_bank(str(tmp_path / "mine.csv")) == {"happiness": ["a smile", "a grin"],
                                                             "pain": ["a grimace of pain"]}
     pd.DataFrame({"class": ["happy"], "text": ["a smile"]}).to_csv(tmp_path / "bad.csv", index=False)
-    with pytest.raises(UserError, match=r"bad\.csv: missing column\(s\) label, caption"):
+    with pytest.raises(UserError, match=r"bad\.csv: missing required column\(s\) label, caption"):
         load_caption_bank(str(tmp_path / "bad.csv"))
     pd.DataFrame({"label": ["happy", "sad"], "caption": ["a smile", " "]}).to_csv(tmp_path / "gap.csv", index=False)
     with pytest.raises(UserError, match="line 3"):

@@ -77,7 +77,7 @@ def test_fer2013_csv_bad_rows_counted_and_missing_column(tmp_path):
     assert len(table) == 8 and set(table["split"]) == {""}
     assert table.attrs["report"]["skipped"] == {"bad pixels (not 2304 ints in 0..255)": 1, "emotion not in 0..6": 1}
     df.drop(columns="pixels").to_csv(tmp_path / "g.csv", index=False)
-    with pytest.raises(UserError, match=r"g\.csv: missing column\(s\) pixels"):
+    with pytest.raises(UserError, match=r"g\.csv: missing required column\(s\) pixels"):
         P.convert(tmp_path / "g.csv", "fer2013-csv", tmp_path / "out2")
 
 
@@ -164,7 +164,7 @@ def test_merge_appends_without_duplicates(tmp_path):
     assert sorted(both["label"]) == ["fear", "happiness", "sadness"]
     (tmp_path / "other").mkdir()
     pd.DataFrame({"file": ["x.png"], "text": ["a face"]}).to_csv(tmp_path / "other" / "captions.csv", index=False)
-    with pytest.raises(UserError, match=r"captions\.csv: missing column\(s\) image, caption"):
+    with pytest.raises(UserError, match=r"captions\.csv: missing required column\(s\) image, caption"):
         P.convert(tmp_path / "b", "folder", tmp_path / "other", copy=True)
     assert not (tmp_path / "other" / "images").exists()  # refused before any image was written
 
@@ -239,7 +239,7 @@ def test_affectnet_csv_release_crops_face_box(tmp_path):
     assert table.attrs["report"]["skipped"] == {"duplicate (same file listed twice; first kept)": 1,
                                                 "expression not 0..7 (none/uncertain/no face)": 1,
                                                 "path outside the dataset root": 1, "missing image": 1}
-    with pytest.raises(UserError, match="missing column"):
+    with pytest.raises(UserError, match="missing required column"):
         pd.DataFrame(rows, columns=cols).drop(columns="face_x").to_csv(tmp_path / "bad.csv", index=False)
         P.convert(tmp_path / "bad.csv", "affectnet", tmp_path / "out2")
 
