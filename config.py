@@ -68,6 +68,7 @@ class Config:
     resume: str = ""                          # path to a last.pth to continue exactly
     max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
     final_path: str = "model_final.pth"       # best epoch is copied here
+    select_by: str = "val_top1"               # val_top1 | val_p10 | val_loss: what "best epoch" means
     log_every: int = 10                       # progress-bar loss refresh, in steps
 
 
@@ -92,7 +93,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = dict(text_pooling=("cls", "mean"), positives=("caption", "label"),
                                            amp=("auto", "bf16", "fp16", "off"), objective=("clip", "ce"),
                                            caption_sampling=("first", "random"),
-                                           sampler=("none", "balanced", "weighted"))
+                                           sampler=("none", "balanced", "weighted"),
+                                           select_by=("val_top1", "val_p10", "val_loss"))
 
 
 def _type_of(f: dataclasses.Field) -> type:

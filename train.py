@@ -309,7 +309,8 @@ class Trainer:
         if not self.main:
             return
         self.history.append(row)
-        score = row["val_p10"] if not math.isnan(row["val_p10"]) else -row["val_loss"]
+        score = -row["val_loss"] if self.cfg.select_by == "val_loss" else row[self.cfg.select_by]
+        score = -row["val_loss"] if math.isnan(score) else score     # unlabelled data: fall back to the loss
         if score > self.best:
             self.best = score
             save_checkpoint(self.out / "best.pth", self.model, epoch=row["epoch"], metrics=row)

@@ -66,7 +66,7 @@ def test_training_writes_metrics_curves_and_checkpoints(trained):
     assert (out / "curves.png").stat().st_size > 1000
     ck = torch.load(final, weights_only=True)
     assert "trainer" not in ck                                  # model_final.pth holds weights + config only
-    assert ck["metrics"]["val_p10"] == pytest.approx(m["val_p10"].max())
+    assert ck["metrics"]["val_top1"] == pytest.approx(m["val_top1"].max())     # best epoch = best val top-1
 
 
 def test_ctrl_c_saves_and_resume_continues_exactly(sample_dir, tmp_path, monkeypatch):
