@@ -28,10 +28,10 @@ def test_search_equals_brute_force_cosine_ranking(engine, sample_dir):
     paths = list_images(sample_dir / "images")
     with torch.no_grad():
         img = engine.model.encode_image(torch.stack([load_image_tensor(p, engine.cfg) for p in paths])).numpy()
-    cos = img @ engine.embed_text([HAPPY])[0]
-    order = np.argsort(-cos)[:10]
-    assert [p.name for p, _ in hits] == [paths[i].name for i in order]
-    assert np.allclose([s for _, s in hits], cos[order], atol=2e-3)     # float16 storage
+    cos = dict(zip([p.name for p in paths], img @ engine.embed_text([HAPPY])[0]))
+    true = np.array([cos[p.name] for p, _ in hits])                      # exact cosines of the returned images
+    assert np.allclose([s for _, s in hits], true, atol=2e-3)            # float16 storage: near-ties may swap
+    assert true.min() >= sorted(cos.values())[-10] - 2e-3                # and they are the 10 best
 
 
 def test_known_model_ranks_the_described_class_first(engine):
