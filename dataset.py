@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Config
+from faces import to_rgb
 from utils import UserError, read_csv_checked
 
 REQUIRED = ("image", "caption")
@@ -120,11 +121,8 @@ def open_image(path, grayscale: bool) -> np.ndarray:
     """HxWx3 uint8; gray faces become 3 identical channels. Raises BadImage for anything undecodable."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16-bit PNG/TIFF -> 8-bit
-                im = Image.fromarray((np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
-            im = im.convert("L").convert("RGB") if grayscale else im.convert("RGB")
-            return np.asarray(im)
+            im = to_rgb(ImageOps.exif_transpose(im))        # 16-bit, CMYK, palette, alpha -> 8-bit RGB
+            return np.asarray(im.convert("L").convert("RGB") if grayscale else im)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{path}: {type(e).__name__}")
 

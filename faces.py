@@ -162,7 +162,7 @@ def draw_boxes(image: Image.Image, boxes: list[Box], color: str = "#00e000") -> 
     return out
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any mode: 16-bit/float scaled to 8 bits, transparency flattened onto white, CMYK/P converted."""
     if im.mode in ("I", "F") or im.mode.startswith("I;"):
         a = np.asarray(im, dtype=np.float64)
@@ -185,7 +185,7 @@ def safe_open_image(src, max_pixels: int = 40_000_000) -> Image.Image:
         name, im = "image", src
         if im.width * im.height > max_pixels:
             raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; resize it first")
-        return _to_rgb(ImageOps.exif_transpose(im))
+        return to_rgb(ImageOps.exif_transpose(im))
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, fp = "image data", io.BytesIO(bytes(src))
     elif hasattr(src, "read"):                                        # an open file / upload stream
@@ -206,7 +206,7 @@ def safe_open_image(src, max_pixels: int = 40_000_000) -> Image.Image:
                     im = ImageOps.exif_transpose(im)
                 except Exception:                                     # broken EXIF: keep the pixels as stored
                     pass
-                return _to_rgb(im).copy()
+                return to_rgb(im).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{name}: refused as a possible decompression bomb ({e}); resize it first") from None
     except UnidentifiedImageError:

@@ -7,7 +7,6 @@ same parameters. Deterministic from --seed. Regenerate with:  python sample.py -
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from config import Config, add_config_args, config_from_args, config_to_dict
+from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_table, split_table
 from distributed import cleanup, gather_for_loss, init_distributed
 from accum import accumulated_backward

@@ -90,8 +90,8 @@ def run(name: str, a, data: Path, work: Path) -> dict:
 def table(results: list[dict], a, data: Path) -> str:
     """BENCHMARKS.md: configuration, wall time, throughput, top-1/top-5/UAR, per-class recall, unseen class."""
     lines = ["# Benchmarks: FER-2013", "",
-             f"Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
-             f"`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
+             "Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
+             "`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
              f"Command: `python bench/fer2013.py --epochs {a.epochs} --image-size {a.image_size}`. "
              f"Config: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), {a.image_size} px, "
              f"batch {a.batch_size}, {a.epochs} epochs, `--sampler {a.sampler}`, caption bank `{a.bank}` "

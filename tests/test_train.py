@@ -1,5 +1,4 @@
 """train.py end to end on the bundled-style sample: learning, outputs, schedule, resume, bad input."""
-import math
 
 import numpy as np
 import pandas as pd
