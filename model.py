@@ -80,7 +80,7 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
 
 def _hub_hint(tower: str, name: str, err: Exception) -> str:
     flag = "--image-weights PATH (.pth/.safetensors) or --image-weights none" if tower == "image" else \
-        "--text-model FOLDER (a saved transformers model) or --text-weights none"
+        "--text-model FOLDER (a saved transformers model, or pkg:all-minilm-l6-v2)"
     return (f"could not get pretrained {tower} weights for {name!r} ({type(err).__name__}; no network?): "
             f"pass {flag}, or use --preset offline")
 
