@@ -94,6 +94,8 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
+        self.epoch_batches = EpochBatches()          # one loader for the run: its workers persist across epochs
+        self.train_loader = self.loader(self.train_ds, self.epoch_batches, persistent=True)
         if cfg.compile:
             self.model.image_encoder.compile()
             self.model.text_encoder.compile()
@@ -212,9 +214,6 @@ class Trainer:
 
     def train_epoch(self) -> float:
         self.model.train()
-        if not hasattr(self, "train_loader"):       # built once: its workers persist across epochs
-            self.epoch_batches = EpochBatches()
-            self.train_loader = self.loader(self.train_ds, self.epoch_batches, persistent=True)
         # resume mid-epoch where we stopped
         self.epoch_batches.set(self.epoch, self.train_batches(self.epoch)[self.batch_in_epoch:])
         losses = []
