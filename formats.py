@@ -1,0 +1,237 @@
+"""Dataset readers for prepare.py: each read_<format>(source, image_root) -> (rows, skipped Counter).
+
+Formats: fer2013-csv (the Kaggle pixels CSV), folder (SPLIT/CLASS/* or CLASS/*), ferplus (FER+ label votes), affectnet
+(folder release or the CSV release with face boxes), rafdb (basic: list_patition_label.txt). Rows name the source
+image (or carry its pixels), the dataset's own label, the split, and optionally a face box and soft labels; prepare.py
+harmonises labels, writes images and captions.csv.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from utils import UserError, read_csv_checked
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+AFFECTNET_NAMES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+AFFECTNET_CSV_COLS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
+RAFDB_NAMES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")  # labels 1..7
+FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown", "NF")
+FERPLUS_DIRS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
+USAGE_SPLITS = {"training": "train", "publictest": "val", "privatetest": "test"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+
+
+class Skip(Exception):
+    """An item that cannot be used; the message is the reason counted in the report."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def read_table(path: Path, required) -> pd.DataFrame:
+    """CSV as strings; a UserError naming the file and any missing column."""
+    return read_csv_checked(path, required, hint="is --format right?")
+
+
+def safe_join(root: Path, rel: str) -> Path | None:
+    """root/rel, or None when rel is absolute or climbs out of root (`../../etc/passwd`)."""
+    rel = str(rel).strip().replace("\\", "/")
+    if not rel or os.path.isabs(rel):
+        return None
+    path = Path(os.path.normpath(root / rel))
+    return path if path.is_relative_to(root) and path != root else None
+
+
+def first_existing(paths) -> Path | None:
+    return next((p for p in paths if p.exists()), None)
+
+
+def posix_rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def collect(items, row_fn, skipped: Counter, columns) -> pd.DataFrame:
+    """Apply row_fn to each item; rows that raise Skip are counted under their reason."""
+    rows = []
+    for item in items:
+        try:
+            rows.append(row_fn(*item))
+        except Skip as e:
+            skipped[str(e)] += 1
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------- readers
+# Each read_<format>(source, image_root) -> (rows, skipped). rows: src (image file, '' for pixels), name (path under
+# DIR/images/<prefix>/ if written), label (the dataset's own name), split, and optionally pixels, box, soft_labels.
+
+def read_fer2013_csv(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
+    """Kaggle fer2013.csv: emotion 0..6, pixels (2304 ints), optional Usage -> train/val/test."""
+    df = read_table(source, ["emotion", "pixels"])
+    emotion = pd.to_numeric(df["emotion"], errors="coerce")
+    ok = emotion.isin(range(7))
+    usage = df["Usage"].str.strip().str.lower() if "Usage" in df else pd.Series("", index=df.index)
+    split = usage.map(USAGE_SPLITS).fillna(usage)
+    rows = pd.DataFrame({"src": "", "name": [f"{s or 'all'}/fer{i:05d}.png" for i, s in zip(df.index, split)],
+                         "label": emotion.map(dict(enumerate(FER2013_NAMES))), "split": split, "pixels": df["pixels"]})
+    return rows[ok].reset_index(drop=True), Counter({"emotion not in 0..6": int((~ok).sum())})
+
+
+def read_folder(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
+    """SPLIT/CLASS/*.png|jpg (split folders train/val/test) or flat CLASS/*.png; class = folder name."""
+    if not source.is_dir():
+        raise UserError(f"{source}: not a folder; --format folder wants SPLIT/CLASS/*.png or CLASS/*.png")
+    subdirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_split = bool(subdirs) and all(d.name.lower() in SPLIT_NAMES for d in subdirs)
+    groups = [(SPLIT_NAMES[d.name.lower()], d) for d in subdirs] if by_split else [("", source)]
+    records, skipped = [], Counter()
+    for split, top in groups:
+        for entry in sorted(os.scandir(top), key=lambda e: e.name):
+            is_image = Path(entry.name).suffix.lower() in IMAGE_EXTS
+            if entry.is_dir() and not entry.name.startswith("."):
+                files = sorted(f.path for f in os.scandir(entry.path)
+                               if f.is_file() and Path(f.name).suffix.lower() in IMAGE_EXTS)
+                records += [(p, posix_rel(p, source), entry.name, split) for p in files]
+            elif is_image:
+                skipped["image not inside a class folder"] += 1
+    if not records:
+        raise UserError(f"{source}: no images found; --format folder wants SPLIT/CLASS/*.png or CLASS/*.png")
+    return pd.DataFrame(records, columns=["src", "name", "label", "split"]), skipped
+
+
+def read_ferplus(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
+    """FER+ fer2013new.csv (vote counts) + FER2013Train/Valid/Test image folders -> majority label, soft votes."""
+    csv = source / "fer2013new.csv" if source.is_dir() else source
+    df = read_table(csv, ["Usage", "Image name", *FERPLUS_VOTES])
+    root = Path(image_root) if image_root else next(
+        (p for p in (csv.parent, csv.parent / "data") if any((p / d).is_dir() for d in FERPLUS_DIRS.values())), None)
+    if root is None:
+        raise UserError(f"{csv}: no FER2013Train/FER2013Valid/FER2013Test folders next to it; make them with FER+'s "
+                        "generate_training_data.py or pass --image-root")
+    votes = df[list(FERPLUS_VOTES)].apply(pd.to_numeric, errors="coerce").to_numpy(float)  # [N, 10]
+
+    def row(usage: str, name: str, v: np.ndarray):
+        split = USAGE_SPLITS.get(usage.strip().lower())
+        if not name.strip():
+            raise Skip("no image name")
+        if split is None:
+            raise Skip("Usage not Training/PublicTest/PrivateTest")
+        if np.isnan(v).any() or (v < 0).any() or v.sum() <= 0:
+            raise Skip("bad vote counts")
+        top = FERPLUS_VOTES[int(v.argmax())]  # ties: first column wins
+        if top in ("unknown", "NF"):
+            raise Skip("majority vote unknown/NF")
+        path = safe_join(root / FERPLUS_DIRS[split], name)
+        if path is None:
+            raise Skip("path outside the dataset root")
+        if not path.is_file():
+            raise Skip("missing image")
+        soft = {k: round(float(x) / v[:8].sum(), 4) for k, x in zip(FERPLUS_VOTES[:8], v[:8])}
+        return str(path), posix_rel(path, root), top, split, json.dumps(soft, separators=(",", ":"))
+
+    skipped = Counter()
+    rows = collect(zip(df["Usage"], df["Image name"], votes), row, skipped,
+                   ["src", "name", "label", "split", "soft_labels"])
+    return rows, skipped
+
+
+def _affectnet_folder(set_dirs: list[Path], skipped: Counter) -> pd.DataFrame:
+    """train_set/images/N.jpg + train_set/annotations/N_exp.npy (0..7; 8+ dropped)."""
+    def row(img: Path, split: str, base: Path):
+        ann = img.parent.parent / "annotations" / f"{img.stem}_exp.npy"
+        if not ann.is_file():
+            raise Skip("missing annotation")
+        try:
+            exp = int(float(np.load(ann, allow_pickle=False).reshape(-1)[0]))
+        except (ValueError, OSError, IndexError):
+            raise Skip("unreadable annotation")
+        if not 0 <= exp < len(AFFECTNET_NAMES):
+            raise Skip("expression not 0..7 (none/uncertain/no face)")
+        return str(img), posix_rel(img, base), AFFECTNET_NAMES[exp], split
+
+    items = [(img, SPLIT_NAMES.get(d.name.lower().removesuffix("_set"), ""), d.parent)
+             for d in set_dirs for img in sorted((d / "images").iterdir()) if img.suffix.lower() in IMAGE_EXTS]
+    return collect(items, row, skipped, ["src", "name", "label", "split"])
+
+
+def _affectnet_csv(csvs: list[Path], image_root, skipped: Counter) -> pd.DataFrame:
+    """training.csv/validation.csv (subDirectory_filePath, face box, expression) + Manually_Annotated_Images/."""
+    def row(rel: str, x: str, y: str, w: str, h: str, exp: str, root: Path, split: str):
+        try:
+            exp_i, box = int(float(exp)), tuple(int(float(v)) for v in (x, y, w, h))
+        except ValueError:
+            raise Skip("bad expression or face box value")
+        if not 0 <= exp_i < len(AFFECTNET_NAMES):
+            raise Skip("expression not 0..7 (none/uncertain/no face)")
+        path = safe_join(root, rel)
+        if path is None:
+            raise Skip("path outside the dataset root")
+        if not path.is_file():
+            raise Skip("missing image")
+        return str(path), posix_rel(path, root), AFFECTNET_NAMES[exp_i], split, box
+
+    frames = []
+    for csv in csvs:
+        df = read_table(csv, AFFECTNET_CSV_COLS)
+        root = Path(image_root) if image_root else first_existing(
+            [csv.parent / "Manually_Annotated_Images", csv.parent.parent / "Manually_Annotated_Images"])
+        split = {"training": "train", "validation": "val"}.get(csv.stem.lower(), "")
+        items = zip(*(df[c] for c in AFFECTNET_CSV_COLS), [root or csv.parent] * len(df), [split] * len(df))
+        frames.append(collect(items, row, skipped, ["src", "name", "label", "split", "box"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_affectnet(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
+    """AffectNet folder release (train_set/, val_set/) or CSV release (a training.csv/validation.csv, or their folder)."""
+    skipped = Counter()
+    if source.is_file():
+        return _affectnet_csv([source], image_root, skipped), skipped
+    sets = [d for d in (source / "train_set", source / "val_set") if (d / "images").is_dir()]
+    sets = sets or ([source] if (source / "images").is_dir() else [])
+    if sets:
+        return _affectnet_folder(sets, skipped), skipped
+    csvs = [p for d in (source, source / "Manually_Annotated_file_lists")
+            for p in (d / "training.csv", d / "validation.csv") if p.is_file()]
+    if not csvs:
+        raise UserError(f"{source}: no AffectNet train_set/images, val_set/images, training.csv or validation.csv found")
+    return _affectnet_csv(csvs, image_root, skipped), skipped
+
+
+def read_rafdb(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
+    """RAF-DB basic: EmoLabel/list_patition_label.txt (`train_00001.jpg 5`) + Image/aligned/*_aligned.jpg."""
+    names = ("list_patition_label.txt", "list_partition_label.txt")
+    lst = source if source.is_file() else first_existing(source / sub / n for sub in ("EmoLabel", ".") for n in names)
+    if lst is None:
+        raise UserError(f"{source}: no EmoLabel/list_patition_label.txt; point SOURCE at RAF-DB's basic/ folder")
+    base = lst.parent.parent if lst.parent.name == "EmoLabel" else lst.parent
+    dirs = [Path(image_root)] if image_root else [base / "Image" / "aligned", base / "aligned",
+                                                  base / "Image" / "original", base / "original"]
+
+    def row(line: str):
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(RAFDB_NAMES):
+            raise Skip("malformed line or label not 1..7")
+        stem, ext = os.path.splitext(parts[0])
+        found = [(d, safe_join(d, n)) for d in dirs for n in (f"{stem}_aligned{ext}", parts[0])]
+        if any(p is None for _, p in found):
+            raise Skip("path outside the dataset root")
+        d, path = next(((d, p) for d, p in found if p.is_file()), (None, None))
+        if path is None:
+            raise Skip("missing image")
+        split = SPLIT_NAMES.get(parts[0].split("_")[0].lower(), "")
+        return str(path), posix_rel(path, d.parent), RAFDB_NAMES[int(parts[1]) - 1], split
+
+    skipped = Counter()
+    lines = [(ln,) for ln in lst.read_text(errors="replace").splitlines() if ln.strip()]
+    return collect(lines, row, skipped, ["src", "name", "label", "split"]), skipped
+
+
+READERS = {"fer2013-csv": read_fer2013_csv, "folder": read_folder, "ferplus": read_ferplus,
+           "affectnet": read_affectnet, "rafdb": read_rafdb}
