@@ -8,12 +8,15 @@ A plain loop over micro-batches would contrast each image only with its own micr
 The sum of these backward passes is the gradient of the full-batch loss; the temperature gets its gradient once.
 RNG states are replayed so dropout masks match between the cached and the gradient pass. BatchNorm still sees
 micro-batch statistics, as with any accumulation.
+Under torchrun the cached embeddings of every rank are gathered (no gradients), each rank splices only its own rows
+in, and distributed.sync_grads then all-reduces: the gradient of one process on the whole global accumulated batch.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from distributed import gather_cached
 from loss import clip_loss
 
 
@@ -55,17 +58,18 @@ def accumulated_backward(model, batch: dict, k: int, autocast, backward, device:
         for s in parts:
             states.append(_rng_state(device))
             cached.append(model.encode_image(pixels[s].to(device)).float())
-        txt_cached = model.encode_tokens(ids, mask).float()[index]        # [B, D]
-    img_all = torch.cat(cached)                                           # [B, D]
+        txt_cached = model.encode_tokens(ids, mask).float()[index]        # [b, D]
+    img_all, txt_all, groups, off = gather_cached(torch.cat(cached), txt_cached, groups)   # [B, D] x2, [B]
     scale = model.scale()
     for s, state in zip(parts, states):
         _set_rng_state(state, device)
         with autocast():
-            img_k = model.encode_image(pixels[s].to(device)).float()      # [b, D], with gradients
-        img = torch.cat([img_all[:s.start], img_k, img_all[s.stop:]])
-        backward(clip_loss(img, txt_cached, scale.detach().float(), groups))
+            img_k = model.encode_image(pixels[s].to(device)).float()      # [m, D], with gradients
+        img = torch.cat([img_all[:off + s.start], img_k, img_all[off + s.stop:]])
+        backward(clip_loss(img, txt_all, scale.detach().float(), groups))
     with autocast():
-        txt = model.encode_tokens(ids, mask).float()[index]              # text tower + temperature
+        txt = model.encode_tokens(ids, mask).float()[index]              # [b, D]: text tower + temperature
+    txt = torch.cat([txt_all[:off], txt, txt_all[off + len(pixels):]])
     loss = clip_loss(img_all, txt, scale.float(), groups)
     backward(loss)
     return loss.detach()

@@ -73,6 +73,14 @@ def _gather_rows(x: torch.Tensor, sizes: list[int], differentiable: bool) -> tor
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+def _sizes(x: torch.Tensor) -> list[int]:
+    """Rows of x on every rank, in rank order."""
+    b = torch.tensor([x.shape[0]], device=x.device)
+    sizes_t = [torch.empty_like(b) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes_t, b)
+    return [int(s) for s in sizes_t]
+
+
 def gather_for_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Local [b, D] embeddings and [b] group ids -> the global batch [B, D], [B, D], [B] (rank order).
@@ -85,13 +93,39 @@ def gather_for_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: tor
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return image_emb, text_emb, groups
-    b = torch.tensor([image_emb.shape[0]], device=image_emb.device)
-    sizes_t = [torch.empty_like(b) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes_t, b)
-    sizes = [int(s) for s in sizes_t]
+    sizes = _sizes(image_emb)
     if groups is None:  # distinct pairs: offset local indices by the rows of lower ranks
         groups = torch.arange(image_emb.shape[0], device=image_emb.device) + sum(sizes[:dist.get_rank()])
     all_img = _gather_rows(image_emb, sizes, differentiable=True)   # [B, D]
     all_txt = _gather_rows(text_emb, sizes, differentiable=True)    # [B, D]
     all_groups = _gather_rows(groups, sizes, differentiable=False)  # [B]
     return all_img, all_txt, all_groups
+
+
+def gather_cached(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """No-grad gather for accum.py: the global [B, D], [B, D], [B] and the row where this rank's rows start."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return image_emb, text_emb, groups, 0
+    sizes = _sizes(image_emb)
+    return (_gather_rows(image_emb, sizes, False), _gather_rows(text_emb, sizes, False),
+            _gather_rows(groups, sizes, False), sum(sizes[:dist.get_rank()]))
+
+
+def sync_grads(model: torch.nn.Module, objective: str = "clip") -> None:
+    """All-reduce gradients after accum.accumulated_backward under torchrun (it bypasses DDP's hooks).
+
+    clip: every rank's backward passes took the gradient of the same global loss through its own rows only, so the
+    SUM over ranks is the full gradient -- except logit_scale, whose gradient every rank took whole: averaged.
+    ce: each rank's loss is the mean over its own rows, so everything is averaged, as DDP does.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for _, p in named])         # one collective, not one per tensor
+    dist.all_reduce(flat)
+    world, i = dist.get_world_size(), 0
+    for n, p in named:
+        g = flat[i:i + p.numel()].view_as(p.grad)
+        p.grad.copy_(g / world if objective == "ce" or n == "logit_scale" else g)
+        i += p.numel()

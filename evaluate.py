@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 import metrics
 from captions import CANONICAL, canonical_name, load_caption_bank
@@ -52,7 +53,7 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
             raise UserError(f"{folder / name}: no labels; classification needs a `label` column (a class name per "
                             "image, e.g. happiness)")
     elif p.is_dir():
-        from prepare import read_folder
+        from formats import read_folder
         df, folder_skips = read_folder(Path(os.path.abspath(p)))
         df = df.rename(columns={"src": "path"})
         skipped = {"image not inside a class folder": folder_skips.get("image not inside a class folder", 0)}
@@ -97,8 +98,10 @@ def autocast_for(model, cfg, device: torch.device, amp: str | None):
 
 
 @torch.inference_mode()
-def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, autocast=nullcontext):
-    """-> (float32 [N,D] unit vectors, bool [N] decoded). Batches stream; the next one loads while one encodes."""
+def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, autocast=nullcontext,
+                 tta: bool = False):
+    """-> (float32 [N,D] unit vectors, bool [N] decoded). Batches stream; the next one loads while one encodes.
+    tta: each face and its mirror image are encoded and their embeddings averaged (test-time augmentation)."""
     transform = build_transform(cfg, train=False)
 
     def load(path):
@@ -118,8 +121,12 @@ def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, aut
             good = [t for t in tensors if t is not None]
             ok += [t is not None for t in tensors]
             if good:
+                x = torch.stack(good).to(device)                                    # [b,3,H,W]
                 with autocast():
-                    embs.append(model.encode_image(torch.stack(good).to(device)).float().cpu())   # [b,D]
+                    e = model.encode_image(x).float()                               # [b,D]
+                    if tta:
+                        e = F.normalize(e + model.encode_image(x.flip(3)).float(), dim=-1)
+                embs.append(e.cpu())
     dim = model.cfg.embed_dim
     return (torch.cat(embs).numpy() if embs else np.zeros((0, dim), np.float32)), np.asarray(ok, bool)
 
@@ -190,7 +197,7 @@ def parse_list(text: str | None) -> list[str]:
 
 def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper", unseen=(), compare=None,
              batch_size: int = 64, device: str = "auto", all_classes: bool = False, confusion=None,
-             amp: str | None = None) -> dict:
+             amp: str | None = None, tta: bool = False) -> dict:
     """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring)."""
     from model import load_checkpoint
     dev = pick_device(device)
@@ -212,14 +219,15 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     protos = None if ce else text_prototypes(model, bank, classes, autocast)     # [C,D]; checks the bank first
     sets = list(compare) if len(compare or []) > 1 else [prompts, *(compare or [])]
     banks = {s: get_bank(s, table) for s in sets} if compare and not ce else {}
-    emb, ok = embed_images(model, cfg, list(df["path"]), dev, batch_size, autocast)
+    emb, ok = embed_images(model, cfg, list(df["path"]), dev, batch_size, autocast, tta)
     skipped["unreadable image"] = int((~ok).sum())
     y = np.array([classes.index(c) for c in df.loc[ok, "label"]])
     if not len(y):
         raise UserError(f"{data}: none of the {len(df)} selected images could be read")
     out = dict(checkpoint=str(checkpoint), config=config_to_dict(cfg), data=str(data), split=split_how,
                n_images=len(y), skipped=skipped, skipped_total=sum(skipped.values()), classes=classes,
-               precision=str(dtype).replace("torch.", "") if dtype else "float32", device=str(dev))
+               precision=str(dtype).replace("torch.", "") if dtype else "float32", device=str(dev),
+               tta="flip" if tta else None)
     if ce:
         out.update(ce_scores(model, emb, y, classes, known, unseen))
     else:
@@ -277,7 +285,8 @@ def report_text(res: dict) -> str:
     lines = [f"checkpoint: {res['checkpoint']} ({cfg['image_model']} + {cfg['text_model']}, {cfg['image_size']} px, "
              f"objective {cfg['objective']}) on {res['device']} ({res['precision']})",
              f"data: {res['data']}   split: {res['split']}   images: {res['n_images']}   skipped: {sk}",
-             f"scoring: {res['scoring']}; {len(res['classes'])} classes", ""]
+             f"scoring: {res['scoring']}; {len(res['classes'])} classes"
+             f"{'; test-time flip averaging' if res.get('tta') else ''}", ""]
     rows = [dict(cls=c, n=int(np.sum(res["confusion"][j])), recall=res["per_class_recall"][c],
                  cal_recall=res["calibrated"]["per_class_recall"][c],
                  **({"t2i_AP": ret["t2i_AP_per_class"][j], "t2i_P@10": ret["t2i_precision@10_per_class"][j]}
@@ -318,12 +327,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["auto", "bf16", "off"], help="override the checkpoint's autocast setting")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: average each face's embedding with its mirror image's (test-time augmentation)")
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
     res = evaluate(a.checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
-                   a.device, a.all_classes, a.confusion, a.amp)
+                   a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip")
     print(report_text(res))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import metrics
 from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_table, split_table
-from distributed import cleanup, gather_for_loss, init_distributed
+from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
 from accum import accumulated_backward
 from loss import clip_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
@@ -100,10 +100,7 @@ class Trainer:
             self.model.image_encoder.compile()
             self.model.text_encoder.compile()
         self.net = self.model   # what the training step calls: DDP-wrapped under torchrun
-        if self.world > 1:
-            if cfg.accum_steps > 1:
-                raise UserError("--accum-steps > 1 is not supported under torchrun yet; raise --batch-size or "
-                                "the number of processes instead")
+        if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.objective == "ce")
@@ -197,6 +194,7 @@ class Trainer:
                 batch = dict(batch, pixels=batch["pixels"].contiguous(memory_format=torch.channels_last))
             loss = accumulated_backward(self.model, batch, self.cfg.accum_steps, self.autocast, backward,
                                         self.device, self.cfg.objective)
+            sync_grads(self.model, self.cfg.objective)          # all-reduce under torchrun; no-op otherwise
         else:
             loss = self.forward_loss(batch)
             backward(loss)

@@ -86,3 +86,68 @@ def test_single_process_is_a_no_op(monkeypatch):
     a, b, g = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 0, 1])
     out = gather_for_loss(a, b, g)
     assert out[0] is a and out[1] is b and out[2] is g
+
+
+# --- gradient accumulation under torchrun: accum.accumulated_backward + distributed.sync_grads --------------------
+CAPS = ["happy face", "sad face", "happy face", "angry face", "sad face", "happy face", "angry face", "sad face"]
+LABELS = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1])
+ACCUM_CASES = [("clip", 5), ("ce", 4)]     # (objective, rows on rank 0 of 8): uneven split for clip
+
+
+def tiny_clip(objective: str):
+    from config import make_config
+    from model import ExprCLIP
+    torch.manual_seed(0)
+    cfg = make_config(dict(image_size=32, objective=objective), preset="tiny")
+    return ExprCLIP(cfg, class_names=["a", "b", "c"]).eval()      # eval: no dropout, fixed BatchNorm statistics
+
+
+def clip_batch(model, lo: int, hi: int) -> dict:
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    caps = CAPS[lo:hi]
+    uniq = list(dict.fromkeys(caps))
+    tok = model.tokenize(uniq)
+    return dict(pixels=pixels[lo:hi], input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                text_index=torch.tensor([uniq.index(c) for c in caps]), groups=LABELS[lo:hi], labels=LABELS[lo:hi])
+
+
+def _accum_worker(rank: int, port: int, out: str) -> None:
+    from contextlib import nullcontext
+
+    from accum import accumulated_backward
+    from distributed import sync_grads
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    init_distributed()
+    results = []
+    for objective, split in ACCUM_CASES:
+        model = tiny_clip(objective)
+        lo, hi = (0, split) if rank == 0 else (split, 8)
+        loss = accumulated_backward(model, clip_batch(model, lo, hi), 2, nullcontext, lambda l: l.backward(),
+                                    torch.device("cpu"), objective)
+        sync_grads(model, objective)
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.save(results, f"{out}/accum{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_accumulation_across_two_ranks_matches_one_process(tmp_path):
+    mp.spawn(_accum_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for i, (objective, split) in enumerate(ACCUM_CASES):
+        ref = tiny_clip(objective)
+        b = clip_batch(ref, 0, 8)
+        img, out, s = ref(b["pixels"], b["input_ids"], b["attention_mask"], b["text_index"])
+        if objective == "clip":
+            loss = clip_loss(img, out, s, b["groups"])
+        else:   # DDP semantics for a per-rank mean: the average of the two ranks' mean losses
+            ce = F.cross_entropy(out, b["labels"], reduction="none")
+            loss = (ce[:split].mean() + ce[split:].mean()) / 2
+        loss.backward()
+        want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        for rank in (0, 1):
+            d_loss, d_grads = torch.load(tmp_path / f"accum{rank}.pt")[i]
+            assert d_grads.keys() == want.keys(), (objective, rank)
+            for name, g in want.items():
+                assert torch.allclose(d_grads[name], g, atol=1e-5, rtol=1e-4), (objective, rank, name)
+            if objective == "clip":
+                assert torch.allclose(d_loss, loss.detach(), atol=1e-5)

@@ -102,8 +102,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "missing required column(s) image, caption" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_train_end_to_end(sample_dir, tmp_path):
-    """train.py under torchrun (2 processes, gloo on CPU): rank 0 logs and writes checkpoints, the run completes."""
+@pytest.mark.parametrize("accum", [1, 2])
+def test_torchrun_two_processes_train_end_to_end(sample_dir, tmp_path, accum):
+    """train.py under torchrun (2 processes, gloo on CPU): rank 0 logs and writes checkpoints, the run completes;
+    also with gradient accumulation (accum.py gathers the cached embeddings of both ranks)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -112,7 +114,7 @@ def test_torchrun_two_processes_train_end_to_end(sample_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "train.py"), "--preset", "tiny", "--data", str(sample_dir), "--image-size", "32",
            "--batch-size", "16", "--epochs", "1", "--max-steps", "3", "--out-dir", str(out),
-           "--final-path", str(out / "final.pth")]
+           "--final-path", str(out / "final.pth"), "--accum-steps", str(accum)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "x 2 process(es)" in p.stdout and p.stdout.count("epoch 1:") == 1      # only rank 0 prints
