@@ -127,3 +127,20 @@ def test_bad_inputs(trained, sample_dir, tmp_path, capsys):
     for argv, message in cases:
         rc, out, err = run(argv, capsys)
         assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_flip_tta_averages_mirror_embeddings(trained, sample_dir, capsys):
+    from dataset import build_transform, load_image_tensor
+    from model import load_checkpoint
+    model, cfg = load_checkpoint(trained[0])
+    model.eval()
+    paths = [str(p) for p in sorted((sample_dir / "images").rglob("*.png"))[:5]]
+    plain, _ = evaluate.embed_images(model, cfg, paths, torch.device("cpu"), batch_size=2)
+    tta, ok = evaluate.embed_images(model, cfg, paths, torch.device("cpu"), batch_size=2, tta=True)
+    x = torch.stack([load_image_tensor(p, cfg, build_transform(cfg, train=False)) for p in paths])   # [5,3,H,W]
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.encode_image(x) + model.encode_image(x.flip(-1)), dim=-1)
+    assert ok.all() and np.allclose(tta, ref.numpy(), atol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-3)          # the mirror image does change the embedding
+    rc, out, err = run(["--checkpoint", trained[0], "--data", sample_dir, "--tta", "flip"], capsys)
+    assert rc == 0 and "flip averaging" in out and json.loads(out.strip().splitlines()[-1])["top1"] >= TRAINED_MIN_TOP1
