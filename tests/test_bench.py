@@ -1,0 +1,49 @@
+"""bench/ scripts: the training-step benchmark runs its three modes, and the FER-2013 table describes each run."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_train  # noqa: E402
+import fer2013  # noqa: E402
+
+
+def test_bench_train_prints_ratio_and_ceiling(capsys):
+    rc = bench_train.main(["--image-model", "resnet10t", "--image-size", "32", "--batch-size", "8", "--steps", "1",
+                           "--warmup", "0", "--amp", "off", "--max-length", "16", "--vs-plain"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    num = {k: float(re.search(rf"{k}\s*:\s*([\d.]+)", out).group(1))
+           for k in ("every caption encoded", "distinct captions only", "speed-up", "text tower free")}
+    assert all(v > 0 for v in num.values())
+    assert abs(num["speed-up"] - num["distinct captions only"] / num["every caption encoded"]) < 0.02
+    assert "ceiling of any text saving" in out and "plain fp32 NCHW step" in out
+
+
+def fake_eval(top1: float, unseen: bool = False) -> dict:
+    per = dict.fromkeys(fer2013.CLASSES, top1)
+    ev = dict(top1=top1, top5=0.97, uar=top1 - 0.01, macro_f1=0.5, per_class_recall=per,
+              calibrated=dict(top1=top1 - 0.05))
+    if unseen:
+        ev["unseen"] = {"surprise": dict(ap=0.3, base_rate=0.1, ap_over_base=3.0, recall=0.04, calibrated_recall=0.06)}
+    return ev
+
+
+def test_fer2013_table_rows_follow_each_runs_setup():
+    clip = dict(run="clip", train_minutes=41.0, images_per_s=170.0, best_epoch=14,
+                setup=dict(epochs=14, bank="paper"), paper=fake_eval(0.66), **{"paper+flip": fake_eval(0.67)},
+                rich=fake_eval(0.62))
+    unseen = dict(run="unseen", train_minutes=13.8, images_per_s=155.0, best_epoch=5, setup=dict(epochs=5, bank="rich"),
+                  paper=fake_eval(0.5, True), rich=fake_eval(0.54, True))
+    a = SimpleNamespace(image_size=64, batch_size=64, lr_image=1e-3, unseen="surprise")
+    md = fer2013.table([clip, unseen], a, Path("."))
+    assert "| CLIP (contrastive) | 14 | paper | 41.0 | 170 | 14 | paper | - | 66.0% |" in md
+    assert "| CLIP (contrastive) | 14 | paper | 41.0 | 170 | 14 | paper | flip | 67.0% |" in md
+    assert "| CLIP, `surprise` unseen | 5 | rich | 13.8 |" in md
+    assert "| paper | - | 0.300 | 0.100 | 3.00x |" in md
+    assert "top-1 66.0% -> 62.0% (-4.0 points)" in md          # trained on paper, scored with the disjoint rich set
