@@ -1,6 +1,6 @@
 """FER-2013 benchmark on CPU: train on ../shared/data/fer2013/train, evaluate on test, write BENCHMARKS.md.
 
-    python bench/fer2013.py                       # all runs: clip, ce baseline, unseen-class (surprise)
+    python bench/fer2013.py                       # all runs: clip, ce baseline, unseen-class (surprise); ~2.5 h
     python bench/fer2013.py --runs clip --epochs 2 --limit 2000     # a quick smoke run
 
 Every run uses the same image tower, image size, epochs and batch size (the `offline` preset: ImageNet
@@ -63,6 +63,12 @@ def run_flags(name: str, a, data: Path, out: Path) -> list[str]:
     return flags
 
 
+def setup_of(a) -> dict:
+    """What a run was trained with: saved in its result.json so the table describes each row, not today's flags."""
+    return dict(epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size, bank=a.bank, sampler=a.sampler,
+                lr_image=a.lr_image)
+
+
 def run(name: str, a, data: Path, work: Path) -> dict:
     out = work / name
     result_file = out / "result.json"
@@ -70,21 +76,71 @@ def run(name: str, a, data: Path, work: Path) -> dict:
         return json.loads(result_file.read_text())
     if a.reeval and result_file.is_file():        # evaluate the existing checkpoint again, keep the timings
         res = {k: v for k, v in json.loads(result_file.read_text()).items() if k in ("run", "train_minutes",
-                                                                                   "images_per_s")}
+                                                                                   "images_per_s", "setup")}
     else:
         t0 = time.time()
         train.main(run_flags(name, a, data, out))
         wall = time.time() - t0
         hist = pd.read_csv(out / "metrics.csv")
-        res = dict(run=name, train_minutes=round(wall / 60, 1), images_per_s=float(hist["images_per_s"].median()))
+        res = dict(run=name, train_minutes=round(wall / 60, 1), images_per_s=float(hist["images_per_s"].median()),
+                   setup=setup_of(a))
+    res.setdefault("setup", setup_of(a))
     res["best_epoch"] = int(torch.load(out / "final.pth", weights_only=True)["epoch"])
     for prompts in (["paper", "rich"] if name != "ce" else ["paper"]):
-        ev = evaluate.evaluate(out / "final.pth", data, split="test", prompts=prompts,
-                               unseen=[a.unseen] if name == "unseen" else (),
-                               confusion=out / f"confusion_{prompts}.png")
-        res[prompts] = ev
+        for tta in (False, True):
+            ev = evaluate.evaluate(out / "final.pth", data, split="test", prompts=prompts,
+                                   unseen=[a.unseen] if name == "unseen" else (), tta=tta,
+                                   confusion=out / f"confusion_{prompts}{'_flip' if tta else ''}.png")
+            res[prompts + ("+flip" if tta else "")] = ev
     result_file.write_text(json.dumps(res, indent=1))
     return res
+
+
+LABELS = {"clip": "CLIP (contrastive)", "ce": "CE baseline (classifier head)", "unseen": "CLIP, {u} unseen"}
+
+
+def result_rows(r: dict, unseen: str) -> list[str]:
+    """One table row per evaluation of a run: prompt set x (plain, flip TTA)."""
+    rows, su = [], r.get("setup", {})
+    for key in ("paper", "paper+flip", "rich", "rich+flip"):
+        c = r.get(key)
+        if not c:
+            continue
+        prompts, tta = key.split("+")[0], "flip" if key.endswith("+flip") else "-"
+        per = [c["per_class_recall"].get(k) for k in CLASSES]
+        rows.append(f"| {LABELS[r['run']].format(u=f'`{unseen}`')} | {su.get('epochs', '?')} | "
+                    f"{'-' if r['run'] == 'ce' else su.get('bank', '?')} | {r['train_minutes']} | "
+                    f"{r['images_per_s']:.0f} | {r.get('best_epoch', '?')} | "
+                    f"{'classifier' if r['run'] == 'ce' else prompts} | {tta} | {c['top1']:.1%} | {c['top5']:.1%} | "
+                    f"{c['uar']:.1%} | {c['macro_f1']:.3f} | " +
+                    " | ".join("-" if v is None else f"{v:.0%}" for v in per) + " |")
+    return rows
+
+
+def unseen_lines(r: dict, unseen: str) -> list[str]:
+    lines = ["", f"Unseen class `{unseen}` (left out of training; scored by its sentence):", "",
+             "| prompts | TTA | AP | base rate | AP / base rate | recall | recall, calibrated | top-1, calibrated |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in ("paper", "paper+flip", "rich", "rich+flip"):
+        if r.get(key, {}).get("unseen"):
+            u = r[key]["unseen"][unseen]
+            lines.append(f"| {key.split('+')[0]} | {'flip' if '+' in key else '-'} | {u['ap']:.3f} | "
+                         f"{u['base_rate']:.3f} | {u['ap_over_base']:.2f}x | {u['recall']:.1%} | "
+                         f"{u['calibrated_recall']:.1%} | {r[key]['calibrated']['top1']:.1%} |")
+    return lines
+
+
+def phrasing_line(r: dict) -> list[str]:
+    """Drop from scoring with the training bank's sentences to a disjoint prompt set (unseen phrasing)."""
+    bank = r.get("setup", {}).get("bank")
+    other = {"paper": "rich", "rich": "paper"}.get(bank)
+    if not other or not (r.get(bank) and r.get(other)):
+        return []
+    q, p = r[bank], r[other]
+    return ["", f"Unseen phrasing: the CLIP run was trained on the `{bank}` sentences; the `{other}` set shares none "
+            f"of them. Scoring with `{other}` instead of `{bank}`: top-1 {q['top1']:.1%} -> {p['top1']:.1%} "
+            f"({(p['top1'] - q['top1']) * 100:+.1f} points), UAR {q['uar']:.1%} -> {p['uar']:.1%} "
+            f"({(p['uar'] - q['uar']) * 100:+.1f})."]
 
 
 def table(results: list[dict], a, data: Path) -> str:
@@ -92,46 +148,26 @@ def table(results: list[dict], a, data: Path) -> str:
     lines = ["# Benchmarks: FER-2013", "",
              "Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
              "`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
-             f"Command: `python bench/fer2013.py --epochs {a.epochs} --image-size {a.image_size}`. "
-             f"Config: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), {a.image_size} px, "
-             f"batch {a.batch_size}, {a.epochs} epochs, `--sampler {a.sampler}`, caption bank `{a.bank}` "
-             f"(a random paraphrase per image per epoch), positives by label, augmentation on.", "",
-             "| run | train min | img/s | best epoch | prompts | top-1 | top-5 | UAR | macro-F1 | " +
-             " | ".join(CLASSES) + " |", "|" + "---|" * (9 + len(CLASSES))]
+             "Every run: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), "
+             f"{a.image_size} px, batch {a.batch_size}, AdamW lr {a.lr_image:g} (image), warmup then cosine, "
+             "positives by label, a random sentence of the caption bank per image per epoch, augmentation on; "
+             "`epochs` and `bank` per row. `TTA flip`: each test face and its mirror image are encoded and the "
+             "embeddings averaged (`evaluate.py --tta flip`).", "",
+             "| run | epochs | bank | train min | img/s | best epoch | prompts | TTA | top-1 | top-5 | UAR | macro-F1 | "
+             + " | ".join(CLASSES) + " |", "|" + "---|" * (12 + len(CLASSES))]
     for r in results:
-        for prompts in ("paper", "rich"):
-            ev = r.get(prompts)
-            if not ev:
-                continue
-            c = ev
-            per = [c["per_class_recall"].get(k) for k in CLASSES]
-            label = {"clip": "CLIP (contrastive)", "ce": "CE baseline (classifier head)",
-                     "unseen": f"CLIP, `{a.unseen}` unseen in training"}[r["run"]]
-            lines.append(f"| {label} | {r['train_minutes']} | {r['images_per_s']:.0f} | {r.get('best_epoch', '?')} | "
-                         f"{'classifier' if r['run'] == 'ce' else prompts} | {c['top1']:.1%} | {c['top5']:.1%} | "
-                         f"{c['uar']:.1%} | {c['macro_f1']:.3f} | " +
-                         " | ".join("-" if v is None else f"{v:.0%}" for v in per) + " |")
+        lines += result_rows(r, a.unseen)
     for r in results:
-        if r["run"] == "unseen" and r.get("paper", {}).get("unseen"):
-            lines += ["", f"Unseen class `{a.unseen}` (left out of training; scored by its sentence):", "",
-                      "| prompts | AP | base rate | AP / base rate | recall | recall, calibrated | top-1, calibrated |",
-                      "|---|---|---|---|---|---|---|"]
-            for prompts in ("paper", "rich"):
-                u = r[prompts]["unseen"][a.unseen]
-                lines.append(f"| {prompts} | {u['ap']:.3f} | {u['base_rate']:.3f} | {u['ap_over_base']:.2f}x | "
-                             f"{u['recall']:.1%} | {u['calibrated_recall']:.1%} | "
-                             f"{r[prompts]['calibrated']['top1']:.1%} |")
-    for r in results:
-        if r["run"] == "clip" and r.get("paper") and r.get("rich"):
-            p, q = r["paper"], r["rich"]
-            lines += ["", f"Unseen phrasing: the model was trained on the `{a.bank}` paraphrases; the paper's eight "
-                      f"sentences never appear in them. Scoring with the paper's sentences instead of the training "
-                      f"bank: top-1 {q['top1']:.1%} -> {p['top1']:.1%} ({(p['top1'] - q['top1']) * 100:+.1f} points), "
-                      f"UAR {q['uar']:.1%} -> {p['uar']:.1%} ({(p['uar'] - q['uar']) * 100:+.1f})."]
+        if r["run"] == "unseen":
+            lines += unseen_lines(r, a.unseen)
+        if r["run"] == "clip":
+            lines += phrasing_line(r)
+    lines += ["", "Reproduce each row (results are cached per run in `--work`; `--reeval` re-evaluates checkpoints): " +
+              "; ".join(f"`python bench/fer2013.py --runs {r['run']} --epochs {r.get('setup', {}).get('epochs', '?')} "
+                        f"--bank {r.get('setup', {}).get('bank', '?')}`" for r in results) + "."]
     lines += ["", "Best epoch = highest validation top-1 (3% of train, zero-shot through the training bank). "
-              "`train min` is training wall time including per-epoch validation; evaluation adds about 20 s per "
-              "prompt set. The three runs and their evaluations take about 50 minutes together.",
-              "", CALIBRATION, "", ANCHORS, ""]
+              "`train min` is training wall time including per-epoch validation; each evaluation adds about 20 s "
+              "(40 s with TTA).", "", CALIBRATION, "", ANCHORS, ""]
     return "\n".join(lines)
 
 
@@ -141,12 +177,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/fer2013")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--runs", default="clip,ce,unseen")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=14)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr-image", type=float, default=1e-3)
     ap.add_argument("--sampler", default="none")
-    ap.add_argument("--bank", default="rich")
+    ap.add_argument("--bank", default="paper")
     ap.add_argument("--unseen", default="surprise")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many images (smoke runs)")
