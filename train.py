@@ -100,7 +100,8 @@ class Trainer:
             self.model.image_encoder.compile()
             self.model.text_encoder.compile()
         self.net = self.model   # what the training step calls: DDP-wrapped under torchrun
-        if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself
+        if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself; BatchNorm
+                                # statistics then stay per rank (rank 0's are saved)
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.objective == "ce")
