@@ -122,10 +122,10 @@ def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, aut
             ok += [t is not None for t in tensors]
             if good:
                 x = torch.stack(good).to(device)                                    # [b,3,H,W]
-                with autocast():
-                    e = model.encode_image(x).float()                               # [b,D]
-                    if tta:
-                        e = F.normalize(e + model.encode_image(x.flip(3)).float(), dim=-1)
+                with autocast():                                  # tta: face and mirror in one forward pass
+                    e = model.encode_image(torch.cat([x, x.flip(3)]) if tta else x).float()   # [b or 2b, D]
+                if tta:
+                    e = F.normalize(e[:len(x)] + e[len(x):], dim=-1)                # [b,D]
                 embs.append(e.cpu())
     dim = model.cfg.embed_dim
     return (torch.cat(embs).numpy() if embs else np.zeros((0, dim), np.float32)), np.asarray(ok, bool)
