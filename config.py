@@ -56,6 +56,8 @@ class Config:
     warmup_steps: int = 100                   # linear warmup, then cosine decay (train.get_lr)
     min_lr_ratio: float = 0.0                 # cosine floor as a fraction of each group's LR
     grad_clip: float = 1.0                    # max global gradient norm (0 = off)
+    ema_decay: float = 0.0                    # >0: keep an exponential moving average of the weights (timm
+                                              # ModelEmaV3 with warmup); it is what gets validated and saved
     accum_steps: int = 1                      # >1: each optimizer step sees accum_steps x batch_size pairs, all
                                               # contrasted with each other (GradCache-style, see accum.py)
     compile: bool = False                     # torch.compile both towers

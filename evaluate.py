@@ -160,6 +160,21 @@ def class_order(names) -> list[str]:
     return [c for c in CANONICAL if c in names] + [c for c in names if c not in CANONICAL]
 
 
+def class_prior(model, table: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Training label frequencies of the scored classes ([C], sums to 1): the counts saved in the checkpoint, else
+    the data's `train` rows. A class never trained on (unseen protocol) gets the mean frequency of the others."""
+    counts = {canonical_name(k): v for k, v in getattr(model, "label_counts", {}).items()}
+    if not counts:
+        counts = table.loc[table["split"] == "train", "label"].value_counts().to_dict()
+    f = np.array([counts.get(c, 0) for c in classes], np.float64)
+    if not (f > 0).any():
+        raise UserError("--prior train: this checkpoint stores no training label counts (it predates them) and "
+                        "--data has no train rows holding the scored classes; pass a captions.csv with its train "
+                        "split, or drop --prior")
+    f[f == 0] = f[f > 0].mean()
+    return f / f.sum()
+
+
 def calibrate(scores: np.ndarray) -> np.ndarray:
     """Seen/unseen calibration: subtract each class column's mean score over the evaluated images ([N,C])."""
     return scores - scores.mean(axis=0, keepdims=True)
@@ -197,7 +212,7 @@ def parse_list(text: str | None) -> list[str]:
 
 def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper", unseen=(), compare=None,
              batch_size: int = 64, device: str = "auto", all_classes: bool = False, confusion=None,
-             amp: str | None = None, tta: bool = False) -> dict:
+             amp: str | None = None, tta: bool = False, prior: bool = False) -> dict:
     """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring)."""
     from model import load_checkpoint
     dev = pick_device(device)
@@ -205,6 +220,9 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     table, skipped = read_data(str(data))
     df, split_how = pick_split(table, split)
     ce = cfg.objective == "ce"
+    if ce and prior:
+        raise UserError("--prior applies to text-prompt scoring; a CE classifier's logits already carry its "
+                        "training label frequencies")
     bank = None if ce else get_bank(prompts, table)
     known = [canonical_name(c) for c in model.class_names] if ce else list(bank)
     classes = class_order((known if all_classes else []) + list(df["label"]))
@@ -227,11 +245,15 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     out = dict(checkpoint=str(checkpoint), config=config_to_dict(cfg), data=str(data), split=split_how,
                n_images=len(y), skipped=skipped, skipped_total=sum(skipped.values()), classes=classes,
                precision=str(dtype).replace("torch.", "") if dtype else "float32", device=str(dev),
-               tta="flip" if tta else None)
+               tta="flip" if tta else None, prior=None)
     if ce:
         out.update(ce_scores(model, emb, y, classes, known, unseen))
     else:
         scores = metrics.zero_shot_scores(emb, protos)             # [N,C]
+        if prior:                                                   # logit adjustment by training frequencies
+            p = class_prior(model, table, classes)
+            scores = metrics.prior_adjusted(scores, float(model.scale()), p)
+            out["prior"] = dict(zip(classes, np.round(p, 4).tolist()))
         out.update(scoring=f"text prompts ({prompts})", prompts=prompts, **score_report(scores, y, classes, unseen),
                    retrieval=metrics.retrieval_report(emb, y, protos),
                    compare_prompts=compare_prompts(model, emb, y, classes, banks, autocast) if compare else None)
@@ -286,7 +308,8 @@ def report_text(res: dict) -> str:
              f"objective {cfg['objective']}) on {res['device']} ({res['precision']})",
              f"data: {res['data']}   split: {res['split']}   images: {res['n_images']}   skipped: {sk}",
              f"scoring: {res['scoring']}; {len(res['classes'])} classes"
-             f"{'; test-time flip averaging' if res.get('tta') else ''}", ""]
+             f"{'; test-time flip averaging' if res.get('tta') else ''}"
+             f"{'; + log training label frequency (--prior train)' if res.get('prior') else ''}", ""]
     rows = [dict(cls=c, n=int(np.sum(res["confusion"][j])), recall=res["per_class_recall"][c],
                  cal_recall=res["calibrated"]["per_class_recall"][c],
                  **({"t2i_AP": ret["t2i_AP_per_class"][j], "t2i_P@10": ret["t2i_precision@10_per_class"][j]}
@@ -329,12 +352,16 @@ def main(argv=None) -> int:
     p.add_argument("--amp", choices=["auto", "bf16", "off"], help="override the checkpoint's autocast setting")
     p.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="flip: average each face's embedding with its mirror image's (test-time augmentation)")
+    p.add_argument("--prior", choices=["none", "train"], default="none",
+                   help="train: add log(training label frequency) to each class's logit (scale x cosine), the "
+                        "Bayes decision for test faces distributed like the training ones; raises top-1, lowers UAR")
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
     res = evaluate(a.checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
-                   a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip")
+                   a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip",
+                   a.prior == "train")
     print(report_text(res))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

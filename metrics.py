@@ -84,6 +84,16 @@ def zero_shot_scores(image_emb, protos) -> np.ndarray:
     return _l2n(im) @ _l2n(pr).T
 
 
+def prior_adjusted(scores, scale: float, prior) -> np.ndarray:
+    """Post-hoc logit adjustment: scale * cosine + log prior ([N,C] -> [N,C]). With prior = the training label
+    frequencies this is the Bayes decision for test data distributed like training (Menon et al., ICLR 2021);
+    top-1 rises, UAR usually falls. prior: [C], positive, normalised here."""
+    s, p = _np(scores).astype(np.float64), np.asarray(prior, np.float64)
+    if s.ndim != 2 or p.shape != (s.shape[1],) or not (p > 0).all():
+        raise UserError(f"prior {p.shape} must hold one positive value per class column of scores {s.shape}")
+    return scale * s + np.log(p / p.sum())[None, :]
+
+
 def topk_accuracy(scores, y, k: int) -> float:
     """Fraction of rows whose true class is among the k best scores (k clipped to C; ties -> lower index first)."""
     s, _ = _scores(scores)

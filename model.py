@@ -239,7 +239,8 @@ def checkpoint_payload(model: ExprCLIP, **extra) -> dict:
     raw = model.module if hasattr(model, "module") else model
     return dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg), class_names=list(raw.class_names),
                 text_config=raw.text_encoder.config.to_dict(), tokenizer=_tokenizer_files(raw.tokenizer),
-                state_dict={k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra)
+                state_dict={k: v.detach().cpu() for k, v in raw.state_dict().items()},
+                label_counts=dict(getattr(raw, "label_counts", {})), **extra)
 
 
 def save_checkpoint(path, model: ExprCLIP, **extra) -> None:
@@ -273,6 +274,7 @@ def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not match its own config ({str(e).splitlines()[0][:150]})")
+    model.label_counts = dict(ck.get("label_counts") or {})     # training label frequencies (evaluate --prior)
     return model
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import metrics
@@ -77,6 +78,25 @@ def amp_setup(cfg: Config, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
+class TrainableEma(ModelEmaV3):
+    """timm's ModelEmaV3 over the tensors that change: trainable parameters and the buffers (BatchNorm statistics).
+    A frozen tower (the offline preset's text tower) stays as copied: averaging it was 4/5 of the update's cost."""
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        ema_p, ema_b = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        self.pairs = [(ema_p[n], p) for n, p in model.named_parameters() if p.requires_grad]
+        self.pairs += [(ema_b[n], b) for n, b in model.named_buffers()]
+
+    @torch.no_grad()
+    def apply_update_(self, model, decay: float) -> None:     # model: the module given at construction
+        floats = [(e, m) for e, m in self.pairs if e.is_floating_point()]
+        for e, m in self.pairs:
+            if not e.is_floating_point():
+                e.copy_(m)                                     # e.g. BatchNorm's num_batches_tracked
+        self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -90,9 +110,13 @@ class Trainer:
         self.build_data()
         self.model = ExprCLIP(cfg, class_names=list(self.label_vocab) if cfg.objective == "ce" else None)
         self.model = self.model.to(self.device)
+        self.model.label_counts = {str(k): int(v) for k, v in self.train_df["label"].value_counts().items()
+                                   if k != ""}
         self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # weight EMA (open_clip/timm style): validated, selected and saved instead of the raw weights
+        self.ema = TrainableEma(self.model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
         self.epoch_batches = EpochBatches()          # one loader for the run: its workers persist across epochs
         self.train_loader = self.loader(self.train_ds, self.epoch_batches, persistent=True)
@@ -209,6 +233,8 @@ class Trainer:
         else:
             self.opt.step()
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
         return float(loss.detach())
 
     def train_epoch(self) -> float:
@@ -230,19 +256,25 @@ class Trainer:
                 break
         return float(np.mean(losses)) if losses else float("nan")
 
+    @property
+    def eval_model(self) -> ExprCLIP:
+        """The weights that are validated and saved: the EMA copy when --ema-decay > 0."""
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.no_grad()
     def validate(self) -> dict:
         """Val loss, text->image precision@10 per class (mean), image->text top-1 against class prototypes."""
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         n, bs = len(self.val_ds), self.cfg.batch_size
         losses, embs, labels = [], [], []
         for batch in self.loader(self.val_ds, [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]):
             if batch is None:
                 continue
             if len(batch["labels"]) > 1:
-                losses.append(float(self.forward_loss(batch, net=self.model)))
+                losses.append(float(self.forward_loss(batch, net=model)))
             with self.autocast():
-                embs.append(self.model.encode_image(batch["pixels"].to(self.device)).float().cpu())
+                embs.append(model.encode_image(batch["pixels"].to(self.device)).float().cpu())
             labels.append(batch["labels"])
         out = dict(val_loss=float(np.mean(losses)) if losses else float("nan"), val_p10=float("nan"),
                    val_top1=float("nan"))
@@ -259,13 +291,14 @@ class Trainer:
 
     def class_scores(self, img: np.ndarray) -> tuple[list[int], np.ndarray]:
         """(label ids, [N, C] scores): cosine to each class's text prototype, or the CE baseline's logits."""
+        model = self.eval_model
         if self.cfg.objective == "ce":
-            logits = self.model.classifier(torch.from_numpy(img).to(self.device)).float().cpu().numpy()
+            logits = model.classifier(torch.from_numpy(img).to(self.device)).float().cpu().numpy()
             return list(range(logits.shape[1])), logits
         names = sorted(self.class_texts, key=lambda l: self.label_vocab[l])
         texts = [t for l in names for t in self.class_texts[l]]
         text_labels = [self.label_vocab[l] for l in names for _ in self.class_texts[l]]
-        txt = self.model.encode_text(texts).float().cpu().numpy()
+        txt = model.encode_text(texts).float().cpu().numpy()
         classes, protos = metrics.class_prototypes(txt, text_labels, classes=[self.label_vocab[l] for l in names])
         return list(classes), metrics.zero_shot_scores(img, protos)
 
@@ -273,7 +306,8 @@ class Trainer:
     def state(self) -> dict:
         return dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                     step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
-                    history=self.history)
+                    history=self.history,
+                    ema={k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None)
 
     def save_last(self) -> None:
         atomic_save(checkpoint_payload(self.model, trainer=self.state()), self.out / "last.pth")
@@ -292,6 +326,8 @@ class Trainer:
         t = ck["trainer"]
         if self.scaler and t["scaler"]:
             self.scaler.load_state_dict(t["scaler"])
+        if self.ema is not None:    # a run that had no EMA yet starts it from the resumed weights
+            self.ema.module.load_state_dict(t.get("ema") or ck["state_dict"])
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.best, self.history = t["best"], list(t["history"])
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
@@ -311,7 +347,7 @@ class Trainer:
         score = -row["val_loss"] if math.isnan(score) else score     # unlabelled data: fall back to the loss
         if score > self.best:
             self.best = score
-            save_checkpoint(self.out / "best.pth", self.model, epoch=row["epoch"], metrics=row)
+            save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row)
             shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
         self.save_last()
         write_logs(self.history, self.out)

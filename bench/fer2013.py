@@ -55,7 +55,8 @@ def run_flags(name: str, a, data: Path, out: Path) -> list[str]:
              "--image-size", str(a.image_size), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
              "--val-fraction", "0.03", "--sampler", a.sampler, "--caption-bank", a.bank,
              "--caption-sampling", "random", "--positives", "label", "--num-workers", str(a.workers),
-             "--augment", "true", "--lr-image", str(a.lr_image), "--warmup-steps", "200", "--select-by", "val_top1"]
+             "--augment", "true", "--lr-image", str(a.lr_image), "--warmup-steps", "200", "--select-by", "val_top1",
+             "--ema-decay", str(a.ema_decay)]
     if name == "ce":
         flags += ["--objective", "ce"]
     if name == "unseen":
@@ -66,7 +67,7 @@ def run_flags(name: str, a, data: Path, out: Path) -> list[str]:
 def setup_of(a) -> dict:
     """What a run was trained with: saved in its result.json so the table describes each row, not today's flags."""
     return dict(epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size, bank=a.bank, sampler=a.sampler,
-                lr_image=a.lr_image)
+                lr_image=a.lr_image, ema_decay=a.ema_decay)
 
 
 def run(name: str, a, data: Path, work: Path) -> dict:
@@ -86,29 +87,32 @@ def run(name: str, a, data: Path, work: Path) -> dict:
                    setup=setup_of(a))
     res.setdefault("setup", setup_of(a))
     res["best_epoch"] = int(torch.load(out / "final.pth", weights_only=True)["epoch"])
-    for prompts in (["paper", "rich"] if name != "ce" else ["paper"]):
-        for tta in (False, True):
-            ev = evaluate.evaluate(out / "final.pth", data, split="test", prompts=prompts,
-                                   unseen=[a.unseen] if name == "unseen" else (), tta=tta,
-                                   confusion=out / f"confusion_{prompts}{'_flip' if tta else ''}.png")
-            res[prompts + ("+flip" if tta else "")] = ev
+    for key in EVALS[name]:
+        prompts, tta, prior = key.split("+")[0], "+flip" in key, "+prior" in key
+        res[key] = evaluate.evaluate(out / "final.pth", data, split="test", prompts=prompts, tta=tta, prior=prior,
+                                     unseen=[a.unseen] if name == "unseen" else (),
+                                     confusion=out / f"confusion_{key.replace('+', '_')}.png")
     result_file.write_text(json.dumps(res, indent=1))
     return res
 
 
+# evaluations per run: prompt set, +flip = flip TTA, +prior = log training label frequency added (evaluate --prior)
+EVALS = {"clip": ["paper", "paper+flip", "paper+flip+prior", "rich", "rich+flip"], "ce": ["paper", "paper+flip"],
+         "unseen": ["paper", "paper+flip", "rich", "rich+flip"]}
 LABELS = {"clip": "CLIP (contrastive)", "ce": "CE baseline (classifier head)", "unseen": "CLIP, {u} unseen"}
 
 
 def result_rows(r: dict, unseen: str) -> list[str]:
-    """One table row per evaluation of a run: prompt set x (plain, flip TTA)."""
+    """One table row per evaluation of a run (EVALS: prompt set, flip TTA, training prior)."""
     rows, su = [], r.get("setup", {})
-    for key in ("paper", "paper+flip", "rich", "rich+flip"):
+    for key in EVALS[r["run"]]:
         c = r.get(key)
         if not c:
             continue
-        prompts, tta = key.split("+")[0], "flip" if key.endswith("+flip") else "-"
+        prompts, tta = key.split("+")[0], ("flip" if "+flip" in key else "-") + (" + prior" if "+prior" in key else "")
         per = [c["per_class_recall"].get(k) for k in CLASSES]
-        rows.append(f"| {LABELS[r['run']].format(u=f'`{unseen}`')} | {su.get('epochs', '?')} | "
+        rows.append(f"| {LABELS[r['run']].format(u=f'`{unseen}`')} | {su.get('image_size', '?')} | "
+                    f"{su.get('epochs', '?')} | {su.get('ema_decay') or '-'} | "
                     f"{'-' if r['run'] == 'ce' else su.get('bank', '?')} | {r['train_minutes']} | "
                     f"{r['images_per_s']:.0f} | {r.get('best_epoch', '?')} | "
                     f"{'classifier' if r['run'] == 'ce' else prompts} | {tta} | {c['top1']:.1%} | {c['top5']:.1%} | "
@@ -149,22 +153,25 @@ def table(results: list[dict], a, data: Path) -> str:
              "Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
              "`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
              "Every run: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), "
-             f"{a.image_size} px, batch {a.batch_size}, AdamW lr {a.lr_image:g} (image), warmup then cosine, "
+             f"batch {a.batch_size}, AdamW lr {a.lr_image:g} (image), warmup then cosine, "
              "positives by label, a random sentence of the caption bank per image per epoch, augmentation on; "
-             "`epochs` and `bank` per row. `TTA flip`: each test face and its mirror image are encoded and the "
-             "embeddings averaged (`evaluate.py --tta flip`).", "",
-             "| run | epochs | bank | train min | img/s | best epoch | prompts | TTA | top-1 | top-5 | UAR | macro-F1 | "
-             + " | ".join(CLASSES) + " |", "|" + "---|" * (12 + len(CLASSES))]
+             "image size (`px`), `epochs`, weight `EMA` decay and `bank` per row. `TTA flip`: each test face and its mirror image are "
+             "encoded and the embeddings averaged (`evaluate.py --tta flip`). `+ prior`: log training label frequency "
+             "added to each class's logit (`evaluate.py --prior train`), the Bayes decision for test faces distributed "
+             "like the training ones: it raises top-1 and lowers UAR.", "",
+             "| run | px | epochs | EMA | bank | train min | img/s | best epoch | prompts | TTA | top-1 | top-5 | UAR | macro-F1 | "
+             + " | ".join(CLASSES) + " |", "|" + "---|" * (14 + len(CLASSES))]
     for r in results:
         lines += result_rows(r, a.unseen)
     for r in results:
         if r["run"] == "unseen":
             lines += unseen_lines(r, a.unseen)
-        if r["run"] == "clip":
-            lines += phrasing_line(r)
+    lines += phrasing_line(next((r for r in results if r["run"] == "clip"), {}))
     lines += ["", "Reproduce each row (results are cached per run in `--work`; `--reeval` re-evaluates checkpoints): " +
-              "; ".join(f"`python bench/fer2013.py --runs {r['run']} --epochs {r.get('setup', {}).get('epochs', '?')} "
-                        f"--bank {r.get('setup', {}).get('bank', '?')}`" for r in results) + "."]
+              "; ".join(f"`python bench/fer2013.py --runs {r['run']} --image-size {r.get('setup', {}).get('image_size', 64)} "
+                        f"--epochs {r.get('setup', {}).get('epochs', '?')} "
+                        f"--ema-decay {r.get('setup', {}).get('ema_decay', 0)} --bank {r.get('setup', {}).get('bank', '?')}`"
+                        for r in results) + "."]
     lines += ["", "Best epoch = highest validation top-1 (3% of train, zero-shot through the training bank). "
               "`train min` is training wall time including per-epoch validation; each evaluation adds about 20 s "
               "(40 s with TTA).", "", CALIBRATION, "", ANCHORS, ""]
@@ -177,10 +184,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/fer2013")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--runs", default="clip,ce,unseen")
-    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr-image", type=float, default=1e-3)
+    ap.add_argument("--ema-decay", type=float, default=0.999, help="weight EMA (0 = off)")
     ap.add_argument("--sampler", default="none")
     ap.add_argument("--bank", default="paper")
     ap.add_argument("--unseen", default="surprise")
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many images (smoke runs)")
     ap.add_argument("--force", action="store_true", help="retrain runs that already have a result.json")
     ap.add_argument("--reeval", action="store_true", help="evaluate existing checkpoints again (no training)")
+    ap.add_argument("--also", default="", metavar="DIR,...",
+                    help="run folders (with result.json) of earlier runs to show as extra rows, e.g. an ablation")
     a = ap.parse_args(argv)
     fer = Path(a.fer)
     if not (fer / "train").is_dir():
@@ -196,6 +206,11 @@ def main(argv=None) -> int:
     work = Path(a.work)
     data = prepare_data(fer, work, a.limit)
     results = [run(name, a, data, work) for name in a.runs.split(",")]
+    for d in filter(None, a.also.split(",")):
+        if not (Path(d) / "result.json").is_file():
+            print(f"error: --also {d}: no result.json there (a finished run folder of this script)", file=sys.stderr)
+            return 2
+        results.append(json.loads((Path(d) / "result.json").read_text()))
     Path(a.out).write_text(table(results, a, data))
     print(Path(a.out).read_text())
     return 0

@@ -35,15 +35,21 @@ def fake_eval(top1: float, unseen: bool = False) -> dict:
 
 
 def test_fer2013_table_rows_follow_each_runs_setup():
-    clip = dict(run="clip", train_minutes=41.0, images_per_s=170.0, best_epoch=14,
-                setup=dict(epochs=14, bank="paper"), paper=fake_eval(0.66), **{"paper+flip": fake_eval(0.67)},
-                rich=fake_eval(0.62))
+    clip = dict(run="clip", train_minutes=41.0, images_per_s=170.0, best_epoch=12,
+                setup=dict(epochs=12, bank="paper", image_size=64, ema_decay=0.999), paper=fake_eval(0.66),
+                **{"paper+flip": fake_eval(0.67), "paper+flip+prior": fake_eval(0.68)}, rich=fake_eval(0.62))
+    older = dict(run="clip", train_minutes=47.6, images_per_s=140.0, best_epoch=12,     # an --also row: no EMA saved
+                 setup=dict(epochs=14, bank="paper"), paper=fake_eval(0.6), rich=fake_eval(0.5))
     unseen = dict(run="unseen", train_minutes=13.8, images_per_s=155.0, best_epoch=5, setup=dict(epochs=5, bank="rich"),
                   paper=fake_eval(0.5, True), rich=fake_eval(0.54, True))
     a = SimpleNamespace(image_size=64, batch_size=64, lr_image=1e-3, unseen="surprise")
-    md = fer2013.table([clip, unseen], a, Path("."))
-    assert "| CLIP (contrastive) | 14 | paper | 41.0 | 170 | 14 | paper | - | 66.0% |" in md
-    assert "| CLIP (contrastive) | 14 | paper | 41.0 | 170 | 14 | paper | flip | 67.0% |" in md
-    assert "| CLIP, `surprise` unseen | 5 | rich | 13.8 |" in md
+    md = fer2013.table([clip, unseen, older], a, Path("."))
+    assert "| CLIP (contrastive) | 64 | 12 | 0.999 | paper | 41.0 | 170 | 12 | paper | - | 66.0% |" in md
+    assert "| CLIP (contrastive) | 64 | 12 | 0.999 | paper | 41.0 | 170 | 12 | paper | flip | 67.0% |" in md
+    assert "| CLIP (contrastive) | 64 | 12 | 0.999 | paper | 41.0 | 170 | 12 | paper | flip + prior | 68.0% |" in md
+    assert "| CLIP (contrastive) | ? | 14 | - | paper | 47.6 | 140 | 12 | paper | - | 60.0% |" in md
+    assert "| CLIP, `surprise` unseen | ? | 5 | - | rich | 13.8 |" in md
     assert "| paper | - | 0.300 | 0.100 | 3.00x |" in md
+    assert md.count("Unseen phrasing") == 1                      # from the first CLIP run only
+    assert "--runs clip --image-size 64 --epochs 12 --ema-decay 0.999 --bank paper" in md
     assert "top-1 66.0% -> 62.0% (-4.0 points)" in md          # trained on paper, scored with the disjoint rich set

@@ -144,3 +144,28 @@ def test_flip_tta_averages_mirror_embeddings(trained, sample_dir, capsys):
     assert not np.allclose(tta, plain, atol=1e-3)          # the mirror image does change the embedding
     rc, out, err = run(["--checkpoint", trained[0], "--data", sample_dir, "--tta", "flip"], capsys)
     assert rc == 0 and "flip averaging" in out and json.loads(out.strip().splitlines()[-1])["top1"] >= TRAINED_MIN_TOP1
+
+
+def test_prior_uses_training_label_counts(trained, sample_dir, tmp_path, capsys):
+    from model import load_checkpoint, save_checkpoint
+    model, _ = load_checkpoint(trained[0])
+    table = pd.read_csv(sample_dir / "captions.csv")
+    assert model.label_counts == table.loc[table["split"] == "train", "label"].value_counts().to_dict()
+    res = evaluate.evaluate(trained[0], sample_dir, prior=True)
+    assert sum(res["prior"].values()) == pytest.approx(1, abs=1e-3) and set(res["prior"]) == set(res["classes"])
+    model.label_counts = {"fear": 10 ** 9, **{c: 1 for c in model.label_counts if c != "fear"}}
+    skewed = tmp_path / "skewed.pth"
+    save_checkpoint(skewed, model)
+    rc, out, err = run(["--checkpoint", skewed, "--data", sample_dir, "--prior", "train"], capsys)
+    s = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and "--prior train" in out
+    plain = evaluate.evaluate(skewed, sample_dir)
+    assert s["top1"] < plain["top1"] - 0.1                              # a 1e9:1 prior pulls faces to fear ...
+    assert evaluate.evaluate(skewed, sample_dir, prior=True)["per_class_recall"]["fear"] == 1.0    # ... all of them
+    model.label_counts = {}                                               # an old checkpoint, data without train rows
+    save_checkpoint(skewed, model)
+    only_val = tmp_path / "val.csv"
+    table.assign(image=[str(sample_dir / "images" / p) for p in table["image"]]).query("split == 'val'").to_csv(
+        only_val, index=False)
+    rc, out, err = run(["--checkpoint", skewed, "--data", only_val, "--prior", "train"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "no training label counts" in err

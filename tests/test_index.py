@@ -229,7 +229,7 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     import types
 
     import torch
-    imgs = make_gallery(tmp_path / "gallery", 6)
+    make_gallery(tmp_path / "gallery", 6)
     (tmp_path / "gallery" / "bad.png").write_bytes(b"garbage")
 
     class BadImage(Exception):

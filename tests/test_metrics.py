@@ -188,6 +188,17 @@ def test_zero_shot_scores_are_cosines():
         M.zero_shot_scores(im, np.ones((2, 3)))
 
 
+def test_prior_adjusted_by_hand():
+    scores = np.array([[0.5, 0.4], [0.1, 0.3]])
+    adj = M.prior_adjusted(scores, 10.0, [4, 1])                      # prior normalised to [0.8, 0.2]
+    np.testing.assert_allclose(adj, [[5 + np.log(0.8), 4 + np.log(0.2)], [1 + np.log(0.8), 3 + np.log(0.2)]])
+    assert adj.argmax(1).tolist() == [0, 1]
+    assert M.prior_adjusted(scores, 10.0, [1, 99]).argmax(1).tolist() == [1, 1]   # a strong prior flips row 0
+    for bad in ([1, 0], [1, 2, 3]):
+        with pytest.raises(UserError, match="one positive value per class"):
+            M.prior_adjusted(scores, 10.0, bad)
+
+
 def test_random_embeddings_are_at_chance():
     rng = np.random.default_rng(123)
     n, c, d = 20000, 7, 32

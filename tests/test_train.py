@@ -69,7 +69,7 @@ def test_training_writes_metrics_curves_and_checkpoints(trained):
 
 
 def test_ctrl_c_saves_and_resume_continues_exactly(sample_dir, tmp_path, monkeypatch):
-    flags = dict(data=str(sample_dir), image_size=32, epochs=2, final_path="", batch_size=32)
+    flags = dict(data=str(sample_dir), image_size=32, epochs=2, final_path="", batch_size=32, ema_decay=0.9)
     ref = train.Trainer(make_config({**flags, "out_dir": str(tmp_path / "a")}, preset="tiny"))
     ref.fit()
 
@@ -91,6 +91,32 @@ def test_ctrl_c_saves_and_resume_continues_exactly(sample_dir, tmp_path, monkeyp
     assert resumed.step == ref.step
     for (k, a), c in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a.float(), c.float(), atol=1e-5), k
+    for (k, a), c in zip(ref.ema.module.state_dict().items(), resumed.ema.module.state_dict().values()):
+        assert torch.allclose(a.float(), c.float(), atol=1e-5), k       # the weight EMA resumes too
+
+
+def test_ema_follows_its_recursion_and_is_what_gets_saved(sample_dir, tmp_path, monkeypatch):
+    decay = 0.9
+    t = train.Trainer(make_config(dict(data=str(sample_dir), image_size=32, epochs=1, batch_size=32,
+                                       ema_decay=decay, out_dir=str(tmp_path), final_path=str(tmp_path / "f.pth")),
+                                  preset="tiny"))
+    seen, real_step = [], train.Trainer.train_step
+
+    def step_and_record(self, batch):
+        loss = real_step(self, batch)
+        seen.append(self.model.logit_scale.detach().clone())
+        return loss
+    monkeypatch.setattr(train.Trainer, "train_step", step_and_record)
+    t.fit()
+    ema = seen[0]                                                     # plain reference: timm's warmup decay
+    for s, p in enumerate(seen[1:], start=1):
+        d = min(decay, 1 - (1 + s) ** (-2 / 3))
+        ema = d * ema + (1 - d) * p
+    assert torch.allclose(t.ema.module.logit_scale, ema, atol=1e-6)
+    assert not torch.allclose(t.model.logit_scale, ema, atol=1e-6)    # the EMA lags the raw weights
+    saved = load_checkpoint(tmp_path / "f.pth")[0].state_dict()
+    for k, v in t.ema.module.state_dict().items():                    # the EMA weights are the ones saved
+        assert torch.equal(saved[k].float(), v.float()), k
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
