@@ -180,6 +180,8 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
             raise UserError(f"{name} = {getattr(cfg, name)!r} is not one of {', '.join(options)}")
     if cfg.batch_size < 2 or cfg.image_size < 16 or cfg.embed_dim < 1:
         raise UserError("batch_size must be >= 2 (contrastive), image_size >= 16 and embed_dim >= 1")
+    if not 0 <= cfg.ema_decay < 1:
+        raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
     return cfg
 
 

@@ -168,9 +168,9 @@ def class_prior(model, table: pd.DataFrame, classes: list[str]) -> np.ndarray:
         counts = table.loc[table["split"] == "train", "label"].value_counts().to_dict()
     f = np.array([counts.get(c, 0) for c in classes], np.float64)
     if not (f > 0).any():
-        raise UserError("--prior train: this checkpoint stores no training label counts (it predates them) and "
-                        "--data has no train rows holding the scored classes; pass a captions.csv with its train "
-                        "split, or drop --prior")
+        raise UserError(f"--prior train: no training label counts for the scored classes ({', '.join(classes)}) in "
+                        "the checkpoint (older checkpoints have none) or in the train rows of --data; pass a "
+                        "captions.csv with its train split, or drop --prior")
     f[f == 0] = f[f > 0].mean()
     return f / f.sum()
 

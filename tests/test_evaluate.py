@@ -168,4 +168,4 @@ def test_prior_uses_training_label_counts(trained, sample_dir, tmp_path, capsys)
     table.assign(image=[str(sample_dir / "images" / p) for p in table["image"]]).query("split == 'val'").to_csv(
         only_val, index=False)
     rc, out, err = run(["--checkpoint", skewed, "--data", only_val, "--prior", "train"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "no training label counts" in err
+    assert rc == 2 and err.count("\n") == 1 and "no training label counts for the scored classes" in err
