@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from index import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: E402
+from knn import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:
