@@ -252,7 +252,7 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
         scores = metrics.zero_shot_scores(emb, protos)             # [N,C]
         if prior:                                                   # logit adjustment by training frequencies
             p = class_prior(model, table, classes)
-            scores = metrics.prior_adjusted(scores, float(model.scale()), p)
+            scores = metrics.prior_adjusted(scores, model.scale().item(), p)
             out["prior"] = dict(zip(classes, np.round(p, 4).tolist()))
         out.update(scoring=f"text prompts ({prompts})", prompts=prompts, **score_report(scores, y, classes, unseen),
                    retrieval=metrics.retrieval_report(emb, y, protos),
@@ -292,7 +292,8 @@ def summary(res: dict) -> dict:
     s.update({k: (res["retrieval"] or {}).get(k) for k in SUMMARY_KEYS[5:]})
     s.update(calibrated_top1=res["calibrated"]["top1"], calibrated_uar=res["calibrated"]["uar"],
              n_images=res["n_images"], skipped=res["skipped_total"], split=res["split"].split(" ")[0],
-             scoring="classifier" if res["prompts"] is None else f"text:{res['prompts']}")
+             scoring="classifier" if res["prompts"] is None else f"text:{res['prompts']}",
+             tta=res.get("tta"), prior="train" if res.get("prior") else None)
     for name, u in (res.get("unseen") or {}).items():
         s[f"unseen_{name}"] = {k: u[k] for k in ("ap", "base_rate", "ap_over_base", "recall", "calibrated_recall")}
     for name, c in list((res.get("compare_prompts") or {}).items())[1:]:

@@ -158,7 +158,7 @@ def test_prior_uses_training_label_counts(trained, sample_dir, tmp_path, capsys)
     save_checkpoint(skewed, model)
     rc, out, err = run(["--checkpoint", skewed, "--data", sample_dir, "--prior", "train"], capsys)
     s = json.loads(out.strip().splitlines()[-1])
-    assert rc == 0 and "--prior train" in out
+    assert rc == 0 and "--prior train" in out and s["prior"] == "train"
     plain = evaluate.evaluate(skewed, sample_dir)
     assert s["top1"] < plain["top1"] - 0.1                              # a 1e9:1 prior pulls faces to fear ...
     assert evaluate.evaluate(skewed, sample_dir, prior=True)["per_class_recall"]["fear"] == 1.0    # ... all of them
