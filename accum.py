@@ -14,10 +14,9 @@ in, and distributed.sync_grads then all-reduces: the gradient of one process on 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from distributed import gather_cached
-from loss import clip_loss
+from loss import Loss
 
 
 def micro_slices(n: int, k: int) -> list[slice]:
@@ -37,17 +36,17 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 def accumulated_backward(model, batch: dict, k: int, autocast, backward, device: torch.device,
-                         objective: str = "clip") -> torch.Tensor:
+                         loss_fn: Loss) -> torch.Tensor:
     """Backward of the full-batch loss in k micro-batches; returns the loss (detached). `backward(loss)` applies
-    the caller's scaling (GradScaler) and calls .backward()."""
+    the caller's scaling (GradScaler) and calls .backward(); `loss_fn` is loss.make_loss(cfg)."""
     pixels, labels = batch["pixels"], batch["labels"].to(device)
     parts = micro_slices(len(pixels), k)
-    if objective == "ce":                       # cross-entropy is a mean over rows: plain accumulation is exact
+    if loss_fn.rowwise:                         # a mean over rows (ce): plain accumulation is exact
         total = 0.0
         for s in parts:
             with autocast():
-                logits = model.classifier(model.encode_image(pixels[s].to(device))) * model.scale()
-            loss = F.cross_entropy(logits.float(), labels[s]) * (s.stop - s.start) / len(pixels)
+                out = model(pixels[s].to(device))
+            loss = loss_fn(out, dict(labels=labels[s])) * (s.stop - s.start) / len(pixels)
             backward(loss)
             total += float(loss.detach())
         return torch.tensor(total)
@@ -60,16 +59,16 @@ def accumulated_backward(model, batch: dict, k: int, autocast, backward, device:
             cached.append(model.encode_image(pixels[s].to(device)).float())
         txt_cached = model.encode_tokens(ids, mask).float()[index]        # [b, D]
     img_all, txt_all, groups, off = gather_cached(torch.cat(cached), txt_cached, groups)   # [B, D] x2, [B]
-    scale = model.scale()
+    targets, scale = dict(groups=groups), model.scale()
     for s, state in zip(parts, states):
         _set_rng_state(state, device)
         with autocast():
             img_k = model.encode_image(pixels[s].to(device)).float()      # [m, D], with gradients
         img = torch.cat([img_all[:off + s.start], img_k, img_all[off + s.stop:]])
-        backward(clip_loss(img, txt_all, scale.detach().float(), groups))
+        backward(loss_fn(dict(image_features=img, text_features=txt_all, logit_scale=scale.detach()), targets))
     with autocast():
         txt = model.encode_tokens(ids, mask).float()[index]              # [b, D]: text tower + temperature
     txt = torch.cat([txt_all[:off], txt, txt_all[off + len(pixels):]])
-    loss = clip_loss(img_all, txt, scale.float(), groups)
+    loss = loss_fn(dict(image_features=img_all, text_features=txt, logit_scale=scale), targets)
     backward(loss)
     return loss.detach()

@@ -27,6 +27,8 @@ class Config:
     text_pooling: str = "cls"                 # cls | mean
     embed_dim: int = 256                      # shared embedding size of both projection heads
     proj_dropout: float = 0.1                 # dropout inside the projection heads
+    text_head: str = "mlp"                    # mlp (CLIP-tutorial head) | linear | none (identity: the text tower's
+                                              # own space; embed_dim is then the tower's width)
     image_size: int = 224                     # square input size in pixels
     grayscale: bool = True                    # faces are converted to gray then 3 channels (FER domain)
     max_length: int = 64                      # text tokens
@@ -40,6 +42,10 @@ class Config:
     images: str = "images"                    # image folder inside --data that `image` paths are relative to
     val_fraction: float = 0.1                 # carved out (stratified by label) when captions.csv has no split
     positives: str = "caption"                # caption | label: which pairs count as positives in the loss
+    targets: str = "hard"                     # hard | soft: soft = the `soft_labels` column (FER+ annotator votes)
+                                              # as each image's target distribution over the classes' sentences
+    contrast: str = "batch"                   # batch: each image against the batch's captions (CLIP) | classes:
+                                              # against every sentence of every training class, each step
     caption_bank: str = ""                    # "" = captions.csv's own captions; paper | rich | PATH (label,caption)
     caption_sampling: str = "first"           # first | random: which bank sentence an image gets each epoch
     sampler: str = "none"                     # none | balanced (label-balanced batches) | weighted (1/class count)
@@ -96,7 +102,9 @@ CHOICES: dict[str, tuple[str, ...]] = dict(text_pooling=("cls", "mean"), positiv
                                            amp=("auto", "bf16", "fp16", "off"), objective=("clip", "ce"),
                                            caption_sampling=("first", "random"),
                                            sampler=("none", "balanced", "weighted"),
-                                           select_by=("val_top1", "val_p10", "val_loss"))
+                                           select_by=("val_top1", "val_p10", "val_loss"),
+                                           targets=("hard", "soft"), contrast=("batch", "classes"),
+                                           text_head=("mlp", "linear", "none"))
 
 
 def _type_of(f: dataclasses.Field) -> type:
@@ -180,6 +188,8 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
             raise UserError(f"{name} = {getattr(cfg, name)!r} is not one of {', '.join(options)}")
     if cfg.batch_size < 2 or cfg.image_size < 16 or cfg.embed_dim < 1:
         raise UserError("batch_size must be >= 2 (contrastive), image_size >= 16 and embed_dim >= 1")
+    if (cfg.targets == "soft" or cfg.contrast == "classes") and (cfg.accum_steps > 1 or cfg.objective == "ce"):
+        raise UserError("--targets soft / --contrast classes work with --accum-steps 1 and --objective clip")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
     return cfg

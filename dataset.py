@@ -5,6 +5,7 @@ captions.csv: columns `image,caption` (optional `label`, `split`); `image` is re
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,13 @@ class PairDataset(torch.utils.data.Dataset):
     """(pixels [3,H,W], caption, group id, label idx) per row; None for an unreadable image (dropped in collate)."""
 
     def __init__(self, df: pd.DataFrame, cfg: Config, train: bool, caption_vocab: dict[str, int],
-                 label_vocab: dict[str, int], bank: dict[str, list[str]] | None = None):
+                 label_vocab: dict[str, int], bank: dict[str, list[str]] | None = None,
+                 dist_classes: list[str] | None = None):
         self.df, self.cfg, self.transform = df.reset_index(drop=True), cfg, build_transform(cfg, train)
         self.caption_vocab, self.label_vocab, self.bank = caption_vocab, label_vocab, bank
+        # [N, C] target distribution over dist_classes (soft votes or one-hot labels), when the loss wants one
+        self.dist = None if dist_classes is None else \
+            target_distributions(self.df, dist_classes, soft=cfg.targets == "soft", source=cfg.captions)
         self.epoch = 0   # used for plain integer keys (validation); training keys carry their epoch
 
     def __len__(self) -> int:
@@ -171,6 +176,8 @@ class PairDataset(torch.utils.data.Dataset):
         cap = self.caption(i, epoch)
         label = self.label_vocab.get(row["label"], -1)
         group = label if self.cfg.positives == "label" and label >= 0 else self.caption_vocab[cap]
+        if self.dist is not None:
+            return pixels, cap, group, label, torch.from_numpy(self.dist[i])
         return pixels, cap, group, label
 
 
@@ -202,14 +209,15 @@ class Collate:
         items = [it for it in items if it is not None]
         if not items:
             return None
-        pixels, caps, groups, labels = zip(*items)
+        pixels, caps, groups, labels = list(zip(*items))[:4]
         uniq = list(dict.fromkeys(caps))                          # U distinct captions, first-seen order
         pos = {c: k for k, c in enumerate(uniq)}
         tok = self.tokenizer(uniq, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return dict(pixels=torch.stack(pixels),                   # [B, 3, H, W]
                     input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],  # [U, L]
                     text_index=torch.tensor([pos[c] for c in caps]),                  # [B]
-                    groups=torch.tensor(groups), labels=torch.tensor(labels), dropped=n_in - len(items))
+                    groups=torch.tensor(groups), labels=torch.tensor(labels), dropped=n_in - len(items),
+                    **({"dist": torch.stack([it[4] for it in items])} if len(items[0]) > 4 else {}))   # [B, C]
 
 
 def build_vocabs(df: pd.DataFrame, bank: dict[str, list[str]] | None) -> tuple[dict[str, int], dict[str, int]]:
@@ -217,3 +225,38 @@ def build_vocabs(df: pd.DataFrame, bank: dict[str, list[str]] | None) -> tuple[d
     caps = list(df["caption"]) + [s for sentences in (bank or {}).values() for s in sentences]
     labels = sorted(l for l in set(df["label"]) if l != "")
     return {c: k for k, c in enumerate(dict.fromkeys(caps))}, {l: k for k, l in enumerate(labels)}
+
+
+def target_distributions(df: pd.DataFrame, classes: list[str], soft: bool, source: str = "captions.csv") -> np.ndarray:
+    """[N, C] float32 rows over `classes`: the `soft_labels` votes (JSON {class: share}) when soft, else one-hot labels.
+
+    Mass on classes outside `classes` (e.g. --exclude-classes) is dropped and the rest renormalised; a row left with
+    no mass falls back to its one-hot label, and a row whose label is not trained on stays all zero (no loss)."""
+    col = {c: k for k, c in enumerate(classes)}
+    out = np.zeros((len(df), len(classes)), np.float32)
+    for i, label in enumerate(df["label"]):
+        if label in col:
+            out[i, col[label]] = 1.0
+    if not soft:
+        return out
+    if "soft_labels" not in df.columns:
+        raise UserError(f"{source}: --targets soft needs a `soft_labels` column (prepare.py --format ferplus writes it)")
+    for i, text in enumerate(df["soft_labels"]):
+        votes = _parse_votes(text, f"{source} row {i + 2}")
+        row = np.array([max(0.0, votes.get(c, 0.0)) for c in classes], np.float32)
+        if row.sum() > 0:
+            out[i] = row / row.sum()
+    return out
+
+
+def _parse_votes(text, where: str) -> dict[str, float]:
+    if not isinstance(text, str) or not text.strip():
+        return {}
+    try:
+        votes = json.loads(text)
+        if not isinstance(votes, dict):
+            raise ValueError
+        return {str(k): float(v) for k, v in votes.items() if np.isfinite(float(v))}
+    except (ValueError, TypeError):
+        raise UserError(f"{where}: soft_labels is not a JSON object of class shares, e.g. "
+                        '{"happiness":0.8,"surprise":0.2}; fix the cell or train with --targets hard')

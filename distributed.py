@@ -112,12 +112,13 @@ def gather_cached(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: torch
             _gather_rows(groups, sizes, False), sum(sizes[:dist.get_rank()]))
 
 
-def sync_grads(model: torch.nn.Module, objective: str = "clip") -> None:
+def sync_grads(model: torch.nn.Module, average: bool = False) -> None:
     """All-reduce gradients after accum.accumulated_backward under torchrun (it bypasses DDP's hooks).
 
-    clip: every rank's backward passes took the gradient of the same global loss through its own rows only, so the
-    SUM over ranks is the full gradient -- except logit_scale, whose gradient every rank took whole: averaged.
-    ce: each rank's loss is the mean over its own rows, so everything is averaged, as DDP does.
+    contrastive (average=False): every rank's backward passes took the gradient of the same global loss through its
+    own rows only, so the SUM over ranks is the full gradient -- except logit_scale, whose gradient every rank took
+    whole: averaged. A row-wise loss (average=True, e.g. ce): each rank's loss is the mean over its own rows, so
+    everything is averaged, as DDP does.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
@@ -127,5 +128,5 @@ def sync_grads(model: torch.nn.Module, objective: str = "clip") -> None:
     world, i = dist.get_world_size(), 0
     for n, p in named:
         g = flat[i:i + p.numel()].view_as(p.grad)
-        p.grad.copy_(g / world if objective == "ce" or n == "logit_scale" else g)
+        p.grad.copy_(g / world if average or n == "logit_scale" else g)
         i += p.numel()

@@ -88,8 +88,8 @@ def pick_split(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
 # ----------------------------------------------------------------------------- model side
 
 def autocast_for(model, cfg, device: torch.device, amp: str | None):
-    """Autocast context per train.amp_dtype (checkpoint's amp unless --amp overrides), or fp32."""
-    from train import amp_dtype
+    """Autocast context per precision.amp_dtype (checkpoint's amp unless --amp overrides), or fp32."""
+    from precision import amp_dtype
     amp = amp or (cfg.amp if cfg.amp in ("auto", "bf16", "fp16", "off") else "auto")   # old checkpoints: amp=True
     dtype = amp_dtype(replace(cfg, amp=amp), device)
     if device.type == "cpu" and dtype == torch.float16:                 # CPU fp16 autocast: slow, no benefit
@@ -127,7 +127,7 @@ def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, aut
                 if tta:
                     e = F.normalize(e[:len(x)] + e[len(x):], dim=-1)                # [b,D]
                 embs.append(e.cpu())
-    dim = model.cfg.embed_dim
+    dim = model.embed_dim
     return (torch.cat(embs).numpy() if embs else np.zeros((0, dim), np.float32)), np.asarray(ok, bool)
 
 

@@ -136,6 +136,14 @@ class ProjectionHead(nn.Module):
         return self.norm(h + self.drop(self.fc(F.gelu(h))))
 
 
+def make_text_head(kind: str, in_dim: int, dim: int, dropout: float) -> nn.Module:
+    """mlp: the CLIP-tutorial head; linear: one matrix; none: identity, so a frozen text tower keeps its own
+    geometry and sentences never seen in training land where the tower puts them."""
+    if kind == "none":
+        return nn.Identity()
+    return nn.Linear(in_dim, dim) if kind == "linear" else ProjectionHead(in_dim, dim, dropout)
+
+
 class ExprCLIP(nn.Module):
     def __init__(self, cfg: Config, load_weights: bool = True, hf_config: dict | None = None,
                  tokenizer_dir: str | None = None, class_names: list[str] | None = None):
@@ -144,13 +152,15 @@ class ExprCLIP(nn.Module):
         self.class_names = list(class_names or [])     # label order of `classifier` (objective=ce)
         self.image_encoder = build_image_encoder(cfg, load_weights)
         self.text_encoder, self.tokenizer = build_text_encoder(cfg, load_weights, hf_config, tokenizer_dir)
-        self.image_head = ProjectionHead(self.image_encoder.num_features, cfg.embed_dim, cfg.proj_dropout)
-        self.text_head = ProjectionHead(self.text_encoder.config.hidden_size, cfg.embed_dim, cfg.proj_dropout)
+        text_dim = self.text_encoder.config.hidden_size
+        self.embed_dim = text_dim if cfg.text_head == "none" else cfg.embed_dim   # the shared space's width
+        self.image_head = ProjectionHead(self.image_encoder.num_features, self.embed_dim, cfg.proj_dropout)
+        self.text_head = make_text_head(cfg.text_head, text_dim, self.embed_dim, cfg.proj_dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         if cfg.objective == "ce":   # baseline: a linear classifier over the image embedding, trained with CE
             if not self.class_names:
                 raise UserError("objective=ce needs labelled data (a `label` column in captions.csv)")
-            self.classifier = nn.Linear(cfg.embed_dim, len(self.class_names))
+            self.classifier = nn.Linear(self.embed_dim, len(self.class_names))
         data_cfg = timm.data.resolve_data_config({}, model=self.image_encoder)
         self.image_mean, self.image_std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
         for enc, frozen in ((self.text_encoder, cfg.freeze_text), (self.image_encoder, cfg.freeze_image)):
@@ -212,18 +222,21 @@ class ExprCLIP(nn.Module):
         dev = self.logit_scale.device
         return self.encode_tokens(tok["input_ids"].to(dev), tok["attention_mask"].to(dev))
 
-    def forward(self, pixels, input_ids, attention_mask, text_index=None):
+    def forward(self, pixels, input_ids=None, attention_mask=None, text_index=None) -> dict:
         """pixels [B,3,H,W]; tokens [U,L] for the U distinct captions; text_index [B] maps pair -> caption.
 
-        Each distinct caption is encoded once and scattered to its pairs, so the text cost scales with U, not B.
-        Returns (image_emb [B,D], text_emb [B,D], logit_scale scalar)."""
+        Each distinct caption is encoded once (and scattered to its pairs when text_index is given), so the text cost
+        scales with U, not B. Outputs by name, as open_clip's output_dict: image_features [B,D], text_features
+        ([B,D], [U,D] without text_index, None without tokens), logit_scale (scalar, exp'd and clamped) and, for
+        objective=ce, logits [B,C] of the classifier baseline."""
         img = self.encode_image(pixels)
-        if self.cfg.objective == "ce":                            # baseline: (img, class logits [B, C], scale)
-            return img, self.classifier(img) * self.scale(), self.scale()
-        txt = self.encode_tokens(input_ids, attention_mask)      # [U, D]
-        if text_index is not None:
-            txt = txt[text_index]                                 # [B, D]
-        return img, txt, self.scale()
+        out = dict(image_features=img, text_features=None, logit_scale=self.scale())
+        if self.cfg.objective == "ce":
+            out["logits"] = self.classifier(img) * out["logit_scale"]
+        elif input_ids is not None:
+            txt = self.encode_tokens(input_ids, attention_mask)       # [U, D]
+            out["text_features"] = txt[text_index] if text_index is not None else txt
+        return out
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -60,7 +60,7 @@ class Engine:
         if not gallery.is_dir():
             raise UserError(f"{gallery}: gallery folder not found (pass --gallery DIR)")
         key = hashlib.sha256(str(gallery.resolve()).encode()).hexdigest()[:12]
-        self.index = GalleryIndex.open(gallery, digest, self.cfg.embed_dim, index_root=Path(cache_root) / key)
+        self.index = GalleryIndex.open(gallery, digest, self.model.embed_dim, index_root=Path(cache_root) / key)
         stats = self.index.update(list_images(gallery), make_encoder(self.model, self.cfg, self.device),
                                   batch_size=64, progress=progress)
         self.failed = list(stats.get("failed_paths", []))
@@ -79,7 +79,7 @@ class Engine:
         """PIL images -> [N, D] unit vectors, encoded in batches."""
         tf = build_transform(self.cfg, train=False)
         gray = self.cfg.grayscale
-        out = [np.zeros((0, self.cfg.embed_dim), np.float32)]
+        out = [np.zeros((0, self.model.embed_dim), np.float32)]
         for i in range(0, len(images), batch_size):
             ims = [im.convert("L").convert("RGB") if gray else im.convert("RGB") for im in images[i:i + batch_size]]
             x = torch.stack([tf(image=np.asarray(im))["image"] for im in ims]).to(self.device)   # [b, 3, H, W]

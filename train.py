@@ -11,7 +11,6 @@ import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,9 @@ from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_table, split_table
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
 from accum import accumulated_backward
-from loss import clip_loss
+from loss import make_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
+from precision import amp_dtype, amp_setup  # noqa: F401 (amp_dtype re-exported for older imports)
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
 
 
@@ -50,32 +50,6 @@ def param_groups(model: ExprCLIP, cfg: Config) -> list[dict]:
         groups += [dict(name=name, params=decay, lr=lr, base_lr=lr, weight_decay=cfg.weight_decay),
                    dict(name=name + "_nd", params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0)]
     return [g for g in groups if g["params"]]
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix units on this CPU (AMX or AVX512-BF16): autocast to bf16 is then several times faster."""
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this config and device, or None for fp32."""
-    if cfg.amp == "off" or device.type not in ("cuda", "cpu"):
-        return None
-    if cfg.amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else None
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-
-
-def amp_setup(cfg: Config, device: torch.device):
-    """(autocast context factory, GradScaler or None): fp16 gets a scaler, bf16 and fp32 do not."""
-    dtype = amp_dtype(cfg, device)
-    if dtype is None:
-        return nullcontext, None
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 class TrainableEma(ModelEmaV3):
@@ -123,6 +97,8 @@ class Trainer:
         if cfg.compile:
             self.model.image_encoder.compile()
             self.model.text_encoder.compile()
+        if self.world > 1 and self.train_classes is not None:
+            raise UserError("--targets soft / --contrast classes run in one process for now (not under torchrun)")
         self.net = self.model   # what the training step calls: DDP-wrapped under torchrun
         if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself; BatchNorm
                                 # statistics then stay per rank (rank 0's are saved)
@@ -133,6 +109,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.loss_fn = make_loss(cfg)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
         self.autocast, self.scaler = amp_setup(cfg, self.device)
         self.step, self.epoch, self.batch_in_epoch, self.best, self.history = 0, 0, 0, -math.inf, []
@@ -151,9 +128,16 @@ class Trainer:
             from captions import load_caption_bank
             self.bank = load_caption_bank(cfg.caption_bank)
         cap_vocab, self.label_vocab = build_vocabs(df, self.bank)
-        self.train_ds = PairDataset(self.train_df, cfg, True, cap_vocab, self.label_vocab, self.bank)
-        self.val_ds = PairDataset(self.val_df, cfg, False, cap_vocab, self.label_vocab, self.bank)
         self.class_texts = class_texts(df, self.bank)
+        # classes the loss sees as distributions (targets=soft or contrast=classes): the trained labels only, so an
+        # excluded class's votes and sentences never reach training
+        soft_loss = cfg.targets == "soft" or cfg.contrast == "classes"
+        self.train_classes = sorted(l for l in set(self.train_df["label"]) if l != "") if soft_loss else None
+        if soft_loss and not self.train_classes:
+            raise UserError("--targets soft / --contrast classes need a `label` column in captions.csv")
+        self.train_ds = PairDataset(self.train_df, cfg, True, cap_vocab, self.label_vocab, self.bank,
+                                    self.train_classes)
+        self.val_ds = PairDataset(self.val_df, cfg, False, cap_vocab, self.label_vocab, self.bank, self.train_classes)
 
     def train_batches(self, epoch: int) -> list[list[int]]:
         """The epoch's batches as index lists: a seeded permutation (or a label-balanced / weighted draw)."""
@@ -192,21 +176,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def forward_loss(self, batch, net=None) -> torch.Tensor:
-        """Contrastive loss over the (global, under torchrun) batch; or cross-entropy for objective=ce."""
+        """The configured loss (loss.make_loss) over the batch: the CLIP loss over the (global, under torchrun)
+        batch's captions, the soft loss over class distributions, or cross-entropy for objective=ce."""
         dev, net = self.device, net or self.net
         pixels = batch["pixels"].to(dev, non_blocking=True)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
+        targets = dict(groups=batch["groups"].to(dev), labels=batch["labels"].to(dev))
+        if self.cfg.contrast == "classes":          # every sentence of every trained class, each step
+            ids, mask, targets["text_class"] = self.class_sentences
+            text_index = None
+        else:
+            ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+            text_index = batch["text_index"].to(dev)
+            if "dist" in batch:                     # a caption's class is its image's label (drawn by label)
+                targets["text_class"] = self.caption_class(batch["labels"]).to(dev)
+        if "dist" in batch:
+            targets["dist"] = batch["dist"].to(dev)
         with self.autocast():
-            img, txt, scale = net(pixels, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                  batch["text_index"].to(dev))
-        if self.cfg.objective == "ce":             # txt holds class logits here
-            return torch.nn.functional.cross_entropy(txt.float(), batch["labels"].to(dev))
-        groups = batch["groups"].to(dev)
-        img, txt = img.float(), txt.float()
-        if self.world > 1 and net is self.net:
-            img, txt, groups = gather_for_loss(img, txt, groups)
-        return clip_loss(img, txt, scale.float(), groups)
+            out = net(pixels, ids, mask, text_index)
+        if self.world > 1 and net is self.net and not self.loss_fn.rowwise:
+            out["image_features"], out["text_features"], targets["groups"] = gather_for_loss(
+                out["image_features"].float(), out["text_features"].float(), targets["groups"])
+        return self.loss_fn(out, targets)
+
+    def caption_class(self, labels: torch.Tensor) -> torch.Tensor:
+        """[B] label ids -> index of the caption's class in train_classes (captions are drawn by label); -1 if none."""
+        lookup = torch.full((len(self.label_vocab) + 1,), -1)        # the extra last slot answers label -1
+        for k, l in enumerate(self.train_classes):
+            lookup[self.label_vocab[l]] = k
+        return lookup[labels]
+
+    @property
+    def class_sentences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every sentence of every trained class, tokenized once: (ids [M, L], mask [M, L], class index [M])."""
+        if getattr(self, "_class_sentences", None) is None:
+            texts = [(t, k) for k, l in enumerate(self.train_classes) for t in self.class_texts.get(l, [])]
+            missing = [l for l in self.train_classes if not self.class_texts.get(l)]
+            if missing:
+                raise UserError(f"--contrast classes: no sentence for class(es) {', '.join(missing)}")
+            tok = self.model.tokenize([t for t, _ in texts])
+            self._class_sentences = (tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device),
+                                     torch.tensor([k for _, k in texts], device=self.device))
+        return self._class_sentences
 
     def train_step(self, batch) -> float:
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.step)   # dropout etc.: a function of the step (exact resume)
@@ -218,8 +230,8 @@ class Trainer:
             if self.channels_last:
                 batch = dict(batch, pixels=batch["pixels"].contiguous(memory_format=torch.channels_last))
             loss = accumulated_backward(self.model, batch, self.cfg.accum_steps, self.autocast, backward,
-                                        self.device, self.cfg.objective)
-            sync_grads(self.model, self.cfg.objective)          # all-reduce under torchrun; no-op otherwise
+                                        self.device, self.loss_fn)
+            sync_grads(self.model, average=self.loss_fn.rowwise)   # all-reduce under torchrun; no-op otherwise
         else:
             loss = self.forward_loss(batch)
             backward(loss)

@@ -26,7 +26,8 @@ from config import make_config  # noqa: E402
 from captions import load_caption_bank  # noqa: E402
 from loss import clip_loss  # noqa: E402
 from model import ExprCLIP, resolve_source  # noqa: E402
-from train import amp_dtype, amp_setup, param_groups  # noqa: E402
+from precision import amp_dtype, amp_setup  # noqa: E402
+from train import param_groups  # noqa: E402
 
 
 def distilbert_folder(tokenizer_dir: str) -> str:

@@ -7,7 +7,7 @@ import torch
 import train
 from accum import accumulated_backward, micro_slices
 from config import make_config
-from loss import clip_loss
+from loss import clip_loss, make_loss
 from model import ExprCLIP
 
 
@@ -35,14 +35,15 @@ def test_accumulated_gradients_equal_one_full_batch(objective):
         return g
 
     if objective == "clip":
-        img, txt, s = model(batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["text_index"])
-        full = clip_loss(img, txt, s, batch["groups"])
+        out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["text_index"])
+        full = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], batch["groups"])
     else:
-        _, logits, _ = model(batch["pixels"], None, None)
+        logits = model(batch["pixels"])["logits"]
         full = torch.nn.functional.cross_entropy(logits, batch["labels"])
     full.backward()
     ref = grads()
-    loss = accumulated_backward(model, batch, 3, nullcontext, lambda l: l.backward(), torch.device("cpu"), objective)
+    loss = accumulated_backward(model, batch, 3, nullcontext, lambda l: l.backward(), torch.device("cpu"),
+                                make_loss(cfg))
     got = grads()
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
     assert ref.keys() == got.keys()

@@ -116,6 +116,7 @@ def _accum_worker(rank: int, port: int, out: str) -> None:
 
     from accum import accumulated_backward
     from distributed import sync_grads
+    from loss import make_loss
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     init_distributed()
@@ -124,8 +125,8 @@ def _accum_worker(rank: int, port: int, out: str) -> None:
         model = tiny_clip(objective)
         lo, hi = (0, split) if rank == 0 else (split, 8)
         loss = accumulated_backward(model, clip_batch(model, lo, hi), 2, nullcontext, lambda l: l.backward(),
-                                    torch.device("cpu"), objective)
-        sync_grads(model, objective)
+                                    torch.device("cpu"), make_loss(model.cfg))
+        sync_grads(model, average=objective == "ce")
         results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     torch.save(results, f"{out}/accum{rank}.pt")
     torch.distributed.destroy_process_group()

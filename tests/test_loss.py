@@ -80,3 +80,64 @@ def test_aligned_pairs_score_lower_than_shuffled():
     aligned = clip_loss(img, img, torch.tensor(20.0))
     shuffled = clip_loss(img, img[torch.randperm(16, generator=g)], torch.tensor(20.0))
     assert aligned < shuffled
+
+
+# ----------------------------------------------------------------------------- soft (vote-distribution) targets
+
+from loss import soft_clip_loss, soft_targets  # noqa: E402
+
+
+def reference_soft_loss(img, txt, scale, dist, text_class):
+    """Loop version of the soft loss: image i gives class c's mass dist[i][c] evenly to the texts of class c
+    (renormalised over the classes present); text j takes images in proportion to dist[i][c_j]."""
+    n, m = len(dist), len(text_class)
+    L = [[scale * float(img[i] @ txt[j]) for j in range(m)] for i in range(n)]
+    count = {c: text_class.count(c) for c in text_class}
+    i2t = 0.0
+    for i in range(n):
+        w = [dist[i][text_class[j]] / count[text_class[j]] for j in range(m)]
+        lse = math.log(sum(math.exp(v) for v in L[i]))
+        i2t += -sum(w[j] / sum(w) * (L[i][j] - lse) for j in range(m)) if sum(w) > 0 else 0.0
+    t2i, rows = 0.0, 0
+    for j in range(m):
+        w = [dist[i][text_class[j]] for i in range(n)]
+        if sum(w) == 0:
+            continue
+        lse = math.log(sum(math.exp(L[i][j]) for i in range(n)))
+        t2i += -sum(w[i] / sum(w) * (L[i][j] - lse) for i in range(n))
+        rows += 1
+    return 0.5 * (i2t / n + t2i / rows)
+
+
+def test_soft_loss_equals_multi_positive_loss_when_every_distribution_is_one_hot():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 2, 2, 1, 0, 2])
+    img, txt = unit(torch.randn(6, 5, generator=g)), unit(torch.randn(6, 5, generator=g))
+    dist = F.one_hot(labels, 4).float()
+    got = soft_clip_loss(img, txt, torch.tensor(10.0), dist, labels)
+    assert got.item() == pytest.approx(clip_loss(img, txt, torch.tensor(10.0), labels).item(), rel=1e-6)
+
+
+def test_soft_loss_matches_reference_on_vote_distributions():
+    g = torch.Generator().manual_seed(2)
+    dist = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.8], [0.5, 0.0, 0.5]])
+    text_class = [0, 1, 1, 2, 0]           # e.g. every class sentence: class 1 has two paraphrases
+    img, txt = unit(torch.randn(4, 5, generator=g)), unit(torch.randn(5, 5, generator=g))
+    got = soft_clip_loss(img, txt, torch.tensor(7.0), dist, torch.tensor(text_class))
+    assert got.item() == pytest.approx(reference_soft_loss(img, txt, 7.0, dist.tolist(), text_class), rel=1e-5)
+
+
+def test_votes_split_image_mass_between_both_classes_sentences():
+    dist = torch.tensor([[0.6, 0.4]])                           # 6 surprise / 4 fear
+    i2t, t2i = soft_targets(dist, torch.tensor([0, 1, 1]))      # one surprise sentence, two fear sentences
+    assert i2t[0].tolist() == pytest.approx([0.6, 0.2, 0.2])
+    assert t2i[:, 0].tolist() == pytest.approx([1.0, 1.0, 1.0])  # one image: every text's target is that image
+
+
+def test_text_of_a_class_absent_from_the_batch_adds_no_loss():
+    g = torch.Generator().manual_seed(3)
+    img, txt = unit(torch.randn(3, 4, generator=g)), unit(torch.randn(3, 4, generator=g))
+    dist = F.one_hot(torch.tensor([0, 0, 1]), 3).float()
+    with_absent = soft_clip_loss(img, torch.cat([txt, unit(torch.randn(1, 4, generator=g))]), torch.tensor(5.0),
+                                 dist, torch.tensor([0, 0, 1, 2]))
+    assert torch.isfinite(with_absent)

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config import make_config
 from loss import clip_loss
@@ -26,12 +27,24 @@ def batch(model, captions, n_img):
 def test_outputs_are_unit_vectors_of_embed_dim(tiny):
     caps = ["a smile", "a frown", "a smile", "wide-open eyes"]
     x, tok, idx = batch(tiny, caps, 4)
-    img, txt, scale = tiny(x, tok["input_ids"], tok["attention_mask"], idx)
+    out = tiny(x, tok["input_ids"], tok["attention_mask"], idx)
+    img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     assert img.shape == txt.shape == (4, tiny.cfg.embed_dim)
     assert torch.allclose(img.norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.allclose(txt.norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.equal(txt[0], txt[2])                        # the same caption scattered to both pairs
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+    assert "logits" not in out                                # only the ce baseline has class logits
+
+
+def test_identity_text_head_keeps_the_text_towers_geometry():
+    cfg = make_config(dict(text_head="none", image_size=32, embed_dim=16), preset="tiny")
+    m = ExprCLIP(cfg).eval()
+    tok = m.tokenize(["a smile", "a frown"])
+    pooled = F.normalize(m.pool(tok["input_ids"], tok["attention_mask"]), dim=-1)
+    assert m.embed_dim == m.text_encoder.config.hidden_size != cfg.embed_dim
+    assert torch.allclose(m.encode_text(["a smile", "a frown"]), pooled, atol=1e-6)
+    assert m.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, m.embed_dim)
 
 
 def test_logit_scale_is_clamped_at_100(tiny):
@@ -52,8 +65,8 @@ def test_distinct_caption_encoding_equals_encoding_every_caption():
 
     def loss_and_grads(tok, index):
         model.zero_grad()
-        img, txt, s = model(x, tok["input_ids"], tok["attention_mask"], index)
-        loss = clip_loss(img, txt, s, groups)
+        out = model(x, tok["input_ids"], tok["attention_mask"], index)
+        loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"], groups)
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
