@@ -257,3 +257,73 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
     width = [max([len(str(col))] + [len(b[i]) for b in body]) for i, col in enumerate(columns)]
     line = lambda cells: "  ".join(s.rjust(w) if n else s.ljust(w) for s, w, n in zip(cells, width, num)).rstrip()
     return "\n".join([line([str(c) for c in columns]), "  ".join("-" * w for w in width)] + [line(b) for b in body])
+
+
+# ----------------------------------------------------------------------------- FER+ vote distributions
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax ([N,C]); -inf entries stay -inf (a row needs one finite entry)."""
+    m = logits.max(axis=1, keepdims=True)
+    z = logits - m
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def vote_agreement(logits, votes) -> dict:
+    """Agreement of predicted distributions softmax(logits) [N,C] with annotator vote distributions [N,C] (counts or
+    fractions, normalised per row here): mean cross-entropy H(q, p), mean KL(q || p) and the mean vote entropy H(q)
+    (the floor of the cross-entropy), all in nats. A zero-vote class contributes nothing; a voted class the
+    prediction rules out (-inf logit) makes that row's CE and KL inf."""
+    s, q = _np(logits).astype(np.float64), _np(votes).astype(np.float64)
+    if s.ndim != 2 or s.shape != q.shape:
+        raise UserError(f"logits {s.shape} and votes {q.shape} must both be [N,C]")
+    if (q < 0).any() or (len(q) and (q.sum(1) <= 0).any()) or np.isnan(q).any() or np.isnan(s).any():
+        raise UserError("votes must be >= 0 with at least one vote per row, and logits must not be NaN")
+    q = q / q.sum(1, keepdims=True)
+    logp = _log_softmax(s)
+    with np.errstate(invalid="ignore"):
+        ce = -np.where(q > 0, q * logp, 0.0).sum(1)                                   # [N]
+        ent = -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(1)       # [N]
+    return {"ce": float(ce.mean()) if len(ce) else float("nan"),
+            "kl": float((ce - ent).mean()) if len(ce) else float("nan"),
+            "entropy": float(ent.mean()) if len(ent) else float("nan")}
+
+
+def onehot_logits(y, n_classes: int, smoothing: float = 0.0) -> np.ndarray:
+    """Log-probabilities [N,C] of a hard predictor: (1 - smoothing) on class y plus smoothing / C everywhere
+    (smoothing 0: -inf off the class). The majority-vote reference for vote_agreement."""
+    y = _np(y).astype(np.int64).reshape(-1)
+    if not 0 <= smoothing <= 1 or (len(y) and (y.min() < 0 or y.max() >= n_classes)):
+        raise UserError(f"onehot_logits: labels must lie in [0, {n_classes}) and smoothing in [0, 1]")
+    p = np.full((len(y), n_classes), smoothing / n_classes)
+    p[np.arange(len(y)), y] += 1.0 - smoothing
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def compound_pairs(votes, classes: Sequence[str], min_votes: float = 3, min_faces: int = 20) -> dict:
+    """Compound expressions from vote counts [N,C]: for every class pair (a, b) in `classes` order, the faces with
+    >= min_votes votes for both. Returns {"a+b": bool [N]} for the pairs with >= min_faces faces, most faces first
+    (ties in class order). A face with three such classes counts for each of its pairs."""
+    v = _np(votes).astype(np.float64)
+    if v.ndim != 2 or v.shape[1] != len(classes):
+        raise UserError(f"votes {v.shape} must be [N, {len(classes)}] (one column per class)")
+    strong = v >= min_votes                                                           # [N,C]
+    pairs = {f"{classes[a]}+{classes[b]}": strong[:, a] & strong[:, b]
+             for a in range(len(classes)) for b in range(a + 1, len(classes))}
+    kept = [(k, m) for k, m in pairs.items() if m.sum() >= min_faces]
+    return dict(sorted(kept, key=lambda km: -int(km[1].sum())))                       # stable: class order on ties
+
+
+def ap_gain(pair_scores, single_scores, relevant) -> dict:
+    """Retrieval of compound faces: AP of one query's scores [N] against the better of K single-class queries
+    [N,K] (e.g. the two emotions' own sentences), relevant [N] bool. -> {ap, single_aps [K], best_single_ap,
+    gain = ap - best_single_ap}; APs are nan (None in JSON) with no relevant face."""
+    p, s = _np(pair_scores).astype(np.float64).reshape(-1), _np(single_scores).astype(np.float64)
+    r = _np(relevant).astype(bool).reshape(-1)
+    if s.ndim != 2 or len(s) != len(p) or len(r) != len(p):
+        raise UserError(f"pair_scores [N], single_scores [N,K] and relevant [N] disagree: {p.shape}, {s.shape}, "
+                        f"{r.shape}")
+    ap = float(average_precision(p[None], r[None])[0])
+    singles = average_precision(s.T, np.broadcast_to(r, s.T.shape))                   # [K]
+    best = float(np.max(singles)) if len(singles) and not np.isnan(singles).all() else float("nan")
+    return {"ap": _py(ap), "single_aps": _py(singles), "best_single_ap": _py(best), "gain": _py(ap - best)}
