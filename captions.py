@@ -38,7 +38,14 @@ def canonical_name(name) -> str:
 
 
 def load_caption_bank(name_or_path: str = "paper") -> dict[str, list[str]]:
-    """'paper', 'rich' or a CSV path with columns label,caption -> {canonical label: [sentences in file order]}."""
+    """'paper', 'rich' or a CSV path with columns label,caption -> {canonical label: [sentences in file order]}.
+    A comma list ('paper,rich') merges banks in order, each sentence once."""
+    if "," in name_or_path:
+        merged: dict[str, list[str]] = {}
+        for part in filter(None, (p.strip() for p in name_or_path.split(","))):
+            for label, sentences in load_caption_bank(part).items():
+                merged[label] = list(dict.fromkeys(merged.get(label, []) + sentences))
+        return merged
     path = BANK_DIR / f"{name_or_path}.csv" if name_or_path in SHIPPED_BANKS else Path(name_or_path)
     if not path.is_file():
         raise UserError(f"caption bank {name_or_path!r}: no such file; use paper, rich or a CSV with columns label,caption")

@@ -71,3 +71,10 @@ def test_caption_for_first_random_seeded():
         caption_for("pain", bank)
     with pytest.raises(UserError, match="caption sampling"):
         caption_for("fear", bank, rng, "best")
+
+
+def test_a_comma_list_merges_banks_in_order_without_repeats():
+    merged = load_caption_bank("paper,rich,paper")
+    paper, rich = load_caption_bank("paper"), load_caption_bank("rich")
+    assert merged["contempt"] == paper["contempt"] + [s for s in rich["contempt"] if s not in paper["contempt"]]
+    assert set(merged) == set(paper) | set(rich)
