@@ -6,7 +6,7 @@
     python bench/ferplus.py --limit 600 --epochs 1 --min-pair-faces 3 --work runs/ferplus_smoke   # smoke run
 
 FER2013Valid (the FER-2013 PublicTest faces) is the evaluation split: it is renamed `test` in the bench's copy of
-captions.csv, so training carves its model-selection split out of train (--val-fraction) and never sees it. Every
+captions.csv; model selection uses 3% of train (stratified, seeded), so training never sees it. Every
 evaluation scores through sentences (cosine to class prototypes, no prior): majority-vote top-1/UAR with the paper
 sentences, agreement with the annotators' vote distributions, unseen phrasing (captions/everyday.csv), the unseen
 class (contempt), compound expressions (captions/compound.csv) and FER-2013 seven-class top-1 on the same faces.
@@ -41,13 +41,18 @@ from utils import UserError, pick_device, read_csv_checked, run_cli  # noqa: E40
 from ferplus_report import section, upsert_section  # noqa: E402
 
 # The training recipe of every run (the lead finalises it; --recipe replaces it, --extra appends ablation flags).
-RECIPE = ["--preset", "offline", "--caption-bank", "rich", "--caption-sampling", "random", "--positives", "label",
-          "--batch-size", "64", "--image-size", "64", "--val-fraction", "0.03", "--select-by", "val_top1"]
+# Chosen by the ablation in BENCHMARKS.md: every class sentence each step, vote distributions as targets, the frozen
+# MiniLM space as the shared space (no text head), both shipped banks as training sentences.
+RECIPE = ["--preset", "offline", "--batch-size", "64", "--image-size", "64", "--caption-bank", "paper,rich",
+          "--caption-sampling", "random", "--positives", "label", "--targets", "soft", "--contrast", "classes",
+          "--text-head", "none", "--lr-image", "1e-3", "--warmup-steps", "200", "--select-by", "val_top1",
+          "--seed", "0"]
 RUNS = {"main": [], "unseen": ["--exclude-classes", "contempt"]}
 UNSEEN = "contempt"
 CLASSES = list(CANONICAL)                        # the eight FER+ emotions, paper order
 EVERYDAY = ROOT / "captions" / "everyday.csv"    # evaluation only: informal phrasings, label,caption
 COMPOUND = ROOT / "captions" / "compound.csv"    # evaluation only: pair,caption
+VAL_FRACTION = 0.03                              # of train, for model selection
 SMOOTHING = 0.1                                  # label smoothing of the one-hot majority reference
 
 
@@ -65,9 +70,10 @@ def vote_table(ferplus: Path) -> dict[tuple[str, str], list[int]]:
     return out
 
 
-def prepare_data(ferplus: Path, work: Path, limit: int) -> Path:
+def prepare_data(ferplus: Path, work: Path, limit: int, with_sample: bool = False) -> Path:
     """The bench's captions.csv: FER+ via prepare.py, PublicTest (val) renamed `test`, PrivateTest rows dropped,
-    a `votes` column (JSON counts, CLASSES order); `limit` keeps a split x label stratified subset."""
+    3% of train as `val`, a `votes` column (JSON counts, CLASSES order); with_sample appends the bundled drawn sample
+    (images/ + captions.csv) as training rows; `limit` keeps a split x label stratified subset."""
     data = work / "data"
     if not (data / "captions.csv").is_file():
         prepared = work / "prepared"
@@ -75,6 +81,8 @@ def prepare_data(ferplus: Path, work: Path, limit: int) -> Path:
             prepare.convert(ferplus, "ferplus", prepared, verify=False)
         df = pd.read_csv(prepared / "captions.csv", dtype=str, keep_default_na=False)
         df = df[df["split"] != "test"].assign(split=lambda d: d["split"].replace({"val": "test"}))
+        train_rows = df[df["split"] == "train"]                 # model selection: 3% of train, stratified, seeded
+        df.loc[train_rows.groupby("label").sample(frac=VAL_FRACTION, random_state=0).index, "split"] = "val"
         votes = vote_table(ferplus)
         keys = [(Path(p).parent.name, Path(p).name) for p in df["image"]]
         if missing := [k for k in keys if k not in votes]:
@@ -83,6 +91,8 @@ def prepare_data(ferplus: Path, work: Path, limit: int) -> Path:
         df["votes"] = [json.dumps(votes[k]) for k in keys]
         data.mkdir(parents=True, exist_ok=True)
         df.to_csv(data / "captions.csv", index=False)
+    if with_sample:                                             # + the bundled drawn faces (the demo's gallery)
+        data = add_sample(data, work / "data_sample")
     if not limit:
         return data
     df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
@@ -91,6 +101,18 @@ def prepare_data(ferplus: Path, work: Path, limit: int) -> Path:
     data.mkdir(parents=True, exist_ok=True)
     sub.to_csv(data / "captions.csv", index=False)
     return data
+
+
+def add_sample(data: Path, out: Path) -> Path:
+    """A copy of data/captions.csv with the bundled sample's 600 drawn faces appended as training rows (no votes:
+    their target is their label)."""
+    if not (out / "captions.csv").is_file():
+        df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
+        sample = pd.read_csv(ROOT / "captions.csv", dtype=str, keep_default_na=False)
+        sample = sample.assign(image=[str(ROOT / "images" / p) for p in sample["image"]], split="train")
+        out.mkdir(parents=True, exist_ok=True)
+        pd.concat([df, sample], ignore_index=True).fillna("").to_csv(out / "captions.csv", index=False)
+    return out
 
 
 def prepare_fer2013(fer: Path, work: Path, frac: float) -> Path | None:
@@ -288,6 +310,7 @@ def common_args(a) -> str:
     """The options of this invocation that change a figure, for the reproduce commands."""
     out = "" if a.recipe is None else f" --recipe {shlex.quote(a.recipe)}"
     out += f" --limit {a.limit}" if a.limit else ""
+    out += " --with-sample" if a.with_sample else ""
     out += f" --min-pair-faces {a.min_pair_faces}" if a.min_pair_faces != 20 else ""
     return out + (f" --work {a.work}" if a.work != WORK else "")
 
@@ -301,7 +324,7 @@ def run_plan(a) -> list[dict]:
     for run in filter(None, a.runs.split(",")):
         if run not in RUNS:
             raise UserError(f"--runs {run}: unknown run; use {', '.join(RUNS)}")
-        name = run + (f"+{slug(a.extra)}" if extra else "")
+        name = run + ("+sample" if a.with_sample else "") + (f"+{slug(a.extra)}" if extra else "")
         plans.append(dict(name=name, dir=Path(a.work) / name, flags=recipe + RUNS[run] + extra + ["--epochs",
                           str(a.epochs)], extra=a.extra, command=f"python bench/ferplus.py --runs {run} --epochs "
                           f"{a.epochs}{f' --extra {shlex.quote(a.extra)}' if extra else ''}{common_args(a)}"))
@@ -358,7 +381,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--out", default="BENCHMARKS.md", help="markdown file whose `## FER+` section is (re)written")
     ap.add_argument("--runs", default="main,unseen", help=f"comma list of {', '.join(RUNS)}")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=4, help="4 fit the 45-minute budget on 2 CPU cores")
+    ap.add_argument("--with-sample", action="store_true",
+                    help="also train on the bundled drawn sample (how the shipped model was made: the demo's gallery)")
     ap.add_argument("--recipe", help="train.py flags replacing RECIPE (quoted)")
     ap.add_argument("--extra", default="", help="train.py flags appended to RECIPE (quoted): an ablation row")
     ap.add_argument("--checkpoint", help="evaluate this checkpoint instead of training (row named after it)")
@@ -377,7 +402,7 @@ def main(argv=None) -> int:
         if p["flags"] is not None and (bad := unknown_flags(p["flags"])):
             raise UserError(f"run {p['name']}: train.py does not know {', '.join(bad)} in this checkout; "
                             "drop them with --recipe \"...\" or update train.py")
-    data = prepare_data(ferplus, work, a.limit)
+    data = prepare_data(ferplus, work, a.limit, a.with_sample)
     n_all = len(pd.read_csv(work / "data" / "captions.csv", usecols=["split"]))     # --limit: the same fraction
     fer_csv = prepare_fer2013(Path(a.fer2013), work, min(1.0, a.limit / n_all) if a.limit else 1.0)
     for p in plans:
