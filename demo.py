@@ -1,56 +1,59 @@
 """Browser demo: find faces by describing an expression, and rank expression sentences for an uploaded face.
 
-    python demo.py                         # model_final.pth over images/, http://127.0.0.1:7860
-    python demo.py --quickstart            # no model yet: train one on the bundled sample first (offline, ~3 min)
-    python demo.py --gallery DIR --checkpoint PATH --host 0.0.0.0 --port 7860 [--share] [--max-faces 5]
+    python demo.py                         # serves at once on http://127.0.0.1:7860 (no training)
+    python demo.py --checkpoint PATH --gallery DIR --host 0.0.0.0 --port 7860 [--share] [--max-faces 5]
+
+The model served: --checkpoint PATH, else model_final.pth in the project root (drop your trained model there), else
+the bundled models/exprclip-ferplus.pth. The log says which one and why. Train your own with
+`python train.py --preset offline --data .` (see the README).
 
 The Gradio code is a thin layer over retrieval.py / sequence.py / vocab.py; every handler turns a bad request into a
-message. Endpoints (gradio_client): /search, /rank, /similar, /sequence, /save_vocab, /load_vocab.
+message that names uploads by their file name only. Endpoints (gradio_client): /search, /rank, /similar, /sequence,
+/save_vocab, /load_vocab.
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import os
 import tempfile
-import traceback
 from pathlib import Path
 
 from captions import load_caption_bank
-from retrieval import (Engine, frame_crops, load_frames, rank_faces, score_frames, search_text, similar_images,
-                       similar_to_gallery_image)
+from index import describe_update
+from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces, score_frames, search_text,
+                       similar_images, similar_to_gallery_image)
 from utils import UserError, run_cli
+from webguard import keep_text, number_in, with_fallback
 
+ROOT = Path(__file__).resolve().parent
+ROOT_MODEL = ROOT / "model_final.pth"                        # the paper's workflow: drop a trained model here
+BUNDLED_MODEL = ROOT / "models" / "exprclip-ferplus.pth"     # shipped; served when ROOT_MODEL is absent
+TRAIN_COMMAND = "python train.py --preset offline --data ."
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
 EXAMPLES = ["a wide smile", "An expression of disdain and superiority."] + PAPER_SENTENCES
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_VOCAB_BYTES = 256_000
+MAX_EXPRESSIONS = 200          # sentences ranked per request
+MAX_K = 100                    # results per search (the slider stops at 50; API callers may ask more)
+SHOWN_QUERY_CHARS = 80
 
 
-def safe(fn):
-    """Handler wrapper: UserError -> its message; anything else -> a short message (server keeps serving).
-    The fallback gets (message, *request arguments), so it can keep what the user had."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-        try:
-            return fn(*args)
-        except UserError as e:
-            return fn.fallback(str(e), *args)
-        except Exception as e:  # noqa: BLE001 -- a demo request must never take the server down
-            traceback.print_exc()
-            return fn.fallback(f"could not handle this request ({type(e).__name__}: {e})", *args)
-    return wrapper
-
-
-def with_fallback(make):
-    def deco(fn):
-        fn.fallback = make
-        return safe(fn)
-    return deco
+def choose_checkpoint(given: str | None) -> tuple[Path, str]:
+    """(checkpoint to serve, why): --checkpoint, else model_final.pth in the project root, else the bundled model."""
+    if given:
+        return Path(given), "--checkpoint"
+    if ROOT_MODEL.is_file():
+        return ROOT_MODEL, f"{ROOT_MODEL.name} in the project root, which takes precedence over the bundled model"
+    if BUNDLED_MODEL.is_file():
+        return BUNDLED_MODEL, f"the bundled model: no {ROOT_MODEL.name} in the project root"
+    raise UserError(f"no model to serve: neither {ROOT_MODEL} nor the bundled {BUNDLED_MODEL} exists; put a trained "
+                    f"{ROOT_MODEL.name} in the project root, pass --checkpoint PATH, or train one with "
+                    f"`{TRAIN_COMMAND}`")
 
 
 def open_upload(image):
     """Gradio upload (a file path) -> RGB PIL image; bombs and non-images -> UserError."""
-    if image is None:
+    if not image or not isinstance(image, (str, os.PathLike)):
         raise UserError("upload a face image first")
     from faces import safe_open_image
     return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
@@ -59,8 +62,10 @@ def open_upload(image):
 def read_vocab_upload(path) -> str:
     """Text of an uploaded vocabulary file, checked with vocab.parse_vocab (errors name the file and line)."""
     from vocab import parse_vocab
-    if not path:
+    if not path or not isinstance(path, (str, os.PathLike)):
         raise UserError("choose a text file with one `name: sentence` per line")
+    if not os.path.isfile(path):
+        raise UserError(f"{Path(path).name}: no such file; choose a text file with one `name: sentence` per line")
     path = Path(path)
     if path.stat().st_size > MAX_VOCAB_BYTES:
         raise UserError(f"{path.name}: over {MAX_VOCAB_BYTES // 1000} kB; a vocabulary is one line per expression")
@@ -92,18 +97,39 @@ def gallery_items(hits) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- handlers (no Gradio inside)
 
-def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> dict:
-    from vocab import parse_vocab, save_vocab
+def vocab_items(vocab_text) -> list[tuple[str, str]]:
+    """The expression list of a request -> (name, sentence) pairs; empty, huge or malformed -> UserError."""
+    from vocab import parse_vocab
+    if not isinstance(vocab_text, str) or not vocab_text.strip():
+        raise UserError("the expression list is empty: one `name: sentence` per line")
+    if len(vocab_text) > MAX_VOCAB_BYTES:
+        raise UserError(f"the expression list is over {MAX_VOCAB_BYTES // 1000} k characters: one short line per "
+                        "expression")
+    items = parse_vocab(vocab_text, source="expression list")
+    if len(items) > MAX_EXPRESSIONS:
+        raise UserError(f"the expression list has {len(items)} expressions; at most {MAX_EXPRESSIONS} are ranked "
+                        "at once")
+    return items
 
-    def vocab_items(vocab_text) -> list[tuple[str, str]]:
-        if not (vocab_text or "").strip():
-            raise UserError("the expression list is empty: one `name: sentence` per line")
-        return parse_vocab(vocab_text, source="expression list")
+
+def top_k(k) -> int:
+    return int(number_in(k, "Top K", 1, MAX_K))
+
+
+def search_message(query: str, n_hits: int, notes: list[str]) -> str:
+    """'12 best matches for “…”' (long queries shortened), then one warning paragraph per note."""
+    shown = query if len(query) <= SHOWN_QUERY_CHARS else query[:SHOWN_QUERY_CHARS - 1] + "…"
+    return "\n\n".join([f"{n_hits} best matches for “{_md(shown)}”"] + [f"**Warning:** {n}" for n in notes])
+
+
+def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> dict:
+    from vocab import SHIPPED, format_vocab, load_vocab, parse_vocab, save_vocab
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_search(query, k):
-        hits = search_text(engine, query, int(k))
-        return gallery_items(hits), f"{len(hits)} best matches for “{query.strip()}”"
+        text = clean_query(query)
+        hits = search_text(engine, text, top_k(k))
+        return gallery_items(hits), search_message(text, len(hits), engine.query_warnings(query))
 
     @with_fallback(lambda msg, *_: (None, {}, msg))
     def on_rank(image, vocab_text, detect):
@@ -125,22 +151,28 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k):
-        hits = similar_images(engine, open_upload(image), int(k))
+        hits = similar_images(engine, open_upload(image), top_k(k))
         return gallery_items(hits), f"{len(hits)} faces with the closest expression"
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar_gallery(paths, index, k):
         """A click on result `index` of the last text search -> faces with the closest expression, itself first."""
-        if not paths or index is None or not 0 <= int(index) < len(paths):
+        if not isinstance(paths, (list, tuple)) or not paths or index is None:
             raise UserError("search first, then click one of the results")
-        hits = similar_to_gallery_image(engine, paths[int(index)], int(k))
-        return gallery_items(hits), f"{len(hits)} faces closest to {Path(paths[int(index)]).name} (itself first)"
+        i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
+        if engine.index is None or Path(str(paths[i])) not in set(engine.index.paths):
+            raise UserError("search first, then click one of the results (only gallery images can be clicked)")
+        hits = similar_to_gallery_image(engine, paths[i], top_k(k))
+        return gallery_items(hits), f"{len(hits)} faces closest to {Path(paths[i]).name} (itself first)"
 
     @with_fallback(lambda msg, *_: ({}, None, msg))
     def on_sequence(files, vocab_text, detect, decay):
         from sequence import sequence_scores, timeline_figure
         items = vocab_items(vocab_text)
-        files = [files] if isinstance(files, str) else files
+        files = [files] if isinstance(files, (str, os.PathLike)) else files
+        if not isinstance(files, (list, tuple)):
+            raise UserError("upload several images (frames) or a short video first")
+        decay = number_in(decay, "decay", 0, 1)
         frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
         crops, found = frame_crops(frames, bool(detect), engine.cfg.grayscale)
         names = [name for name, _ in items]
@@ -162,13 +194,20 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
         save_vocab(items, path)
         return str(path), f"saved {len(items)} expressions: download expressions.txt"
 
-    @with_fallback(lambda msg, file, current=None: (current or "", msg))
+    @with_fallback(lambda msg, file=None, current=None: (keep_text(current), msg))
     def on_load_vocab(file, current=None):
         text = read_vocab_upload(file)
         return text, f"loaded {len(parse_vocab(text))} expressions from {Path(file).name}"
 
+    @with_fallback(lambda msg, name=None, current=None: (keep_text(current), msg))
+    def on_preset(name, current=None):
+        if not isinstance(name, str) or name not in SHIPPED:
+            raise UserError(f"choose a shipped list: {', '.join(SHIPPED)}")
+        items = load_vocab(name)
+        return format_vocab(items), f"loaded the shipped list `{name}` ({len(items)} expressions)"
+
     return dict(search=on_search, rank=on_rank, similar=on_similar, similar_gallery=on_similar_gallery,
-                sequence=on_sequence, save_vocab=on_save_vocab, load_vocab=on_load_vocab)
+                sequence=on_sequence, save_vocab=on_save_vocab, load_vocab=on_load_vocab, preset=on_preset)
 
 
 # ----------------------------------------------------------------------------- UI
@@ -207,7 +246,7 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
                     save = gr.Button("Save as a text file")
                     saved = gr.File(label="Saved list", interactive=False)
                     vocab_status = gr.Markdown()
-            preset.change(lambda name: format_vocab(load_vocab(name)), preset, vocab, api_visibility="private")
+            preset.change(h["preset"], [preset, vocab], [vocab, vocab_status], api_visibility="private")
             upload.upload(h["load_vocab"], [upload, vocab], [vocab, vocab_status], api_name="load_vocab")
             save.click(h["save_vocab"], vocab, [saved, vocab_status], api_name="save_vocab")
         with gr.Tab("Text → faces"):
@@ -267,34 +306,43 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
     return app
 
 
-def quickstart(checkpoint: str) -> None:
-    """Train the offline preset on the bundled sample (images/ + captions.csv) into `checkpoint`."""
-    import train
-    print(f"{checkpoint} not found: training a model on the bundled sample (preset offline, a few minutes on CPU)")
-    root = Path(__file__).resolve().parent               # the bundled sample lives beside this file
-    train.main(["--preset", "offline", "--data", str(root), "--final-path", checkpoint, "--out-dir", "runs/quickstart"])
+def _shown(path: Path, base: Path | None = None) -> str:
+    """`path` relative to `base` (default: the working folder) when inside it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(base or Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="model_final.pth", help="model written by train.py")
-    ap.add_argument("--gallery", default="images", help="folder of face images to search")
+    ap.add_argument("--checkpoint", default=None, help=f"model to serve (default: {ROOT_MODEL.name} in the project "
+                    f"root, else the bundled {_shown(BUNDLED_MODEL, ROOT)})")
+    ap.add_argument("--gallery", default=str(ROOT / "images"), help="folder of face images to search "
+                    "(default: the project's images/)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="create a public Gradio link")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache-dir", default=".cache/gallery", help="where gallery embeddings are cached")
-    ap.add_argument("--quickstart", action="store_true", help="train on the bundled sample if --checkpoint is missing")
+    ap.add_argument("--quickstart", action="store_true", help="deprecated: the demo serves the bundled model at once")
     ap.add_argument("--max-faces", type=int, default=5, help="faces ranked per photo, largest first")
     ap.add_argument("--max-frames", type=int, default=32, help="frames scored per sequence (videos: sampled evenly)")
     a = ap.parse_args(argv)
     if a.max_faces < 1 or a.max_frames < 1:
         raise UserError("--max-faces and --max-frames must be at least 1")
-    if a.quickstart and not Path(a.checkpoint).exists():
-        quickstart(a.checkpoint)
-    engine = Engine.load(a.checkpoint, a.gallery, a.device, a.cache_dir)
-    failed = f", {len(engine.failed)} unreadable" if engine.failed else ""
-    print(f"gallery: {len(engine.index)} images embedded{failed}")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.quickstart:
+        print(f"--quickstart is deprecated and no longer trains: the demo serves {ROOT_MODEL.name} from the project "
+              f"root or the bundled {_shown(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
+    checkpoint, why = choose_checkpoint(a.checkpoint)
+    print(f"model: {_shown(checkpoint)} ({why})")
+    engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir)
+    print(f"gallery {_shown(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
     build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(
         server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
     return 0

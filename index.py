@@ -337,6 +337,15 @@ def _open_model(args):
     return model, cfg, device, index
 
 
+def describe_update(stats: dict, total: int) -> str:
+    """One line from update()'s counts: '600 images: 598 reused from the cache, 2 encoded (1 new, 1 changed)'."""
+    encoded = stats.get("added", 0) + stats.get("changed", 0)
+    line = (f"{total} images: {stats.get('unchanged', 0)} reused from the cache, {encoded} encoded "
+            f"({stats.get('added', 0)} new, {stats.get('changed', 0)} changed)")
+    extra = [f", {stats[k]} {word}" for k, word in (("removed", "removed"), ("failed", "unreadable")) if stats.get(k)]
+    return line + "".join(extra)
+
+
 def cmd_build(args) -> int:
     images = list_images(args.images)
     if not images:

@@ -41,6 +41,7 @@ class Engine:
     device: torch.device
     index: GalleryIndex | None
     failed: list[Path] = field(default_factory=list)     # gallery files that could not be decoded
+    stats: dict = field(default_factory=dict)           # last gallery update: added/changed/unchanged/... counts
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, gallery: str | os.PathLike | None, device: str = "auto",
@@ -64,11 +65,17 @@ class Engine:
         stats = self.index.update(list_images(gallery), make_encoder(self.model, self.cfg, self.device),
                                   batch_size=64, progress=progress)
         self.failed = list(stats.get("failed_paths", []))
+        self.stats = stats
         return stats
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Sentences -> [n, D] unit vectors; each is cut to the text tower's max_length tokens (query_warnings)."""
         return self.model.encode_text(texts).float().cpu().numpy()       # [n, D]
+
+    def query_warnings(self, query: str) -> list[str]:
+        """What the text tower will not read of `query` (unknown script, truncation), as sentences for the user."""
+        return query_warnings(self.model.tokenizer, query, self.cfg.max_length)
 
     def embed_image(self, image: Image.Image) -> np.ndarray:
         """PIL image -> [D] unit vector, with the model's own eval preprocessing (gray faces -> 3 channels)."""
@@ -88,10 +95,50 @@ class Engine:
 
 
 def clean_query(text: str | None) -> str:
-    text = (text or "").strip()
+    """The query as searched: stripped, at most MAX_QUERY_CHARS characters; empty or not text -> UserError."""
+    text = (text if isinstance(text, str) else "").strip()
     if not text:
         raise UserError("type a description of an expression first, e.g. 'a wide smile'")
     return text[:MAX_QUERY_CHARS]
+
+
+def _spelled_out(pieces: list[str]) -> bool:
+    """A word the vocabulary only knows letter by letter (e.g. Hangul split into jamo, Cyrillic into letters)."""
+    chars = [p.lstrip("#▁Ġ") for p in pieces]
+    return len(pieces) >= 3 and all(len(c) == 1 and c.isalpha() for c in chars)
+
+
+def query_warnings(tokenizer, query: str, max_length: int, unreadable_share: float = 0.5) -> list[str]:
+    """Warnings about a query the text tower cannot read as written (pure: tokenizer in, sentences out).
+
+    Unreadable: the share of the query's word pieces that are the tokenizer's unknown token, or that spell a word
+    letter by letter (an uncased English WordPiece turns Korean into jamo, not [UNK]), is at least
+    `unreadable_share`. Truncated: the query plus special tokens is longer than `max_length` tokens, and the tower
+    reads only the first `max_length`. A query over MAX_QUERY_CHARS characters is cut there first (clean_query)."""
+    text = (query if isinstance(query, str) else "").strip()
+    cut = text[:MAX_QUERY_CHARS]
+    words = cut.split()
+    if not words:
+        return []
+    unk = tokenizer.unk_token_id
+    per_word = tokenizer(words, add_special_tokens=False)["input_ids"]       # word pieces of each word
+    total = sum(len(ids) for ids in per_word)
+    unreadable = sum(len(ids) if _spelled_out(tokenizer.convert_ids_to_tokens(ids))
+                     else sum(i == unk for i in ids) for ids in per_word)
+    notes = []
+    if total and unreadable / total >= unreadable_share:
+        notes.append(f"The text model does not know most of this query ({unreadable} of {total} word pieces are "
+                     "unknown or spelled letter by letter: another script or language?), so these results are "
+                     "not meaningful. Describe the expression in English.")
+    dropped = len(tokenizer(cut, add_special_tokens=True)["input_ids"]) - max_length    # with [CLS]/[SEP]
+    if len(text) > len(cut):
+        notes.append(f"The query is {len(text):,} characters long: only the first {MAX_QUERY_CHARS} were read"
+                     + (f", and the text model reads {max_length} tokens of those ({dropped} more token(s) "
+                        "ignored)" if dropped > 0 else "") + ". Shorten it to the expression.")
+    elif dropped > 0:
+        notes.append(f"The text model reads {max_length} tokens: the last {dropped} token(s) of this query were "
+                     "ignored. Shorten it to the expression.")
+    return notes
 
 
 def search_text(engine: Engine, query: str, k: int = 8) -> list[tuple[Path, float]]:

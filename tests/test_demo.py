@@ -1,5 +1,10 @@
-"""Retrieval functions (no Gradio), the gallery cache, the demo's handlers and the Blocks app."""
+"""Retrieval functions (no Gradio), the gallery cache, the demo's handlers and the Blocks app, and which model
+`python demo.py` serves."""
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -9,8 +14,8 @@ from PIL import Image
 
 import demo
 from dataset import load_image_tensor
-from index import list_images
-from retrieval import Engine, clean_query, rank_expressions, search_text, similar_images
+from index import describe_update, list_images
+from retrieval import Engine, clean_query, query_warnings, rank_expressions, search_text, similar_images
 from utils import UserError, run_cli
 
 HAPPY = ("An expression of contentment and pleasure, with a smile and the corners of the mouth turned up, often "
@@ -104,3 +109,131 @@ def test_foreign_checkpoint_is_one_line(tmp_path, capsys):
     assert run_cli(demo.main, ["--checkpoint", str(bad), "--gallery", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not an ExprCLIP checkpoint" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- which model `python demo.py` serves
+
+@pytest.fixture
+def launched(monkeypatch):
+    """demo.main runs up to launch(); the keyword arguments of each launch are collected instead of serving."""
+    import gradio as gr
+    calls = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.append(kw))
+    return calls
+
+
+def _gallery(sample_dir, dest, n: int = 12):
+    """The first n sample images copied to `dest` (a small gallery: quick to embed)."""
+    dest.mkdir()
+    for p in sorted((sample_dir / "images").glob("*.png"))[:n]:
+        shutil.copy2(p, dest / p.name)
+    return dest
+
+
+def _serve_args(gallery, tmp_path) -> list[str]:
+    return ["--gallery", str(gallery), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+
+
+def _models(monkeypatch, root_model, bundled) -> None:
+    monkeypatch.setattr(demo, "ROOT_MODEL", root_model)
+    monkeypatch.setattr(demo, "BUNDLED_MODEL", bundled)
+
+
+def test_no_arguments_serves_the_bundled_model(trained, sample_dir, tmp_path, monkeypatch, launched, capsys):
+    _models(monkeypatch, tmp_path / "model_final.pth", trained[0])          # no model in the project root
+    assert run_cli(demo.main, _serve_args(_gallery(sample_dir, tmp_path / "gal"), tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert f"{trained[0].name} (the bundled model: no model_final.pth in the project root)" in out
+    assert len(launched) == 1 and launched[0]["server_port"] == 7860
+
+
+def test_model_final_in_the_project_root_wins_over_the_bundled_one(trained, sample_dir, tmp_path, monkeypatch,
+                                                                  launched, capsys):
+    root_model = tmp_path / "model_final.pth"
+    shutil.copyfile(trained[0], root_model)
+    _models(monkeypatch, root_model, trained[0])
+    args = _serve_args(_gallery(sample_dir, tmp_path / "gal"), tmp_path)
+    assert run_cli(demo.main, args) == 0
+    assert f"{root_model.name} (model_final.pth in the project root, which takes precedence" in \
+        capsys.readouterr().out
+    other = tmp_path / "other.pth"
+    shutil.copyfile(trained[0], other)
+    assert run_cli(demo.main, ["--checkpoint", str(other)] + args) == 0
+    assert f"{other.name} (--checkpoint)" in capsys.readouterr().out and len(launched) == 2
+
+
+def test_no_model_anywhere_is_one_line_saying_what_to_do(tmp_path, monkeypatch, launched, capsys):
+    _models(monkeypatch, tmp_path / "model_final.pth", tmp_path / "models" / "exprclip-ferplus.pth")
+    assert run_cli(demo.main, _serve_args(tmp_path, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no model to serve" in err and "exprclip-ferplus.pth" in err
+    assert "--checkpoint PATH" in err and demo.TRAIN_COMMAND in err and launched == []
+
+
+def test_quickstart_is_a_deprecated_alias_and_demo_never_imports_train(trained, sample_dir, tmp_path):
+    """In a fresh interpreter (other tests import train): --quickstart prints one line, serves the bundled model."""
+    args = _serve_args(_gallery(sample_dir, tmp_path / "gal"), tmp_path)
+    code = textwrap.dedent(f"""
+        import sys
+        import gradio as gr
+        gr.Blocks.launch = lambda self, **kw: print("launched")
+        import demo
+        demo.ROOT_MODEL = demo.Path({str(tmp_path / "model_final.pth")!r})
+        demo.BUNDLED_MODEL = demo.Path({str(trained[0])!r})
+        assert demo.main(["--quickstart"] + {args!r}) == 0
+        print("train imported:", "train" in sys.modules)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(env, PYTHONPATH=str(demo.ROOT)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("--quickstart is deprecated") and demo.TRAIN_COMMAND in lines[0]
+    assert str(trained[0]) in lines[0] and "the bundled model" in lines[1]
+    assert "launched" in lines and "train imported: False" in lines
+    assert not (tmp_path / "model_final.pth").exists()                       # nothing was trained
+
+
+def test_launch_log_says_how_many_images_were_reused_and_encoded(trained, sample_dir, tmp_path, launched, capsys):
+    gal = _gallery(sample_dir, tmp_path / "gal")
+    args = ["--checkpoint", str(trained[0])] + _serve_args(gal, tmp_path)
+    assert run_cli(demo.main, args) == 0
+    assert "12 images: 0 reused from the cache, 12 encoded (12 new, 0 changed)" in capsys.readouterr().out
+    victim = sorted(gal.iterdir())[0]
+    Image.open(victim).transpose(Image.FLIP_LEFT_RIGHT).save(victim)
+    os.utime(victim, (time.time() + 5, time.time() + 5))
+    shutil.copy2(sorted((sample_dir / "images").glob("*.png"))[20], gal / "new.png")
+    (gal / "broken.png").write_bytes(b"not an image")
+    assert run_cli(demo.main, args) == 0
+    assert "13 images: 11 reused from the cache, 2 encoded (1 new, 1 changed), 1 unreadable" in \
+        capsys.readouterr().out
+    line = describe_update(dict(added=0, changed=0, unchanged=5, removed=3, failed=0), 5)
+    assert line == "5 images: 5 reused from the cache, 0 encoded (0 new, 0 changed), 3 removed"
+
+
+# ----------------------------------------------------------------------------- queries the text tower cannot read
+
+def test_foreign_script_queries_get_a_warning(engine):
+    tok = engine.model.tokenizer
+    for q in ["행복한 얼굴", "一张快乐的脸", "улыбающееся лицо"]:       # Korean becomes jamo, Chinese mostly [UNK]
+        notes = query_warnings(tok, q, 32)
+        assert len(notes) == 1 and "does not know most of this query" in notes[0], q
+    assert query_warnings(tok, "a wide smile", 32) == []
+    assert query_warnings(tok, "a 😀 face", 32) == []                  # one unknown piece of three: still readable
+    gallery, msg = demo.make_handlers(engine)["search"]("행복한 얼굴", 5)
+    assert len(gallery) == 5 and "**Warning:**" in msg and "in English" in msg
+    gallery, msg = demo.make_handlers(engine)["search"]("a wide smile", 5)
+    assert len(gallery) == 5 and "Warning" not in msg
+
+
+def test_long_queries_say_how_many_tokens_were_ignored(engine):
+    tok = engine.model.tokenizer
+    assert query_warnings(tok, " ".join(["smile"] * 30), 32) == []     # 30 + [CLS] + [SEP] = 32: all read
+    notes = query_warnings(tok, " ".join(["smile"] * 40), 32)
+    assert len(notes) == 1 and "the last 10 token(s) of this query were ignored" in notes[0]
+    huge = "a wide smile " * 1000
+    notes = query_warnings(tok, huge, 32)
+    assert len(notes) == 1 and f"{len(huge.strip()):,} characters long: only the first 500 were read" in notes[0]
+    gallery, msg = demo.make_handlers(engine)["search"](huge, 5)
+    assert len(gallery) == 5 and "only the first 500 were read" in msg
+    assert msg.startswith("5 best matches for “a wide smile a wide") and len(msg) < 1000   # the echo is shortened

@@ -1,6 +1,7 @@
 """Demo features: vocabulary save/load, per-face ranking, similar-from-gallery, sequence mode, a concurrent-load
 test against the real app, and prepare.py --detect-faces."""
 import socket
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from retrieval import (Engine, frame_crops, load_frames, rank_expressions, rank_
 from sequence import sequence_scores
 from utils import run_cli
 from vocab import load_vocab, parse_vocab
+from webguard import public_message
 
 FER_FACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013" / "test" / "happy"
 BIG, SMALL = "PublicTest_10248771.png", "PublicTest_10245799.png"      # faces the cascades find (see test_faces)
@@ -197,7 +199,49 @@ def test_sequence_handler_label_plot_and_message(engine, h, sample_dir, tmp_path
     assert "decay" in h["sequence"](files[:2], VOCAB, False, 2.0)[2]
 
 
-# ----------------------------------------------------------------------------- 5. the real server under load
+# ----------------------------------------------------------------------------- 5. bad requests
+
+def test_every_handler_answers_garbage_with_a_message(engine, h, sample_dir, tmp_path):
+    face = str(search_text(engine, "a wide smile", k=1)[0][0])                  # a gallery image (clickable)
+    (tmp_path / "list.txt").write_text(VOCAB)
+    (tmp_path / "notes.txt").write_text("hello")
+    good = dict(search=("a wide smile", 3), rank=(face, VOCAB, False), similar=(face, 3),
+                similar_gallery=([face], 0, 3), sequence=([face], VOCAB, False, 0.5), save_vocab=(VOCAB,),
+                load_vocab=(str(tmp_path / "list.txt"), VOCAB), preset=("paper", VOCAB))
+    assert set(good) == set(h)                               # a new handler must be added here
+    garbage = [None, "", str(tmp_path / "notes.txt"), "x" * 1_000_000, float("nan"), ["a", None], {"path": 1}]
+    for name, args in good.items():
+        want = len(h[name](*args))
+        requests = [(g,) * len(args) for g in garbage]
+        requests += [args[:i] + (g,) + args[i + 1:] for i in range(len(args)) for g in garbage]
+        for bad in requests:
+            out = h[name](*bad)                               # never raises
+            assert isinstance(out, tuple) and len(out) == want, (name, bad[:1])
+            assert isinstance(out[-1], str) and out[-1].strip() and len(out[-1]) < 2000, (name, out[-1][:200])
+            assert "could not handle this request" not in out[-1], (name, out[-1])    # every case is foreseen
+
+
+def test_error_messages_name_the_uploaded_file_not_the_server_folder(h, tmp_path, monkeypatch):
+    uploads = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    folder = uploads / "3f2a9c0e1b77d0c4"                                    # Gradio: <temp>/<hash>/<user's name>
+    folder.mkdir(parents=True)
+    (folder / "holiday notes.txt").write_text("hello")
+    (folder / "my list.txt").write_text("happy: a smile\nsad:\n")
+    (folder / "clip.mp4").write_bytes(b"not a video")
+    notes, vocab, clip = (str(folder / n) for n in ("holiday notes.txt", "my list.txt", "clip.mp4"))
+    answers = [("holiday notes.txt: not an image", h["rank"](notes, VOCAB, True)[-1]),
+               ("holiday notes.txt: not an image", h["similar"](notes, 3)[-1]),
+               ("my list.txt line 2: no sentence", h["load_vocab"](vocab, VOCAB)[-1]),
+               ("no readable frame: clip.mp4: ", h["sequence"]([clip, notes], VOCAB, False, 0.5)[-1])]
+    for want, msg in answers:
+        assert want in msg and str(tmp_path) not in msg and "3f2a9c0e1b77d0c4" not in msg, msg
+    assert "holiday notes.txt: not an image" in answers[-1][1]
+    library_error = f"cannot identify image file '{folder / 'face 1.png'}'"      # a path not among the arguments
+    assert public_message(library_error) == "cannot identify image file 'face 1.png'"
+
+
+# ----------------------------------------------------------------------------- 6. the real server under load
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -238,7 +282,7 @@ def test_server_keeps_serving_20_concurrent_requests(engine, sample_dir, tmp_pat
                 label, text = (out[1], "| face 1 |") if name == "rank" else (out[0], "frames")
                 assert label["label"] in {"happy", "sad", "surprised"} and text in out[2], (name, out)
         for (name, _, expect), out in zip(bad, results[len(good):]):
-            assert expect in out[-1], (name, out[-1])
+            assert expect in out[-1] and tempfile.gettempdir() not in out[-1], (name, out[-1])   # no server paths
         gallery, msg = client.predict("a frown", 4, api_name="/search")       # still serving afterwards
         assert len(gallery) == 4 and "best matches" in msg
         print(f"20 concurrent requests answered in {elapsed:.1f} s")
@@ -246,7 +290,7 @@ def test_server_keeps_serving_20_concurrent_requests(engine, sample_dir, tmp_pat
         app.close()
 
 
-# ----------------------------------------------------------------------------- 6. prepare.py --detect-faces
+# ----------------------------------------------------------------------------- 7. prepare.py --detect-faces
 
 def _photos(root: Path) -> Path:
     (root / "happy").mkdir(parents=True)
