@@ -131,7 +131,9 @@ class Trainer:
             from captions import load_caption_bank
             self.bank = load_caption_bank(cfg.caption_bank)
         cap_vocab, self.label_vocab = build_vocabs(df, self.bank)
-        self.class_texts = class_texts(df, self.bank)
+        excluded = {c.strip() for c in cfg.exclude_classes.split(",") if c.strip()}
+        # validation scores (and model selection) cover the trained classes only: an excluded class stays unseen
+        self.class_texts = {l: t for l, t in class_texts(df, self.bank).items() if l not in excluded}
         # classes the loss sees as distributions (targets=soft or contrast=classes): the trained labels only, so an
         # excluded class's votes and sentences never reach training
         soft_loss = cfg.targets == "soft" or cfg.contrast == "classes"
