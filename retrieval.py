@@ -23,7 +23,7 @@ from PIL import Image
 
 from config import Config
 from dataset import build_transform
-from faces import Box, faces_or_whole, safe_open_image
+from faces import Box, annotate, faces_or_whole, safe_open_image
 from index import GalleryIndex, list_images, make_encoder
 from model import ExprCLIP, load_checkpoint
 from utils import UserError, file_digest, pick_device
@@ -198,16 +198,20 @@ class FaceScores:
     found: bool           # False: no face found (or detection off), the whole image was scored
     more: bool            # more than max_faces faces were found; the largest max_faces were kept
     probs: np.ndarray     # [F, C] probabilities over the sentences, one row per box (one row when not found)
+    shown: Image.Image | None = None   # the photo reduced for display (<= faces.DISPLAY_SIDE px), boxes drawn
 
 
 def rank_faces(engine: Engine, photo: Image.Image, sentences: list[str], detect: bool = True,
-               max_faces: int = 5) -> FaceScores:
-    """Score each detected face (largest first, at most max_faces) or, when none is found, the whole image."""
+               max_faces: int = 5, detector: str = "auto") -> FaceScores:
+    """Score each detected face (largest first, at most max_faces; aligned crops where the detector gives
+    landmarks) or, when none is found, the whole image. .shown is small whatever the photo's size."""
     if not detect:
-        return FaceScores([], False, False, score_images(engine, [photo], sentences))
-    crops, boxes, found = faces_or_whole(photo, max_faces=max_faces + 1, grayscale=engine.cfg.grayscale)
-    more = len(crops) > max_faces
-    return FaceScores(boxes[:max_faces], found, more, score_images(engine, crops[:max_faces], sentences))
+        return FaceScores([], False, False, score_images(engine, [photo], sentences), annotate(photo, []))
+    crops, boxes, found = faces_or_whole(photo, max_faces=max_faces + 1, grayscale=engine.cfg.grayscale,
+                                         detector=detector)
+    more, boxes = len(crops) > max_faces, boxes[:max_faces]
+    return FaceScores(boxes, found, more, score_images(engine, crops[:max_faces], sentences),
+                      annotate(photo, boxes if found else []))
 
 
 def _natural_key(path) -> list:
@@ -276,12 +280,13 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
     return frames, skipped
 
 
-def frame_crops(frames: list[Image.Image], detect: bool,
-                grayscale: bool = False) -> tuple[list[Image.Image], list[bool]]:
-    """The largest face of each frame (detect on), else the whole frame; and whether a face was found per frame."""
+def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False,
+                detector: str = "auto") -> tuple[list[Image.Image], list[bool]]:
+    """The largest face of each frame (detect on; aligned crop with MTCNN), else the whole frame; and whether a
+    face was found per frame."""
     if not detect:
         return list(frames), [False] * len(frames)
-    out = [faces_or_whole(f, max_faces=1, grayscale=grayscale) for f in frames]
+    out = [faces_or_whole(f, max_faces=1, grayscale=grayscale, detector=detector) for f in frames]
     return [crops[0] for crops, _, _ in out], [found for _, _, found in out]
 
 

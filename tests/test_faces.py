@@ -1,17 +1,24 @@
 import io
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from faces import Box, crop_face, detect_faces, draw_boxes, faces_or_whole, safe_open_image
+import faces
+import retrieval
+from faces import (FER_TEMPLATE, Box, align_face, annotate, crop_face, detect_faces, draw_boxes, faces_or_whole,
+                   pick_detector, safe_open_image)
 from utils import UserError
 
 FER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
 # Two FER-2013 test/happy faces the cascades find at every size from 120 to 180 px on a grey canvas, with high
-# votes (~125 and ~80; a face needs both cascades to agree or >= 10 votes) -- so the test checks the pipeline
-# (padding, scaling, NMS, ordering), not the cascades' luck on a borderline face.
+# votes (~125 and ~80; a face needs both cascades to agree or >= 10 votes), and MTCNN with probability > 0.99 --
+# so the tests check the pipeline (padding, scaling, NMS, ordering), not a detector's luck on a borderline face.
 BIG, SMALL = "PublicTest_10248771.png", "PublicTest_10245799.png"
 
 
@@ -34,17 +41,28 @@ def _two_faces() -> Image.Image:
     return canvas
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
-def test_two_real_faces_found_largest_first(mode):
-    boxes = detect_faces(_two_faces().convert(mode))
+@pytest.mark.parametrize("mode, detector", [("L", "haar"), ("RGB", "haar"), ("RGBA", "haar"), ("L", "mtcnn"),
+                                            ("RGBA", "mtcnn")])           # RGB + mtcnn: the default, tested below
+def test_two_real_faces_found_largest_first(mode, detector):
+    boxes = detect_faces(_two_faces().convert(mode), detector=detector)
     assert len(boxes) == 2
     assert _centre_in(boxes[0], 40, 40, 180) and _centre_in(boxes[1], 420, 180, 140)
     assert boxes[0].area > boxes[1].area and all(b.score > 0 for b in boxes)
-    assert [b.x0 for b in detect_faces(_two_faces(), max_faces=1)] == [boxes[0].x0]
+    assert [b.x0 for b in detect_faces(_two_faces(), max_faces=1, detector=detector)] == [boxes[0].x0]
+    assert all((b.landmarks is None) == (detector == "haar") for b in boxes)
 
 
-def test_faces_or_whole_returns_face_crops():
-    crops, boxes, found = faces_or_whole(_two_faces(), max_faces=10, grayscale=True)
+def test_mtcnn_is_the_default_and_gives_five_landmarks_inside_the_box():
+    boxes = detect_faces(_two_faces())
+    assert pick_detector("auto") == "mtcnn" and len(boxes) == 2
+    for b in boxes:
+        assert faces.MIN_PROB <= b.score <= 1 and len(b.landmarks) == 5
+        (lx, ly), (rx, ry), (nx, ny), (mlx, mly), (mrx, mry) = b.landmarks
+        assert b.x0 < lx < nx < rx < b.x1 and b.y0 < ly < ny < mly < b.y1 and b.y0 < ry < ny < mry < b.y1
+
+
+def test_haar_crops_are_squares_with_margin():
+    crops, boxes, found = faces_or_whole(_two_faces(), max_faces=10, grayscale=True, detector="haar")
     assert found and len(crops) == len(boxes) == 2
     for crop, box in zip(crops, boxes):
         assert crop.mode == "RGB" and crop.width == crop.height == round(max(box.w, box.h) * 1.25)
@@ -52,14 +70,143 @@ def test_faces_or_whole_returns_face_crops():
         assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
 
 
-def test_face_cut_by_the_border_gives_boxes_and_crops_inside():
+def test_mtcnn_crops_are_aligned_at_the_faces_own_size():
+    crops, boxes, found = faces_or_whole(_two_faces(), max_faces=10, grayscale=True)
+    assert found and len(crops) == len(boxes) == 2
+    for crop, side in zip(crops, (180, 140)):                        # the pasted FER faces' sides
+        assert crop.mode == "RGB" and crop.width == crop.height and 0.8 * side <= crop.width <= 1.25 * side
+        a = np.asarray(crop)
+        assert (a[..., 0] == a[..., 1]).all() and a.std() > 20        # grey, and a face, not the flat canvas
+    wide = crop_face(_two_faces(), boxes[0], margin=1.5)              # margin widens the same framing
+    assert wide.width == pytest.approx(crops[0].width * 2.5 / 1.25, abs=2)
+
+
+@pytest.mark.parametrize("detector", ["haar", "mtcnn"])
+def test_face_cut_by_the_border_gives_boxes_and_crops(detector):
     canvas = Image.new("L", (300, 200), 128)
     canvas.paste(_fer(BIG, 180), (140, 40))                          # right 20 px fall off the canvas
-    boxes = detect_faces(canvas)
+    boxes = detect_faces(canvas, detector=detector)
     assert boxes, "the partly visible face should still be found"
     for b in boxes:
         assert 0 <= b.x0 < b.x1 <= 300 and 0 <= b.y0 < b.y1 <= 200
-        assert crop_face(canvas, b, margin=0.5).size[0] <= 200
+        crop = crop_face(canvas, b, margin=0.5)
+        assert crop.width == crop.height and (crop.width <= 200 or detector == "mtcnn")  # Haar: inside the image
+
+
+def test_without_facenet_pytorch_auto_falls_back_to_haar(monkeypatch):
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)         # `import facenet_pytorch` -> ImportError
+    assert pick_detector("auto") == "haar"
+    boxes = detect_faces(_two_faces())
+    assert len(boxes) == 2 and all(b.landmarks is None for b in boxes)
+    assert boxes == detect_faces(_two_faces(), detector="haar")
+    with pytest.raises(UserError, match="facenet-pytorch"):
+        detect_faces(_two_faces(), detector="mtcnn")
+    with pytest.raises(UserError, match="use one of auto, mtcnn, haar"):
+        detect_faces(_two_faces(), detector="yolo")
+
+
+def _blobs(a: np.ndarray, lo: int, hi: int) -> list[tuple[float, float]]:
+    """Centroids (x, y) of the two largest blobs of pixels in [lo, hi], left to right."""
+    import cv2
+    n, _, stats, cent = cv2.connectedComponentsWithStats(((a >= lo) & (a <= hi)).astype(np.uint8))
+    big = sorted(range(1, n), key=lambda i: -stats[i, cv2.CC_STAT_AREA])[:2]
+    return sorted((float(cent[i][0]), float(cent[i][1])) for i in big)
+
+
+def test_align_face_levels_the_eyes_and_frames_like_fer():
+    c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
+    pts = (FER_TEMPLATE - 0.5) * 160 @ np.array([[c, s], [-s, c]]) + [230, 200]   # a face turned by 20 degrees
+    image = Image.new("L", (420, 400), 128)
+    draw = ImageDraw.Draw(image)
+    for i, (x, y) in enumerate(pts):
+        if i != 2:                                                    # eyes black, mouth corners white
+            draw.ellipse((x - 7, y - 7, x + 7, y + 7), fill=0 if i < 2 else 255)
+    eyes = _blobs(np.asarray(image), 0, 60)
+    assert abs(math.degrees(math.atan2(eyes[1][1] - eyes[0][1], eyes[1][0] - eyes[0][0]))) > 15
+    crop = align_face(image, pts)
+    a = np.asarray(crop.convert("L"))
+    n = crop.width
+    assert crop.size == (n, n) and abs(n - 160) <= 2                  # the face's own size
+    (lx, ly), (rx, ry) = _blobs(a, 0, 60)
+    assert abs(math.degrees(math.atan2(ry - ly, rx - lx))) < 2        # level
+    for (x, y), (tx, ty) in zip([(lx, ly), (rx, ry)], FER_TEMPLATE[:2] * n):
+        assert abs(x - tx) < 0.03 * n and abs(y - ty) < 0.03 * n      # where FER-2013 puts the eyes
+    mouth = _blobs(a, 200, 255)
+    assert len(mouth) == 2 and all(y > ly + 0.3 * n for _, y in mouth)   # upright: mouth below the eyes
+
+
+def test_rotated_real_face_comes_out_with_level_eyes():
+    canvas = Image.new("L", (400, 400), 128)
+    canvas.paste(_fer(BIG, 170), (115, 115))
+    canvas = canvas.rotate(20, resample=Image.BICUBIC, fillcolor=128)  # counter-clockwise on screen
+    [box] = detect_faces(canvas)
+    (lx, ly), (rx, ry) = box.landmarks[:2]
+    assert abs(math.degrees(math.atan2(ry - ly, rx - lx)) + 20) < 7  # the detector sees the tilt
+    crop = crop_face(canvas, box).convert("L")
+    again = Image.new("L", (crop.width * 2, crop.height * 2), 128)
+    again.paste(crop, (crop.width // 2, crop.height // 2))
+    [box2] = detect_faces(again)
+    (lx, ly), (rx, ry) = box2.landmarks[:2]
+    assert abs(math.degrees(math.atan2(ry - ly, rx - lx))) < 5       # after alignment: level
+
+
+def _photos() -> list[Image.Image]:
+    """Four different photos (sizes, positions, face sizes, tilt) with two real faces each."""
+    out = []
+    for k in range(4):
+        canvas = Image.new("L", (420 + 40 * k, 300 + 20 * k), 110 + 8 * k)
+        canvas.paste(_fer(BIG, 130 + 10 * k), (20 + 8 * k, 30))
+        canvas.paste(_fer(SMALL, 110 + 6 * k), (260 + 30 * k, 120 + 10 * k))
+        out.append(canvas.rotate(3 * k - 6, fillcolor=110 + 8 * k).convert("RGB"))
+    return out
+
+
+@pytest.mark.parametrize("detector", ["haar", "mtcnn"])
+def test_concurrent_detection_equals_sequential(detector):
+    photos = _photos()
+    want = [detect_faces(p, detector=detector) for p in photos]
+    assert sum(map(len, want)) >= 6                                   # the photos do have faces
+    with ThreadPoolExecutor(4) as pool:                               # as Gradio's worker threads do
+        got = list(pool.map(lambda p: detect_faces(p, detector=detector), photos * 2))
+    assert got == want * 2                                            # boxes, scores and landmarks identical
+
+
+def _big_photo() -> Image.Image:
+    big = Image.new("RGB", (6000, 4000), (128, 128, 128))             # 24 MP
+    big.paste(_fer(BIG, 1200).convert("RGB"), (2000, 1000))
+    return big
+
+
+def test_large_photo_is_detected_on_a_small_copy(monkeypatch):
+    big, seen, real = _big_photo(), [], faces._run_mtcnn
+    monkeypatch.setattr(faces, "_run_mtcnn", lambda a, m: seen.append(a.shape) or real(a, m))
+    [box] = detect_faces(big)
+    assert max(seen[0][:2]) <= faces.DETECT_SIDE                      # the detector saw a reduced copy ...
+    assert _centre_in(box, 2000, 1000, 1200) and box.w > 800          # ... boxes and landmarks come back in
+    assert all(2000 < x < 3200 and 1000 < y < 2200 for x, y in box.landmarks)   # input pixels
+    crop = crop_face(big, box)
+    assert crop.width == crop.height == faces.CROP_SIDE               # reduced to what a model can use
+
+
+def test_rank_faces_returns_a_small_annotated_image(monkeypatch):
+    monkeypatch.setattr(retrieval, "score_images", lambda engine, ims, sents: np.full((len(ims), len(sents)), 0.5))
+    engine = SimpleNamespace(cfg=SimpleNamespace(grayscale=True))
+    res = retrieval.rank_faces(engine, _big_photo(), ["a smile", "a frown"], max_faces=5)
+    assert res.found and len(res.boxes) == 1 and res.probs.shape == (1, 2)
+    assert res.shown.size == (faces.DISPLAY_SIDE, round(faces.DISPLAY_SIDE * 2 / 3))   # 6000x4000 -> 1024x683
+    f = faces.DISPLAY_SIDE / 6000
+    x0, y0 = round(res.boxes[0].x0 * f), round((res.boxes[0].y0 + res.boxes[0].y1) / 2 * f)
+    assert res.shown.getpixel((x0 + 1, y0))[1] > 200                  # the green outline at the scaled box
+    off = retrieval.rank_faces(engine, _big_photo(), ["a smile"], detect=False)
+    assert not off.found and max(off.shown.size) == faces.DISPLAY_SIDE
+
+
+def test_annotate_scales_boxes_and_landmarks():
+    image = Image.new("RGB", (4000, 2000), (0, 0, 0))
+    shown = annotate(image, [Box(1000, 500, 2000, 1500, 0.99, ((1400.0, 900.0),) * 5)], side=400)
+    assert shown.size == (400, 200) and image.getpixel((1000, 1000)) == (0, 0, 0)
+    assert shown.getpixel((100, 100))[1] > 200 and shown.getpixel((140, 90))[1] > 200   # box edge, landmark dot
+    assert shown.getpixel((170, 120)) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["noise", "gradient"])
@@ -147,3 +294,14 @@ def test_safe_open_converts_modes_and_orientation(tmp_path):
     Image.new("RGB", (40, 20), "white").save(path, exif=exif)
     assert safe_open_image(path).size == (20, 40)
     assert safe_open_image(str(path)).size == (20, 40)
+
+
+def test_safe_open_decodes_big_jpegs_at_reduced_scale(tmp_path):
+    Image.new("RGB", (4000, 3000), "white").save(tmp_path / "big.jpg", quality=80)
+    Image.new("RGB", (1200, 900), "white").save(tmp_path / "big.png")
+    assert safe_open_image(tmp_path / "big.jpg", max_side=900).size == (1000, 750)   # 1/4 scale, still >= 900
+    assert safe_open_image(tmp_path / "big.jpg", max_side=2000).size == (2000, 1500)
+    assert safe_open_image(tmp_path / "big.jpg").size == (4000, 3000)
+    assert safe_open_image(tmp_path / "big.png", max_side=100).size == (1200, 900)    # only JPEG has a draft mode
+    with pytest.raises(UserError, match="pixel limit"):
+        safe_open_image(tmp_path / "big.jpg", max_pixels=10_000_000, max_side=900)    # checked at full size

@@ -1,0 +1,239 @@
+"""Face detection benchmark: MTCNN vs Haar on real faces, latency on big photos, and what alignment buys a model.
+
+    python bench/bench_detect.py                          # recall/false boxes on 200 PublicTest faces + latency
+    python bench/bench_detect.py --checkpoint model_final.pth --n-acc 500   # + accuracy: aligned crops vs 48x48
+    python bench/bench_detect.py --tune                   # MIN_PROB choice on train faces (validation, not test)
+    python bench/bench_detect.py --template               # FER_TEMPLATE: median landmarks of train faces
+
+Scenes: each FER-2013 face (48x48, seeded choice over all classes) is upscaled (bicubic) to a side drawn from
+96-192 px and pasted at a random place on a 480x360 background: flat grey (`grey`) or blurred noise (`texture`).
+A face is found when a box's centre lies within a quarter side of the face's centre and its larger side is 0.5-2x
+the face's (FER crops are tight: a box may reach past the chin); every other box is false. Skips (exit 0) when
+../shared/data/fer2013 is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import faces  # noqa: E402
+from faces import Box, annotate, detect_faces, faces_or_whole, safe_open_image  # noqa: E402
+
+FER = ROOT.parent / "shared" / "data" / "fer2013"
+CANVAS = (480, 360)
+
+
+def pick_faces(fer: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
+    """n (path, class) pairs drawn without replacement from fer/split/CLASS/*.png, seeded."""
+    paths = sorted((fer / split).glob("*/*.png"))
+    idx = np.random.default_rng(seed).choice(len(paths), size=min(n, len(paths)), replace=False)
+    return [(paths[i], paths[i].parent.name) for i in sorted(idx)]
+
+
+def background(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H,W]: flat grey or blurred noise stretched to 40-220 (edges and blobs, no faces)."""
+    W, H = CANVAS
+    if kind == "grey":
+        return np.full((H, W), 128, np.uint8)
+    a = cv2.GaussianBlur(rng.random((H, W)).astype(np.float32), (0, 0), 6)
+    a = (a - a.min()) / (np.ptp(a) + 1e-6) * 180 + 40
+    return np.clip(a + rng.normal(0, 6, a.shape), 0, 255).astype(np.uint8)
+
+
+def make_scene(face: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int]]:
+    """(RGB scene, (x, y, side) of the pasted face)."""
+    side = int(rng.integers(96, 193))
+    x, y = int(rng.integers(0, CANVAS[0] - side + 1)), int(rng.integers(0, CANVAS[1] - side + 1))
+    canvas = Image.fromarray(background(kind, rng))
+    canvas.paste(face.convert("L").resize((side, side), Image.BICUBIC), (x, y))
+    return canvas.convert("RGB"), (x, y, side)
+
+
+def matches(box: Box, truth: tuple[int, int, int]) -> bool:
+    x, y, side = truth
+    cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+    near = abs(cx - x - side / 2) <= side / 4 and abs(cy - y - side / 2) <= side / 4
+    return near and 0.5 * side <= max(box.w, box.h) <= 2.0 * side
+
+
+def scenes(items, kind: str, seed: int) -> list[tuple[Image.Image, tuple[int, int, int]]]:
+    rng = np.random.default_rng(seed)
+    return [make_scene(Image.open(p), kind, rng) for p, _ in items]
+
+
+def recall_false(sc, detector: str) -> tuple[int, int, list[list[Box]]]:
+    """(faces found, false boxes, boxes per scene) over scenes `sc`."""
+    found, false, all_boxes = 0, 0, []
+    for image, truth in sc:
+        boxes = detect_faces(image, detector=detector)
+        hit = [matches(b, truth) for b in boxes]
+        found += any(hit)
+        false += len(hit) - sum(hit)
+        all_boxes.append(boxes)
+    return found, false, all_boxes
+
+
+def tune(sc) -> None:
+    """Recall / false boxes of MTCNN at each probability threshold (boxes below it dropped)."""
+    faces.MIN_PROB = 0.0
+    _, _, per_scene = recall_false(sc, "mtcnn")
+    for t in (0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995):
+        found = sum(any(matches(b, tr) and b.score >= t for b in bs) for bs, (_, tr) in zip(per_scene, sc))
+        false = sum(not matches(b, tr) and b.score >= t for bs, (_, tr) in zip(per_scene, sc) for b in bs)
+        print(f"  MIN_PROB {t:<6} found {found}/{len(sc)}  false {false}")
+
+
+def template(items) -> None:
+    """Median MTCNN landmarks of FER faces in the unit square (face upscaled to 192 px on a replicated border)."""
+    pts = []
+    for p, _ in items:
+        a = cv2.copyMakeBorder(np.asarray(Image.open(p).convert("L").resize((192, 192), Image.BICUBIC)),
+                               48, 48, 48, 48, cv2.BORDER_REPLICATE)
+        boxes = [b for b in detect_faces(Image.fromarray(a), detector="mtcnn") if b.score >= 0.95]
+        if boxes:
+            pts.append((np.array(boxes[0].landmarks) - 48) / 192)
+    med = np.median(np.array(pts), 0)                                 # [5,2]
+    print(f"  {len(pts)}/{len(items)} faces; median landmarks (x, y): {np.round(med, 3).tolist()}")
+
+
+def photo(side_w: int, side_h: int, items, seed: int = 0) -> Image.Image:
+    """A big RGB 'photo': textured background with 4 faces of ~1/6 of the height."""
+    rng = np.random.default_rng(seed)
+    bg = cv2.resize(background("texture", rng), (side_w, side_h), interpolation=cv2.INTER_LINEAR)
+    canvas, s = Image.fromarray(bg), side_h // 6
+    for k, (p, _) in enumerate(items[:4]):
+        canvas.paste(Image.open(p).convert("L").resize((s, s), Image.BICUBIC), (s // 2 + k * side_w // 4, side_h // 3))
+    return canvas.convert("RGB")
+
+
+def timed(fn, repeat: int) -> tuple[float, float, object]:
+    """(median wall s, median CPU s of this process, last result) over `repeat` calls."""
+    walls, cpus, out = [], [], None
+    for _ in range(repeat):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return float(np.median(walls)), float(np.median(cpus)), out
+
+
+def latency(items, repeat: int) -> None:
+    big = photo(4000, 3000, items)
+    for det in ("haar", "mtcnn"):
+        wall, cpu, boxes = timed(lambda: detect_faces(big, detector=det), repeat)
+        print(f"  12 MP (4000x3000) detect_faces {det:5s}: {wall:.3f} s wall, {cpu:.3f} s CPU, {len(boxes)} faces")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "36mp.jpg"
+        photo(7360, 4912, items).save(path, quality=90)
+        for max_side in (None, faces.DECODE_SIDE):
+            def answer():
+                im = safe_open_image(path, max_side=max_side)
+                crops, boxes, found = faces_or_whole(im, max_faces=6)
+                buf = io.BytesIO()
+                annotate(im, boxes if found else []).save(buf, "PNG")
+                return im.size, len(boxes), buf.tell()
+            wall, cpu, (size, n, nbytes) = timed(answer, max(repeat // 2, 1))
+            how = "full decode" if max_side is None else f"JPEG draft (max_side {max_side})"
+            print(f"  36 MP JPEG end to end, {how}: {wall:.2f} s wall, {cpu:.2f} s CPU; decoded {size[0]}x{size[1]},"
+                  f" {n} faces, annotated PNG {nbytes / 1e3:.0f} kB")
+
+
+def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
+    """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces."""
+    import evaluate
+    from captions import canonical_name
+    from metrics import zero_shot_scores
+    from retrieval import Engine
+    engine = Engine.load(ckpt, None, "cpu")
+    classes = evaluate.class_order(canonical_name(c) for _, c in items)
+    if engine.cfg.objective == "ce":
+        known = [canonical_name(c) for c in engine.model.class_names]
+        if missing := [c for c in classes if c not in known]:
+            raise SystemExit(f"error: {ckpt}: a classifier checkpoint without class(es) {', '.join(missing)}")
+        score = lambda ims: engine_ce(engine, ims)[:, [known.index(c) for c in classes]]  # noqa: E731
+    else:
+        protos = evaluate.text_prototypes(engine.model, evaluate.get_bank("paper", None), classes)   # [C,D]
+        score = lambda ims: zero_shot_scores(engine.embed_images(ims), protos)  # noqa: E731
+    y = np.array([classes.index(canonical_name(c)) for _, c in items])
+    sc = scenes(items, kind, seed)
+    rows = {"48x48 originals": [Image.open(p).convert("RGB") for p, _ in items]}
+    for det in ("mtcnn", "haar"):
+        rows[f"{det} crops (no face: centre square)"] = [faces_or_whole(im, 1, detector=det)[0][0] for im, _ in sc]
+    boxes = [detect_faces(im, 1, detector="mtcnn") for im, _ in sc]
+    rows["mtcnn boxes, square crop (no alignment)"] = [
+        faces.crop_face(im, Box(*(b[0].x0, b[0].y0, b[0].x1, b[0].y1))) if b else faces_or_whole(im, 1)[0][0]
+        for (im, _), b in zip(sc, boxes)]
+    hit = np.array([bool(b) and matches(b[0], tr) for b, (_, tr) in zip(boxes, sc)])
+    for name, ims in rows.items():
+        pred = score(ims).argmax(1)
+        print(f"  {name:42s} top-1 {np.mean(pred == y):.3f}  (on the {hit.sum()} faces MTCNN found: "
+              f"{np.mean(pred[hit] == y[hit]):.3f})")
+
+
+def engine_ce(engine, ims) -> np.ndarray:
+    import torch
+    emb = torch.from_numpy(engine.embed_images(ims)).to(engine.device)
+    with torch.inference_mode():
+        return engine.model.classifier(emb).float().cpu().numpy()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fer", default=str(FER))
+    ap.add_argument("--n", type=int, default=200, help="test faces for recall / false boxes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backgrounds", default="grey,texture")
+    ap.add_argument("--repeat", type=int, default=5, help="latency: median of this many calls")
+    ap.add_argument("--checkpoint", default=None, help="also measure accuracy on aligned crops vs 48x48 originals")
+    ap.add_argument("--n-acc", type=int, default=500, help="test faces for --checkpoint")
+    ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
+    ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    a = ap.parse_args(argv)
+    fer = Path(a.fer)
+    if not (fer / "test").is_dir() or not (fer / "train").is_dir():
+        print(f"skipped: FER-2013 not found at {fer} (expected train/ and test/; pass --fer DIR)")
+        return 0
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    kinds = [k.strip() for k in a.backgrounds.split(",") if k.strip()]
+    if a.template or a.tune:
+        train = pick_faces(fer, "train", a.n, a.seed)
+        if a.template:
+            print(f"template on {len(train)} train faces:")
+            template(train)
+        for kind in kinds if a.tune else []:
+            print(f"MIN_PROB sweep on {len(train)} train faces, {kind} background:")
+            tune(scenes(train, kind, a.seed))
+        return 0
+    items = pick_faces(fer, "test", a.n, a.seed)
+    for kind in kinds:
+        sc = scenes(items, kind, a.seed)
+        for det in ("haar", "mtcnn"):
+            t = time.perf_counter()
+            found, false, _ = recall_false(sc, det)
+            print(f"{kind:7s} {det:5s}: found {found}/{len(sc)} ({found / len(sc):.1%}), {false} false boxes, "
+                  f"{(time.perf_counter() - t) / len(sc) * 1e3:.0f} ms/scene")
+    print("latency:")
+    latency(items, a.repeat)
+    if a.checkpoint:
+        acc_items = pick_faces(fer, "test", a.n_acc, a.seed + 1)
+        print(f"accuracy on {len(acc_items)} test faces ({kinds[-1]} background), paper sentences:")
+        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
