@@ -330,12 +330,12 @@ class Trainer:
         atomic_save(checkpoint_payload(self.model, trainer=self.state()), self.out / "last.pth")
 
     def load_state(self, path: str) -> None:
-        from model import read_checkpoint
-        ck = read_checkpoint(path)
+        from checkpoint import load_weights_into, read_checkpoint
+        ck = read_checkpoint(path, hint="--resume")
         if "trainer" not in ck:
             raise UserError(f"{path}: holds weights only (no optimizer state); resume from out_dir/last.pth")
         try:
-            self.model.load_state_dict(ck["state_dict"])
+            load_weights_into(self.model, ck, path=path)       # compact: frozen package towers by reference
             self.opt.load_state_dict(ck["trainer"]["optimizer"])
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{path}: was trained with another config ({str(e).splitlines()[0][:120]}); "
@@ -344,7 +344,7 @@ class Trainer:
         if self.scaler and t["scaler"]:
             self.scaler.load_state_dict(t["scaler"])
         if self.ema is not None:    # a run that had no EMA yet starts it from the resumed weights
-            self.ema.module.load_state_dict(t.get("ema") or ck["state_dict"])
+            load_weights_into(self.ema.module, ck, state_dict=t.get("ema") or ck["state_dict"], path=path)
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.best, self.history = t["best"], list(t["history"])
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
