@@ -77,7 +77,13 @@ class Config:
     max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
     final_path: str = "model_final.pth"       # best epoch is copied here
     select_by: str = "val_top1"               # val_top1 | val_p10 | val_loss: what "best epoch" means
-    log_every: int = 10                       # progress-bar loss refresh, in steps
+    log_every: int = 10                       # progress-bar loss refresh, in steps; without a terminal, a plain
+                                              # progress line every log_every steps and log_seconds
+    log_seconds: float = 30.0                 # without a terminal: at most one progress line this often (0 = every
+                                              # log_every steps)
+    save_every_min: float = 5.0               # also save out_dir/last.pth mid-epoch this often, so a kill loses at
+                                              # most this many minutes (0 = at epoch ends only)
+    save_every_steps: int = 0                 # >0: also save last.pth mid-epoch every this many optimizer steps
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -190,6 +196,8 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
         raise UserError("batch_size must be >= 2 (contrastive), image_size >= 16 and embed_dim >= 1")
     if (cfg.targets == "soft" or cfg.contrast == "classes") and (cfg.accum_steps > 1 or cfg.objective == "ce"):
         raise UserError("--targets soft / --contrast classes work with --accum-steps 1 and --objective clip")
+    if min(cfg.log_every, cfg.log_seconds, cfg.save_every_min, cfg.save_every_steps) < 0 or cfg.log_every == 0:
+        raise UserError("log_every must be >= 1; log_seconds, save_every_min and save_every_steps >= 0")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
     return cfg

@@ -1,12 +1,14 @@
 """captions.csv -> (image, caption) pairs: validation, splits, albumentations transforms, a dedup-collate.
 
 captions.csv: columns `image,caption` (optional `label`, `split`); `image` is relative to `<data>/<images>`
-(or to `<data>`), or absolute. Missing files are skipped with a count; unreadable images are skipped in the batch.
+(or to `<data>`), or absolute. Relative paths that climb out of that folder (`../../etc/shadow`) are refused and
+missing files skipped, each with a one-line count; unreadable images are skipped in the batch (one line each).
 """
 from __future__ import annotations
 
 import json
-import warnings
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Config
 from faces import to_rgb
+from formats import safe_join
 from utils import UserError, read_csv_checked
 
 REQUIRED = ("image", "caption")
@@ -28,35 +31,59 @@ class BadImage(Exception):
     """An image file that cannot be decoded."""
 
 
+@dataclass
+class Unreadable:
+    """What PairDataset gives for an image it cannot decode; Collate drops it and lists its path."""
+    path: str
+
+
 # ----------------------------------------------------------------------------- table
 
-def read_table(cfg: Config) -> pd.DataFrame:
-    """Read and check captions.csv; resolve image paths; drop (and count) rows whose file is missing."""
+def read_table(cfg: Config, quiet: bool = False) -> pd.DataFrame:
+    """Read and check captions.csv; resolve image paths; drop rows whose relative path climbs out of the data folder
+    and rows whose file is missing, each kind counted in one line on stderr (unless quiet) and in
+    df.attrs["skipped"] ({"outside the data folder": n, "missing file": n})."""
     path = Path(cfg.data) / cfg.captions
     if not path.is_file():
         raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python sample.py`)")
     df = read_csv_checked(path, REQUIRED, hint="expected image,caption[,label,split]")
     df = df[(df["image"] != "") & (df["caption"] != "")].copy()
-    df["path"] = [str(resolve_image(cfg, p)) for p in df["image"]]
-    exists = np.array([Path(p).is_file() for p in df["path"]], dtype=bool)
-    if (~exists).any():
-        first = df.loc[~exists, "image"].iloc[0]
-        warnings.warn(f"{path}: {int((~exists).sum())} of {len(df)} listed images are missing and are skipped "
-                      f"(first: {first})", stacklevel=2)
+    resolved = [resolve_image(cfg, p) for p in df["image"]]
+    inside = np.array([p is not None for p in resolved], dtype=bool)
+    df["path"] = [str(p) if p is not None else "" for p in resolved]
+    exists = inside & np.array([p is not None and p.is_file() for p in resolved], dtype=bool)
+    skipped = {"outside the data folder": int((~inside).sum()), "missing file": int((inside & ~exists).sum())}
+    if not quiet:
+        report_rows(path, df, ~inside, f"relative image paths outside {cfg.data} are refused (absolute paths "
+                                       "are allowed)")
+        report_rows(path, df, inside & ~exists, "listed images are missing and are skipped")
     df = df[exists].reset_index(drop=True)
     if df.empty:
         raise UserError(f"{path}: no usable rows (is --images pointing at the image folder?)")
     if "label" not in df.columns:
         df["label"] = ""
+    df.attrs["skipped"] = skipped
     return df
 
 
-def resolve_image(cfg: Config, name: str) -> Path:
-    p = Path(name)
-    if p.is_absolute():
-        return p
-    under_images = Path(cfg.data) / cfg.images / p
-    return under_images if under_images.exists() else Path(cfg.data) / p
+def report_rows(path: Path, df: pd.DataFrame, bad: np.ndarray, what: str) -> None:
+    """One stderr line: '<csv>: 2 of 10 <what> (first: line 5: ../x.png)' -- the line number in the file."""
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        print(f"{path}: {int(bad.sum())} of {len(df)} {what} (first: line {df.index[k] + 2}: {df['image'].iloc[k]})",
+              file=sys.stderr, flush=True)
+
+
+def resolve_image(cfg: Config, name: str) -> Path | None:
+    """An absolute path as given; a relative one under <data>/<images> if it exists there, else under <data>.
+    None when the relative path climbs out of that folder (prepare.py's rule, formats.safe_join)."""
+    if Path(name).is_absolute():
+        return Path(name)
+    data = Path(os.path.abspath(cfg.data))                 # safe_join needs an absolute root
+    under_images = safe_join(data / cfg.images, name)
+    if under_images is not None and under_images.exists():
+        return under_images
+    return safe_join(data, name)
 
 
 def split_table(df: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -137,7 +164,8 @@ def load_image_tensor(path, cfg: Config, transform: A.Compose | None = None) -> 
 # ----------------------------------------------------------------------------- torch dataset
 
 class PairDataset(torch.utils.data.Dataset):
-    """(pixels [3,H,W], caption, group id, label idx) per row; None for an unreadable image (dropped in collate)."""
+    """(pixels [3,H,W], caption, group id, label idx) per row; Unreadable(path) for an image that cannot be decoded
+    (dropped in collate)."""
 
     def __init__(self, df: pd.DataFrame, cfg: Config, train: bool, caption_vocab: dict[str, int],
                  label_vocab: dict[str, int], bank: dict[str, list[str]] | None = None,
@@ -171,8 +199,8 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             pixels = self.transform(image=open_image(row["path"], self.cfg.grayscale))["image"]
         except BadImage as e:
-            warnings.warn(f"skipping unreadable image {e}", stacklevel=2)
-            return None
+            print(f"skipping unreadable image {e}", file=sys.stderr, flush=True)     # one line, from any worker
+            return Unreadable(row["path"])
         cap = self.caption(i, epoch)
         label = self.label_vocab.get(row["label"], -1)
         group = label if self.cfg.positives == "label" and label >= 0 else self.caption_vocab[cap]
@@ -206,7 +234,8 @@ class Collate:
 
     def __call__(self, items):
         n_in = len(items)
-        items = [it for it in items if it is not None]
+        unreadable = [it.path for it in items if isinstance(it, Unreadable)]
+        items = [it for it in items if isinstance(it, tuple)]
         if not items:
             return None
         pixels, caps, groups, labels = list(zip(*items))[:4]
@@ -217,6 +246,7 @@ class Collate:
                     input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],  # [U, L]
                     text_index=torch.tensor([pos[c] for c in caps]),                  # [B]
                     groups=torch.tensor(groups), labels=torch.tensor(labels), dropped=n_in - len(items),
+                    unreadable=unreadable,
                     **({"dist": torch.stack([it[4] for it in items])} if len(items[0]) > 4 else {}))   # [B, C]
 
 

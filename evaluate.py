@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
@@ -43,12 +41,8 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
     p = Path(data)
     if p.is_file() or (p.is_dir() and (p / "captions.csv").is_file()):
         folder, name = (p.parent, p.name) if p.is_file() else (p, "captions.csv")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            df = read_table(make_config(dict(data=str(folder), captions=name)))
-        missing = sum(int(m.group(1)) for w in caught if (m := re.search(r"(\d+) of \d+ listed images are missing",
-                                                                         str(w.message))))
-        skipped = {"missing file": missing}
+        df = read_table(make_config(dict(data=str(folder), captions=name)), quiet=True)
+        skipped = dict(df.attrs["skipped"])         # missing files, relative paths outside the folder
         if not (df["label"] != "").any():
             raise UserError(f"{folder / name}: no labels; classification needs a `label` column (a class name per "
                             "image, e.g. happiness)")

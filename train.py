@@ -2,7 +2,10 @@
 
 Each epoch: train, then validation loss + retrieval accuracy (text->image precision@10 per class, image->text top-1),
 an atomic checkpoint (out_dir/last.pth), metrics.csv and curves.png. The best epoch is written to model_final.pth.
-`--resume out_dir/last.pth` continues exactly; Ctrl-C saves first. Multi-GPU: torchrun --nproc_per_node N train.py ...
+last.pth is also saved mid-epoch every --save-every-min minutes, so a kill loses at most that much. `--resume
+out_dir/last.pth` continues exactly (bit-identical weights and BatchNorm statistics); Ctrl-C stops after the current
+step and saves first. Without a terminal, a plain progress line is printed every --log-every steps / --log-seconds.
+Multi-GPU: torchrun --nproc_per_node N train.py ...
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
@@ -26,7 +28,8 @@ from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
 from accum import accumulated_backward
 from loss import make_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
-from precision import amp_dtype, amp_setup  # noqa: F401 (amp_dtype re-exported for older imports)
+from precision import amp_dtype, amp_setup, cpu_has_bf16  # noqa: F401 (re-exported: bench, evaluate)
+from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, write_logs
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
 
 
@@ -74,6 +77,9 @@ class TrainableEma(ModelEmaV3):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.resume and not Path(cfg.resume).is_file():       # before minutes of setup
+            raise UserError(f"--resume {cfg.resume}: no such checkpoint file; pass the last.pth an earlier run "
+                            "wrote in its --out-dir")
         self.rank, self.world, local_rank = init_distributed()
         self.main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available() \
@@ -116,6 +122,10 @@ class Trainer:
                                      fused=self.device.type in ("cpu", "cuda"))
         self.autocast, self.scaler = amp_setup(cfg, self.device)
         self.step, self.epoch, self.batch_in_epoch, self.best, self.history = 0, 0, 0, -math.inf, []
+        self.epoch_losses, self.skips = [], SkipCount()      # this epoch so far (saved: a resumed epoch reports all)
+        self.guard = DeferredInterrupt(enabled=self.world == 1)   # torchrun: ranks must not stop at different steps
+        self.buffers = BufferSnapshot(self.model)
+        self.autosave = Every(cfg.save_every_steps, 60 * cfg.save_every_min)
         if cfg.resume:
             self.load_state(cfg.resume)
 
@@ -255,23 +265,57 @@ class Trainer:
         return float(loss.detach())
 
     def train_epoch(self) -> float:
+        """Train from batch_in_epoch (where a resumed run stopped) to the epoch's end; the whole epoch's mean loss."""
         self.model.train()
-        # resume mid-epoch where we stopped
-        self.epoch_batches.set(self.epoch, self.train_batches(self.epoch)[self.batch_in_epoch:])
-        losses = []
+        todo = self.train_batches(self.epoch)[self.batch_in_epoch:]
+        self.epoch_batches.set(self.epoch, todo)
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=None if self.main else True)
-        for batch in bar:
-            if batch is None:
-                continue
-            losses.append(self.train_step(batch))
-            self.batch_in_epoch += 1
-            if self.batch_in_epoch % self.cfg.log_every == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-self.cfg.log_every:]):.3f}",
-                                T=f"{1 / self.model.scale().item():.3f}")
+        lines = ProgressLines(self.cfg.log_every, self.cfg.log_seconds, self.total_steps) \
+            if self.main and (bar.disable or not sys.stdout.isatty()) else None      # logs get plain lines
+        for k, (batch, indices) in enumerate(zip(bar, todo)):
+            with self.guard.step():                 # a Ctrl-C lands between steps, never inside one
+                loss = self.guarded_step(batch, indices)
+            if loss is not None:
+                self.show_progress(bar, lines, loss, len(batch["labels"]))
             if self.step >= self.total_steps:
                 break
-        return float(np.mean(losses)) if losses else float("nan")
+            if self.main and k < len(todo) - 1 and self.autosave():   # mid-epoch: a kill loses minutes, not an epoch
+                self.save_last()
+        return float(np.mean(self.epoch_losses)) if self.epoch_losses else float("nan")
+
+    def guarded_step(self, batch, indices: list[int]) -> float | None:
+        """train_step plus the epoch's bookkeeping. Interrupted before its optimizer update, the step is undone (its
+        forward pass already moved the BatchNorm statistics), so a save holds the state of the last whole step.
+        None when every image of the batch was unreadable."""
+        if batch is None:
+            self.skips.add([self.train_ds.df["path"].iloc[i] for i in indices])
+            self.batch_in_epoch += 1
+            return None
+        step = self.step
+        self.buffers.take()
+        try:
+            loss = self.train_step(batch)
+        except KeyboardInterrupt:
+            if self.step == step:
+                self.buffers.restore()
+            else:                                   # interrupted after the update: the batch counts as done
+                self.batch_in_epoch += 1
+            raise
+        self.skips.add(batch["unreadable"])
+        self.epoch_losses.append(loss)
+        self.batch_in_epoch += 1
+        return loss
+
+    def show_progress(self, bar, lines: ProgressLines | None, loss: float, images: int) -> None:
+        """Loss and temperature on the progress bar; a plain line now and then when stdout is a log (rank 0)."""
+        every = self.cfg.log_every
+        if not bar.disable and self.batch_in_epoch % every == 0:
+            bar.set_postfix(loss=f"{np.mean(self.epoch_losses[-every:]):.3f}", T=f"{1 / self.model.scale().item():.3f}")
+        text = lines and lines.line(f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.step, loss, images * self.world)
+        if text:
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
 
     @property
     def eval_model(self) -> ExprCLIP:
@@ -323,11 +367,13 @@ class Trainer:
     def state(self) -> dict:
         return dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
                     step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
-                    history=self.history,
+                    history=self.history, epoch_losses=list(self.epoch_losses),
+                    skipped=[self.skips.count, self.skips.first],
                     ema={k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None)
 
     def save_last(self) -> None:
         atomic_save(checkpoint_payload(self.model, trainer=self.state()), self.out / "last.pth")
+        self.autosave.reset()
 
     def load_state(self, path: str) -> None:
         from checkpoint import load_weights_into, read_checkpoint
@@ -347,39 +393,47 @@ class Trainer:
             load_weights_into(self.ema.module, ck, state_dict=t.get("ema") or ck["state_dict"], path=path)
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.best, self.history = t["best"], list(t["history"])
+        self.epoch_losses, self.skips = list(t.get("epoch_losses", [])), SkipCount(*t.get("skipped", (0, "")))
         print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
 
     def end_epoch(self, train_loss: float, seconds: float) -> None:
-        """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved)."""
+        """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved). The state
+        moves on to the next epoch in one Ctrl-C-deferred block: interrupted before it (say while validating), a
+        resumed run repeats just this epoch's end, with the same numbers."""
         val = self.validate() if self.main else {}
         row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **val,
                    lr_image=self.opt.param_groups[0]["lr"], temperature=1 / self.model.scale().item(),
-                   seconds=round(seconds, 1),
-                   images_per_s=round(self.batch_in_epoch * self.cfg.batch_size * self.world / seconds, 1))
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        if not self.main:
-            return
-        self.history.append(row)
-        score = -row["val_loss"] if self.cfg.select_by == "val_loss" else row[self.cfg.select_by]
-        score = -row["val_loss"] if math.isnan(score) else score     # unlabelled data: fall back to the loss
-        if score > self.best:
-            self.best = score
-            save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row)
-            shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
-        self.save_last()
+                   seconds=round(seconds, 1), images_per_s=round(
+                       self.batch_in_epoch * self.cfg.batch_size * self.world / max(seconds, 1e-3), 1))
+        skipped = self.skips.summary(row["epoch"])
+        with self.guard.step():
+            self.epoch, self.batch_in_epoch, self.epoch_losses, self.skips = self.epoch + 1, 0, [], SkipCount()
+            if not self.main:
+                return
+            self.history.append(row)
+            score = -row["val_loss"] if self.cfg.select_by == "val_loss" else row[self.cfg.select_by]
+            score = -row["val_loss"] if math.isnan(score) else score     # unlabelled data: fall back to the loss
+            if score > self.best:
+                self.best = score
+                save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row)
+                shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
+            self.save_last()
         write_logs(self.history, self.out)
         print("epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_p@10 {val_p10:.3f}  "
               "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row), flush=True)
+        if skipped:
+            print(skipped, flush=True)
 
     def fit(self) -> list[dict]:
         log = print if self.main else (lambda *a, **k: None)
         log(f"training on {self.device}: {len(self.train_ds)} train / {len(self.val_ds)} val pairs, "
               f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all", flush=True)
         try:
-            while self.epoch < self.cfg.epochs and self.step < self.total_steps:
-                t0 = time.time()
-                loss = self.train_epoch()
-                self.end_epoch(loss, time.time() - t0)
+            with self.guard:                        # Ctrl-C: stop after the current step (see DeferredInterrupt)
+                while self.epoch < self.cfg.epochs and self.step < self.total_steps:
+                    t0 = time.time()
+                    loss = self.train_epoch()
+                    self.end_epoch(loss, time.time() - t0)
         except KeyboardInterrupt:
             if self.main:
                 self.save_last()
@@ -389,27 +443,6 @@ class Trainer:
         if self.cfg.final_path and Path(self.cfg.final_path).exists():
             log(f"best epoch written to {self.cfg.final_path}")
         return self.history
-
-
-def write_logs(history: list[dict], out: Path) -> None:
-    """metrics.csv and curves.png (loss and accuracy per epoch) beside the checkpoints."""
-    df = pd.DataFrame(history)
-    df.to_csv(out / "metrics.csv", index=False)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(df["epoch"], df["train_loss"], "o-", label="train")
-    a.plot(df["epoch"], df["val_loss"], "o-", label="val")
-    a.set(xlabel="epoch", ylabel="contrastive loss")
-    a.legend()
-    b.plot(df["epoch"], df["val_p10"], "o-", label="text->image P@10")
-    b.plot(df["epoch"], df["val_top1"], "o-", label="image->text top-1")
-    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """captions.csv reading, splits, bad rows and images, grayscale handling, the dedup collate."""
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,12 +28,36 @@ def test_missing_column_named_in_one_line(tmp_path):
         read_table(cfg)
 
 
-def test_missing_files_skipped_with_a_count(tmp_path):
+def test_missing_files_skipped_with_a_count_in_one_line(tmp_path, capsys):
     rows = [dict(image=f"{i}.png", caption="c", label="happiness") for i in range(5)]
     cfg = write_set(tmp_path, rows, images=["0.png", "1.png", "2.png"])
-    with pytest.warns(UserWarning, match="2 of 5 listed images are missing"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # a line of our own, not a two-line Python warning
         df = read_table(cfg)
-    assert len(df) == 3
+    assert len(df) == 3 and df.attrs["skipped"]["missing file"] == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of 5 listed images are missing" in err and "3.png" in err
+
+
+def test_relative_paths_climbing_out_of_the_data_folder_are_refused(tmp_path, capsys):
+    """A row `../secret.png` is never opened: refused, counted in one line; absolute paths stay allowed (prepare.py
+    lists datasets referenced in place that way); `images/../x.png` staying inside is fine."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "secret.png")      # exists, outside the data folder
+    rows = [dict(image=name, caption="c", label="happiness")
+            for name in ["0.png", "../secret.png", "images/../../secret.png", "images/../images/0.png",
+                         str(tmp_path / "secret.png")]]
+    cfg = write_set(data, rows, images=["0.png"])
+    df = read_table(cfg)
+    assert [Path(p).name for p in df["path"]] == ["0.png", "0.png", "secret.png"]
+    assert all(Path(p).resolve().parent == (data / "images").resolve() for p in df["path"][:2])
+    assert df.attrs["skipped"] == {"outside the data folder": 2, "missing file": 0}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of 5 relative image paths outside" in err and "line 3: ../secret.png" in err
+    import evaluate                                   # evaluate reads through read_table: counted, not printed
+    table, skipped = evaluate.read_data(str(data))
+    assert skipped["outside the data folder"] == 2 and len(table) == 3 and capsys.readouterr().err == ""
 
 
 def test_missing_captions_file_is_explained(tmp_path):
@@ -75,7 +100,7 @@ def test_any_image_mode_becomes_three_channels(tmp_path, mode):
     assert (a[..., 0] == a[..., 1]).all()        # gray replicated to 3 channels
 
 
-def test_corrupt_image_is_skipped_in_the_batch(tmp_path):
+def test_corrupt_image_is_skipped_in_the_batch_with_one_line(tmp_path, capsys):
     rows = [dict(image=f"{i}.png", caption=f"cap {i % 2}", label="happiness") for i in range(3)]
     cfg = write_set(tmp_path, rows)
     (tmp_path / "images" / "1.png").write_bytes(b"\x89PNG truncated")
@@ -86,10 +111,14 @@ def test_corrupt_image_is_skipped_in_the_batch(tmp_path):
     ds = PairDataset(df, cfg, False, caps, labels)
     from model import build_text_encoder
     _, tok = build_text_encoder(cfg, load_weights=False)
+    capsys.readouterr()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")                # no Python warning (two lines, a torch-internal source line)
         batch = Collate(tok, 16)([ds[i] for i in range(3)])
     assert batch["pixels"].shape == (2, 3, 16, 16) and batch["dropped"] == 1
+    assert [Path(p).name for p in batch["unreadable"]] == ["1.png"]        # the trainer counts these per epoch
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("skipping unreadable image") and "1.png" in err
 
 
 def test_collate_tokenizes_each_distinct_caption_once(tmp_path):

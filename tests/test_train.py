@@ -1,5 +1,7 @@
 """train.py end to end on the bundled-style sample: learning, outputs, schedule, resume, bad input."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,31 +70,113 @@ def test_training_writes_metrics_curves_and_checkpoints(trained):
     assert ck["metrics"]["val_top1"] == pytest.approx(m["val_top1"].max())     # best epoch = best val top-1
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(sample_dir, tmp_path, monkeypatch):
-    flags = dict(data=str(sample_dir), image_size=32, epochs=2, final_path="", batch_size=32, ema_decay=0.9)
-    ref = train.Trainer(make_config({**flags, "out_dir": str(tmp_path / "a")}, preset="tiny"))
+RESUME_FLAGS = dict(image_size=16, epochs=2, final_path="", batch_size=32, ema_decay=0.9, save_every_min=0)
+
+
+def resume_cfg(sample_dir, out, **more):
+    return make_config({**RESUME_FLAGS, "data": str(sample_dir), "out_dir": str(out), **more}, preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sample_dir, tmp_path_factory):
+    """The reference: two epochs without a break."""
+    ref = train.Trainer(resume_cfg(sample_dir, tmp_path_factory.mktemp("ref")))
     ref.fit()
+    return ref
 
-    real_step = train.Trainer.train_step
 
-    def interrupted(self, batch):
-        if self.step == ref.steps_per_epoch + 2:                  # mid second epoch
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-    monkeypatch.setattr(train.Trainer, "train_step", interrupted)
-    b = train.Trainer(make_config({**flags, "out_dir": str(tmp_path / "b")}, preset="tiny"))
+def assert_same_run(ref, other):
+    """Every tensor of the model and its EMA bit-identical (weights AND BatchNorm buffers), same per-epoch metrics."""
+    assert other.step == ref.step
+    for a, b in ((ref.model, other.model), (ref.ema.module, other.ema.module)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    timing = ("seconds", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in other.history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in ref.history]
+
+
+def resume(sample_dir, out) -> "train.Trainer":
+    t = train.Trainer(resume_cfg(sample_dir, out, resume=str(out / "last.pth")))
+    t.fit()
+    return t
+
+
+@pytest.mark.parametrize("how", ["signal", pytest.param("raise", marks=pytest.mark.slow),
+                                 pytest.param("validate", marks=pytest.mark.slow)])
+def test_ctrl_c_mid_step_then_resume_is_bit_identical(uninterrupted, sample_dir, tmp_path, monkeypatch, how):
+    """Ctrl-C in the middle of a forward pass (a real SIGINT, or a KeyboardInterrupt raised there), or while
+    validating: the saved state is that of the last whole step, and the resumed run equals the uninterrupted one."""
+    import signal
+    calls, real_tokens, real_validate = [0], ExprCLIP.encode_tokens, train.Trainer.validate
+
+    def tokens(self, *a, **k):                       # runs after the image tower has moved BatchNorm statistics
+        calls[0] += self.training
+        if self.training and calls[0] == uninterrupted.steps_per_epoch + 3:    # mid second epoch
+            if how == "raise":
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
+        return real_tokens(self, *a, **k)
+
+    def validate(self):
+        raise KeyboardInterrupt
+    if how == "validate":                            # the first epoch's validation
+        monkeypatch.setattr(train.Trainer, "validate", validate)
+    else:
+        monkeypatch.setattr(ExprCLIP, "encode_tokens", tokens)
+    b = train.Trainer(resume_cfg(sample_dir, tmp_path))
     with pytest.raises(KeyboardInterrupt):
         b.fit()
+    monkeypatch.setattr(ExprCLIP, "encode_tokens", real_tokens)
+    monkeypatch.setattr(train.Trainer, "validate", real_validate)
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)["trainer"]
+    expected = {"raise": uninterrupted.steps_per_epoch + 2, "signal": uninterrupted.steps_per_epoch + 3,
+                "validate": uninterrupted.steps_per_epoch}[how]    # a SIGINT lets the step it hit finish
+    assert saved["step"] == expected
+    assert_same_run(uninterrupted, resume(sample_dir, tmp_path))
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in train.py catches it, so nothing is saved on the way out."""
+
+
+def test_kill_mid_epoch_loses_only_the_steps_since_the_last_periodic_save(uninterrupted, sample_dir, tmp_path,
+                                                                         monkeypatch):
+    real_step = train.Trainer.train_step
+
+    def killed_at_7(self, batch):
+        if self.step == 7:
+            raise Killed
+        return real_step(self, batch)
+    monkeypatch.setattr(train.Trainer, "train_step", killed_at_7)
+    with pytest.raises(Killed):
+        train.Trainer(resume_cfg(sample_dir, tmp_path, save_every_steps=3)).fit()
     monkeypatch.setattr(train.Trainer, "train_step", real_step)
-    resumed = train.Trainer(make_config({**flags, "out_dir": str(tmp_path / "b"),
-                                         "resume": str(tmp_path / "b" / "last.pth")}, preset="tiny"))
-    assert resumed.step == ref.steps_per_epoch + 2
-    resumed.fit()
-    assert resumed.step == ref.step
-    for (k, a), c in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.allclose(a.float(), c.float(), atol=1e-5), k
-    for (k, a), c in zip(ref.ema.module.state_dict().items(), resumed.ema.module.state_dict().values()):
-        assert torch.allclose(a.float(), c.float(), atol=1e-5), k       # the weight EMA resumes too
+    assert uninterrupted.steps_per_epoch > 7                               # the kill came in the first epoch
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["trainer"]["step"] == 6
+    assert_same_run(uninterrupted, resume(sample_dir, tmp_path))
+
+
+def test_periodic_save_is_on_by_default_every_few_minutes():
+    from trainloop import Every
+    assert 0 < make_config().save_every_min <= 10
+    now = [0.0]
+    due = Every(seconds=60 * make_config().save_every_min, clock=lambda: now[0])
+    ticks = []
+    for _ in range(100):                              # one step every 30 s for 50 minutes
+        now[0] += 30
+        ticks.append(due())
+    assert sum(ticks) == 50 * 60 // (60 * make_config().save_every_min)
+    assert not Every(clock=lambda: now[0])()          # 0 and 0: never
+
+
+def test_resume_from_a_missing_file_names_the_resume_flag(sample_dir, tmp_path, capsys):
+    argv = ["--preset", "tiny", "--data", str(sample_dir), "--out-dir", str(tmp_path), "--resume", str(tmp_path / "x")]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--checkpoint" not in err and "\n" not in err
 
 
 def test_ema_follows_its_recursion_and_is_what_gets_saved(sample_dir, tmp_path, monkeypatch):
@@ -128,6 +212,53 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "missing required column(s) image, caption" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def hostile_log(tmp_path_factory):
+    """train.main on a small sample with 2 corrupt training images and a row climbing out of the data folder, its
+    output going to files as in a batch job (no terminal, so no progress bar). -> (stdout, stderr)."""
+    import contextlib
+    import io
+    from sample import make_sample
+    d = tmp_path_factory.mktemp("hostile")
+    table = make_sample(d, per_class=6, size=32, seed=2)             # 40 train / 8 val
+    for name in table.loc[table["split"] == "train", "image"].iloc[[0, 5]]:
+        (d / "images" / name).write_bytes(b"\x89PNG truncated")
+    outside = d.parent / f"{d.name}_outside.png"
+    outside.write_bytes((d / "images" / table["image"].iloc[-1]).read_bytes())
+    rows = pd.concat([table, pd.DataFrame([dict(image=f"../{outside.name}", caption="x", label="happiness",
+                                                split="train")])])
+    rows.to_csv(d / "captions.csv", index=False)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = run_cli(train.main, ["--preset", "tiny", "--data", str(d), "--image-size", "32", "--batch-size", "8",
+                                  "--epochs", "2", "--log-every", "2", "--log-seconds", "0", "--num-workers", "0",
+                                  "--out-dir", str(d / "run"), "--final-path", ""])
+    assert rc == 0, err.getvalue()[-2000:]
+    return out.getvalue(), err.getvalue()
+
+
+def test_log_without_a_terminal_gets_plain_progress_lines(hostile_log):
+    out, _ = hostile_log
+    lines = re.findall(r"^epoch (\d)/2 step (\d+)/10  loss \d+\.\d{4}  \d+\.\d img/s$", out, re.M)
+    assert lines == [("1", "2"), ("1", "4"), ("2", "7"), ("2", "9")]         # every --log-every 2 steps
+
+
+def test_unreadable_images_get_one_line_each_and_an_epoch_summary(hostile_log):
+    out, err = hostile_log
+    skips = [l for l in err.splitlines() if "unreadable" in l]
+    assert len(skips) == 4 and all(l.startswith("skipping unreadable image ") for l in skips)   # 2 per epoch
+    assert "Warning" not in err and "warn(" not in err
+    for epoch in (1, 2):
+        assert re.search(rf"^epoch {epoch}: 2 unreadable images skipped \(first: .+\.png\)$", out, re.M)
+
+
+def test_training_refuses_a_row_outside_the_data_folder(hostile_log):
+    _, err = hostile_log
+    (line,) = [l for l in err.splitlines() if "outside" in l]
+    assert "1 of 49 relative image paths outside" in line and "_outside.png" in line
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_torchrun_two_processes_train_end_to_end(sample_dir, tmp_path, accum):
     """train.py under torchrun (2 processes, gloo on CPU): rank 0 logs and writes checkpoints, the run completes;

@@ -1,0 +1,156 @@
+"""Training-loop safety and reporting for train.py: Ctrl-C only between whole steps, an undo for a step interrupted
+half-way (BatchNorm statistics), a step/time trigger for mid-epoch checkpoints, plain progress lines for logs, counts
+of skipped images, metrics.csv and curves.png."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+
+class DeferredInterrupt:
+    """While installed (`with DeferredInterrupt():`), a Ctrl-C that arrives inside a `with guard.step():` block only
+    sets a flag; the block's end raises KeyboardInterrupt, so training stops between whole steps. A second Ctrl-C,
+    or one outside a block (waiting for data, validating), raises at once as usual. A no-op outside the main thread
+    or when disabled (torchrun: ranks must not stop at different steps)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.inside, self.pending, self.previous = False, False, None
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.inside and not self.pending:
+            self.pending = True
+            print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def step(self):
+        """The block runs to its end; a Ctrl-C received meanwhile is raised as KeyboardInterrupt after it."""
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside, pending, self.pending = False, self.pending, False
+        if pending:
+            raise KeyboardInterrupt
+
+
+class BufferSnapshot:
+    """Copies of a module's buffers (BatchNorm running statistics and batch counts), retaken before each step: a step
+    interrupted before its optimizer update is undone with restore(), its forward pass having already moved them."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.live = [b for b in module.buffers()]
+        self.saved = [b.detach().clone() for b in self.live]
+
+    @torch.no_grad()
+    def take(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.saved, self.live)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
+
+
+class Every:
+    """Called once per step: True every `steps` calls or once `seconds` have passed since the last True, whichever
+    comes first (0 turns a trigger off; both 0: never). need_both: only when both hold (0 then sets no condition).
+    reset() restarts both (e.g. after a save made for another reason)."""
+
+    def __init__(self, steps: int = 0, seconds: float = 0.0, need_both: bool = False, clock=time.monotonic):
+        self.steps, self.seconds, self.need_both, self.clock = steps, seconds, need_both, clock
+        self.count, self.since = 0, clock()
+
+    def reset(self) -> None:
+        self.count, self.since = 0, self.clock()
+
+    def __call__(self) -> bool:
+        self.count += 1
+        by_steps = self.steps > 0 and self.count >= self.steps
+        by_time = self.seconds > 0 and self.clock() - self.since >= self.seconds
+        if self.need_both:                          # a trigger set to 0 does not hold the other back
+            due = (by_steps or self.steps <= 0) and (by_time or self.seconds <= 0)
+        else:
+            due = by_steps or by_time
+        if due:
+            self.reset()
+        return due
+
+
+class ProgressLines:
+    """Plain progress lines for a log file, where no progress bar is drawn: step, mean loss and images/s since the
+    previous line. -> line(step, loss, images) returns the text or None."""
+
+    def __init__(self, every_steps: int, every_seconds: float, total_steps: int, clock=time.monotonic):
+        self.due = Every(every_steps, every_seconds, need_both=True, clock=clock)
+        self.total, self.clock = total_steps, clock
+        self.losses, self.images, self.t0 = [], 0, clock()
+
+    def line(self, prefix: str, step: int, loss: float, images: int) -> str | None:
+        self.losses.append(loss)
+        self.images += images
+        if not self.due():
+            return None
+        now = self.clock()
+        rate = self.images / max(now - self.t0, 1e-9)
+        text = f"{prefix} step {step}/{self.total}  loss {sum(self.losses) / len(self.losses):.4f}  {rate:.1f} img/s"
+        self.losses, self.images, self.t0 = [], 0, now
+        return text
+
+
+class SkipCount:
+    """Unreadable training images of one epoch: a count and the first one's path, for the end-of-epoch line."""
+
+    def __init__(self, count: int = 0, first: str = ""):
+        self.count, self.first = count, first
+
+    def add(self, paths: list[str]) -> None:
+        if paths and not self.first:
+            self.first = str(paths[0])
+        self.count += len(paths)
+
+    def summary(self, epoch: int) -> str | None:
+        if not self.count:
+            return None
+        noun = "image" if self.count == 1 else "images"
+        return f"epoch {epoch}: {self.count} unreadable {noun} skipped (first: {self.first})"
+
+
+def write_logs(history: list[dict], out: Path) -> None:
+    """metrics.csv and curves.png (loss and accuracy per epoch) beside the checkpoints."""
+    df = pd.DataFrame(history)
+    df.to_csv(out / "metrics.csv", index=False)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(df["epoch"], df["train_loss"], "o-", label="train")
+    a.plot(df["epoch"], df["val_loss"], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="contrastive loss")
+    a.legend()
+    b.plot(df["epoch"], df["val_p10"], "o-", label="text->image P@10")
+    b.plot(df["epoch"], df["val_top1"], "o-", label="image->text top-1")
+    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
