@@ -65,7 +65,8 @@ def time_steps(model, cfg, device, batch, mode: str, steps: int, warmup: int, fu
             if mode == "free":
                 img, txt, s = model.encode_image(pixels), fixed, model.scale()
             else:
-                img, txt, s = model(pixels, ids, mask, index)
+                out = model(pixels, ids, mask, index)
+                img, txt, s = out["image_features"], out["text_features"], out["logit_scale"]
             loss = clip_loss(img.float(), txt.float(), s.float(), groups)
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
