@@ -370,6 +370,8 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
         name, fp = "image data", io.BytesIO(bytes(src))
     elif hasattr(src, "read"):                                        # an open file / upload stream
         name, fp = str(getattr(src, "name", "image data")), src
+    elif not isinstance(src, (str, os.PathLike)):
+        raise UserError(f"not an image ({type(src).__name__}); upload a picture file (JPEG, PNG, WebP, ...)")
     else:
         name, fp = str(src), src
         if not os.path.isfile(fp):

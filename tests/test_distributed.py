@@ -137,11 +137,11 @@ def test_accumulation_across_two_ranks_matches_one_process(tmp_path):
     for i, (objective, split) in enumerate(ACCUM_CASES):
         ref = tiny_clip(objective)
         b = clip_batch(ref, 0, 8)
-        img, out, s = ref(b["pixels"], b["input_ids"], b["attention_mask"], b["text_index"])
+        o = ref(b["pixels"], b["input_ids"], b["attention_mask"], b["text_index"])
         if objective == "clip":
-            loss = clip_loss(img, out, s, b["groups"])
+            loss = clip_loss(o["image_features"], o["text_features"], o["logit_scale"], b["groups"])
         else:   # DDP semantics for a per-rank mean: the average of the two ranks' mean losses
-            ce = F.cross_entropy(out, b["labels"], reduction="none")
+            ce = F.cross_entropy(o["logits"], b["labels"], reduction="none")
             loss = (ce[:split].mean() + ce[split:].mean()) / 2
         loss.backward()
         want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
