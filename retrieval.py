@@ -174,7 +174,7 @@ def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -
     if not sentences:
         raise UserError("the expression list is empty: add at least one description, one per line")
     cos = engine.embed_text(sentences) @ engine.embed_image(image)      # [S]
-    logits = float(engine.model.scale()) * cos
+    logits = engine.model.scale().item() * cos
     prob = np.exp(logits - logits.max())
     prob /= prob.sum()
     order = np.argsort(-cos, kind="stable")
@@ -187,7 +187,7 @@ def score_images(engine: Engine, images: list[Image.Image], sentences: list[str]
     if not sentences:
         raise UserError("the expression list is empty: add at least one description, one per line")
     cos = engine.embed_images(images) @ engine.embed_text(sentences).T          # [N, C]
-    logits = float(engine.model.scale()) * cos
+    logits = engine.model.scale().item() * cos
     prob = np.exp(logits - logits.max(axis=1, keepdims=True))
     return prob / prob.sum(axis=1, keepdims=True)
 

@@ -1,6 +1,6 @@
 """The offline quick start, measured: train on the bundled sample, then time text queries against its gallery.
 
-    python bench/bench_sample.py                  # preset offline, as `python demo.py --quickstart` does
+    python bench/bench_sample.py                  # preset offline, as `python train.py --preset offline --data .` trains it
     python bench/bench_sample.py --queries 200
 
 Prints: training wall time and images/s, gallery embedding time, query latency (text encoding + ranking) p50/p99,
