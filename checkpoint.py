@@ -231,7 +231,7 @@ def read_checkpoint(path, hint: str = "--checkpoint") -> dict:
     `hint` is the flag that names the file (train.py: --resume)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; pass {hint} PATH to a file written by train.py "
+        raise UserError(f"{path}: checkpoint not found; {hint} must name a file written by train.py "
                         "(or train one: python train.py)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -329,7 +329,7 @@ def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export(src, dst, half: bool = False) -> tuple[int, int]:
     """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`. Returns the
     (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported."""
-    ck = read_checkpoint(src)
+    ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
     extra = {k: ck[k] for k in ("epoch", "metrics") if ck.get(k) is not None}
     payload = checkpoint_payload(model, compact=True, **extra)
@@ -344,8 +344,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="ExprCLIP checkpoint tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="compact shipping copy: frozen packaged towers by reference, no trainer state")
-    ex.add_argument("src", help="checkpoint written by train.py (last.pth, best.pth, model_final.pth)")
-    ex.add_argument("dst", help="output .pth")
+    ex.add_argument("src", metavar="IN", help="checkpoint written by train.py (last.pth, best.pth, model_final.pth)")
+    ex.add_argument("dst", metavar="OUT", help="output .pth")
     ex.add_argument("--half", action="store_true", help="store floating tensors as fp16 (cast back on load)")
     a = ap.parse_args(argv)
     before, after = export(a.src, a.dst, a.half)

@@ -102,9 +102,9 @@ def test_bad_labels_and_trainer_state_are_refused(tmp_path):
 
 
 def test_missing_file_names_the_flag_given(tmp_path):
-    with pytest.raises(UserError, match="pass --resume PATH"):
+    with pytest.raises(UserError, match="checkpoint not found; --resume must name a file written by train.py"):
         read_checkpoint(tmp_path / "last.pth", hint="--resume")
-    with pytest.raises(UserError, match="checkpoint not found; pass --checkpoint PATH"):
+    with pytest.raises(UserError, match="checkpoint not found; --checkpoint must name"):
         read_checkpoint(tmp_path / "model_final.pth")
 
 
