@@ -9,7 +9,7 @@ A checkpoint is one `torch.save`d dict (format "exprclip-v1"), read back with `w
     text_config   the text tower's transformers config (to_dict())
     tokenizer     {file name: text} as the tokenizer's save_pretrained writes them ({} when referenced, below)
     state_dict    {name: tensor}: every weight, except the towers stored by reference (below)
-    label_counts  training label frequencies (evaluate --prior train)
+    label_counts  training label frequencies {label: n} (evaluate --prior train); train.py passes them as metadata
     epoch, metrics            best.pth / model_final.pth: the epoch and its validation row
     trainer                   last.pth: optimizer, scaler, step/epoch/batch, best, history, ema (weights)
     references    compact checkpoints: {tower: {source, distribution, version, files: {name: sha256},
@@ -40,6 +40,7 @@ import torch
 
 from checkpoint_checks import PACKAGES, TOKENIZER_FILES, validate_checkpoint
 from config import Config, config_from_dict, config_to_dict
+from dataset import Preprocess
 from model import ExprCLIP, build_image_encoder, build_text_encoder, resolve_source
 from utils import UserError, atomic_save, file_digest, run_cli
 
@@ -47,7 +48,7 @@ CHECKPOINT_FORMAT = "exprclip-v1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "read_checkpoint", "validate_checkpoint",
-           "model_from_checkpoint", "load_checkpoint", "load_weights_into", "export"]
+           "model_from_checkpoint", "load_checkpoint", "create_model_and_transforms", "load_weights_into", "export"]
 
 
 # ----------------------------------------------------------------------------- packaged towers
@@ -209,7 +210,7 @@ def checkpoint_payload(model: ExprCLIP, compact: bool = True, **extra) -> dict:
         extra["trainer"] = dict(trainer, ema=strip_towers(ema, same))
     payload = dict(format=CHECKPOINT_FORMAT, config=config_to_dict(raw.cfg), class_names=list(raw.class_names),
                    text_config=raw.text_encoder.config.to_dict(), tokenizer=tokenizer,
-                   state_dict=sd, label_counts=dict(getattr(raw, "label_counts", {})), **extra)
+                   state_dict=sd, **extra)
     if refs:
         payload["references"] = refs
     return payload
@@ -278,7 +279,6 @@ def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
     for tower in refs:
         setattr(model, tower, build_tower(cfg, tower))
     load_weights_into(model, ck, path=path)
-    model.label_counts = dict(ck.get("label_counts") or {})     # training label frequencies (evaluate --prior)
     return model
 
 
@@ -315,6 +315,16 @@ def load_checkpoint(path, device="cpu") -> tuple[ExprCLIP, Config]:
     return model, model.cfg
 
 
+def create_model_and_transforms(checkpoint, device="cpu", path=None) -> tuple[ExprCLIP, Preprocess, Preprocess]:
+    """open_clip's entry point: a checkpoint (a path, or a dict from read_checkpoint -- `path` then names it in
+    errors -- when its metadata, such as label_counts, is wanted too) -> (model in eval mode on `device`, train
+    preprocessing, eval preprocessing). Each maps a path or PIL image to the [3, H, W] tensor the model expects."""
+    ck = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    model = model_from_checkpoint(ck, path or ("checkpoint" if isinstance(checkpoint, dict) else checkpoint))
+    model = model.to(device).eval()
+    return model, Preprocess(model.cfg, train=True), Preprocess(model.cfg, train=False)
+
+
 # ----------------------------------------------------------------------------- export
 
 def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -331,7 +341,7 @@ def export(src, dst, half: bool = False) -> tuple[int, int]:
     (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported."""
     ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
-    extra = {k: ck[k] for k in ("epoch", "metrics") if ck.get(k) is not None}
+    extra = {k: ck[k] for k in ("epoch", "metrics", "label_counts") if ck.get(k) is not None}
     payload = checkpoint_payload(model, compact=True, **extra)
     if half:
         payload["state_dict"] = half_tensors(payload["state_dict"])

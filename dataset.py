@@ -39,13 +39,13 @@ class Unreadable:
 
 # ----------------------------------------------------------------------------- table
 
-def read_table(cfg: Config, quiet: bool = False) -> pd.DataFrame:
+def read_captions(cfg: Config, quiet: bool = False) -> pd.DataFrame:
     """Read and check captions.csv; resolve image paths; drop rows whose relative path climbs out of the data folder
     and rows whose file is missing, each kind counted in one line on stderr (unless quiet) and in
     df.attrs["skipped"] ({"outside the data folder": n, "missing file": n})."""
     path = Path(cfg.data) / cfg.captions
     if not path.is_file():
-        raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python sample.py`)")
+        raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python synth.py`)")
     df = read_csv_checked(path, REQUIRED, hint="expected image,caption[,label,split]")
     df = df[(df["image"] != "") & (df["caption"] != "")].copy()
     resolved = [resolve_image(cfg, p) for p in df["image"]]
@@ -145,20 +145,32 @@ def build_transform(cfg: Config, train: bool) -> A.Compose:
     return A.Compose(ops)
 
 
-def open_image(path, grayscale: bool) -> np.ndarray:
-    """HxWx3 uint8; gray faces become 3 identical channels. Raises BadImage for anything undecodable."""
+def open_image(image, grayscale: bool) -> np.ndarray:
+    """A path or a PIL image -> HxWx3 uint8 (EXIF rotation applied to files; 16-bit, CMYK, palette, alpha -> 8-bit
+    RGB); gray faces become 3 identical channels. Raises BadImage for anything undecodable."""
+    if isinstance(image, Image.Image):
+        im = to_rgb(image)
+        return np.asarray(im.convert("L").convert("RGB") if grayscale else im)
     try:
-        with Image.open(path) as im:
-            im = to_rgb(ImageOps.exif_transpose(im))        # 16-bit, CMYK, palette, alpha -> 8-bit RGB
-            return np.asarray(im.convert("L").convert("RGB") if grayscale else im)
+        with Image.open(image) as im:
+            return open_image(ImageOps.exif_transpose(im), grayscale)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImage(f"{path}: {type(e).__name__}")
+        raise BadImage(f"{image}: {type(e).__name__}")
 
 
-def load_image_tensor(path, cfg: Config, transform: A.Compose | None = None) -> torch.Tensor:
-    """[3, H, W] float tensor ready for model.encode_image; raises BadImage."""
-    transform = transform or build_transform(cfg, train=False)
-    return transform(image=open_image(path, cfg.grayscale))["image"]
+class Preprocess:
+    """A model's image preprocessing, handed out with it (checkpoint.create_model_and_transforms, as in open_clip):
+    a path or a PIL image -> [3, H, W] float tensor for model.encode_image. Raises BadImage. Eval preprocessing is
+    deterministic; train preprocessing augments, seeded per image with .seed()."""
+
+    def __init__(self, cfg: Config, train: bool = False):
+        self.grayscale, self.transform = cfg.grayscale, build_transform(cfg, train)
+
+    def seed(self, seed: int) -> None:
+        self.transform.set_random_seed(seed)
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image=open_image(image, self.grayscale))["image"]      # [3, H, W]
 
 
 # ----------------------------------------------------------------------------- torch dataset
@@ -170,7 +182,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, df: pd.DataFrame, cfg: Config, train: bool, caption_vocab: dict[str, int],
                  label_vocab: dict[str, int], bank: dict[str, list[str]] | None = None,
                  dist_classes: list[str] | None = None):
-        self.df, self.cfg, self.transform = df.reset_index(drop=True), cfg, build_transform(cfg, train)
+        self.df, self.cfg, self.preprocess = df.reset_index(drop=True), cfg, Preprocess(cfg, train)
         self.caption_vocab, self.label_vocab, self.bank = caption_vocab, label_vocab, bank
         # [N, C] target distribution over dist_classes (soft votes or one-hot labels), when the loss wants one
         self.dist = None if dist_classes is None else \
@@ -195,9 +207,9 @@ class PairDataset(torch.utils.data.Dataset):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         row = self.df.iloc[i]
         # augmentation is a pure function of (seed, epoch, index): exact resume, same result with any worker count
-        self.transform.set_random_seed(int(np.random.default_rng((self.cfg.seed, epoch, i)).integers(2**31)))
+        self.preprocess.seed(int(np.random.default_rng((self.cfg.seed, epoch, i)).integers(2**31)))
         try:
-            pixels = self.transform(image=open_image(row["path"], self.cfg.grayscale))["image"]
+            pixels = self.preprocess(row["path"])
         except BadImage as e:
             print(f"skipping unreadable image {e}", file=sys.stderr, flush=True)     # one line, from any worker
             return Unreadable(row["path"])

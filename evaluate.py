@@ -13,20 +13,17 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 import metrics
 from captions import CANONICAL, canonical_name, load_caption_bank
 from config import config_to_dict, make_config
-from dataset import BadImage, build_transform, class_texts, load_image_tensor, read_table
+from dataset import class_texts, read_captions
+from embed import classifier_logits, embed_images, text_prototypes
+from precision import autocast_for
 from utils import UserError, pick_device, run_cli
 
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
@@ -41,7 +38,7 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
     p = Path(data)
     if p.is_file() or (p.is_dir() and (p / "captions.csv").is_file()):
         folder, name = (p.parent, p.name) if p.is_file() else (p, "captions.csv")
-        df = read_table(make_config(dict(data=str(folder), captions=name)), quiet=True)
+        df = read_captions(make_config(dict(data=str(folder), captions=name)), quiet=True)
         skipped = dict(df.attrs["skipped"])         # missing files, relative paths outside the folder
         if not (df["label"] != "").any():
             raise UserError(f"{folder / name}: no labels; classification needs a `label` column (a class name per "
@@ -79,65 +76,7 @@ def pick_split(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
     return rows, how
 
 
-# ----------------------------------------------------------------------------- model side
-
-def autocast_for(model, cfg, device: torch.device, amp: str | None):
-    """Autocast context per precision.amp_dtype (checkpoint's amp unless --amp overrides), or fp32."""
-    from precision import amp_dtype
-    amp = amp or (cfg.amp if cfg.amp in ("auto", "bf16", "fp16", "off") else "auto")   # old checkpoints: amp=True
-    dtype = amp_dtype(replace(cfg, amp=amp), device)
-    if device.type == "cpu" and dtype == torch.float16:                 # CPU fp16 autocast: slow, no benefit
-        dtype = None
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext, dtype
-
-
-@torch.inference_mode()
-def embed_images(model, cfg, paths: list[str], device, batch_size: int = 64, autocast=nullcontext,
-                 tta: bool = False):
-    """-> (float32 [N,D] unit vectors, bool [N] decoded). Batches stream; the next one loads while one encodes.
-    tta: each face and its mirror image are encoded and their embeddings averaged (test-time augmentation)."""
-    transform = build_transform(cfg, train=False)
-
-    def load(path):
-        try:
-            return load_image_tensor(path, cfg, transform)         # [3,H,W]
-        except (BadImage, OSError):
-            return None
-
-    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    embs, ok = [], []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        pending = pool.map(load, chunks[0]) if chunks else iter(())
-        for k in range(len(chunks)):
-            tensors = list(pending)
-            if k + 1 < len(chunks):
-                pending = pool.map(load, chunks[k + 1])             # prefetch: at most two batches in memory
-            good = [t for t in tensors if t is not None]
-            ok += [t is not None for t in tensors]
-            if good:
-                x = torch.stack(good).to(device)                                    # [b,3,H,W]
-                with autocast():                                  # tta: face and mirror in one forward pass
-                    e = model.encode_image(torch.cat([x, x.flip(3)]) if tta else x).float()   # [b or 2b, D]
-                if tta:
-                    e = F.normalize(e[:len(x)] + e[len(x):], dim=-1)                # [b,D]
-                embs.append(e.cpu())
-    dim = model.embed_dim
-    return (torch.cat(embs).numpy() if embs else np.zeros((0, dim), np.float32)), np.asarray(ok, bool)
-
-
-@torch.inference_mode()
-def text_prototypes(model, bank: dict[str, list[str]], classes: list[str], autocast=nullcontext) -> np.ndarray:
-    """Prompt ensembling: each class's sentences encoded, averaged and re-normalised -> [C,D]."""
-    missing = [c for c in classes if c not in bank]
-    if missing:
-        raise UserError(f"the prompt bank has no sentence for class(es) {', '.join(missing)} (it has: "
-                        f"{', '.join(bank)}); pass --prompts with a CSV label,caption that covers them")
-    texts = [t for c in classes for t in bank[c]]
-    labels = [c for c in classes for _ in bank[c]]
-    with autocast():
-        emb = torch.cat([model.encode_text(texts[i:i + 256]).float().cpu() for i in range(0, len(texts), 256)])
-    return metrics.class_prototypes(emb, labels, classes)[1]
-
+# ----------------------------------------------------------------------------- prompts and priors
 
 def get_bank(name: str, table: pd.DataFrame) -> dict[str, list[str]]:
     """Prompt sentences per class: a caption bank (paper, rich, CSV) or `data` = the table's own captions."""
@@ -154,10 +93,10 @@ def class_order(names) -> list[str]:
     return [c for c in CANONICAL if c in names] + [c for c in names if c not in CANONICAL]
 
 
-def class_prior(model, table: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """Training label frequencies of the scored classes ([C], sums to 1): the counts saved in the checkpoint, else
-    the data's `train` rows. A class never trained on (unseen protocol) gets the mean frequency of the others."""
-    counts = {canonical_name(k): v for k, v in getattr(model, "label_counts", {}).items()}
+def class_prior(label_counts: dict | None, table: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Training label frequencies of the scored classes ([C], sums to 1): the checkpoint's label_counts, else the
+    data's `train` rows. A class never trained on (unseen protocol) gets the mean frequency of the others."""
+    counts = {canonical_name(k): v for k, v in (label_counts or {}).items()}
     if not counts:
         counts = table.loc[table["split"] == "train", "label"].value_counts().to_dict()
     f = np.array([counts.get(c, 0) for c in classes], np.float64)
@@ -208,9 +147,10 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
              batch_size: int = 64, device: str = "auto", all_classes: bool = False, confusion=None,
              amp: str | None = None, tta: bool = False, prior: bool = False) -> dict:
     """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring)."""
-    from model import load_checkpoint
-    dev = pick_device(device)
-    model, cfg = load_checkpoint(checkpoint, dev)
+    from checkpoint import create_model_and_transforms, read_checkpoint
+    dev, ck = pick_device(device), read_checkpoint(checkpoint)
+    model, _, preprocess = create_model_and_transforms(ck, dev, path=checkpoint)
+    cfg = model.cfg
     table, skipped = read_data(str(data))
     df, split_how = pick_split(table, split)
     ce = cfg.objective == "ce"
@@ -227,11 +167,11 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     if ce and (missing := [c for c in classes if c not in known]):
         raise UserError(f"class(es) {', '.join(missing)} unknown to this classifier checkpoint; "
                         f"it was trained on: {', '.join(known)}")
-    autocast, dtype = autocast_for(model, cfg, dev, amp)
+    autocast, dtype = autocast_for(cfg, dev, amp)
     protos = None if ce else text_prototypes(model, bank, classes, autocast)     # [C,D]; checks the bank first
     sets = list(compare) if len(compare or []) > 1 else [prompts, *(compare or [])]
     banks = {s: get_bank(s, table) for s in sets} if compare and not ce else {}
-    emb, ok = embed_images(model, cfg, list(df["path"]), dev, batch_size, autocast, tta)
+    emb, ok = embed_images(model, list(df["path"]), preprocess, dev, batch_size, autocast, tta)
     skipped["unreadable image"] = int((~ok).sum())
     y = np.array([classes.index(c) for c in df.loc[ok, "label"]])
     if not len(y):
@@ -245,7 +185,7 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     else:
         scores = metrics.zero_shot_scores(emb, protos)             # [N,C]
         if prior:                                                   # logit adjustment by training frequencies
-            p = class_prior(model, table, classes)
+            p = class_prior(ck.get("label_counts"), table, classes)
             scores = metrics.prior_adjusted(scores, model.scale().item(), p)
             out["prior"] = dict(zip(classes, np.round(p, 4).tolist()))
         out.update(scoring=f"text prompts ({prompts})", prompts=prompts, **score_report(scores, y, classes, unseen),
@@ -258,9 +198,7 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
 
 def ce_scores(model, emb: np.ndarray, y: np.ndarray, classes: list[str], known: list[str], unseen) -> dict:
     """CE baseline: the trained classifier's logits over the image embedding, columns of the scored classes."""
-    with torch.inference_mode():
-        logits = model.classifier(torch.from_numpy(emb).to(model.classifier.weight.device)).float().cpu().numpy()
-    scores = logits[:, [known.index(c) for c in classes]]          # [N,C]
+    scores = classifier_logits(model, emb)[:, [known.index(c) for c in classes]]          # [N,C]
     return dict(scoring="classifier head (objective=ce; no text prompts, retrieval skipped)", prompts=None,
                 **score_report(scores, y, classes, unseen), retrieval=None, compare_prompts=None)
 

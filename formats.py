@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import UserError, read_csv_checked
+from utils import IMAGE_EXTS, UserError, read_csv_checked
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+FORMAT_HINT = "is --format right?"        # appended to a CSV error of a dataset reader
 FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 AFFECTNET_NAMES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 AFFECTNET_CSV_COLS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
@@ -34,11 +34,6 @@ class Skip(Exception):
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def read_table(path: Path, required) -> pd.DataFrame:
-    """CSV as strings; a UserError naming the file and any missing column."""
-    return read_csv_checked(path, required, hint="is --format right?")
-
 
 def safe_join(root: Path, rel: str) -> Path | None:
     """root/rel, or None when rel is absolute or climbs out of root (`../../etc/passwd`)."""
@@ -74,7 +69,7 @@ def collect(items, row_fn, skipped: Counter, columns) -> pd.DataFrame:
 
 def read_fer2013_csv(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
     """Kaggle fer2013.csv: emotion 0..6, pixels (2304 ints), optional Usage -> train/val/test."""
-    df = read_table(source, ["emotion", "pixels"])
+    df = read_csv_checked(source, ["emotion", "pixels"], hint=FORMAT_HINT)
     emotion = pd.to_numeric(df["emotion"], errors="coerce")
     ok = emotion.isin(range(7))
     usage = df["Usage"].str.strip().str.lower() if "Usage" in df else pd.Series("", index=df.index)
@@ -109,7 +104,7 @@ def read_folder(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
 def read_ferplus(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
     """FER+ fer2013new.csv (vote counts) + FER2013Train/Valid/Test image folders -> majority label, soft votes."""
     csv = source / "fer2013new.csv" if source.is_dir() else source
-    df = read_table(csv, ["Usage", "Image name", *FERPLUS_VOTES])
+    df = read_csv_checked(csv, ["Usage", "Image name", *FERPLUS_VOTES], hint=FORMAT_HINT)
     root = Path(image_root) if image_root else next(
         (p for p in (csv.parent, csv.parent / "data") if any((p / d).is_dir() for d in FERPLUS_DIRS.values())), None)
     if root is None:
@@ -179,7 +174,7 @@ def _affectnet_csv(csvs: list[Path], image_root, skipped: Counter) -> pd.DataFra
 
     frames = []
     for csv in csvs:
-        df = read_table(csv, AFFECTNET_CSV_COLS)
+        df = read_csv_checked(csv, AFFECTNET_CSV_COLS, hint=FORMAT_HINT)
         root = Path(image_root) if image_root else first_existing(
             [csv.parent / "Manually_Annotated_Images", csv.parent.parent / "Manually_Annotated_Images"])
         split = {"training": "train", "validation": "val"}.get(csv.stem.lower(), "")

@@ -15,8 +15,6 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,10 +22,9 @@ import numpy as np
 import pandas as pd
 
 from knn import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: F401 (re-exported)
-from utils import UserError, file_digest, pick_device, run_cli
+from utils import IMAGE_EXTS, UserError, atomic_write, file_digest, pick_device, run_cli
 
 INDEX_DIRNAME = ".exprclip-index"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 COLUMNS = ["path", "size", "mtime_ns", "chunk", "row"]
 Encoder = Callable[[list[Path]], tuple[np.ndarray, list[bool]]]
 
@@ -42,20 +39,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         dirs[:] = [d for d in dirs if d != INDEX_DIRNAME]
         out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     return sorted(out)
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp_name) in path's folder, fsync, then rename over path."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class GalleryIndex:
@@ -148,7 +131,7 @@ class GalleryIndex:
             path = self.dir / f"faiss-{self._stamp}.index"
             if not path.is_file():
                 built = build_faiss(self._blocks, len(self), self.dim)
-                _atomic(path, lambda t: faiss.write_index(built, t))
+                atomic_write(path, lambda t: faiss.write_index(built, t))
                 del built
                 for old in self.dir.glob("faiss-*.index"):
                     if old != path:
@@ -174,7 +157,7 @@ class GalleryIndex:
         meta = self.dir / "index.json"
         if not meta.is_file():
             info = dict(format=1, checkpoint=self.checkpoint, dim=self.dim, chunk_rows=self.chunk_rows)
-            _atomic(meta, lambda t: Path(t).write_text(json.dumps(info, indent=1)))
+            atomic_write(meta, lambda t: Path(t).write_text(json.dumps(info, indent=1)))
         for f in self.dir.glob("*.tmp"):
             f.unlink()
         for f in self.dir.glob("chunk-*.npy"):
@@ -192,8 +175,8 @@ class GalleryIndex:
         def save_npy(t: str) -> None:
             with open(t, "wb") as f:
                 np.save(f, emb.astype(np.float16))
-        _atomic(base.with_suffix(".npy"), save_npy)
-        _atomic(base.with_suffix(".csv"), lambda t: rows.to_csv(t, index=False))
+        atomic_write(base.with_suffix(".npy"), save_npy)
+        atomic_write(base.with_suffix(".csv"), lambda t: rows.to_csv(t, index=False))
         self._raw = pd.concat([self._raw, rows], ignore_index=True)
 
     def _drop_rows(self, mask: np.ndarray) -> None:
@@ -202,7 +185,7 @@ class GalleryIndex:
             base = self.dir / f"chunk-{int(cid):06d}"
             keep = self._raw[(self._raw["chunk"].to_numpy() == cid) & ~mask]
             if len(keep):
-                _atomic(base.with_suffix(".csv"), lambda t: keep.to_csv(t, index=False))
+                atomic_write(base.with_suffix(".csv"), lambda t: keep.to_csv(t, index=False))
             else:
                 base.with_suffix(".csv").unlink()
                 base.with_suffix(".npy").unlink(missing_ok=True)
@@ -293,48 +276,36 @@ class GalleryIndex:
             bar.close()
 
 
-def make_encoder(model, cfg, device) -> Encoder:
-    """encode(paths) -> (float32 [n, D] embeddings, ok-mask) with the lead's model/dataset API."""
-    import torch
-    from dataset import BadImage, load_image_tensor
-    model.eval()
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+def make_encoder(model, preprocess, device=None, autocast=None) -> Encoder:
+    """encode(paths) -> (float32 [n, D] embeddings, zero rows for undecodable files; ok-mask), over
+    embed.embed_images (autocast: the checkpoint's precision unless given)."""
+    from contextlib import nullcontext
 
-    def load(p: Path):
-        try:
-            return load_image_tensor(p, cfg)  # [3, H, W]
-        except (BadImage, OSError):
-            return None
+    from embed import embed_images
 
-    @torch.inference_mode()
     def encode(paths: list[Path]) -> tuple[np.ndarray, list[bool]]:
-        tensors = list(pool.map(load, paths))
-        ok = [t is not None for t in tensors]
-        if not any(ok):
-            return np.zeros((len(paths), 0), np.float32), ok
-        e = model.encode_image(torch.stack([t for t in tensors if t is not None]).to(device)).float().cpu().numpy()
-        emb = np.zeros((len(paths), e.shape[1]), np.float32)  # failed rows stay zero
-        emb[np.asarray(ok)] = e
-        return emb, ok
+        emb, ok = embed_images(model, paths, preprocess, device, batch_size=max(1, len(paths)),
+                               autocast=autocast or nullcontext)
+        out = np.zeros((len(paths), emb.shape[1]), np.float32)   # failed rows stay zero
+        out[ok] = emb
+        return out, ok.tolist()
     return encode
 
 
 def _open_model(args):
-    """(model, cfg, device, index) for the CLI; the model is imported lazily."""
-    import torch
-    from model import load_checkpoint
+    """(model, preprocess, autocast, index) for the CLI; the model is imported lazily."""
+    from checkpoint import create_model_and_transforms
+    from precision import autocast_for
     ckpt = Path(args.checkpoint)
     if not Path(args.images).is_dir():
         raise UserError(f"{args.images}: no such image folder")
     if not ckpt.is_file():
         raise UserError(f"{ckpt}: no such checkpoint; pass --checkpoint model_final.pth")
     device = pick_device(args.device)
-    model, cfg = load_checkpoint(ckpt, device)
-    with torch.inference_mode():
-        dim = int(model.encode_text(["a face"]).shape[-1])
-    index = GalleryIndex.open(args.images, file_digest(ckpt), dim, index_root=args.index_dir,
+    model, _, preprocess = create_model_and_transforms(ckpt, device)
+    index = GalleryIndex.open(args.images, file_digest(ckpt), model.embed_dim, index_root=args.index_dir,
                               faiss_threshold=args.faiss_threshold)
-    return model, cfg, device, index
+    return model, preprocess, autocast_for(model.cfg, device)[0], index
 
 
 def describe_update(stats: dict, total: int) -> str:
@@ -350,8 +321,8 @@ def cmd_build(args) -> int:
     images = list_images(args.images)
     if not images:
         raise UserError(f"{args.images}: no {'/'.join(sorted(IMAGE_EXTS))} images found")
-    model, cfg, device, index = _open_model(args)
-    stats = index.update(images, make_encoder(model, cfg, device), batch_size=args.batch_size)
+    model, preprocess, autocast, index = _open_model(args)
+    stats = index.update(images, make_encoder(model, preprocess, autocast=autocast), batch_size=args.batch_size)
     failed = stats.pop("failed_paths")
     print(f"{index.dir}: {len(index)} images indexed; " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     for p in failed[:10]:
@@ -362,13 +333,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_search(args) -> int:
-    import torch
-    model, _, _, index = _open_model(args)
+    from embed import embed_texts
+    model, _, autocast, index = _open_model(args)
     if len(index) == 0:
         raise UserError(f"{index.dir}: no index for this checkpoint; run `python index.py build --images "
                         f"{args.images} --checkpoint {args.checkpoint}` first")
-    with torch.inference_mode():
-        q = model.encode_text([args.query]).float().cpu().numpy()  # [1, D]
+    q = embed_texts(model, [args.query], autocast)  # [1, D]
     scores, paths = index.search(q, args.k, exact=args.exact)
     for rank, (s, p) in enumerate(zip(scores[0], paths[0]), 1):
         print(f"{rank:3d}  {s:+.4f}  {p}")

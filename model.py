@@ -237,7 +237,8 @@ class ExprCLIP(nn.Module):
 # ----------------------------------------------------------------------------- checkpoints (checkpoint.py)
 
 _CHECKPOINT_NAMES = ("CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "read_checkpoint",
-                     "validate_checkpoint", "model_from_checkpoint", "load_checkpoint", "load_weights_into")
+                     "validate_checkpoint", "model_from_checkpoint", "load_checkpoint", "create_model_and_transforms",
+                     "load_weights_into")
 
 
 def __getattr__(name: str):

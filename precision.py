@@ -1,11 +1,13 @@
 """Mixed precision in one place: which autocast dtype a config gets on a device, and the matching GradScaler.
 
 auto: CUDA bf16 (fp16 + GradScaler where bf16 is missing); CPU bf16 only where the CPU has native bf16 matrix units
-(AMX or AVX512-BF16), else fp32. Used by train.py, evaluate.py and the benches.
+(AMX or AVX512-BF16), else fp32. Used by train.py, and at inference (autocast_for) by evaluate.py, the demo, the
+gallery index and the benches.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -36,3 +38,13 @@ def amp_setup(cfg: Config, device: torch.device):
         return nullcontext, None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def autocast_for(cfg: Config, device: torch.device, amp: str | None = None):
+    """Inference: (autocast context factory, dtype or None) from the checkpoint's amp setting, or `amp` when given.
+    fp16 on a CPU runs in fp32 (slow there, no benefit)."""
+    amp = amp or (cfg.amp if cfg.amp in ("auto", "bf16", "fp16", "off") else "auto")   # old checkpoints: amp=True
+    dtype = amp_dtype(replace(cfg, amp=amp), device)
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = None
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext, dtype

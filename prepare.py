@@ -24,9 +24,8 @@ import pandas as pd
 from PIL import Image
 
 from captions import CANONICAL, SYNONYMS, caption_for, clean_name, load_caption_bank
-from formats import (FERPLUS_DIRS, FERPLUS_VOTES, IMAGE_EXTS, READERS, USAGE_SPLITS, Skip,  # noqa: F401 (re-exported)
-                     read_folder, read_table)
-from utils import UserError, run_cli
+from formats import FERPLUS_DIRS, FERPLUS_VOTES, READERS, USAGE_SPLITS, Skip, read_folder  # noqa: F401 (re-exported)
+from utils import UserError, atomic_write, read_csv_checked, run_cli
 
 
 # ----------------------------------------------------------------------------- labels
@@ -173,10 +172,7 @@ def merge_captions(path: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> t
     table = (new if old is None else pd.concat([old, new[~already]], ignore_index=True)).fillna("")
     first = [c for c in ("image", "caption", "label", "split") if c in table]
     table = table[first + [c for c in table if c not in first]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     return table, int(already.sum())
 
 
@@ -196,7 +192,7 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
         raise UserError(f"{source}: no such file or folder")
     sentences = load_caption_bank(bank)
     listed = out / "captions.csv"
-    old = read_table(listed, ["image", "caption"]) if listed.is_file() else None  # fail before writing images
+    old = read_csv_checked(listed, ["image", "caption"]) if listed.is_file() else None  # fail before writing images
     rows, skipped = READERS[fmt](source, image_root and Path(os.path.abspath(image_root)))
     known = tuple(dict.fromkeys([*CANONICAL, *sentences]))
     rows["label"] = harmonise_labels(rows["label"], label_map, known, where=str(source))

@@ -21,11 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from checkpoint import create_model_and_transforms
 from config import Config
-from dataset import build_transform
+from dataset import Preprocess
+from embed import embed_images, embed_texts
 from faces import Box, annotate, faces_or_whole, safe_open_image
 from index import GalleryIndex, list_images, make_encoder
-from model import ExprCLIP, load_checkpoint
+from model import ExprCLIP
+from precision import autocast_for
 from utils import UserError, file_digest, pick_device
 
 MAX_QUERY_CHARS = 500
@@ -37,19 +40,27 @@ VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", 
 @dataclass
 class Engine:
     model: ExprCLIP
-    cfg: Config
+    preprocess: Preprocess                              # the model's eval preprocessing (path or PIL -> tensor)
     device: torch.device
     index: GalleryIndex | None
     failed: list[Path] = field(default_factory=list)     # gallery files that could not be decoded
     stats: dict = field(default_factory=dict)           # last gallery update: added/changed/unchanged/... counts
+
+    @property
+    def cfg(self) -> Config:
+        return self.model.cfg
+
+    @property
+    def autocast(self):
+        return autocast_for(self.cfg, self.device)[0]   # the checkpoint's precision (fp32 for the CPU presets)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, gallery: str | os.PathLike | None, device: str = "auto",
              cache_root: str | os.PathLike = ".cache/gallery", progress: bool = True) -> "Engine":
         """Rebuild the model from the checkpoint alone, then embed the gallery (cached on disk, incremental)."""
         dev = pick_device(device)
-        model, cfg = load_checkpoint(checkpoint, dev)
-        engine = cls(model, cfg, dev, None)
+        model, _, preprocess = create_model_and_transforms(checkpoint, dev)
+        engine = cls(model, preprocess, dev, None)
         if gallery is not None:
             engine.index_gallery(gallery, file_digest(checkpoint), cache_root, progress)
         return engine
@@ -62,16 +73,15 @@ class Engine:
             raise UserError(f"{gallery}: gallery folder not found (pass --gallery DIR)")
         key = hashlib.sha256(str(gallery.resolve()).encode()).hexdigest()[:12]
         self.index = GalleryIndex.open(gallery, digest, self.model.embed_dim, index_root=Path(cache_root) / key)
-        stats = self.index.update(list_images(gallery), make_encoder(self.model, self.cfg, self.device),
-                                  batch_size=64, progress=progress)
+        encode = make_encoder(self.model, self.preprocess, self.device, self.autocast)
+        stats = self.index.update(list_images(gallery), encode, batch_size=64, progress=progress)
         self.failed = list(stats.get("failed_paths", []))
         self.stats = stats
         return stats
 
-    @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """Sentences -> [n, D] unit vectors; each is cut to the text tower's max_length tokens (query_warnings)."""
-        return self.model.encode_text(texts).float().cpu().numpy()       # [n, D]
+        return embed_texts(self.model, texts, self.autocast)             # [n, D]
 
     def query_warnings(self, query: str) -> list[str]:
         """What the text tower will not read of `query` (unknown script, truncation), as sentences for the user."""
@@ -81,17 +91,12 @@ class Engine:
         """PIL image -> [D] unit vector, with the model's own eval preprocessing (gray faces -> 3 channels)."""
         return self.embed_images([image])[0]
 
-    @torch.no_grad()
     def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """PIL images -> [N, D] unit vectors, encoded in batches."""
-        tf = build_transform(self.cfg, train=False)
-        gray = self.cfg.grayscale
-        out = [np.zeros((0, self.model.embed_dim), np.float32)]
-        for i in range(0, len(images), batch_size):
-            ims = [im.convert("L").convert("RGB") if gray else im.convert("RGB") for im in images[i:i + batch_size]]
-            x = torch.stack([tf(image=np.asarray(im))["image"] for im in ims]).to(self.device)   # [b, 3, H, W]
-            out.append(self.model.encode_image(x).float().cpu().numpy())
-        return np.concatenate(out)                                       # [N, D]
+        """PIL images -> [N, D] unit vectors, encoded in batches (embed.embed_images)."""
+        emb, ok = embed_images(self.model, images, self.preprocess, self.device, batch_size, self.autocast)
+        if not ok.all():
+            raise UserError(f"{int((~ok).sum())} image(s) could not be read")
+        return emb                                                       # [N, D]
 
 
 def clean_query(text: str | None) -> str:

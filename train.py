@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 import metrics
 from config import Config, add_config_args, config_from_args
-from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_table, split_table
-from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
+from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_captions, split_table
 from accum import accumulated_backward
+from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
+from embed import classifier_logits, text_prototypes
 from loss import make_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
-from precision import amp_dtype, amp_setup, cpu_has_bf16  # noqa: F401 (re-exported: bench, evaluate)
+from precision import amp_setup
 from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, write_logs
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
 
@@ -81,7 +82,7 @@ class Trainer:
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file; pass the last.pth an earlier run "
                             "wrote in its --out-dir")
         self.rank, self.world, local_rank = init_distributed()
-        self.main = self.rank == 0
+        self.is_main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available() \
             else pick_device(cfg.device)
         seed_everything(cfg.seed)
@@ -90,8 +91,6 @@ class Trainer:
         self.build_data()
         self.model = ExprCLIP(cfg, class_names=list(self.label_vocab) if cfg.objective == "ce" else None)
         self.model = self.model.to(self.device)
-        self.model.label_counts = {str(k): int(v) for k, v in self.train_df["label"].value_counts().items()
-                                   if k != ""}
         self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -132,10 +131,12 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
         cfg = self.cfg
-        df = read_table(cfg)
+        df = read_captions(cfg)
         self.train_df, self.val_df = split_table(df, cfg)
         if len(self.train_df) < 2:
             raise UserError(f"only {len(self.train_df)} training rows after the split; add data or lower --val-fraction")
+        # training label frequencies, saved as checkpoint metadata (evaluate --prior train)
+        self.label_counts = {str(k): int(v) for k, v in self.train_df["label"].value_counts().items() if k != ""}
         self.bank = None
         if cfg.caption_bank:
             from captions import load_caption_bank
@@ -270,9 +271,9 @@ class Trainer:
         todo = self.train_batches(self.epoch)[self.batch_in_epoch:]
         self.epoch_batches.set(self.epoch, todo)
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None if self.main else True)
+                   leave=False, dynamic_ncols=True, disable=None if self.is_main else True)
         lines = ProgressLines(self.cfg.log_every, self.cfg.log_seconds, self.total_steps) \
-            if self.main and (bar.disable or not sys.stdout.isatty()) else None      # logs get plain lines
+            if self.is_main and (bar.disable or not sys.stdout.isatty()) else None      # logs get plain lines
         for k, (batch, indices) in enumerate(zip(bar, todo)):
             with self.guard.step():                 # a Ctrl-C lands between steps, never inside one
                 loss = self.guarded_step(batch, indices)
@@ -280,7 +281,7 @@ class Trainer:
                 self.show_progress(bar, lines, loss, len(batch["labels"]))
             if self.step >= self.total_steps:
                 break
-            if self.main and k < len(todo) - 1 and self.autosave():   # mid-epoch: a kill loses minutes, not an epoch
+            if self.is_main and k < len(todo) - 1 and self.autosave():   # mid-epoch: a kill loses minutes, not an epoch
                 self.save_last()
         return float(np.mean(self.epoch_losses)) if self.epoch_losses else float("nan")
 
@@ -354,14 +355,11 @@ class Trainer:
         """(label ids, [N, C] scores): cosine to each class's text prototype, or the CE baseline's logits."""
         model = self.eval_model
         if self.cfg.objective == "ce":
-            logits = model.classifier(torch.from_numpy(img).to(self.device)).float().cpu().numpy()
+            logits = classifier_logits(model, img)                            # [N, K]
             return list(range(logits.shape[1])), logits
         names = sorted(self.class_texts, key=lambda l: self.label_vocab[l])
-        texts = [t for l in names for t in self.class_texts[l]]
-        text_labels = [self.label_vocab[l] for l in names for _ in self.class_texts[l]]
-        txt = model.encode_text(texts).float().cpu().numpy()
-        classes, protos = metrics.class_prototypes(txt, text_labels, classes=[self.label_vocab[l] for l in names])
-        return list(classes), metrics.zero_shot_scores(img, protos)
+        protos = text_prototypes(model, self.class_texts, names)              # [C, D]
+        return [self.label_vocab[l] for l in names], metrics.zero_shot_scores(img, protos)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -372,7 +370,8 @@ class Trainer:
                     ema={k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None)
 
     def save_last(self) -> None:
-        atomic_save(checkpoint_payload(self.model, trainer=self.state()), self.out / "last.pth")
+        atomic_save(checkpoint_payload(self.model, label_counts=self.label_counts, trainer=self.state()),
+                    self.out / "last.pth")
         self.autosave.reset()
 
     def load_state(self, path: str) -> None:
@@ -400,7 +399,7 @@ class Trainer:
         """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved). The state
         moves on to the next epoch in one Ctrl-C-deferred block: interrupted before it (say while validating), a
         resumed run repeats just this epoch's end, with the same numbers."""
-        val = self.validate() if self.main else {}
+        val = self.validate() if self.is_main else {}
         row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **val,
                    lr_image=self.opt.param_groups[0]["lr"], temperature=1 / self.model.scale().item(),
                    seconds=round(seconds, 1), images_per_s=round(
@@ -408,14 +407,15 @@ class Trainer:
         skipped = self.skips.summary(row["epoch"])
         with self.guard.step():
             self.epoch, self.batch_in_epoch, self.epoch_losses, self.skips = self.epoch + 1, 0, [], SkipCount()
-            if not self.main:
+            if not self.is_main:
                 return
             self.history.append(row)
             score = -row["val_loss"] if self.cfg.select_by == "val_loss" else row[self.cfg.select_by]
             score = -row["val_loss"] if math.isnan(score) else score     # unlabelled data: fall back to the loss
             if score > self.best:
                 self.best = score
-                save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row)
+                save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row,
+                                label_counts=self.label_counts)
                 shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
             self.save_last()
         write_logs(self.history, self.out)
@@ -425,7 +425,7 @@ class Trainer:
             print(skipped, flush=True)
 
     def fit(self) -> list[dict]:
-        log = print if self.main else (lambda *a, **k: None)
+        log = print if self.is_main else (lambda *a, **k: None)
         log(f"training on {self.device}: {len(self.train_ds)} train / {len(self.val_ds)} val pairs, "
               f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all", flush=True)
         try:
@@ -435,7 +435,7 @@ class Trainer:
                     loss = self.train_epoch()
                     self.end_epoch(loss, time.time() - t0)
         except KeyboardInterrupt:
-            if self.main:
+            if self.is_main:
                 self.save_last()
             log(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
                   f"continue with --resume {self.out / 'last.pth'}", file=sys.stderr)

@@ -7,9 +7,13 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}   # what every image reader accepts
 
 
 class UserError(Exception):
@@ -47,18 +51,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """The project's one atomic write: write(tmp_name) in path's folder, fsync, then rename over path. A crash or
+    Ctrl-C leaves either the old file or the new one, never half of one (checkpoints, index chunks, CSVs, vocab)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save, atomically (atomic_write)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text, atomically (atomic_write)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def load_state_dict(path: str | os.PathLike) -> dict:

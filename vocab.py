@@ -6,10 +6,9 @@ with `#` are ignored; a line without a colon is a sentence used as its own name.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, atomic_write_text
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 SHIPPED = ("paper", "fine_grained")
@@ -74,14 +73,4 @@ def load_vocab(name_or_path: str | os.PathLike) -> list[tuple[str, str]]:
 
 def save_vocab(items: list[tuple[str, str]], path: str | os.PathLike) -> None:
     """Write items as vocabulary text (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    text = format_vocab(items)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(path, format_vocab(items))

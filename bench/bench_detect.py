@@ -153,6 +153,7 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
     """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces."""
     import evaluate
     from captions import canonical_name
+    from embed import classifier_logits, text_prototypes
     from metrics import zero_shot_scores
     from retrieval import Engine
     engine = Engine.load(ckpt, None, "cpu")
@@ -161,9 +162,9 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
         known = [canonical_name(c) for c in engine.model.class_names]
         if missing := [c for c in classes if c not in known]:
             raise SystemExit(f"error: {ckpt}: a classifier checkpoint without class(es) {', '.join(missing)}")
-        score = lambda ims: engine_ce(engine, ims)[:, [known.index(c) for c in classes]]  # noqa: E731
+        score = lambda ims: classifier_logits(engine.model, engine.embed_images(ims))[:, [known.index(c) for c in classes]]  # noqa: E731
     else:
-        protos = evaluate.text_prototypes(engine.model, evaluate.get_bank("paper", None), classes)   # [C,D]
+        protos = text_prototypes(engine.model, evaluate.get_bank("paper", None), classes)   # [C,D]
         score = lambda ims: zero_shot_scores(engine.embed_images(ims), protos)  # noqa: E731
     y = np.array([classes.index(canonical_name(c)) for _, c in items])
     sc = scenes(items, kind, seed)
@@ -179,13 +180,6 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
         pred = score(ims).argmax(1)
         print(f"  {name:42s} top-1 {np.mean(pred == y):.3f}  (on the {hit.sum()} faces MTCNN found: "
               f"{np.mean(pred[hit] == y[hit]):.3f})")
-
-
-def engine_ce(engine, ims) -> np.ndarray:
-    import torch
-    emb = torch.from_numpy(engine.embed_images(ims)).to(engine.device)
-    with torch.inference_mode():
-        return engine.model.classifier(emb).float().cpu().numpy()
 
 
 def main(argv=None) -> int:

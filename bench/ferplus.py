@@ -34,8 +34,10 @@ import prepare  # noqa: E402
 import train  # noqa: E402
 from captions import CANONICAL, canonical_name, load_caption_bank  # noqa: E402
 from config import add_config_args  # noqa: E402
-from formats import FERPLUS_DIRS, FERPLUS_VOTES, USAGE_SPLITS, read_folder, read_table  # noqa: E402
-from model import model_from_checkpoint, read_checkpoint  # noqa: E402
+from formats import FERPLUS_DIRS, FERPLUS_VOTES, FORMAT_HINT, USAGE_SPLITS, read_folder  # noqa: E402
+from checkpoint import create_model_and_transforms, read_checkpoint  # noqa: E402
+from embed import embed_images, text_prototypes  # noqa: E402
+from precision import autocast_for  # noqa: E402
 from utils import UserError, pick_device, read_csv_checked, run_cli  # noqa: E402
 
 from ferplus_report import section, upsert_section  # noqa: E402
@@ -60,7 +62,7 @@ SMOOTHING = 0.1                                  # label smoothing of the one-ho
 
 def vote_table(ferplus: Path) -> dict[tuple[str, str], list[int]]:
     """fer2013new.csv -> {(image folder, file name): eight emotion vote counts in CLASSES order}."""
-    raw = read_table(ferplus / "fer2013new.csv", ["Usage", "Image name", *FERPLUS_VOTES])
+    raw = read_csv_checked(ferplus / "fer2013new.csv", ["Usage", "Image name", *FERPLUS_VOTES], hint=FORMAT_HINT)
     out = {}
     for row in raw.itertuples(index=False):
         split = USAGE_SPLITS.get(str(row[0]).strip().lower())
@@ -236,7 +238,7 @@ def compound(model, emb: np.ndarray, paper_scores: np.ndarray, votes: np.ndarray
     pairs = metrics.compound_pairs(votes, CLASSES, 3, min_faces)
     bank = load_compound()
     have = [p for p in pairs if p in bank]
-    protos = evaluate.text_prototypes(model, bank, have, autocast) if have else np.zeros((0, emb.shape[1]))
+    protos = text_prototypes(model, bank, have, autocast) if have else np.zeros((0, emb.shape[1]))
     pair_scores = metrics.zero_shot_scores(emb, protos) if have else None
     out = {}
     for k, p in enumerate(have):
@@ -247,16 +249,16 @@ def compound(model, emb: np.ndarray, paper_scores: np.ndarray, votes: np.ndarray
                 no_sentences=[p for p in pairs if p not in bank])
 
 
-def fer2013_scores(model, dev, autocast, fer_csv: Path | None) -> dict | None:
+def fer2013_scores(model, preprocess, dev, autocast, fer_csv: Path | None) -> dict | None:
     """FER-2013 seven-class top-1/UAR on its test folder through the seven classes' paper sentences."""
     if fer_csv is None:
         return None
     df, _ = evaluate.read_data(str(fer_csv))
     classes = evaluate.class_order(df["label"])
-    protos = evaluate.text_prototypes(model, load_caption_bank("paper"), classes, autocast)     # [7,D]
+    protos = text_prototypes(model, load_caption_bank("paper"), classes, autocast)     # [7,D]
     out = {}
     for tta in (False, True):
-        emb, ok = evaluate.embed_images(model, model.cfg, list(df["path"]), dev, 64, autocast, tta)
+        emb, ok = embed_images(model, list(df["path"]), preprocess, dev, 64, autocast, tta)
         y = np.array([classes.index(c) for c in df.loc[ok, "label"]])
         rep = metrics.classification_report(metrics.zero_shot_scores(emb, protos), y, classes)
         out.update({f"top1{'_flip' * tta}": rep["top1"], f"uar{'_flip' * tta}": rep["uar"], "n": len(y)})
@@ -266,20 +268,19 @@ def fer2013_scores(model, dev, autocast, fer_csv: Path | None) -> dict | None:
 def evaluate_checkpoint(ckpt: Path, data: Path, fer_csv: Path | None, min_faces: int) -> dict:
     """All six evaluations of one checkpoint on the evaluation split (see the module docstring)."""
     dev, ck = pick_device("auto"), read_checkpoint(ckpt)
-    model = model_from_checkpoint(ck, ckpt).to(dev).eval()
+    model, _, preprocess = create_model_and_transforms(ck, dev, path=ckpt)
     cfg, raw_cfg = model.cfg, ck["config"]
     everyday, paper = load_caption_bank(str(EVERYDAY)), load_caption_bank("paper")
     check_disjoint({"everyday": everyday, "compound": load_compound()},
                    training_banks(raw_cfg.get("caption_bank", ""), data))
     df = eval_split(data)
-    autocast, _ = evaluate.autocast_for(model, cfg, dev, None)
+    autocast, _ = autocast_for(cfg, dev)
     emb, ok = {}, None
     for tta in (False, True):
-        emb["flip" if tta else "plain"], ok = evaluate.embed_images(model, cfg, list(df["path"]), dev, 64,
-                                                                    autocast, tta)
+        emb["flip" if tta else "plain"], ok = embed_images(model, list(df["path"]), preprocess, dev, 64, autocast, tta)
     df = df[ok].reset_index(drop=True)
     y = np.array([CLASSES.index(c) for c in df["label"]])
-    protos = {name: evaluate.text_prototypes(model, bank, CLASSES, autocast)                       # [8,D]
+    protos = {name: text_prototypes(model, bank, CLASSES, autocast)                       # [8,D]
               for name, bank in (("paper", paper), ("everyday", everyday))}
     scores = {name: {k: metrics.zero_shot_scores(e, pr) for k, e in emb.items()} for name, pr in protos.items()}
     soft, votes = np.stack(df["soft"]), np.stack(df["votes"])
@@ -288,7 +289,7 @@ def evaluate_checkpoint(ckpt: Path, data: Path, fer_csv: Path | None, min_faces:
                 paper=closed_set(scores["paper"], y, [UNSEEN]), everyday=closed_set(scores["everyday"], y, []),
                 agreement=agreement(model.scale().item(), scores["paper"]["plain"], soft, y),
                 compound=compound(model, emb["plain"], scores["paper"]["plain"], votes, autocast, min_faces),
-                fer2013=fer2013_scores(model, dev, autocast, fer_csv), best_epoch=ck.get("epoch"),
+                fer2013=fer2013_scores(model, preprocess, dev, autocast, fer_csv), best_epoch=ck.get("epoch"),
                 setup={k: raw_cfg.get(k) for k in ("epochs", "image_size", "batch_size", "caption_bank", "targets",
                                                    "contrast", "exclude_classes", "sampler", "ema_decay")})
 

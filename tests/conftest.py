@@ -22,7 +22,7 @@ TINY_FLAGS = ["--preset", "tiny", "--caption-bank", "paper", "--augment", "false
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    from sample import make_sample
+    from synth import make_sample
     d = tmp_path_factory.mktemp("sample")
     make_sample(d, per_class=60, size=48, seed=1)
     return d

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import load_checkpoint, read_checkpoint
+from model import create_model_and_transforms, load_checkpoint, read_checkpoint
 from utils import UserError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -119,7 +119,12 @@ def test_checkpoint_saved_before_the_refactor_gives_its_recorded_embeddings():
         txt = model.encode_text([str(s) for s in ref["sentences"]]).numpy()
     np.testing.assert_allclose(img, ref["image_emb"], atol=1e-6)
     np.testing.assert_allclose(txt, ref["text_emb"], atol=1e-6)
-    assert model.label_counts == {"happiness": 3, "anger": 2} and cfg.image_model == "test_efficientnet"
+    assert read_checkpoint(LEGACY)["label_counts"] == {"happiness": 3, "anger": 2}
+    assert cfg.image_model == "test_efficientnet"
+    _, _, preprocess = create_model_and_transforms(LEGACY)       # the preprocessing it comes with is the old one
+    root = Path(__file__).resolve().parents[1] / "images"
+    pixels = torch.stack([preprocess(root / n) for n in ("happiness_000.png", "anger_000.png")])
+    np.testing.assert_allclose(pixels.numpy(), ref["pixels"], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- compact checkpoints

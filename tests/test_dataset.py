@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from config import make_config
-from dataset import (BadImage, Collate, PairDataset, build_vocabs, open_image, read_table, split_table,
+from dataset import (BadImage, Collate, PairDataset, build_vocabs, open_image, read_captions, split_table,
                      stratified_split)
 from utils import UserError
 
@@ -25,7 +25,7 @@ def write_set(tmp_path, rows, images=None):
 def test_missing_column_named_in_one_line(tmp_path):
     cfg = write_set(tmp_path, [dict(image="a.png", text="x")])
     with pytest.raises(UserError, match="missing required column.*caption"):
-        read_table(cfg)
+        read_captions(cfg)
 
 
 def test_missing_files_skipped_with_a_count_in_one_line(tmp_path, capsys):
@@ -33,7 +33,7 @@ def test_missing_files_skipped_with_a_count_in_one_line(tmp_path, capsys):
     cfg = write_set(tmp_path, rows, images=["0.png", "1.png", "2.png"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")                # a line of our own, not a two-line Python warning
-        df = read_table(cfg)
+        df = read_captions(cfg)
     assert len(df) == 3 and df.attrs["skipped"]["missing file"] == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 of 5 listed images are missing" in err and "3.png" in err
@@ -49,27 +49,27 @@ def test_relative_paths_climbing_out_of_the_data_folder_are_refused(tmp_path, ca
             for name in ["0.png", "../secret.png", "images/../../secret.png", "images/../images/0.png",
                          str(tmp_path / "secret.png")]]
     cfg = write_set(data, rows, images=["0.png"])
-    df = read_table(cfg)
+    df = read_captions(cfg)
     assert [Path(p).name for p in df["path"]] == ["0.png", "0.png", "secret.png"]
     assert all(Path(p).resolve().parent == (data / "images").resolve() for p in df["path"][:2])
     assert df.attrs["skipped"] == {"outside the data folder": 2, "missing file": 0}
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 of 5 relative image paths outside" in err and "line 3: ../secret.png" in err
-    import evaluate                                   # evaluate reads through read_table: counted, not printed
+    import evaluate                                   # evaluate reads through read_captions: counted, not printed
     table, skipped = evaluate.read_data(str(data))
     assert skipped["outside the data folder"] == 2 and len(table) == 3 and capsys.readouterr().err == ""
 
 
 def test_missing_captions_file_is_explained(tmp_path):
     with pytest.raises(UserError, match="captions file not found"):
-        read_table(make_config(dict(data=str(tmp_path))))
+        read_captions(make_config(dict(data=str(tmp_path))))
 
 
 def test_split_column_is_used_and_val_carved_when_absent(tmp_path):
     rows = [dict(image=f"{i}.png", caption=f"c{i % 2}", label=["a", "b"][i % 2], split="train" if i < 8 else "val")
             for i in range(10)]
     cfg = write_set(tmp_path, rows)
-    train, val = split_table(read_table(cfg), cfg)
+    train, val = split_table(read_captions(cfg), cfg)
     assert (len(train), len(val)) == (8, 2)
     df = pd.DataFrame(dict(label=["a"] * 10 + ["b"] * 30, caption="x", image="y"))
     tr, va = stratified_split(df, 0.2, seed=0)
@@ -82,11 +82,11 @@ def test_exclude_classes_drops_them_from_training_only(tmp_path):
                  split="train" if i < 8 else "val") for i in range(10)]
     cfg = write_set(tmp_path, rows)
     cfg.exclude_classes = "surprise"
-    train, val = split_table(read_table(cfg), cfg)
+    train, val = split_table(read_captions(cfg), cfg)
     assert set(train["label"]) == {"happiness"} and "surprise" in set(val["label"])
     cfg.exclude_classes = "surprize"
     with pytest.raises(UserError, match="unknown label.*surprize"):
-        split_table(read_table(cfg), cfg)
+        split_table(read_captions(cfg), cfg)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
@@ -106,7 +106,7 @@ def test_corrupt_image_is_skipped_in_the_batch_with_one_line(tmp_path, capsys):
     (tmp_path / "images" / "1.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(BadImage):
         open_image(tmp_path / "images" / "1.png", True)
-    df = read_table(cfg)
+    df = read_captions(cfg)
     caps, labels = build_vocabs(df, None)
     ds = PairDataset(df, cfg, False, caps, labels)
     from model import build_text_encoder
@@ -137,7 +137,7 @@ def test_epoch_travels_with_the_index_so_persistent_workers_see_it(tmp_path):
     cfg = write_set(tmp_path, rows)
     cfg.caption_sampling = "random"
     bank = {"happiness": [f"paraphrase {k}" for k in range(12)]}
-    df = read_table(cfg)
+    df = read_captions(cfg)
     caps, labels = build_vocabs(df, bank)
     ds = PairDataset(df, cfg, True, caps, labels, bank)
     sampler = EpochBatches()

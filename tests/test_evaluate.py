@@ -130,14 +130,13 @@ def test_bad_inputs(trained, sample_dir, tmp_path, capsys):
 
 
 def test_flip_tta_averages_mirror_embeddings(trained, sample_dir, capsys):
-    from dataset import build_transform, load_image_tensor
-    from model import load_checkpoint
-    model, cfg = load_checkpoint(trained[0])
-    model.eval()
+    from checkpoint import create_model_and_transforms
+    from embed import embed_images
+    model, _, preprocess = create_model_and_transforms(trained[0])
     paths = [str(p) for p in sorted((sample_dir / "images").rglob("*.png"))[:5]]
-    plain, _ = evaluate.embed_images(model, cfg, paths, torch.device("cpu"), batch_size=2)
-    tta, ok = evaluate.embed_images(model, cfg, paths, torch.device("cpu"), batch_size=2, tta=True)
-    x = torch.stack([load_image_tensor(p, cfg, build_transform(cfg, train=False)) for p in paths])   # [5,3,H,W]
+    plain, _ = embed_images(model, paths, preprocess, torch.device("cpu"), batch_size=2)
+    tta, ok = embed_images(model, paths, preprocess, torch.device("cpu"), batch_size=2, tta=True)
+    x = torch.stack([preprocess(p) for p in paths])                                               # [5,3,H,W]
     with torch.no_grad():
         ref = torch.nn.functional.normalize(model.encode_image(x) + model.encode_image(x.flip(-1)), dim=-1)
     assert ok.all() and np.allclose(tta, ref.numpy(), atol=1e-5)
@@ -147,23 +146,22 @@ def test_flip_tta_averages_mirror_embeddings(trained, sample_dir, capsys):
 
 
 def test_prior_uses_training_label_counts(trained, sample_dir, tmp_path, capsys):
-    from model import load_checkpoint, save_checkpoint
+    from model import load_checkpoint, read_checkpoint, save_checkpoint
     model, _ = load_checkpoint(trained[0])
+    counts = read_checkpoint(trained[0])["label_counts"]                 # checkpoint metadata, not a model attribute
     table = pd.read_csv(sample_dir / "captions.csv")
-    assert model.label_counts == table.loc[table["split"] == "train", "label"].value_counts().to_dict()
+    assert counts == table.loc[table["split"] == "train", "label"].value_counts().to_dict()
     res = evaluate.evaluate(trained[0], sample_dir, prior=True)
     assert sum(res["prior"].values()) == pytest.approx(1, abs=1e-3) and set(res["prior"]) == set(res["classes"])
-    model.label_counts = {"fear": 10 ** 9, **{c: 1 for c in model.label_counts if c != "fear"}}
     skewed = tmp_path / "skewed.pth"
-    save_checkpoint(skewed, model)
+    save_checkpoint(skewed, model, label_counts={"fear": 10 ** 9, **{c: 1 for c in counts if c != "fear"}})
     rc, out, err = run(["--checkpoint", skewed, "--data", sample_dir, "--prior", "train"], capsys)
     s = json.loads(out.strip().splitlines()[-1])
     assert rc == 0 and "--prior train" in out and s["prior"] == "train"
     plain = evaluate.evaluate(skewed, sample_dir)
     assert s["top1"] < plain["top1"] - 0.1                              # a 1e9:1 prior pulls faces to fear ...
     assert evaluate.evaluate(skewed, sample_dir, prior=True)["per_class_recall"]["fear"] == 1.0    # ... all of them
-    model.label_counts = {}                                               # an old checkpoint, data without train rows
-    save_checkpoint(skewed, model)
+    save_checkpoint(skewed, model)                                        # an old checkpoint, data without train rows
     only_val = tmp_path / "val.csv"
     table.assign(image=[str(sample_dir / "images" / p) for p in table["image"]]).query("split == 'val'").to_csv(
         only_val, index=False)

@@ -225,25 +225,27 @@ def test_checkpoint_digest_gets_own_folder(tmp_path):
 
 
 def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
-    """The CLI and make_encoder, with stand-ins for the lead's model.load_checkpoint and dataset.load_image_tensor."""
+    """The CLI and make_encoder, with a stand-in for checkpoint.create_model_and_transforms (model + preprocess)."""
     import types
 
     import torch
+
+    from config import make_config
+    from dataset import BadImage
     make_gallery(tmp_path / "gallery", 6)
     (tmp_path / "gallery" / "bad.png").write_bytes(b"garbage")
 
-    class BadImage(Exception):
-        pass
-
-    def load_image_tensor(path, cfg):
+    def preprocess(path):
         try:
             return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32)).permute(2, 0, 1)
         except OSError as e:
             raise BadImage(str(e))
 
     class FakeModel:
-        def eval(self):
-            return self
+        cfg, embed_dim = make_config(dict(amp="off")), DIM
+
+        def parameters(self):
+            yield torch.zeros(1)
 
         def encode_image(self, x):  # [B, 3, 8, 8] -> [B, 16]
             return torch.stack([torch.from_numpy(pixel_embedding_of(im)) for im in x])
@@ -256,9 +258,8 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
         v = im[0].numpy().reshape(4, 2, 4, 2).mean((1, 3)).ravel() - 127.5
         return (v / np.linalg.norm(v)).astype(np.float32)
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_checkpoint=lambda p, d: (FakeModel(), {})))
-    monkeypatch.setitem(sys.modules, "dataset", types.SimpleNamespace(load_image_tensor=load_image_tensor,
-                                                                       BadImage=BadImage))
+    monkeypatch.setitem(sys.modules, "checkpoint", types.SimpleNamespace(
+        create_model_and_transforms=lambda p, d: (FakeModel(), None, preprocess)))
     ckpt = tmp_path / "model_final.pth"
     ckpt.write_bytes(b"weights")
     common = ["--images", str(tmp_path / "gallery"), "--checkpoint", str(ckpt), "--device", "cpu"]

@@ -10,7 +10,7 @@ import torch
 import metrics
 import train
 from config import make_config
-from dataset import class_texts, load_image_tensor, read_table, split_table
+from dataset import Preprocess, class_texts, read_captions, split_table
 from model import ExprCLIP, load_checkpoint
 from utils import run_cli
 
@@ -18,11 +18,11 @@ from utils import run_cli
 def held_out_p10(model, cfg, sample_dir) -> float:
     """Text->image precision@10 per class on the held-out split, computed from scratch (not train.py's code)."""
     cfg = make_config({**cfg.__dict__, "data": str(sample_dir)})
-    df = read_table(cfg)
+    df = read_captions(cfg)
     _, val = split_table(df, cfg)
     texts = class_texts(df, __import__("captions").load_caption_bank("paper"))
     with torch.no_grad():
-        img = model.encode_image(torch.stack([load_image_tensor(p, cfg) for p in val["path"]])).numpy()
+        img = model.encode_image(torch.stack([Preprocess(cfg)(p) for p in val["path"]])).numpy()
         names = sorted(texts)
         protos = model.encode_text([texts[n][0] for n in names]).numpy()
     relevant = np.array([[lab == n for lab in val["label"]] for n in names])
@@ -218,7 +218,7 @@ def hostile_log(tmp_path_factory):
     output going to files as in a batch job (no terminal, so no progress bar). -> (stdout, stderr)."""
     import contextlib
     import io
-    from sample import make_sample
+    from synth import make_sample
     d = tmp_path_factory.mktemp("hostile")
     table = make_sample(d, per_class=6, size=32, seed=2)             # 40 train / 8 val
     for name in table.loc[table["split"] == "train", "image"].iloc[[0, 5]]:

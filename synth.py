@@ -2,7 +2,7 @@
 
 Each face is drawn from explicit parameters (brows, eyes, mouth curve/openness, lip-corner asymmetry, nose
 wrinkle, raised upper lip, cheeks, tears) over several identities, poses and lightings, and captioned from those
-same parameters. Deterministic from --seed. Regenerate with:  python sample.py --out . --per-class 75
+same parameters. Deterministic from --seed. Regenerate with:  python synth.py --out . --per-class 75
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The bundled sample is what `python sample.py --out . --per-class 75 --size 64 --seed 0` regenerates."""
+"""The bundled sample is what `python synth.py --out . --per-class 75 --size 64 --seed 0` regenerates."""
 import hashlib
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 from PIL import Image
 
 from conftest import ROOT
-from sample import LABELS, describe, make_sample, sample_params
+from synth import LABELS, describe, make_sample, sample_params
 
 
 def digest(path):
