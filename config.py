@@ -84,6 +84,7 @@ class Config:
     save_every_min: float = 5.0               # also save out_dir/last.pth mid-epoch this often, so a kill loses at
                                               # most this many minutes (0 = at epoch ends only)
     save_every_steps: int = 0                 # >0: also save last.pth mid-epoch every this many optimizer steps
+    log_level: str = "info"                   # debug | info | warning | error (logs.py; ranks > 0 log warnings only)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -110,7 +111,8 @@ CHOICES: dict[str, tuple[str, ...]] = dict(text_pooling=("cls", "mean"), positiv
                                            sampler=("none", "balanced", "weighted"),
                                            select_by=("val_top1", "val_p10", "val_loss"),
                                            targets=("hard", "soft"), contrast=("batch", "classes"),
-                                           text_head=("mlp", "linear", "none"))
+                                           text_head=("mlp", "linear", "none"),
+                                           log_level=("debug", "info", "warning", "error"))
 
 
 def _type_of(f: dataclasses.Field) -> type:

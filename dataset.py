@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from config import Config
 from faces import to_rgb
 from formats import safe_join
+from logs import get_logger
 from utils import UserError, read_csv_checked
 
 REQUIRED = ("image", "caption")
+log = get_logger(__name__)
 
 
 class BadImage(Exception):
@@ -70,8 +71,8 @@ def report_rows(path: Path, df: pd.DataFrame, bad: np.ndarray, what: str) -> Non
     """One stderr line: '<csv>: 2 of 10 <what> (first: line 5: ../x.png)' -- the line number in the file."""
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
-        print(f"{path}: {int(bad.sum())} of {len(df)} {what} (first: line {df.index[k] + 2}: {df['image'].iloc[k]})",
-              file=sys.stderr, flush=True)
+        log.warning(f"{path}: {int(bad.sum())} of {len(df)} {what} (first: line {df.index[k] + 2}: "
+                    f"{df['image'].iloc[k]})")
 
 
 def resolve_image(cfg: Config, name: str) -> Path | None:
@@ -122,6 +123,23 @@ def class_texts(df: pd.DataFrame, bank: dict[str, list[str]] | None = None) -> d
     if bank:
         return {l: list(bank[l]) for l in labels if l in bank}
     return {l: list(dict.fromkeys(df.loc[df["label"] == l, "caption"])) for l in labels}
+
+
+def class_sentences(texts: dict[str, list[str]], classes: list[str]) -> tuple[list[str], list[int]]:
+    """Every sentence of every class in `classes` and the index of its class (--contrast classes)."""
+    missing = [c for c in classes if not texts.get(c)]
+    if missing:
+        raise UserError(f"--contrast classes: no sentence for class(es) {', '.join(missing)}")
+    pairs = [(t, k) for k, c in enumerate(classes) for t in texts[c]]
+    return [t for t, _ in pairs], [k for _, k in pairs]
+
+
+def class_lookup(label_vocab: dict[str, int], classes: list[str]) -> torch.Tensor:
+    """[V + 1] label id -> index of its class in `classes`, -1 if not there; the last slot answers label id -1."""
+    lookup = torch.full((len(label_vocab) + 1,), -1)
+    for k, c in enumerate(classes):
+        lookup[label_vocab[c]] = k
+    return lookup
 
 
 # ----------------------------------------------------------------------------- images
@@ -211,7 +229,7 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             pixels = self.preprocess(row["path"])
         except BadImage as e:
-            print(f"skipping unreadable image {e}", file=sys.stderr, flush=True)     # one line, from any worker
+            log.warning(f"skipping unreadable image {e}")                     # one line, from any worker
             return Unreadable(row["path"])
         cap = self.caption(i, epoch)
         label = self.label_vocab.get(row["label"], -1)
@@ -302,3 +320,43 @@ def _parse_votes(text, where: str) -> dict[str, float]:
     except (ValueError, TypeError):
         raise UserError(f"{where}: soft_labels is not a JSON object of class shares, e.g. "
                         '{"happiness":0.8,"surprise":0.2}; fix the cell or train with --targets hard')
+
+
+# ----------------------------------------------------------------------------- what train.py trains on
+
+@dataclass
+class TrainData:
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    label_vocab: dict[str, int]
+    label_counts: dict[str, int]         # training label frequencies: checkpoint metadata (evaluate --prior train)
+    class_texts: dict[str, list[str]]    # validation sentences per class; excluded classes left out (they stay unseen)
+    train_classes: list[str] | None      # classes the loss sees as distributions (targets=soft or contrast=classes)
+    caption_class: torch.Tensor | None   # [V + 1] label id -> index in train_classes (captions are drawn by label)
+    train_ds: PairDataset
+    val_ds: PairDataset
+
+
+def build_train_data(cfg: Config) -> TrainData:
+    """captions.csv -> the split, vocabularies, class sentences and datasets of a training run. Only trained labels
+    reach the loss: an excluded class's votes and sentences never do."""
+    df = read_captions(cfg)
+    train_df, val_df = split_table(df, cfg)
+    if len(train_df) < 2:
+        raise UserError(f"only {len(train_df)} training rows after the split; add data or lower --val-fraction")
+    bank = None
+    if cfg.caption_bank:
+        from captions import load_caption_bank
+        bank = load_caption_bank(cfg.caption_bank)
+    cap_vocab, label_vocab = build_vocabs(df, bank)
+    excluded = {c.strip() for c in cfg.exclude_classes.split(",") if c.strip()}
+    texts = {l: t for l, t in class_texts(df, bank).items() if l not in excluded}
+    soft_loss = cfg.targets == "soft" or cfg.contrast == "classes"
+    classes = sorted(l for l in set(train_df["label"]) if l != "") if soft_loss else None
+    if soft_loss and not classes:
+        raise UserError("--targets soft / --contrast classes need a `label` column in captions.csv")
+    return TrainData(train_df, val_df, label_vocab,
+                     {str(k): int(v) for k, v in train_df["label"].value_counts().items() if k != ""}, texts, classes,
+                     class_lookup(label_vocab, classes) if soft_loss else None,
+                     PairDataset(train_df, cfg, True, cap_vocab, label_vocab, bank, classes),
+                     PairDataset(val_df, cfg, False, cap_vocab, label_vocab, bank, classes))

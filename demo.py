@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from captions import load_caption_bank
 from index import describe_update
+from logs import get_logger, setup_logging
 from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces, score_frames, search_text,
                        similar_images, similar_to_gallery_image)
 from utils import UserError, run_cli
 from webguard import keep_text, number_in, with_fallback
 
+log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parent
 ROOT_MODEL = ROOT / "model_final.pth"                        # the paper's workflow: drop a trained model here
 BUNDLED_MODEL = ROOT / "models" / "exprclip-ferplus.pth"     # shipped; served when ROOT_MODEL is absent
@@ -122,70 +125,61 @@ def search_message(query: str, n_hits: int, notes: list[str]) -> str:
     return "\n\n".join([f"{n_hits} best matches for “{_md(shown)}”"] + [f"**Warning:** {n}" for n in notes])
 
 
-def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> dict:
+def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
+    """Face → expressions: (photo with numbered boxes, <= 1024 px; {name: probability} of face 1; markdown)."""
+    from faces import DECODE_SIDE, safe_open_image
+    items = vocab_items(vocab_text)           # big JPEGs decode at reduced scale (draft): a 36 MP photo in ~1 s
+    photo = open_upload(image) if image is None else safe_open_image(image, MAX_UPLOAD_PIXELS, DECODE_SIDE)
+    res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)
+    names = [name for name, _ in items]
+    notes = []
+    if detect and not res.found:
+        notes.append("No face found: ranked the whole image.")
+    if res.more:
+        notes.append(f"More than {max_faces} faces: showing the {max_faces} largest (--max-faces).")
+    elif res.found:
+        notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
+    first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
+    return res.shown, first, "\n\n".join([" ".join(notes), face_table(names, res.probs)]).strip()
+
+
+def similar_gallery_view(engine: Engine, paths, index, k):
+    """A click on result `index` of the last text search -> faces with the closest expression, itself first."""
+    if not isinstance(paths, (list, tuple)) or not paths or index is None:
+        raise UserError("search first, then click one of the results")
+    i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
+    if engine.index is None or Path(str(paths[i])) not in set(engine.index.paths):
+        raise UserError("search first, then click one of the results (only gallery images can be clicked)")
+    hits = similar_to_gallery_image(engine, paths[i], top_k(k))
+    return gallery_items(hits), f"{len(hits)} faces closest to {Path(paths[i]).name} (itself first)"
+
+
+def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: int = 32):
+    """Sequence: ({name: turn-weighted probability}, timeline figure, markdown)."""
+    from sequence import sequence_scores, timeline_figure
+    items = vocab_items(vocab_text)
+    files = [files] if isinstance(files, (str, os.PathLike)) else files
+    if not isinstance(files, (list, tuple)):
+        raise UserError("upload several images (frames) or a short video first")
+    decay = float(number_in(decay, "decay", 0, 1))
+    frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
+    crops, found = frame_crops(frames, bool(detect), engine.cfg.grayscale)
+    names = [name for name, _ in items]
+    scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
+    overall, w = sequence_scores(scores, decay)                       # [C], [T]
+    fig = timeline_figure(scores, names, top=5, decay=decay)
+    msg = [f"**{len(frames)} frames** (decay {decay:g}: the last frame weighs {w[-1]:.0%})."]
+    missing = [str(t) for t, f in enumerate(found, 1) if not f]
+    if detect and missing:
+        msg.append(f"No face found in frame(s) {', '.join(missing)}: the whole frame was scored.")
+    if skipped:
+        msg.append(f"Skipped {len(skipped)} file(s): " + "; ".join(skipped))
+    return {n: float(v) for n, v in zip(names, overall)}, fig, " ".join(msg)
+
+
+def vocab_handlers() -> dict:
+    """Save, load and preset handlers of the expression list (no model needed)."""
     from vocab import SHIPPED, format_vocab, load_vocab, parse_vocab, save_vocab
-
-    @with_fallback(lambda msg, *_: ([], msg))
-    def on_search(query, k):
-        text = clean_query(query)
-        hits = search_text(engine, text, top_k(k))
-        return gallery_items(hits), search_message(text, len(hits), engine.query_warnings(query))
-
-    @with_fallback(lambda msg, *_: (None, {}, msg))
-    def on_rank(image, vocab_text, detect):
-        from faces import DECODE_SIDE, safe_open_image
-        items = vocab_items(vocab_text)       # big JPEGs decode at reduced scale (draft): a 36 MP photo in ~1 s
-        photo = open_upload(image) if image is None else safe_open_image(image, MAX_UPLOAD_PIXELS, DECODE_SIDE)
-        res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)
-        names = [name for name, _ in items]
-        notes = []
-        if detect and not res.found:
-            notes.append("No face found: ranked the whole image.")
-        if res.more:
-            notes.append(f"More than {max_faces} faces: showing the {max_faces} largest (--max-faces).")
-        elif res.found:
-            notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
-        first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
-        text = "\n\n".join([" ".join(notes), face_table(names, res.probs)]).strip()
-        return res.shown, first, text                                     # <= 1024 px, boxes drawn
-
-    @with_fallback(lambda msg, *_: ([], msg))
-    def on_similar(image, k):
-        hits = similar_images(engine, open_upload(image), top_k(k))
-        return gallery_items(hits), f"{len(hits)} faces with the closest expression"
-
-    @with_fallback(lambda msg, *_: ([], msg))
-    def on_similar_gallery(paths, index, k):
-        """A click on result `index` of the last text search -> faces with the closest expression, itself first."""
-        if not isinstance(paths, (list, tuple)) or not paths or index is None:
-            raise UserError("search first, then click one of the results")
-        i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
-        if engine.index is None or Path(str(paths[i])) not in set(engine.index.paths):
-            raise UserError("search first, then click one of the results (only gallery images can be clicked)")
-        hits = similar_to_gallery_image(engine, paths[i], top_k(k))
-        return gallery_items(hits), f"{len(hits)} faces closest to {Path(paths[i]).name} (itself first)"
-
-    @with_fallback(lambda msg, *_: ({}, None, msg))
-    def on_sequence(files, vocab_text, detect, decay):
-        from sequence import sequence_scores, timeline_figure
-        items = vocab_items(vocab_text)
-        files = [files] if isinstance(files, (str, os.PathLike)) else files
-        if not isinstance(files, (list, tuple)):
-            raise UserError("upload several images (frames) or a short video first")
-        decay = number_in(decay, "decay", 0, 1)
-        frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
-        crops, found = frame_crops(frames, bool(detect), engine.cfg.grayscale)
-        names = [name for name, _ in items]
-        scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
-        overall, w = sequence_scores(scores, float(decay))                # [C], [T]
-        fig = timeline_figure(scores, names, top=5, decay=float(decay))
-        msg = [f"**{len(frames)} frames** (decay {float(decay):g}: the last frame weighs {w[-1]:.0%})."]
-        missing = [str(t) for t, f in enumerate(found, 1) if not f]
-        if detect and missing:
-            msg.append(f"No face found in frame(s) {', '.join(missing)}: the whole frame was scored.")
-        if skipped:
-            msg.append(f"Skipped {len(skipped)} file(s): " + "; ".join(skipped))
-        return {n: float(v) for n, v in zip(names, overall)}, fig, " ".join(msg)
 
     @with_fallback(lambda msg, *_: (None, msg))
     def on_save_vocab(vocab_text):
@@ -206,8 +200,29 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
         items = load_vocab(name)
         return format_vocab(items), f"loaded the shipped list `{name}` ({len(items)} expressions)"
 
-    return dict(search=on_search, rank=on_rank, similar=on_similar, similar_gallery=on_similar_gallery,
-                sequence=on_sequence, save_vocab=on_save_vocab, load_vocab=on_load_vocab, preset=on_preset)
+    return dict(save_vocab=on_save_vocab, load_vocab=on_load_vocab, preset=on_preset)
+
+
+def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> dict:
+    """Every handler of the app: the functions above, each guarded (webguard.with_fallback: a bad request gets a
+    message in the UI, never a traceback, and the server keeps serving)."""
+
+    @with_fallback(lambda msg, *_: ([], msg))
+    def on_search(query, k):
+        text = clean_query(query)
+        hits = search_text(engine, text, top_k(k))
+        return gallery_items(hits), search_message(text, len(hits), engine.query_warnings(query))
+
+    @with_fallback(lambda msg, *_: ([], msg))
+    def on_similar(image, k):
+        hits = similar_images(engine, open_upload(image), top_k(k))
+        return gallery_items(hits), f"{len(hits)} faces with the closest expression"
+
+    return dict(search=on_search, similar=on_similar, **vocab_handlers(),
+                rank=with_fallback(lambda msg, *_: (None, {}, msg))(partial(rank_view, engine, max_faces=max_faces)),
+                similar_gallery=with_fallback(lambda msg, *_: ([], msg))(partial(similar_gallery_view, engine)),
+                sequence=with_fallback(lambda msg, *_: ({}, None, msg))(
+                    partial(sequence_view, engine, max_frames=max_frames)))
 
 
 # ----------------------------------------------------------------------------- UI
@@ -228,82 +243,104 @@ def _image_input(**kw):
 
 
 def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
+    """The Gradio Blocks: an expression-list panel and three tabs, each a thin layer over make_handlers."""
     import gradio as gr
-    from vocab import SHIPPED, format_vocab, load_vocab
     h = make_handlers(engine, max_faces, max_frames)
     n = len(engine.index) if engine.index is not None else 0
     with gr.Blocks(title="ExprCLIP: search faces by expression") as app:
         gr.Markdown(f"# ExprCLIP\nDescribe an expression to find faces, or upload a face to name its expression. "
                     f"Gallery: {n} images" + (f", {len(engine.failed)} unreadable: "
                                               + ", ".join(p.name for p in engine.failed[:10]) if engine.failed else ""))
-        with gr.Accordion("Expression list (for Face → expressions and Sequence): edit, load or save", open=False):
-            with gr.Row():
-                vocab = gr.Textbox(label="Expressions (name: sentence, one per line)", lines=10, scale=3,
-                                   value=format_vocab(load_vocab("paper")))
-                with gr.Column(scale=1):
-                    preset = gr.Dropdown(list(SHIPPED), value="paper", label="Load a shipped list")
-                    upload = gr.UploadButton("Load from a text file", file_types=[".txt"], type="filepath")
-                    save = gr.Button("Save as a text file")
-                    saved = gr.File(label="Saved list", interactive=False)
-                    vocab_status = gr.Markdown()
-            preset.change(h["preset"], [preset, vocab], [vocab, vocab_status], api_visibility="private")
-            upload.upload(h["load_vocab"], [upload, vocab], [vocab, vocab_status], api_name="load_vocab")
-            save.click(h["save_vocab"], vocab, [saved, vocab_status], api_name="save_vocab")
+        vocab = _vocab_panel(h)
         with gr.Tab("Text → faces"):
-            with gr.Row():
-                query = gr.Textbox(label="Expression description", placeholder="a wide smile", scale=4)
-                k = gr.Slider(1, 50, value=12, step=1, label="Top K", scale=1)
-            go = gr.Button("Search", variant="primary")
-            gr.Examples(EXAMPLES, inputs=query)
-            status = gr.Markdown()
-            gallery = gr.Gallery(label="Most similar faces (cosine score): click one to find similar expressions",
-                                 columns=6, height="auto")
-            hit_paths = gr.State([])
-            pick_status = gr.Markdown()
-            similar = gr.Gallery(label="Faces with the closest expression to the clicked one", columns=6, height="auto")
-
-            def search_ui(q, top_k):
-                items, msg = h["search"](q, top_k)
-                return items, msg, [p for p, _ in items]
-
-            def pick(paths, top_k, evt):
-                return h["similar_gallery"](paths, evt.index, top_k)
-            pick.__annotations__ = {"evt": gr.SelectData}   # a real class: the `annotations` import makes strings
-
-            go.click(search_ui, [query, k], [gallery, status, hit_paths], api_name="search")
-            query.submit(search_ui, [query, k], [gallery, status, hit_paths], api_visibility="private")
-            gallery.select(pick, [hit_paths, k], [similar, pick_status], api_visibility="private")
+            _search_tab(h)
         with gr.Tab("Face → expressions"):
-            with gr.Row():
-                image = _image_input(label="Face or photo", sources=["upload", "webcam", "clipboard"])
-                with gr.Column():
-                    detect = gr.Checkbox(value=True, label=f"Detect and crop faces (up to {max_faces}, largest first)")
-                    rank = gr.Button("Rank expressions", variant="primary")
-                    bars = gr.Label(num_top_classes=5, label="Top-5 (face 1, the largest)")
-            boxes = gr.Image(label="Faces found (numbered as in the table)", type="pil")
-            per_face = gr.Markdown()
-            rank.click(h["rank"], [image, vocab, detect], [boxes, bars, per_face], api_name="rank")
-            sim_k = gr.Slider(1, 50, value=12, step=1, label="Similar faces: top K")
-            sim = gr.Button("Find faces with a similar expression")
-            sim_status = gr.Markdown()
-            sim_gallery = gr.Gallery(columns=6, height="auto")
-            sim.click(h["similar"], [image, sim_k], [sim_gallery, sim_status], api_name="similar")
+            _face_tab(h, vocab, max_faces)
         with gr.Tab("Sequence"):
-            gr.Markdown(f"Several images (frames, taken in file-name order) or a short video (up to {max_frames} "
-                        "frames sampled evenly): per-frame expression probabilities and one turn-weighted score, "
-                        "recent frames weighing more.")
-            files = gr.File(label="Frames or a video", file_count="multiple", type="filepath")
-            with gr.Row():
-                seq_detect = gr.Checkbox(value=True, label="Detect the largest face per frame")
-                decay = gr.Slider(0, 1, value=0.5, step=0.05, label="Decay (1 = plain mean, 0 = last frame only)")
-            run = gr.Button("Score the sequence", variant="primary")
-            with gr.Row():
-                seq_bars = gr.Label(num_top_classes=5, label="Overall top-5 (turn-weighted)")
-                plot = gr.Plot(label="Timeline")
-            seq_status = gr.Markdown()
-            run.click(h["sequence"], [files, vocab, seq_detect, decay], [seq_bars, plot, seq_status],
-                      api_name="sequence")
+            _sequence_tab(h, vocab, max_frames)
     return app
+
+
+def _vocab_panel(h: dict):
+    """The expression list shared by the face and sequence tabs (edit, load a shipped list or a file, save)."""
+    import gradio as gr
+    from vocab import SHIPPED, format_vocab, load_vocab
+    with gr.Accordion("Expression list (for Face → expressions and Sequence): edit, load or save", open=False):
+        with gr.Row():
+            vocab = gr.Textbox(label="Expressions (name: sentence, one per line)", lines=10, scale=3,
+                               value=format_vocab(load_vocab("paper")))
+            with gr.Column(scale=1):
+                preset = gr.Dropdown(list(SHIPPED), value="paper", label="Load a shipped list")
+                upload = gr.UploadButton("Load from a text file", file_types=[".txt"], type="filepath")
+                save = gr.Button("Save as a text file")
+                saved = gr.File(label="Saved list", interactive=False)
+                vocab_status = gr.Markdown()
+        preset.change(h["preset"], [preset, vocab], [vocab, vocab_status], api_visibility="private")
+        upload.upload(h["load_vocab"], [upload, vocab], [vocab, vocab_status], api_name="load_vocab")
+        save.click(h["save_vocab"], vocab, [saved, vocab_status], api_name="save_vocab")
+    return vocab
+
+
+def _search_tab(h: dict) -> None:
+    import gradio as gr
+    with gr.Row():
+        query = gr.Textbox(label="Expression description", placeholder="a wide smile", scale=4)
+        k = gr.Slider(1, 50, value=12, step=1, label="Top K", scale=1)
+    go = gr.Button("Search", variant="primary")
+    gr.Examples(EXAMPLES, inputs=query)
+    status = gr.Markdown()
+    gallery = gr.Gallery(label="Most similar faces (cosine score): click one to find similar expressions",
+                         columns=6, height="auto")
+    hit_paths = gr.State([])
+    pick_status = gr.Markdown()
+    similar = gr.Gallery(label="Faces with the closest expression to the clicked one", columns=6, height="auto")
+
+    def search_ui(q, top_k):
+        items, msg = h["search"](q, top_k)
+        return items, msg, [p for p, _ in items]
+
+    def pick(paths, top_k, evt):
+        return h["similar_gallery"](paths, evt.index, top_k)
+    pick.__annotations__ = {"evt": gr.SelectData}   # a real class: the `annotations` import makes strings
+
+    go.click(search_ui, [query, k], [gallery, status, hit_paths], api_name="search")
+    query.submit(search_ui, [query, k], [gallery, status, hit_paths], api_visibility="private")
+    gallery.select(pick, [hit_paths, k], [similar, pick_status], api_visibility="private")
+
+
+def _face_tab(h: dict, vocab, max_faces: int) -> None:
+    import gradio as gr
+    with gr.Row():
+        image = _image_input(label="Face or photo", sources=["upload", "webcam", "clipboard"])
+        with gr.Column():
+            detect = gr.Checkbox(value=True, label=f"Detect and crop faces (up to {max_faces}, largest first)")
+            rank = gr.Button("Rank expressions", variant="primary")
+            bars = gr.Label(num_top_classes=5, label="Top-5 (face 1, the largest)")
+    boxes = gr.Image(label="Faces found (numbered as in the table)", type="pil")
+    per_face = gr.Markdown()
+    rank.click(h["rank"], [image, vocab, detect], [boxes, bars, per_face], api_name="rank")
+    sim_k = gr.Slider(1, 50, value=12, step=1, label="Similar faces: top K")
+    sim = gr.Button("Find faces with a similar expression")
+    sim_status = gr.Markdown()
+    sim_gallery = gr.Gallery(columns=6, height="auto")
+    sim.click(h["similar"], [image, sim_k], [sim_gallery, sim_status], api_name="similar")
+
+
+def _sequence_tab(h: dict, vocab, max_frames: int) -> None:
+    import gradio as gr
+    gr.Markdown(f"Several images (frames, taken in file-name order) or a short video (up to {max_frames} "
+                "frames sampled evenly): per-frame expression probabilities and one turn-weighted score, "
+                "recent frames weighing more.")
+    files = gr.File(label="Frames or a video", file_count="multiple", type="filepath")
+    with gr.Row():
+        seq_detect = gr.Checkbox(value=True, label="Detect the largest face per frame")
+        decay = gr.Slider(0, 1, value=0.5, step=0.05, label="Decay (1 = plain mean, 0 = last frame only)")
+    run = gr.Button("Score the sequence", variant="primary")
+    with gr.Row():
+        seq_bars = gr.Label(num_top_classes=5, label="Overall top-5 (turn-weighted)")
+        plot = gr.Plot(label="Timeline")
+    seq_status = gr.Markdown()
+    run.click(h["sequence"], [files, vocab, seq_detect, decay], [seq_bars, plot, seq_status], api_name="sequence")
 
 
 def _shown(path: Path, base: Path | None = None) -> str:
@@ -335,14 +372,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    setup_logging()
     a = parse_args(argv)
     if a.quickstart:
-        print(f"--quickstart is deprecated and no longer trains: the demo serves {ROOT_MODEL.name} from the project "
-              f"root or the bundled {_shown(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
+        log.info(f"--quickstart is deprecated and no longer trains: the demo serves {ROOT_MODEL.name} from the "
+                 f"project root or the bundled {_shown(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
     checkpoint, why = choose_checkpoint(a.checkpoint)
-    print(f"model: {_shown(checkpoint)} ({why})")
+    log.info(f"model: {_shown(checkpoint)} ({why})")
     engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir)
-    print(f"gallery {_shown(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
+    log.info(f"gallery {_shown(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
     build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(
         server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
     return 0

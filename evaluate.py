@@ -24,8 +24,10 @@ from config import config_to_dict, make_config
 from dataset import class_texts, read_captions
 from embed import classifier_logits, embed_images, text_prototypes
 from precision import autocast_for
-from utils import UserError, pick_device, run_cli
+from logs import get_logger, setup_logging
+from utils import UserError, atomic_write_text, pick_device, run_cli
 
+log = get_logger(__name__)
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 SUMMARY_KEYS = ("top1", "top5", "war", "uar", "macro_f1", "t2i_mAP", "t2i_precision@10", "i2t_recall@1",
                 "i2t_recall@5", "i2t_median_rank")
@@ -269,6 +271,7 @@ def report_text(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="model_final.pth")
     p.add_argument("--data", required=True, help="DIR with captions.csv, a captions.csv, or SPLIT/CLASS/*.png folder")
@@ -297,9 +300,8 @@ def main(argv=None) -> int:
                    a.prior == "train")
     print(report_text(res))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(res, indent=1))
-        print(f"wrote {a.json}")
+        atomic_write_text(a.json, json.dumps(res, indent=1))
+        log.info(f"wrote {a.json}")
     print(json.dumps(summary(res)))
     return 0
 

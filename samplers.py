@@ -3,6 +3,7 @@
 BalancedBatchSampler: every batch holds (almost) the same number of images of each class -> DataLoader(batch_sampler=).
 class_weighted_sampler: per-image sampling, classes equally likely on average -> DataLoader(sampler=).
 Both are deterministic from a seed (and the epoch, for the batch sampler).
+epoch_batches: train.py's batches for one epoch and one process, with any of the three samplings.
 """
 from __future__ import annotations
 
@@ -71,3 +72,25 @@ def class_weighted_sampler(labels: Sequence, seed: int = 0, num_samples: int | N
     weights = 1.0 / np.bincount(ids)[ids]  # [N]
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples or len(ids),
                                  replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
+def epoch_batches(labels: Sequence[int], cfg, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """One epoch's optimizer-step batches (batch_size x accum_steps indices each) for process `rank` of `world`: a
+    seeded permutation, label-balanced batches or a class-weighted draw (cfg.sampler), a pure function of
+    (cfg.seed, epoch). Full batches only (contrastive batches should be full). Under torchrun, rank r takes batches
+    r, r+world, ... (equal counts): batch_size is per process."""
+    bs, n = cfg.batch_size * cfg.accum_steps, len(labels)
+    if cfg.sampler == "balanced":
+        s = BalancedBatchSampler(labels, bs, seed=cfg.seed)
+        s.set_epoch(epoch)
+        batches = [list(b) for b in s]
+    else:
+        order = np.fromiter(class_weighted_sampler(labels, seed=cfg.seed * 100_003 + epoch), int) \
+            if cfg.sampler == "weighted" else np.random.default_rng((cfg.seed, epoch)).permutation(n)
+        batches = [order[k * bs:(k + 1) * bs].tolist() for k in range(max(1, n // bs))]
+    if world == 1:
+        return batches
+    per_rank = len(batches) // world
+    if per_rank == 0:
+        raise UserError(f"{len(batches)} batches cannot feed {world} processes; lower --batch-size")
+    return batches[rank::world][:per_rank]

@@ -13,6 +13,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from logs import get_logger, setup_logging
+from utils import run_cli
+
+log = get_logger(__name__)
+
 LABELS = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt"]
 S = 256  # drawing canvas; saved images are downsampled (antialiased)
 
@@ -192,6 +197,7 @@ def make_sample(out: str | Path, per_class: int = 75, size: int = 64, identities
 
 
 def main(argv=None) -> int:
+    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".", help="folder that receives images/ and captions.csv")
     ap.add_argument("--per-class", type=int, default=75)
@@ -200,10 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     df = make_sample(a.out, a.per_class, a.size, a.identities, a.seed)
-    print(f"wrote {len(df)} faces ({a.per_class} per class x {len(LABELS)}) to {Path(a.out) / 'images'} "
-          f"and {Path(a.out) / 'captions.csv'}")
+    log.info(f"wrote {len(df)} faces ({a.per_class} per class x {len(LABELS)}) to {Path(a.out) / 'images'} "
+             f"and {Path(a.out) / 'captions.csv'}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -18,20 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import metrics
 from config import Config, add_config_args, config_from_args
-from dataset import Collate, EpochBatches, PairDataset, build_vocabs, class_texts, read_captions, split_table
+from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
 from embed import classifier_logits, text_prototypes
+from logs import get_logger, setup_logging
 from loss import make_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
 from precision import amp_setup
-from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, write_logs
+from samplers import epoch_batches
+from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, write_logs
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
+
+log = get_logger(__name__)
 
 
 def get_lr(step: int, cfg: Config, total_steps: int) -> float:
@@ -56,26 +59,10 @@ def param_groups(model: ExprCLIP, cfg: Config) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-class TrainableEma(ModelEmaV3):
-    """timm's ModelEmaV3 over the tensors that change: trainable parameters and the buffers (BatchNorm statistics).
-    A frozen tower (the offline preset's text tower) stays as copied: averaging it was 4/5 of the update's cost."""
-
-    def __init__(self, model: torch.nn.Module, **kwargs):
-        super().__init__(model, **kwargs)
-        ema_p, ema_b = dict(self.module.named_parameters()), dict(self.module.named_buffers())
-        self.pairs = [(ema_p[n], p) for n, p in model.named_parameters() if p.requires_grad]
-        self.pairs += [(ema_b[n], b) for n, b in model.named_buffers()]
-
-    @torch.no_grad()
-    def apply_update_(self, model, decay: float) -> None:     # model: the module given at construction
-        floats = [(e, m) for e, m in self.pairs if e.is_floating_point()]
-        for e, m in self.pairs:
-            if not e.is_floating_point():
-                e.copy_(m)                                     # e.g. BatchNorm's num_batches_tracked
-        self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
-
-
 class Trainer:
+    """One training run: data (dataset.build_train_data), model and optimizer, then fit(): train_epoch and
+    end_epoch (validate, log, checkpoint) until cfg.epochs or cfg.max_steps; resumable from last.pth."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         if cfg.resume and not Path(cfg.resume).is_file():       # before minutes of setup
@@ -88,28 +75,13 @@ class Trainer:
         seed_everything(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.build_data()
-        self.model = ExprCLIP(cfg, class_names=list(self.label_vocab) if cfg.objective == "ce" else None)
-        self.model = self.model.to(self.device)
-        self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # weight EMA (open_clip/timm style): validated, selected and saved instead of the raw weights
-        self.ema = TrainableEma(self.model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
+        self.data = build_train_data(cfg)
+        if self.world > 1 and self.data.train_classes is not None:
+            raise UserError("--targets soft / --contrast classes run in one process for now (not under torchrun)")
+        self.build_model(local_rank)
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
         self.epoch_batches = EpochBatches()          # one loader for the run: its workers persist across epochs
-        self.train_loader = self.loader(self.train_ds, self.epoch_batches, persistent=True)
-        if cfg.compile:
-            self.model.image_encoder.compile()
-            self.model.text_encoder.compile()
-        if self.world > 1 and self.train_classes is not None:
-            raise UserError("--targets soft / --contrast classes run in one process for now (not under torchrun)")
-        self.net = self.model   # what the training step calls: DDP-wrapped under torchrun
-        if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself; BatchNorm
-                                # statistics then stay per rank (rank 0's are saved)
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=cfg.objective == "ce")
+        self.train_loader = self.loader(self.data.train_ds, self.epoch_batches, persistent=True)
         self.steps_per_epoch = len(self.train_batches(0))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
@@ -128,61 +100,32 @@ class Trainer:
         if cfg.resume:
             self.load_state(cfg.resume)
 
-    # ------------------------------------------------------------------ data
-    def build_data(self) -> None:
+    def build_model(self, local_rank: int) -> None:
+        """self.model on its device (channels-last), its weight EMA, compiled towers, and self.net: what the training
+        step calls, DDP-wrapped under torchrun."""
         cfg = self.cfg
-        df = read_captions(cfg)
-        self.train_df, self.val_df = split_table(df, cfg)
-        if len(self.train_df) < 2:
-            raise UserError(f"only {len(self.train_df)} training rows after the split; add data or lower --val-fraction")
-        # training label frequencies, saved as checkpoint metadata (evaluate --prior train)
-        self.label_counts = {str(k): int(v) for k, v in self.train_df["label"].value_counts().items() if k != ""}
-        self.bank = None
-        if cfg.caption_bank:
-            from captions import load_caption_bank
-            self.bank = load_caption_bank(cfg.caption_bank)
-        cap_vocab, self.label_vocab = build_vocabs(df, self.bank)
-        excluded = {c.strip() for c in cfg.exclude_classes.split(",") if c.strip()}
-        # validation scores (and model selection) cover the trained classes only: an excluded class stays unseen
-        self.class_texts = {l: t for l, t in class_texts(df, self.bank).items() if l not in excluded}
-        # classes the loss sees as distributions (targets=soft or contrast=classes): the trained labels only, so an
-        # excluded class's votes and sentences never reach training
-        soft_loss = cfg.targets == "soft" or cfg.contrast == "classes"
-        self.train_classes = sorted(l for l in set(self.train_df["label"]) if l != "") if soft_loss else None
-        if soft_loss and not self.train_classes:
-            raise UserError("--targets soft / --contrast classes need a `label` column in captions.csv")
-        self.train_ds = PairDataset(self.train_df, cfg, True, cap_vocab, self.label_vocab, self.bank,
-                                    self.train_classes)
-        self.val_ds = PairDataset(self.val_df, cfg, False, cap_vocab, self.label_vocab, self.bank, self.train_classes)
+        self.model = ExprCLIP(cfg, class_names=list(self.data.label_vocab) if cfg.objective == "ce" else None)
+        self.model = self.model.to(self.device)
+        self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # weight EMA (open_clip/timm style): validated, selected and saved instead of the raw weights
+        self.ema = TrainableEma(self.model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
+        if cfg.compile:
+            self.model.image_encoder.compile()
+            self.model.text_encoder.compile()
+        self.net = self.model
+        if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself; BatchNorm
+                                # statistics then stay per rank (rank 0's are saved)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.objective == "ce")
 
+    # ------------------------------------------------------------------ data
     def train_batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches as index lists: a seeded permutation (or a label-balanced / weighted draw)."""
-        cfg, n = self.cfg, len(self.train_ds)
-        labels = [self.label_vocab.get(l, -1) for l in self.train_df["label"]]
-        g = np.random.default_rng((cfg.seed, epoch))
-        if cfg.sampler == "balanced":
-            from samplers import BalancedBatchSampler
-            s = BalancedBatchSampler(labels, cfg.batch_size * cfg.accum_steps, seed=cfg.seed)
-            s.set_epoch(epoch)
-            return self.shard([list(b) for b in s])
-        if cfg.sampler == "weighted":
-            from samplers import class_weighted_sampler
-            order = np.fromiter(class_weighted_sampler(labels, seed=cfg.seed * 100_003 + epoch), int)
-        else:
-            order = g.permutation(n)
-        bs = cfg.batch_size * cfg.accum_steps       # one optimizer step's pairs
-        nb = max(1, n // bs)                        # drop_last: contrastive batches should be full
-        batches = [order[k * bs:(k + 1) * bs].tolist() for k in range(nb)]
-        return self.shard(batches)
-
-    def shard(self, batches: list[list[int]]) -> list[list[int]]:
-        """Under torchrun, rank r takes batches r, r+world, ... (equal counts): batch_size is per process."""
-        if self.world == 1:
-            return batches
-        per_rank = len(batches) // self.world
-        if per_rank == 0:
-            raise UserError(f"{len(batches)} batches cannot feed {self.world} processes; lower --batch-size")
-        return batches[self.rank::self.world][:per_rank]
+        """This process's batches of the epoch, as index lists (samplers.epoch_batches)."""
+        labels = [self.data.label_vocab.get(l, -1) for l in self.data.train_df["label"]]
+        return epoch_batches(labels, self.cfg, epoch, self.rank, self.world)
 
     def loader(self, ds, batches, persistent: bool = False) -> torch.utils.data.DataLoader:
         cfg = self.cfg
@@ -206,7 +149,7 @@ class Trainer:
             ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
             text_index = batch["text_index"].to(dev)
             if "dist" in batch:                     # a caption's class is its image's label (drawn by label)
-                targets["text_class"] = self.caption_class(batch["labels"]).to(dev)
+                targets["text_class"] = self.data.caption_class[batch["labels"]].to(dev)
         if "dist" in batch:
             targets["dist"] = batch["dist"].to(dev)
         with self.autocast():
@@ -216,24 +159,14 @@ class Trainer:
                 out["image_features"].float(), out["text_features"].float(), targets["groups"])
         return self.loss_fn(out, targets)
 
-    def caption_class(self, labels: torch.Tensor) -> torch.Tensor:
-        """[B] label ids -> index of the caption's class in train_classes (captions are drawn by label); -1 if none."""
-        lookup = torch.full((len(self.label_vocab) + 1,), -1)        # the extra last slot answers label -1
-        for k, l in enumerate(self.train_classes):
-            lookup[self.label_vocab[l]] = k
-        return lookup[labels]
-
     @property
     def class_sentences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every sentence of every trained class, tokenized once: (ids [M, L], mask [M, L], class index [M])."""
         if getattr(self, "_class_sentences", None) is None:
-            texts = [(t, k) for k, l in enumerate(self.train_classes) for t in self.class_texts.get(l, [])]
-            missing = [l for l in self.train_classes if not self.class_texts.get(l)]
-            if missing:
-                raise UserError(f"--contrast classes: no sentence for class(es) {', '.join(missing)}")
-            tok = self.model.tokenize([t for t, _ in texts])
+            texts, index = class_sentences(self.data.class_texts, self.data.train_classes)
+            tok = self.model.tokenize(texts)
             self._class_sentences = (tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device),
-                                     torch.tensor([k for _, k in texts], device=self.device))
+                                     torch.tensor(index, device=self.device))
         return self._class_sentences
 
     def train_step(self, batch) -> float:
@@ -290,7 +223,7 @@ class Trainer:
         forward pass already moved the BatchNorm statistics), so a save holds the state of the last whole step.
         None when every image of the batch was unreadable."""
         if batch is None:
-            self.skips.add([self.train_ds.df["path"].iloc[i] for i in indices])
+            self.skips.add([self.data.train_ds.df["path"].iloc[i] for i in indices])
             self.batch_in_epoch += 1
             return None
         step = self.step
@@ -315,8 +248,7 @@ class Trainer:
             bar.set_postfix(loss=f"{np.mean(self.epoch_losses[-every:]):.3f}", T=f"{1 / self.model.scale().item():.3f}")
         text = lines and lines.line(f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.step, loss, images * self.world)
         if text:
-            tqdm.write(text, file=sys.stdout)
-            sys.stdout.flush()
+            log.info(text)
 
     @property
     def eval_model(self) -> ExprCLIP:
@@ -328,9 +260,9 @@ class Trainer:
         """Val loss, text->image precision@10 per class (mean), image->text top-1 against class prototypes."""
         model = self.eval_model
         model.eval()
-        n, bs = len(self.val_ds), self.cfg.batch_size
+        n, bs = len(self.data.val_ds), self.cfg.batch_size
         losses, embs, labels = [], [], []
-        for batch in self.loader(self.val_ds, [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]):
+        for batch in self.loader(self.data.val_ds, [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]):
             if batch is None:
                 continue
             if len(batch["labels"]) > 1:
@@ -340,7 +272,7 @@ class Trainer:
             labels.append(batch["labels"])
         out = dict(val_loss=float(np.mean(losses)) if losses else float("nan"), val_p10=float("nan"),
                    val_top1=float("nan"))
-        if not embs or not self.class_texts:
+        if not embs or not self.data.class_texts:
             return out
         img, y = torch.cat(embs).numpy(), torch.cat(labels).numpy()
         classes, scores = self.class_scores(img)                          # [C], [N, C]
@@ -357,9 +289,9 @@ class Trainer:
         if self.cfg.objective == "ce":
             logits = classifier_logits(model, img)                            # [N, K]
             return list(range(logits.shape[1])), logits
-        names = sorted(self.class_texts, key=lambda l: self.label_vocab[l])
-        protos = text_prototypes(model, self.class_texts, names)              # [C, D]
-        return [self.label_vocab[l] for l in names], metrics.zero_shot_scores(img, protos)
+        names = sorted(self.data.class_texts, key=lambda l: self.data.label_vocab[l])
+        protos = text_prototypes(model, self.data.class_texts, names)              # [C, D]
+        return [self.data.label_vocab[l] for l in names], metrics.zero_shot_scores(img, protos)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -370,7 +302,7 @@ class Trainer:
                     ema={k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None)
 
     def save_last(self) -> None:
-        atomic_save(checkpoint_payload(self.model, label_counts=self.label_counts, trainer=self.state()),
+        atomic_save(checkpoint_payload(self.model, label_counts=self.data.label_counts, trainer=self.state()),
                     self.out / "last.pth")
         self.autosave.reset()
 
@@ -393,7 +325,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.best, self.history = t["best"], list(t["history"])
         self.epoch_losses, self.skips = list(t.get("epoch_losses", [])), SkipCount(*t.get("skipped", (0, "")))
-        print(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
+        log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
 
     def end_epoch(self, train_loss: float, seconds: float) -> None:
         """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved). The state
@@ -415,19 +347,18 @@ class Trainer:
             if score > self.best:
                 self.best = score
                 save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row,
-                                label_counts=self.label_counts)
+                                label_counts=self.data.label_counts)
                 shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
             self.save_last()
         write_logs(self.history, self.out)
-        print("epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_p@10 {val_p10:.3f}  "
-              "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row), flush=True)
+        log.info("epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_p@10 {val_p10:.3f}  "
+                 "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row))
         if skipped:
-            print(skipped, flush=True)
+            log.info(skipped)
 
     def fit(self) -> list[dict]:
-        log = print if self.is_main else (lambda *a, **k: None)
-        log(f"training on {self.device}: {len(self.train_ds)} train / {len(self.val_ds)} val pairs, "
-              f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all", flush=True)
+        log.info(f"training on {self.device}: {len(self.data.train_ds)} train / {len(self.data.val_ds)} val pairs, "
+              f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all")
         try:
             with self.guard:                        # Ctrl-C: stop after the current step (see DeferredInterrupt)
                 while self.epoch < self.cfg.epochs and self.step < self.total_steps:
@@ -437,11 +368,11 @@ class Trainer:
         except KeyboardInterrupt:
             if self.is_main:
                 self.save_last()
-            log(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
-                  f"continue with --resume {self.out / 'last.pth'}", file=sys.stderr)
+            log.warning(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
+                        f"continue with --resume {self.out / 'last.pth'}")
             raise
         if self.cfg.final_path and Path(self.cfg.final_path).exists():
-            log(f"best epoch written to {self.cfg.final_path}")
+            log.info(f"best epoch written to {self.cfg.final_path}")
         return self.history
 
 
@@ -449,6 +380,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     cfg = config_from_args(ap.parse_args(argv))
+    setup_logging(cfg.log_level)        # rank-aware: under torchrun, ranks > 0 log warnings only
     try:
         Trainer(cfg).fit()
     finally:

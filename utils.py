@@ -4,13 +4,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from logs import get_logger, setup_logging
+
+log = get_logger(__name__)
 
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}   # what every image reader accepts
@@ -21,14 +24,16 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None) -> int:
-    """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr and an exit code."""
+    """Set up logging (logs.py), run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr and an exit
+    code."""
+    setup_logging()
     try:
         return int(main(argv) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.error("interrupted")
         return 130
 
 

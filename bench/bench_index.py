@@ -60,7 +60,14 @@ def latency_ms(fn, queries: np.ndarray) -> np.ndarray:
     return np.array(times)
 
 
-def main() -> None:
+def row(n: int, name: str, build, lat: np.ndarray, recall: float) -> None:
+    """One table line: size, method, build seconds, p50 / p99 latency (ms), recall@10."""
+    build = f"{build:>8.1f}" if isinstance(build, float) else f"{build:>8}"
+    print(f"{n:>9} {name:<26} {build} {np.percentile(lat, 50):>8.2f} {np.percentile(lat, 99):>8.2f} "
+          f"{recall:>9.3f}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--dim", type=int, default=256)
@@ -71,7 +78,11 @@ def main() -> None:
     ap.add_argument("--exact-queries", type=int, default=30, help="single queries timed for exact search")
     ap.add_argument("--nprobe", default="16,32,64,128", help="FAISS nprobe values to try")
     ap.add_argument("--chunk-rows", type=int, default=4096)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     import faiss
 
     gen, rng = FaceLikeVectors(args.dim), np.random.default_rng(1)
@@ -93,9 +104,7 @@ def main() -> None:
         exact = {"exact, f32 in RAM": (lambda q: exact_search([dense], q, 10), time.perf_counter() - t),
                  "exact, f16 chunks streamed": (lambda q: exact_search(blocks(), q, 10), 0.0)}
         for name, (fn, build) in exact.items() if args.exact_queries else ():
-            lat = latency_ms(fn, queries[:args.exact_queries])
-            print(f"{n:>9} {name:<26} {build:>8.1f} {np.percentile(lat, 50):>8.2f} {np.percentile(lat, 99):>8.2f} "
-                  f"{1:>9.3f}", flush=True)
+            row(n, name, build, latency_ms(fn, queries[:args.exact_queries]), 1.0)
         del dense
         t = time.perf_counter()
         index = build_faiss(blocks, n, args.dim)
@@ -104,10 +113,8 @@ def main() -> None:
             index.nprobe = min(nprobe, index.nlist)
             _, ids = index.search(queries, 10)
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
-            lat = latency_ms(lambda q: index.search(q, 10), queries)
-            name = f"IVF{index.nlist},SQfp16 nprobe={index.nprobe}"
-            print(f"{n:>9} {name:<26} {build:>8.1f} {np.percentile(lat, 50):>8.2f} {np.percentile(lat, 99):>8.2f} "
-                  f"{recall:>9.3f}", flush=True)
+            row(n, f"IVF{index.nlist},SQfp16 nprobe={index.nprobe}", build,
+                latency_ms(lambda q: index.search(q, 10), queries), recall)
         assert index.nlist == default_nlist(n)
         with tempfile.TemporaryDirectory() as tmp:  # as GalleryIndex serves it: saved, then memory-mapped
             faiss.write_index(index, f"{tmp}/x.index")
@@ -116,10 +123,8 @@ def main() -> None:
             index.nprobe = default_nprobe(index.nlist)
             _, ids = index.search(queries, 10)
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
-            lat = latency_ms(lambda q: index.search(q, 10), queries)
-            name = f"  default nprobe={index.nprobe}, mmap"
-            print(f"{n:>9} {name:<26} {'':>8} {np.percentile(lat, 50):>8.2f} {np.percentile(lat, 99):>8.2f} "
-                  f"{recall:>9.3f}", flush=True)
+            row(n, f"  default nprobe={index.nprobe}, mmap", "", latency_ms(lambda q: index.search(q, 10), queries),
+                recall)
         del gallery, index
 
 

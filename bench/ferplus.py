@@ -1,6 +1,6 @@
 """FER+ benchmark: train on FER2013Train with the eight-class vote labels, evaluate on FER2013Valid, write a section.
 
-    python bench/ferplus.py                                   # runs main + unseen (contempt left out), 12 epochs
+    python bench/ferplus.py                                   # runs main + unseen (contempt left out), 4 epochs
     python bench/ferplus.py --runs main --extra "--sampler balanced"     # an ablation row (own run folder)
     python bench/ferplus.py --checkpoint runs/x/model_final.pth         # evaluate a checkpoint, no training
     python bench/ferplus.py --limit 600 --epochs 1 --min-pair-faces 3 --work runs/ferplus_smoke   # smoke run
@@ -33,14 +33,15 @@ import metrics  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 from captions import CANONICAL, canonical_name, load_caption_bank  # noqa: E402
-from config import add_config_args  # noqa: E402
-from formats import FERPLUS_DIRS, FERPLUS_VOTES, FORMAT_HINT, USAGE_SPLITS, read_folder  # noqa: E402
 from checkpoint import create_model_and_transforms, read_checkpoint  # noqa: E402
+from config import add_config_args  # noqa: E402
 from embed import embed_images, text_prototypes  # noqa: E402
+from formats import FERPLUS_DIRS, FERPLUS_VOTES, FORMAT_HINT, USAGE_SPLITS, read_folder  # noqa: E402
 from precision import autocast_for  # noqa: E402
 from utils import UserError, pick_device, read_csv_checked, run_cli  # noqa: E402
 
 from ferplus_report import section, upsert_section  # noqa: E402
+from ferplus_sentences import check_disjoint, load_compound, training_banks  # noqa: E402
 
 # The training recipe of every run (the lead finalises it; --recipe replaces it, --extra appends ablation flags).
 # Chosen by the ablation in BENCHMARKS.md: every class sentence each step, vote distributions as targets, the frozen
@@ -53,7 +54,6 @@ RUNS = {"main": [], "unseen": ["--exclude-classes", "contempt"]}
 UNSEEN = "contempt"
 CLASSES = list(CANONICAL)                        # the eight FER+ emotions, paper order
 EVERYDAY = ROOT / "captions" / "everyday.csv"    # evaluation only: informal phrasings, label,caption
-COMPOUND = ROOT / "captions" / "compound.csv"    # evaluation only: pair,caption
 VAL_FRACTION = 0.03                              # of train, for model selection
 SMOOTHING = 0.1                                  # label smoothing of the one-hot majority reference
 
@@ -155,61 +155,6 @@ def eval_split(data: Path) -> pd.DataFrame:
     assert not train_paths & set(df["path"]), "evaluation faces listed in the training split"
     return df.assign(soft=list(json_rows(df["soft_labels"], "soft_labels")),
                      votes=list(json_rows(df["votes"], "votes")))
-
-
-# ----------------------------------------------------------------------------- sentence sets
-
-def norm_sentence(s: str) -> str:
-    """Case, punctuation and spacing folded: the key two sentences are compared by."""
-    return " ".join(re.sub(r"[^\w\s']", " ", s.lower()).split())
-
-
-def shared_sentences(a: dict[str, list[str]], b: dict[str, list[str]]) -> list[str]:
-    """Sentences of bank `a` that also occur (normalised) in bank `b`."""
-    seen = {norm_sentence(s) for v in b.values() for s in v}
-    return [s for v in a.values() for s in v if norm_sentence(s) in seen]
-
-
-def pair_key(text: str) -> str:
-    """'fear+surprise' -> 'surprise+fear': two distinct known classes joined in CLASSES order."""
-    parts = [canonical_name(p) for p in str(text).split("+")]
-    if len(parts) != 2 or parts[0] == parts[1] or not set(parts) <= set(CLASSES):
-        raise UserError(f"compound pair {text!r}: write two different classes of {', '.join(CLASSES)} as A+B")
-    return "+".join(sorted(parts, key=CLASSES.index))
-
-
-def load_compound(path: Path = COMPOUND) -> dict[str, list[str]]:
-    """captions/compound.csv (pair,caption) -> {'a+b' in CLASSES order: [sentences]}."""
-    df = read_csv_checked(path, ("pair", "caption"), hint="compound sentences need columns pair,caption")
-    bank: dict[str, list[str]] = {}
-    for row, (pair, caption) in enumerate(zip(df["pair"], df["caption"]), start=2):
-        if not caption.strip():
-            raise UserError(f"{path}: line {row} has an empty caption; fill it in or delete the row")
-        try:
-            bank.setdefault(pair_key(pair), []).append(caption.strip())
-        except UserError as e:
-            raise UserError(f"{path}: line {row}: {e}")
-    return bank
-
-
-def check_disjoint(eval_banks: dict[str, dict], train_banks: dict[str, dict]) -> None:
-    """Evaluation-only sentences must not occur in any training bank (one line naming the first clash)."""
-    for en, eb in eval_banks.items():
-        for tn, tb in train_banks.items():
-            if clash := shared_sentences(eb, tb):
-                raise UserError(f"{en} sentence {clash[0]!r} also occurs in the training bank {tn}; "
-                                f"rephrase it in captions/{en}.csv")
-
-
-def training_banks(cfg_bank: str, data: Path) -> dict[str, dict]:
-    """paper, rich and the run's own bank (its captions.csv captions when it trained on those)."""
-    banks = {"paper": load_caption_bank("paper"), "rich": load_caption_bank("rich")}
-    if cfg_bank and cfg_bank not in banks:
-        banks[cfg_bank] = load_caption_bank(cfg_bank)
-    if not cfg_bank:
-        df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
-        banks["captions.csv"] = {"": list(dict.fromkeys(df["caption"]))}
-    return banks
 
 
 # ----------------------------------------------------------------------------- evaluation

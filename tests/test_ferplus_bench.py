@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ferplus  # noqa: E402
 import ferplus_report  # noqa: E402
+import ferplus_sentences  # noqa: E402
 import metrics  # noqa: E402
 from captions import load_caption_bank  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -82,18 +83,18 @@ def test_everyday_sentences_cover_all_classes_and_share_none_with_training_banks
     bank = load_caption_bank(str(ferplus.EVERYDAY))
     assert set(bank) == set(ferplus.CLASSES) and all(6 <= len(v) <= 10 for v in bank.values())
     train = {"paper": load_caption_bank("paper"), "rich": load_caption_bank("rich")}
-    ferplus.check_disjoint({"everyday": bank, "compound": ferplus.load_compound()}, train)
+    ferplus_sentences.check_disjoint({"everyday": bank, "compound": ferplus_sentences.load_compound()}, train)
     with pytest.raises(UserError, match="also occurs in the training bank mine"):
-        ferplus.check_disjoint({"everyday": bank}, {"mine": {"contempt": ["Smug!"]}})   # case/punctuation folded
+        ferplus_sentences.check_disjoint({"everyday": bank}, {"mine": {"contempt": ["Smug!"]}})   # case/punctuation folded
 
 
 def test_compound_sentences_load_in_class_order_and_reject_bad_pairs(tmp_path):
-    bank = ferplus.load_compound()
+    bank = ferplus_sentences.load_compound()
     assert "surprise+fear" in bank and "happiness+surprise" in bank and all(2 <= len(v) <= 3 for v in bank.values())
-    assert ferplus.pair_key("Fear + surprised") == "surprise+fear"
+    assert ferplus_sentences.pair_key("Fear + surprised") == "surprise+fear"
     (tmp_path / "c.csv").write_text("pair,caption\nfear+fear,a face\n")
     with pytest.raises(UserError, match=r"c\.csv: line 2: compound pair 'fear\+fear'"):
-        ferplus.load_compound(tmp_path / "c.csv")
+        ferplus_sentences.load_compound(tmp_path / "c.csv")
 
 
 @pytest.mark.skipif(not (FERPLUS / "fer2013new.csv").is_file(), reason="FER+ not in ../shared/data/ferplus")
@@ -101,7 +102,7 @@ def test_compound_sentences_cover_every_pair_kept_on_ferplus_valid():
     votes = ferplus.vote_table(FERPLUS)
     valid = np.array([v for (folder, _), v in votes.items() if folder == "FER2013Valid"])
     pairs = metrics.compound_pairs(valid, ferplus.CLASSES, 3, 20)
-    assert len(pairs) >= 6 and set(pairs) <= set(ferplus.load_compound())
+    assert len(pairs) >= 6 and set(pairs) <= set(ferplus_sentences.load_compound())
 
 
 def test_upsert_section_replaces_only_its_own_section():

@@ -1,0 +1,49 @@
+"""Logging, set up in one place: setup_logging(), called by every entry point's main() (and utils.run_cli), with
+train.py's --log-level. Messages are plain lines (no prefixes, as the tools have always printed them):
+INFO and DEBUG go to stdout, WARNING and above to stderr. Under torchrun only rank 0 logs below WARNING, so N
+processes do not print N copies. Modules log through logging.getLogger(f"exprclip.{__name__}") (get_logger); a
+program that imports them without calling setup_logging sees their warnings only (Python's last-resort handler).
+Command results (evaluate's report, index search hits, prepare's table) are printed, not logged: a quieter level
+never hides a result. Progress bars stay tqdm.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LEVELS = ("debug", "info", "warning", "error")
+ROOT = "exprclip"
+
+
+class _StdStreams(logging.Handler):
+    """INFO and below to stdout, WARNING and above to stderr, looked up when each record is written (so pytest's
+    capture and redirections made after set-up are honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 -- logging must never raise into the caller
+            self.handleError(record)
+
+
+def setup_logging(level: str | None = None, rank: int | None = None) -> logging.Logger:
+    """Configure the `exprclip` logger (idempotent). level: debug|info|warning|error, default the
+    EXPRCLIP_LOG_LEVEL environment variable, else info. rank: default torchrun's RANK (0 without torchrun)."""
+    name = (level or os.environ.get("EXPRCLIP_LOG_LEVEL") or "info").lower()
+    value = getattr(logging, name.upper()) if name in LEVELS else logging.INFO
+    rank = int(os.environ.get("RANK", "0") or 0) if rank is None else rank
+    root = logging.getLogger(ROOT)
+    handler = _StdStreams()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(value if rank == 0 else max(value, logging.WARNING))
+    root.propagate = False
+    return root
+
+
+def get_logger(module: str) -> logging.Logger:
+    """The logger of one module: get_logger(__name__)."""
+    return logging.getLogger(f"{ROOT}.{module}")
