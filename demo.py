@@ -21,7 +21,7 @@ from pathlib import Path
 
 from captions import load_caption_bank
 from index import describe_update
-from logs import get_logger, setup_logging
+from logs import get_logger
 from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces, score_frames, search_text,
                        similar_images, similar_to_gallery_image)
 from utils import UserError, run_cli
@@ -372,7 +372,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    setup_logging()
     a = parse_args(argv)
     if a.quickstart:
         log.info(f"--quickstart is deprecated and no longer trains: the demo serves {ROOT_MODEL.name} from the "

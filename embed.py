@@ -48,12 +48,14 @@ def embed_images(model, images: list, preprocess, device=None, batch_size: int =
             good = [t for t in tensors if t is not None]
             ok += [t is not None for t in tensors]
             if good:
-                embs.append(_encode(model, torch.stack(good).to(device), autocast, tta))
+                embs.append(encode_batch(model, torch.stack(good).to(device), autocast, tta))
     return np.concatenate(embs), np.asarray(ok, bool)
 
 
-def _encode(model, x: torch.Tensor, autocast, tta: bool) -> np.ndarray:
-    """[b, 3, H, W] -> float32 [b, D] unit vectors (face and mirror averaged with tta)."""
+@torch.inference_mode()
+def encode_batch(model, x: torch.Tensor, autocast=nullcontext, tta: bool = False) -> np.ndarray:
+    """A preprocessed batch [b, 3, H, W] on the model's device -> float32 [b, D] unit vectors (face and mirror
+    averaged with tta). embed_images and train.py's validation both encode through here."""
     with autocast():
         e = model.encode_image(torch.cat([x, x.flip(3)]) if tta else x).float()    # [b or 2b, D]
     if tta:

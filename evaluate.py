@@ -24,7 +24,7 @@ from config import config_to_dict, make_config
 from dataset import class_texts, read_captions
 from embed import classifier_logits, embed_images, text_prototypes
 from precision import autocast_for
-from logs import get_logger, setup_logging
+from logs import get_logger
 from utils import UserError, atomic_write_text, pick_device, run_cli
 
 log = get_logger(__name__)
@@ -271,7 +271,6 @@ def report_text(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="model_final.pth")
     p.add_argument("--data", required=True, help="DIR with captions.csv, a captions.csv, or SPLIT/CLASS/*.png folder")

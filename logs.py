@@ -1,8 +1,10 @@
-"""Logging, set up in one place: setup_logging(), called by every entry point's main() (and utils.run_cli), with
-train.py's --log-level. Messages are plain lines (no prefixes, as the tools have always printed them):
+"""Logging, set up in one place: importing this module installs one handler on the `exprclip` logger (level from
+EXPRCLIP_LOG_LEVEL, else info; rank from torchrun's RANK), and train.py calls setup_logging again with --log-level.
+Messages are plain lines (no prefixes, as the tools have always printed them):
 INFO and DEBUG go to stdout, WARNING and above to stderr. Under torchrun only rank 0 logs below WARNING, so N
-processes do not print N copies. Modules log through logging.getLogger(f"exprclip.{__name__}") (get_logger); a
-program that imports them without calling setup_logging sees their warnings only (Python's last-resort handler).
+processes do not print N copies. Modules log through logging.getLogger(f"exprclip.{__name__}") (get_logger); the
+`exprclip` logger does not propagate, so a program embedding these modules reconfigures it with setup_logging (or
+its own handlers on logging.getLogger("exprclip")).
 Command results (evaluate's report, index search hits, prepare's table) are printed, not logged: a quieter level
 never hides a result. Progress bars stay tqdm.
 """
@@ -47,3 +49,6 @@ def setup_logging(level: str | None = None, rank: int | None = None) -> logging.
 def get_logger(module: str) -> logging.Logger:
     """The logger of one module: get_logger(__name__)."""
     return logging.getLogger(f"{ROOT}.{module}")
+
+
+setup_logging()      # at import: every entry point and library use gets the same plain lines

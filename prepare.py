@@ -25,7 +25,7 @@ from PIL import Image
 
 from captions import CANONICAL, SYNONYMS, caption_for, clean_name, load_caption_bank
 from formats import FERPLUS_DIRS, FERPLUS_VOTES, READERS, USAGE_SPLITS, Skip, read_folder  # noqa: F401 (re-exported)
-from logs import get_logger, setup_logging
+from logs import get_logger
 from utils import UserError, atomic_write, read_csv_checked, run_cli
 
 log = get_logger(__name__)
@@ -247,7 +247,6 @@ def parse_label_map(items) -> dict[str, str]:
 
 
 def main(argv=None) -> int:
-    setup_logging()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="dataset file or folder (see --format)")
     p.add_argument("--format", required=True, choices=list(READERS), help="layout of SOURCE")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from logs import get_logger, setup_logging
+from logs import get_logger
 from utils import run_cli
 
 log = get_logger(__name__)
@@ -197,7 +197,6 @@ def make_sample(out: str | Path, per_class: int = 75, size: int = 64, identities
 
 
 def main(argv=None) -> int:
-    setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".", help="folder that receives images/ and captions.csv")
     ap.add_argument("--per-class", type=int, default=75)

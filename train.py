@@ -25,7 +25,7 @@ from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
-from embed import classifier_logits, text_prototypes
+from embed import classifier_logits, encode_batch, text_prototypes
 from logs import get_logger, setup_logging
 from loss import make_loss
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
@@ -267,14 +267,13 @@ class Trainer:
                 continue
             if len(batch["labels"]) > 1:
                 losses.append(float(self.forward_loss(batch, net=model)))
-            with self.autocast():
-                embs.append(model.encode_image(batch["pixels"].to(self.device)).float().cpu())
+            embs.append(encode_batch(model, batch["pixels"].to(self.device), self.autocast))   # [b, D]
             labels.append(batch["labels"])
         out = dict(val_loss=float(np.mean(losses)) if losses else float("nan"), val_p10=float("nan"),
                    val_top1=float("nan"))
         if not embs or not self.data.class_texts:
             return out
-        img, y = torch.cat(embs).numpy(), torch.cat(labels).numpy()
+        img, y = np.concatenate(embs), torch.cat(labels).numpy()
         classes, scores = self.class_scores(img)                          # [C], [N, C]
         keep = np.isin(y, classes)
         relevant = np.asarray(classes)[:, None] == y[None, keep]          # [C, N]

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from logs import get_logger, setup_logging
+from logs import get_logger
 
 log = get_logger(__name__)
 
@@ -24,9 +24,7 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None) -> int:
-    """Set up logging (logs.py), run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr and an exit
-    code."""
-    setup_logging()
+    """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr (logs.py) and an exit code."""
     try:
         return int(main(argv) or 0)
     except UserError as e:
