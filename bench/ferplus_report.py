@@ -109,9 +109,12 @@ def compound_table(results: list[dict]) -> list[str]:
 def section(results: list[dict], data: Path, recipe: list[str]) -> str:
     """The `## FER+` markdown section: setup, the five tables and one reproduce command per row."""
     df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
-    n_train, n_eval = int((df["split"] == "train").sum()), int((df["split"] == "test").sum())
+    train, n_eval = df["split"] == "train", int((df["split"] == "test").sum())
+    drawn = train & (df["soft_labels"] == "") if "soft_labels" in df else train & False   # --with-sample rows
+    n_train, n_drawn = int((train & ~drawn).sum()), int(drawn.sum())
+    plus = f", plus the bundled sample's {n_drawn:,} drawn faces" if n_drawn else ""
     lines = [f"{HEADING} (eight classes, ten annotators per face)", "",
-             f"Train: FER2013Train ({n_train:,} faces whose majority vote is an emotion; the model-selection split "
+             f"Train: FER2013Train ({n_train:,} faces whose majority vote is an emotion{plus}; the model-selection split "
              f"is carved out of it); evaluation: FER2013Valid ({n_eval:,} faces = the FER-2013 PublicTest faces), "
              "never used for training or selection. FER-2013 columns: the same faces with their original seven "
              "labels (`../shared/data/fer2013/test`). Recipe: `" + " ".join(recipe) + "` (per-row changes under "
