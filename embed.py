@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,12 +40,13 @@ def embed_images(model, images: list, preprocess, device=None, batch_size: int =
     device = device if device is not None else next(model.parameters()).device
     chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     embs, ok = [np.zeros((0, model.embed_dim), np.float32)], []
+    decode = partial(_decode, preprocess)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        pending = pool.map(lambda im: _decode(preprocess, im), chunks[0]) if chunks else iter(())
+        pending = pool.map(decode, chunks[0]) if chunks else iter(())
         for k in range(len(chunks)):
             tensors = list(pending)
             if k + 1 < len(chunks):
-                pending = pool.map(lambda im: _decode(preprocess, im), chunks[k + 1])     # prefetch
+                pending = pool.map(decode, chunks[k + 1])                 # prefetch
             good = [t for t in tensors if t is not None]
             ok += [t is not None for t in tensors]
             if good:

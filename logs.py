@@ -36,7 +36,9 @@ def setup_logging(level: str | None = None, rank: int | None = None) -> logging.
     EXPRCLIP_LOG_LEVEL environment variable, else info. rank: default torchrun's RANK (0 without torchrun)."""
     name = (level or os.environ.get("EXPRCLIP_LOG_LEVEL") or "info").lower()
     value = getattr(logging, name.upper()) if name in LEVELS else logging.INFO
-    rank = int(os.environ.get("RANK", "0") or 0) if rank is None else rank
+    if rank is None:
+        env = os.environ.get("RANK", "0")
+        rank = int(env) if env.strip().isdigit() else 0           # a malformed RANK must not break every import
     root = logging.getLogger(ROOT)
     handler = _StdStreams()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -179,9 +179,7 @@ def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -
     if not sentences:
         raise UserError("the expression list is empty: add at least one description, one per line")
     cos = engine.embed_text(sentences) @ engine.embed_image(image)      # [S]
-    logits = engine.model.scale().item() * cos
-    prob = np.exp(logits - logits.max())
-    prob /= prob.sum()
+    prob = softmax_at_scale(engine, cos)
     order = np.argsort(-cos, kind="stable")
     return [(sentences[i], float(prob[i]), float(cos[i])) for i in order]
 
@@ -191,10 +189,14 @@ def score_images(engine: Engine, images: list[Image.Image], sentences: list[str]
     sentences = [s.strip() for s in sentences if s and s.strip()]
     if not sentences:
         raise UserError("the expression list is empty: add at least one description, one per line")
-    cos = engine.embed_images(images) @ engine.embed_text(sentences).T          # [N, C]
+    return softmax_at_scale(engine, engine.embed_images(images) @ engine.embed_text(sentences).T)   # [N, C]
+
+
+def softmax_at_scale(engine: Engine, cos: np.ndarray) -> np.ndarray:
+    """Cosines [..., C] -> probabilities over the last axis at the model's temperature."""
     logits = engine.model.scale().item() * cos
-    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return prob / prob.sum(axis=1, keepdims=True)
+    prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return prob / prob.sum(axis=-1, keepdims=True)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def section(results: list[dict], data: Path, recipe: list[str]) -> str:
     """The `## FER+` markdown section: setup, the five tables and one reproduce command per row."""
     df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
     train, n_eval = df["split"] == "train", int((df["split"] == "test").sum())
-    drawn = train & (df["soft_labels"] == "") if "soft_labels" in df else train & False   # --with-sample rows
+    drawn = train & (df.get("soft_labels", "x") == "")          # --with-sample rows: drawn faces carry no votes
     n_train, n_drawn = int((train & ~drawn).sum()), int(drawn.sum())
     plus = f", plus the bundled sample's {n_drawn:,} drawn faces" if n_drawn else ""
     lines = [f"{HEADING} (eight classes, ten annotators per face)", "",
