@@ -41,6 +41,7 @@ import torch
 from checkpoint_checks import PACKAGES, TOKENIZER_FILES, validate_checkpoint
 from config import Config, config_from_dict, config_to_dict
 from dataset import Preprocess
+from sentence_towers import is_sentence_tower
 from model import ExprCLIP, build_image_encoder, build_text_encoder, resolve_source
 from utils import UserError, atomic_save, file_digest, run_cli
 
@@ -148,6 +149,8 @@ _PACKAGE_TOKENIZERS: dict[tuple, dict[str, str]] = {}
 def package_tokenizer(ref: dict) -> dict[str, str]:
     """{name: text} of the text package's tokenizer as _tokenizer_files saves it (once per package state)."""
     key = (ref["source"], ref["version"], tuple(sorted(ref["files"].items())))
+    if is_sentence_tower(ref["source"]):            # the package's engine tokenizes: no files
+        return {}
     if key not in _PACKAGE_TOKENIZERS:
         import transformers
         tok = transformers.AutoTokenizer.from_pretrained(resolve_source(ref["source"]))

