@@ -11,7 +11,7 @@ from pathlib import Path
 from utils import UserError, atomic_write_text
 
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
-SHIPPED = ("paper", "fine_grained")
+SHIPPED = ("paper", "fine_grained", "korean")
 
 
 def parse_vocab(text: str, source: str = "vocabulary") -> list[tuple[str, str]]:
