@@ -148,9 +148,10 @@ def split_faces(old, preprocess, table, split: str, classes: list[str], ckpt: st
 
 
 def align(old: ExprCLIP, faces: dict, text_model: str, bank_name: str, select_path: str, epochs: int = 20,
-          lr: float = 1e-3, seed: int = 0, keep: str = "best"):
+          lr: float = 1e-3, seed: int = 0):
     """Learn the new tower's text head against the frozen image side. faces: {"train"|"val": (emb, rows)}.
-    Returns (aligned model, kept epoch, history); keep = best (by the selection phrasings) | last."""
+    Returns ({keep: aligned model}, {keep: its epoch}, history) for keep = best (by the selection phrasings) and
+    last (one run gives both)."""
     bank = load_caption_bank(bank_name)
     classes = [c for c in old.class_names or sorted(bank) if c in bank] or sorted(bank)
     select = load_select(select_path, classes)
@@ -167,8 +168,9 @@ def align(old: ExprCLIP, faces: dict, text_model: str, bank_name: str, select_pa
     val = (sel, emb_val, np.array([classes.index(c) for c in df_val["label"]]), classes)
     best, history = fit_head(head, tower.embed(sentences), owner, emb_tr, targets(df_tr, classes),
                              old.scale().item(), val, epochs, lr, seed)
-    epoch, state = (best[1], best[2]) if keep == "best" else (epochs, head.state_dict())
-    return aligned_model(old, text_model, state, bank_name), epoch, history
+    states = dict(best=(best[1], best[2]), last=(epochs, head.state_dict()))
+    return ({k: aligned_model(old, text_model, st, bank_name) for k, (_, st) in states.items()},
+            {k: e for k, (e, _) in states.items()}, history)
 
 
 def main(argv=None) -> int:
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
     table, _ = evaluate.read_data(a.data)
     classes = [c for c in old.class_names or sorted(load_caption_bank(a.bank)) if c in load_caption_bank(a.bank)]
     faces = {s: split_faces(old, preprocess, table, s, classes, a.checkpoint, a.work) for s in ("train", "val")}
-    model, epoch, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed, a.keep)
+    models, epochs, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed)
+    model, epoch = models[a.keep], epochs[a.keep]
     save_checkpoint(a.out, model, label_counts=ck.get("label_counts"), epoch=epoch,
                     metrics=dict(history[epoch], aligned_from=Path(a.checkpoint).name))
     print(f"kept epoch {epoch}: selection top-1 " + ", ".join(f"{k[12:]} {v:.3f}" for k, v in history[epoch].items()

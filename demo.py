@@ -33,7 +33,8 @@ ROOT_MODEL = ROOT / "model_final.pth"                        # the paper's workf
 BUNDLED_MODEL = ROOT / "models" / "exprclip-ferplus.pth"     # shipped; served when ROOT_MODEL is absent
 TRAIN_COMMAND = "python train.py --preset offline --data ."
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
-EXAMPLES = ["a wide smile", "An expression of disdain and superiority."] + PAPER_SENTENCES
+EXAMPLES = ["a wide smile", "활짝 웃는 얼굴", "눈썹을 찌푸리고 화난 표정", "An expression of disdain and superiority."] \
+    + PAPER_SENTENCES                                 # Korean examples: answered when the model reads Korean
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_VOCAB_BYTES = 256_000
 MAX_EXPRESSIONS = 200          # sentences ranked per request

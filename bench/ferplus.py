@@ -54,6 +54,7 @@ RUNS = {"main": [], "unseen": ["--exclude-classes", "contempt"]}
 UNSEEN = "contempt"
 CLASSES = list(CANONICAL)                        # the eight FER+ emotions, paper order
 EVERYDAY = ROOT / "captions" / "everyday.csv"    # evaluation only: informal phrasings, label,caption
+EVERYDAY_KO = ROOT / "captions" / "everyday_ko.csv"   # evaluation only: their Korean counterpart
 VAL_FRACTION = 0.03                              # of train, for model selection
 SMOOTHING = 0.1                                  # label smoothing of the one-hot majority reference
 
@@ -216,7 +217,8 @@ def evaluate_checkpoint(ckpt: Path, data: Path, fer_csv: Path | None, min_faces:
     model, _, preprocess = create_model_and_transforms(ck, dev, path=ckpt)
     cfg, raw_cfg = model.cfg, ck["config"]
     everyday, paper = load_caption_bank(str(EVERYDAY)), load_caption_bank("paper")
-    check_disjoint({"everyday": everyday, "compound": load_compound()},
+    everyday_ko = load_caption_bank(str(EVERYDAY_KO))
+    check_disjoint({"everyday": everyday, "everyday_ko": everyday_ko, "compound": load_compound()},
                    training_banks(raw_cfg.get("caption_bank", ""), data))
     df = eval_split(data)
     autocast, _ = autocast_for(cfg, dev)
@@ -226,12 +228,13 @@ def evaluate_checkpoint(ckpt: Path, data: Path, fer_csv: Path | None, min_faces:
     df = df[ok].reset_index(drop=True)
     y = np.array([CLASSES.index(c) for c in df["label"]])
     protos = {name: text_prototypes(model, bank, CLASSES, autocast)                       # [8,D]
-              for name, bank in (("paper", paper), ("everyday", everyday))}
+              for name, bank in (("paper", paper), ("everyday", everyday), ("everyday_ko", everyday_ko))}
     scores = {name: {k: metrics.zero_shot_scores(e, pr) for k, e in emb.items()} for name, pr in protos.items()}
     soft, votes = np.stack(df["soft"]), np.stack(df["votes"])
     excluded = [canonical_name(c) for c in str(raw_cfg.get("exclude_classes", "")).split(",") if c.strip()]
     return dict(n_eval=len(y), n_unreadable=int((~ok).sum()), excluded=excluded,
                 paper=closed_set(scores["paper"], y, [UNSEEN]), everyday=closed_set(scores["everyday"], y, []),
+                everyday_ko=closed_set(scores["everyday_ko"], y, []),
                 agreement=agreement(model.scale().item(), scores["paper"]["plain"], soft, y),
                 compound=compound(model, emb["plain"], scores["paper"]["plain"], votes, autocast, min_faces),
                 fer2013=fer2013_scores(model, preprocess, dev, autocast, fer_csv), best_epoch=ck.get("epoch"),
