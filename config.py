@@ -73,7 +73,8 @@ class Config:
     device: str = "auto"                      # auto = cuda, then mps, then cpu
     seed: int = 0                             # data order, augmentation, dropout and init
     out_dir: str = "runs/exp"                 # last.pth, best.pth, metrics.csv, curves.png
-    resume: str = ""                          # path to a last.pth to continue exactly
+    resume: str = ""                          # a last.pth to continue: its saved config is used (only length,
+                                              # logging and output flags may change on top)
     max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
     final_path: str = "model_final.pth"       # a finished run's best epoch is copied here (an earlier file is
                                               # renamed aside, never overwritten; "" = leave it in out_dir only)

@@ -48,3 +48,40 @@ def test_resume_refuses_a_flag_that_changes_the_model_data_or_schedule(one_epoch
     with pytest.raises(UserError, match="would change the resumed run") as e:
         train.main(["--resume", str(one_epoch / "out" / "last.pth")] + flag)
     assert flag[0] in str(e.value) and "\n" not in str(e.value)
+
+
+def _train(args, **kw):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, str(train.__file__)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_after_a_mid_epoch_save_then_resume_gives_equal_weights(sample_dir, tmp_path):
+    """A real train.py killed with SIGKILL once a mid-epoch last.pth exists; `--resume` alone finishes it with
+    every state-dict tensor torch.equal to an uninterrupted run."""
+    import signal
+    import time
+    args = FLAGS + ["--data", str(sample_dir), "--epochs", "1", "--save-every-steps", "5", "--final-path", "",
+                    "--ema-decay", "0.9"]
+    ref = _train(args + ["--out-dir", str(tmp_path / "ref")])
+    run = _train(args + ["--out-dir", str(tmp_path / "run")])
+    last = tmp_path / "run" / "last.pth"
+    deadline = time.time() + 120
+    while not last.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL
+    assert torch.load(last, weights_only=True)["trainer"]["batch_in_epoch"] > 0        # killed mid-epoch
+    resumed = _train(["--resume", str(last)])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    a = torch.load(tmp_path / "ref" / "last.pth", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["trainer"]["step"] == b["trainer"]["step"]
+    for sd in ("state_dict",):
+        assert a[sd].keys() == b[sd].keys()
+        assert all(torch.equal(a[sd][k], b[sd][k]) for k in a[sd]), [k for k in a[sd] if not torch.equal(a[sd][k], b[sd][k])]
+    ea, eb = a["trainer"]["ema"], b["trainer"]["ema"]
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
