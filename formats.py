@@ -79,10 +79,14 @@ def read_fer2013_csv(source: Path, image_root=None) -> tuple[pd.DataFrame, Count
     return rows[ok].reset_index(drop=True), Counter({"emotion not in 0..6": int((~ok).sum())})
 
 
-def read_folder(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
-    """SPLIT/CLASS/*.png|jpg (split folders train/val/test) or flat CLASS/*.png; class = folder name."""
+FOLDER_WANTS = "--format folder wants SPLIT/CLASS/*.png or CLASS/*.png"
+
+
+def read_folder(source: Path, image_root=None, wants: str = FOLDER_WANTS) -> tuple[pd.DataFrame, Counter]:
+    """SPLIT/CLASS/*.png|jpg (split folders train/val/test) or flat CLASS/*.png; class = folder name. `wants`
+    ends the error line: what the calling tool accepts."""
     if not source.is_dir():
-        raise UserError(f"{source}: not a folder; --format folder wants SPLIT/CLASS/*.png or CLASS/*.png")
+        raise UserError(f"{source}: not a folder; {wants}")
     subdirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
     by_split = bool(subdirs) and all(d.name.lower() in SPLIT_NAMES for d in subdirs)
     groups = [(SPLIT_NAMES[d.name.lower()], d) for d in subdirs] if by_split else [("", source)]
@@ -97,7 +101,7 @@ def read_folder(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
             elif is_image:
                 skipped["image not inside a class folder"] += 1
     if not records:
-        raise UserError(f"{source}: no images found; --format folder wants SPLIT/CLASS/*.png or CLASS/*.png")
+        raise UserError(f"{source}: no images found; {wants}")
     return pd.DataFrame(records, columns=["src", "name", "label", "split"]), skipped
 
 

@@ -1,7 +1,9 @@
 """Train ExprCLIP on captions.csv.   python train.py --preset offline   |   python train.py --epochs 5 --image-model vit_base_patch16_224
 
 Each epoch: train, then validation loss + retrieval accuracy (text->image precision@10 per class, image->text top-1),
-an atomic checkpoint (out_dir/last.pth), metrics.csv and curves.png. The best epoch is written to model_final.pth.
+an atomic checkpoint (out_dir/last.pth), metrics.csv and curves.png. When the run finishes, its best epoch
+(out_dir/best.pth) is copied to --final-path (model_final.pth); a model already there is kept, renamed aside
+(model_final.YYYYmmdd-HHMMSS.pth), and the log names it. A killed run never touches --final-path.
 last.pth is also saved mid-epoch every --save-every-min minutes, so a kill loses at most that much. `--resume
 out_dir/last.pth` continues exactly (bit-identical weights and BatchNorm statistics); Ctrl-C stops after the current
 step and saves first. Without a terminal, a plain progress line is printed every --log-every steps / --log-seconds.
@@ -21,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from config import Config, add_config_args, config_from_args
+from config import Config, add_config_args, config_from_args, resumed_config
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
@@ -325,6 +327,9 @@ class Trainer:
         self.best, self.history = t["best"], list(t["history"])
         self.epoch_losses, self.skips = list(t.get("epoch_losses", [])), SkipCount(*t.get("skipped", (0, "")))
         log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, step {self.step}")
+        if self.epoch >= self.cfg.epochs or self.step >= self.total_steps:
+            log.warning(f"{path}: the run already trained {self.epoch} of {self.cfg.epochs} epochs (step "
+                        f"{self.step}); nothing left to train: pass --epochs N (more than {self.epoch}) to go on")
 
     def end_epoch(self, train_loss: float, seconds: float) -> None:
         """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved). The state
@@ -347,7 +352,6 @@ class Trainer:
                 self.best = score
                 save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row,
                                 label_counts=self.data.label_counts)
-                shutil.copyfile(self.out / "best.pth", self.cfg.final_path) if self.cfg.final_path else None
             self.save_last()
         write_logs(self.history, self.out)
         log.info("epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_p@10 {val_p10:.3f}  "
@@ -358,6 +362,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         log.info(f"training on {self.device}: {len(self.data.train_ds)} train / {len(self.data.val_ds)} val pairs, "
               f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all")
+        trained_before = len(self.history)
         try:
             with self.guard:                        # Ctrl-C: stop after the current step (see DeferredInterrupt)
                 while self.epoch < self.cfg.epochs and self.step < self.total_steps:
@@ -370,16 +375,48 @@ class Trainer:
             log.warning(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
                         f"continue with --resume {self.out / 'last.pth'}")
             raise
-        if self.cfg.final_path and Path(self.cfg.final_path).exists():
-            log.info(f"best epoch written to {self.cfg.final_path}")
+        if self.cfg.final_path and self.is_main and len(self.history) > trained_before:
+            publish_final(self.out / "best.pth", Path(self.cfg.final_path))
         return self.history
+
+
+def publish_final(best: Path, final: Path) -> None:
+    """Copy the finished run's best epoch to `final` (only at the end: a killed run never touches it). A model
+    already there was not written by this run: it is kept, renamed aside, and the log names it."""
+    if final.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(final.stat().st_mtime))
+        kept = final.with_name(f"{final.stem}.{stamp}{final.suffix}")
+        n = 1
+        while kept.exists():
+            kept, n = final.with_name(f"{final.stem}.{stamp}-{n}{final.suffix}"), n + 1
+        final.rename(kept)
+        log.info(f"kept the earlier {final} as {kept}")
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.copyfile(best, tmp)
+    tmp.replace(final)
+    log.info(f"best epoch written to {final} (also {best})")
+
+
+def resume_config(args) -> tuple[Config, list[str]]:
+    """--resume: the run's config as saved in the checkpoint (not a preset), safe flags on top."""
+    from checkpoint import read_checkpoint
+    if not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: no such checkpoint file; pass the last.pth an earlier run "
+                        "wrote in its --out-dir")
+    ck = read_checkpoint(args.resume, hint="--resume")
+    if "trainer" not in ck:
+        raise UserError(f"{args.resume}: holds weights only (no optimizer state); resume from out_dir/last.pth")
+    return resumed_config(ck["config"], args)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
-    cfg = config_from_args(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    cfg, changed = resume_config(args) if args.resume else (config_from_args(args), [])
     setup_logging(cfg.log_level)        # rank-aware: under torchrun, ranks > 0 log warnings only
+    for line in changed:
+        log.info(f"resume: {line} (given on the command line)")
     try:
         Trainer(cfg).fit()
     finally:

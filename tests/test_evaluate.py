@@ -167,3 +167,14 @@ def test_prior_uses_training_label_counts(trained, sample_dir, tmp_path, capsys)
         only_val, index=False)
     rc, out, err = run(["--checkpoint", skewed, "--data", only_val, "--prior", "train"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "no training label counts for the scored classes" in err
+
+
+def test_a_folder_without_class_folders_names_what_evaluate_accepts(tmp_path):
+    import pytest
+    import evaluate
+    from utils import UserError
+    (tmp_path / "loose.png").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        evaluate.read_data(str(tmp_path))
+    msg = str(e.value)
+    assert "--format" not in msg and "evaluate.py --data" in msg and "captions.csv" in msg and "\n" not in msg

@@ -1,0 +1,87 @@
+"""train.py --resume as the README gives it (no other flag), the flags allowed on top, and what a run may
+replace (--final-path)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train
+from utils import UserError
+
+FLAGS = ["--preset", "tiny", "--image-size", "16", "--batch-size", "32", "--augment", "false", "--ema-decay", "0",
+         "--num-workers", "0", "--save-every-min", "0", "--caption-bank", "paper"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(sample_dir, tmp_path_factory):
+    """A one-epoch run whose final model goes to a user's project folder that already holds their model."""
+    d = tmp_path_factory.mktemp("run")
+    (d / "project").mkdir()
+    mine = d / "project" / "model_final.pth"
+    mine.write_bytes(b"the user's own model")
+    assert train.main(FLAGS + ["--data", str(sample_dir), "--epochs", "1", "--out-dir", str(d / "out"),
+                               "--final-path", str(mine)]) == 0
+    return d
+
+
+def test_a_finished_run_keeps_the_model_it_did_not_write_under_a_logged_name(one_epoch):
+    kept = [p for p in (one_epoch / "project").glob("model_final.*.pth")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"the user's own model"
+    assert "trainer" not in torch.load(one_epoch / "project" / "model_final.pth", weights_only=True)
+
+
+def test_resume_with_no_other_flag_takes_the_runs_own_config_and_more_epochs_go_on(one_epoch, capsys):
+    last = one_epoch / "out" / "last.pth"
+    assert train.main(["--resume", str(last)]) == 0                        # not the paper preset: no hub download
+    out = capsys.readouterr()
+    assert "nothing left to train" in out.err and "written" not in out.out    # and the final model untouched
+    assert train.main(["--resume", str(last), "--epochs", "2", "--final-path", ""]) == 0
+    out = capsys.readouterr().out
+    assert "resume: --epochs 1 -> 2" in out and "epoch 2:" in out
+    ck = torch.load(last, weights_only=True)
+    assert ck["trainer"]["epoch"] == 2 and ck["config"]["image_size"] == 16
+
+
+@pytest.mark.parametrize("flag", [["--image-size", "32"], ["--lr-head", "0.5"], ["--data", "elsewhere"],
+                                  ["--preset", "offline"]])
+def test_resume_refuses_a_flag_that_changes_the_model_data_or_schedule(one_epoch, flag):
+    with pytest.raises(UserError, match="would change the resumed run") as e:
+        train.main(["--resume", str(one_epoch / "out" / "last.pth")] + flag)
+    assert flag[0] in str(e.value) and "\n" not in str(e.value)
+
+
+def _train(args, **kw):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, str(train.__file__)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_after_a_mid_epoch_save_then_resume_gives_equal_weights(sample_dir, tmp_path):
+    """A real train.py killed with SIGKILL once a mid-epoch last.pth exists; `--resume` alone finishes it with
+    every state-dict tensor torch.equal to an uninterrupted run."""
+    import signal
+    import time
+    args = FLAGS + ["--data", str(sample_dir), "--epochs", "1", "--save-every-steps", "5", "--final-path", "",
+                    "--ema-decay", "0.9"]
+    ref = _train(args + ["--out-dir", str(tmp_path / "ref")])
+    run = _train(args + ["--out-dir", str(tmp_path / "run")])
+    last = tmp_path / "run" / "last.pth"
+    deadline = time.time() + 120
+    while not last.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL
+    assert torch.load(last, weights_only=True)["trainer"]["batch_in_epoch"] > 0        # killed mid-epoch
+    resumed = _train(["--resume", str(last)])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    a = torch.load(tmp_path / "ref" / "last.pth", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["trainer"]["step"] == b["trainer"]["step"]
+    for sd in ("state_dict",):
+        assert a[sd].keys() == b[sd].keys()
+        assert all(torch.equal(a[sd][k], b[sd][k]) for k in a[sd]), [k for k in a[sd] if not torch.equal(a[sd][k], b[sd][k])]
+    ea, eb = a["trainer"]["ema"], b["trainer"]["ema"]
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
