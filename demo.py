@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def choose_checkpoint(given: str | None) -> tuple[Path, str]:
                     f"`{TRAIN_COMMAND}`")
 
 
+def describe_model(path: Path) -> tuple[str, str | None]:
+    """(what the served model is: trained on what, when, which text tower; a warning when it only knows the
+    bundled drawn sample) from the checkpoint's own metadata."""
+    from checkpoint import read_checkpoint
+    ck = read_checkpoint(path)
+    cfg, counts = ck["config"], ck.get("label_counts") or {}
+    data = Path(str(cfg.get("data", "?")))
+    drawn = data.resolve() == ROOT and cfg.get("captions", "captions.csv") == "captions.csv"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    info = (f"trained on {'the bundled drawn sample' if drawn else data} ({sum(counts.values()) or '?'} faces, "
+            f"{len(counts) or '?'} classes), best epoch {ck.get('epoch', '?')}, text tower {cfg.get('text_model')}, "
+            f"file written {when}")
+    warn = (f"{path.name} was trained only on the bundled drawn sample: it reads drawn faces, not photos; serve the "
+            f"bundled real-face model with --checkpoint {BUNDLED_MODEL.relative_to(ROOT)}") if drawn else None
+    return info, warn
+
+
 def open_upload(image):
     """Gradio upload (a file path) -> RGB PIL image; bombs and non-images -> UserError."""
     if not image or not isinstance(image, (str, os.PathLike)):
@@ -85,13 +103,15 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def face_table(names: list[str], probs) -> str:
-    """Markdown table: one row per face (`face 1` = the largest, as numbered on the picture), its top-5 expressions."""
+def face_table(names: list[str], probs, whole_image: bool = False) -> str:
+    """Markdown table: one row per face (`face 1` = the largest, as numbered on the picture), its top-5 expressions;
+    with whole_image one row named so (no face was found)."""
     top_n = min(5, len(names))
     rows = ["| | " + " | ".join(["1st", "2nd", "3rd", "4th", "5th"][:top_n]) + " |", "|---" * (top_n + 1) + "|"]
     for n, p in enumerate(probs, 1):                                       # p: [C]
         top = p.argsort(kind="stable")[::-1][:top_n]
-        rows.append(f"| face {n} | " + " | ".join(f"{_md(names[i])} {p[i]:.0%}" for i in top) + " |")
+        name = "whole image (no face)" if whole_image else f"face {n}"
+        rows.append(f"| {name} | " + " | ".join(f"{_md(names[i])} {p[i]:.0%}" for i in top) + " |")
     return "\n".join(rows)
 
 
@@ -135,13 +155,16 @@ def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     names = [name for name, _ in items]
     notes = []
     if detect and not res.found:
-        notes.append("No face found: ranked the whole image.")
+        notes.append("**No face found: ranked the whole image.** These scores describe the whole picture, not a "
+                     "face, so they are no reading of anyone's expression: use a photo with a visible, mostly "
+                     "frontal face, or untick face detection for an already cropped face.")
     if res.more:
         notes.append(f"More than {max_faces} faces: showing the {max_faces} largest (--max-faces).")
     elif res.found:
         notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
     first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
-    return res.shown, first, "\n\n".join([" ".join(notes), face_table(names, res.probs)]).strip()
+    table = face_table(names, res.probs, whole_image=detect and not res.found)
+    return res.shown, first, "\n\n".join([" ".join(notes), table]).strip()
 
 
 def similar_gallery_view(engine: Engine, paths, index, k):
@@ -379,6 +402,10 @@ def main(argv=None) -> int:
                  f"project root or the bundled {_shown(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
     checkpoint, why = choose_checkpoint(a.checkpoint)
     log.info(f"model: {_shown(checkpoint)} ({why})")
+    info, warn = describe_model(checkpoint)
+    log.info(f"model: {info}")
+    if warn:
+        log.warning(f"warning: {warn}")
     engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir)
     log.info(f"gallery {_shown(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
     build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(

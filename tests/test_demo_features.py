@@ -99,7 +99,8 @@ def test_rank_says_when_no_face_is_found(h, tmp_path):
     blank = tmp_path / "wall.png"
     Image.new("RGB", (320, 240), (200, 190, 180)).save(blank)
     img, bars, md = h["rank"](str(blank), VOCAB, True)
-    assert "No face found: ranked the whole image" in md and len(bars) == 3 and "| face 1 |" in md
+    assert "No face found: ranked the whole image" in md and len(bars) == 3
+    assert "| whole image (no face) |" in md and "| face 1 |" not in md and "not a face" in md
     _, _, md = h["rank"](str(blank), VOCAB, False)
     assert "No face found" not in md
 

@@ -1,0 +1,27 @@
+"""At launch the demo says which model it serves, what it was trained on and when, and warns about drawn-only models."""
+from __future__ import annotations
+
+import torch
+
+from conftest import ROOT
+
+
+def test_launch_description_names_the_training_data_epoch_and_text_tower(trained):
+    from demo import describe_model
+    ckpt, _ = trained
+    info, warn = describe_model(ckpt)
+    ck = torch.load(ckpt, weights_only=True)
+    assert str(ck["config"]["data"]) in info and f"best epoch {ck['epoch']}" in info
+    assert "pkg:all-minilm-l6-v2" in info and "file written 20" in info
+    assert warn is None
+
+
+def test_a_model_trained_only_on_the_bundled_drawn_sample_is_flagged(trained, tmp_path):
+    from demo import describe_model
+    ckpt, _ = trained
+    ck = torch.load(ckpt, weights_only=True)
+    ck["config"]["data"] = str(ROOT)
+    torch.save(ck, tmp_path / "model_final.pth")
+    info, warn = describe_model(tmp_path / "model_final.pth")
+    assert "bundled drawn sample" in info
+    assert warn and "--checkpoint models/exprclip-ferplus.pth" in warn
