@@ -8,6 +8,8 @@ Layout of <gallery>/.exprclip-index/<checkpoint digest>/:
 Every file is written to a temp name then renamed, a chunk's .npy before its .csv, so Ctrl-C or a crash leaves
 all finished chunks usable and a re-run encodes only what is missing. A path listed by two chunks (a crash while
 merging) is read from the newer chunk. One writer at a time per index folder.
+`build` and `search` work on photo galleries (photos.PhotoIndex: one row per face, keyed `photo#i`, face-crop files
+one row each, plus photos.jsonl with each photo's record and face boxes).
 """
 from __future__ import annotations
 
