@@ -156,3 +156,31 @@ def test_zip_uploads_stay_in_their_folder_and_bombs_are_refused(tmp_path):
     assert all(dest in p.parents for p in saved) and not (tmp_path / "evil.png").exists()
     assert any("bomb.png" in s and "refused" in s for s in skipped) and any("missing.jpg" in s for s in skipped)
     assert not list(dest.rglob("bomb.png")) and all("\n" not in s for s in skipped)
+
+
+def test_hard_kill_during_indexing_loses_only_the_photo_in_progress(tmp_path):
+    """os._exit in the middle of the 3rd photo (no finally, no flush): the first two photos survive."""
+    import subprocess
+    import sys
+    root = make_folder(tmp_path / "photos")
+    for p in (root / "fer_0.png", root / "fer_1.png", root / "sky.jpg", root / "corrupt.jpg", root / "empty.png"):
+        p.unlink()
+    script = f"""
+import os, sys
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).resolve().parents[1])!r}]
+import faces, test_photos as t
+faces.detect_faces = t.fake_detect
+enc = t.Encoder()
+def encode(items):
+    if enc.calls >= 4:          # two photos of two faces done
+        os._exit(3)
+    return enc(items)
+ix = t.open_index(t.Path({str(root)!r}), t.Path({str(tmp_path / 'cache')!r}))
+ix.update(ix.sources(), encode, progress=False)
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 3
+    ix = open_index(root, tmp_path / "cache")
+    assert ix.n_photos() == 2 and len(ix) == 4
+    enc = Encoder()
+    stats = ix.update(ix.sources(), enc, progress=False)
+    assert stats["unchanged"] == 2 and stats["added"] == 1 and enc.calls == 2 and len(ix) == 6
