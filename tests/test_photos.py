@@ -184,3 +184,14 @@ ix.update(ix.sources(), encode, progress=False)
     enc = Encoder()
     stats = ix.update(ix.sources(), enc, progress=False)
     assert stats["unchanged"] == 2 and stats["added"] == 1 and enc.calls == 2 and len(ix) == 6
+
+
+def test_decompression_bomb_is_one_skipped_line(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("1", (8000, 6000)).save(root / "bomb.png")          # 48 MP in a few kB
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "ok.jpg")
+    ix = open_index(root, tmp_path / "cache")
+    stats = ix.update(ix.sources(), Encoder(), progress=False)
+    (line,) = failure_lines(stats)
+    assert "bomb.png" in line and "pixel limit" in line and len(ix) == 2
