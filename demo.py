@@ -9,7 +9,7 @@ the bundled models/exprclip-ferplus.pth. The log says which one and why. Train y
 
 The Gradio code is a thin layer over retrieval.py / sequence.py / vocab.py; every handler turns a bad request into a
 message that names uploads by their file name only. Endpoints (gradio_client): /search, /rank, /similar, /sequence,
-/save_vocab, /load_vocab.
+/save_vocab, /load_vocab, /add_photos.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from pathlib import Path
 from captions import load_caption_bank
 from index import describe_update
 from logs import get_logger
+from photos import FACES_MODES, failure_lines
+from photoviews import add_photos, add_photos_steps, header, picked_view, result_items
 from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces, score_frames, search_text,
                        similar_images, similar_to_gallery_image)
 from utils import UserError, run_cli
@@ -41,6 +43,7 @@ MAX_VOCAB_BYTES = 256_000
 MAX_EXPRESSIONS = 200          # sentences ranked per request
 MAX_K = 100                    # results per search (the slider stops at 50; API callers may ask more)
 SHOWN_QUERY_CHARS = 80
+SAMPLE_GALLERY = ROOT / "images"   # the drawn sample, served when no --gallery is given
 
 
 def choose_checkpoint(given: str | None) -> tuple[Path, str]:
@@ -115,10 +118,6 @@ def face_table(names: list[str], probs, whole_image: bool = False) -> str:
     return "\n".join(rows)
 
 
-def gallery_items(hits) -> list[tuple[str, str]]:
-    return [(str(p), f"{s:.3f}  {p.name}") for p, s in hits]
-
-
 # ----------------------------------------------------------------------------- handlers (no Gradio inside)
 
 def vocab_items(vocab_text) -> list[tuple[str, str]]:
@@ -175,7 +174,7 @@ def similar_gallery_view(engine: Engine, paths, index, k):
     if engine.index is None or Path(str(paths[i])) not in set(engine.index.paths):
         raise UserError("search first, then click one of the results (only gallery images can be clicked)")
     hits = similar_to_gallery_image(engine, paths[i], top_k(k))
-    return gallery_items(hits), f"{len(hits)} faces closest to {Path(paths[i]).name} (itself first)"
+    return result_items(engine, hits), f"{len(hits)} faces closest to {Path(paths[i]).name} (itself first)"
 
 
 def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: int = 32):
@@ -235,14 +234,16 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
     def on_search(query, k):
         text = clean_query(query)
         hits = search_text(engine, text, top_k(k))
-        return gallery_items(hits), search_message(text, len(hits), engine.query_warnings(query))
+        return result_items(engine, hits), search_message(text, len(hits), engine.query_warnings(query))
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k):
         hits = similar_images(engine, open_upload(image), top_k(k))
-        return gallery_items(hits), f"{len(hits)} faces with the closest expression"
+        return result_items(engine, hits), f"{len(hits)} faces with the closest expression"
 
     return dict(search=on_search, similar=on_similar, **vocab_handlers(),
+                pick=with_fallback(lambda msg, *_: (None, [], msg))(partial(picked_view, engine)),
+                add_photos=with_fallback(lambda msg, *_: (msg,))(lambda files: (add_photos(engine, files),)),
                 rank=with_fallback(lambda msg, *_: (None, {}, msg))(partial(rank_view, engine, max_faces=max_faces)),
                 similar_gallery=with_fallback(lambda msg, *_: ([], msg))(partial(similar_gallery_view, engine)),
                 sequence=with_fallback(lambda msg, *_: ({}, None, msg))(
@@ -270,14 +271,13 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
     """The Gradio Blocks: an expression-list panel and three tabs, each a thin layer over make_handlers."""
     import gradio as gr
     h = make_handlers(engine, max_faces, max_frames)
-    n = len(engine.index) if engine.index is not None else 0
+    drawn = engine.index is not None and Path(engine.index.gallery).resolve() == SAMPLE_GALLERY.resolve()
     with gr.Blocks(title="ExprCLIP: search faces by expression") as app:
-        gr.Markdown(f"# ExprCLIP\nDescribe an expression to find faces, or upload a face to name its expression. "
-                    f"Gallery: {n} images" + (f", {len(engine.failed)} unreadable: "
-                                              + ", ".join(p.name for p in engine.failed[:10]) if engine.failed else ""))
+        gr.Markdown("# ExprCLIP\nDescribe an expression to find faces, or upload a face to name its expression. "
+                    + header(engine, drawn))
         vocab = _vocab_panel(h)
         with gr.Tab("Text → faces"):
-            _search_tab(h)
+            _search_tab(h, engine)
         with gr.Tab("Face → expressions"):
             _face_tab(h, vocab, max_faces)
         with gr.Tab("Sequence"):
@@ -305,7 +305,7 @@ def _vocab_panel(h: dict):
     return vocab
 
 
-def _search_tab(h: dict) -> None:
+def _search_tab(h: dict, engine: Engine) -> None:
     import gradio as gr
     with gr.Row():
         query = gr.Textbox(label="Expression description", placeholder="a wide smile", scale=4)
@@ -317,19 +317,37 @@ def _search_tab(h: dict) -> None:
                          columns=6, height="auto")
     hit_paths = gr.State([])
     pick_status = gr.Markdown()
-    similar = gr.Gallery(label="Faces with the closest expression to the clicked one", columns=6, height="auto")
+    with gr.Row():
+        photo = gr.Image(label="The clicked face in its photo", type="pil", interactive=False, scale=1)
+        similar = gr.Gallery(label="Faces with a similar expression to the clicked one", columns=4, height="auto",
+                             scale=2)
 
     def search_ui(q, top_k):
         items, msg = h["search"](q, top_k)
         return items, msg, [p for p, _ in items]
 
     def pick(paths, top_k, evt):
-        return h["similar_gallery"](paths, evt.index, top_k)
+        return h["pick"](paths, evt.index, top_k)
     pick.__annotations__ = {"evt": gr.SelectData}   # a real class: the `annotations` import makes strings
 
     go.click(search_ui, [query, k], [gallery, status, hit_paths], api_name="search")
     query.submit(search_ui, [query, k], [gallery, status, hit_paths], api_visibility="private")
-    gallery.select(pick, [hit_paths, k], [similar, pick_status], api_visibility="private")
+    gallery.select(pick, [hit_paths, k], [photo, similar, pick_status], api_visibility="private")
+    _add_photos_panel(engine)
+
+
+def _add_photos_panel(engine: Engine) -> None:
+    """Upload photos or a zip: copied into the cache's uploads folder and indexed into the gallery, with progress."""
+    import gradio as gr
+    with gr.Accordion("Add photos to the gallery (image files or a zip; every face found becomes searchable)",
+                      open=False):
+        files = gr.File(label="Photos or a zip", file_count="multiple", type="filepath")
+        add = gr.Button("Add and index")
+        added = gr.Markdown()
+
+    def add_ui(paths):
+        yield from add_photos_steps(engine, paths)
+    add.click(add_ui, files, added, api_name="add_photos")
 
 
 def _face_tab(h: dict, vocab, max_faces: int) -> None:
@@ -379,8 +397,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help=f"model to serve (default: {ROOT_MODEL.name} in the project "
                     f"root, else the bundled {_shown(BUNDLED_MODEL, ROOT)})")
-    ap.add_argument("--gallery", default=str(ROOT / "images"), help="folder of face images to search "
-                    "(default: the project's images/)")
+    ap.add_argument("--gallery", default=str(SAMPLE_GALLERY), help="folder of photos (nested folders too: every "
+                    "face found is searchable) or face crops to search (default: the drawn sample in images/)")
+    ap.add_argument("--faces", choices=FACES_MODES, default="auto", help="auto: files of at most 160 px are face "
+                    "crops (one entry each), larger files photos (one entry per face found); crops/photos force it")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="create a public Gradio link")
@@ -406,8 +426,10 @@ def main(argv=None) -> int:
     log.info(f"model: {info}")
     if warn:
         log.warning(f"warning: {warn}")
-    engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir)
+    engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir, faces=a.faces)
     log.info(f"gallery {_shown(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
+    for line in failure_lines(engine.stats):
+        log.warning(line)
     build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(
         server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
     return 0

@@ -8,6 +8,8 @@ Layout of <gallery>/.exprclip-index/<checkpoint digest>/:
 Every file is written to a temp name then renamed, a chunk's .npy before its .csv, so Ctrl-C or a crash leaves
 all finished chunks usable and a re-run encodes only what is missing. A path listed by two chunks (a crash while
 merging) is read from the newer chunk. One writer at a time per index folder.
+`build` and `search` work on photo galleries (photos.PhotoIndex: one row per face, keyed `photo#i`, face-crop files
+one row each, plus photos.jsonl with each photo's record and face boxes).
 """
 from __future__ import annotations
 
@@ -118,6 +120,14 @@ class GalleryIndex:
             if miss.any():
                 scores[miss], ids[miss] = exact_search(self._blocks(), q[miss], k)
         return scores, [[self.gallery / self._keys[i] for i in row] for row in ids]
+
+    def vector(self, key: str) -> np.ndarray:
+        """The stored float32 [D] embedding of the live row with this manifest key (KeyError if none)."""
+        hit = np.flatnonzero(self._keys == key)
+        if not len(hit):
+            raise KeyError(key)
+        row = self._m.iloc[int(hit[0])]
+        return np.asarray(self._chunk(int(row["chunk"]))[int(row["row"])], np.float32)
 
     def _faiss(self):
         """The FAISS index of the current live rows: cached, else read from disk, else built and saved."""
@@ -293,8 +303,9 @@ def make_encoder(model, preprocess, device=None, autocast=None) -> Encoder:
 
 
 def _open_model(args):
-    """(model, preprocess, autocast, index) for the CLI; the model is imported lazily."""
+    """(model, preprocess, autocast, photos.PhotoIndex) for the CLI; the model is imported lazily."""
     from checkpoint import create_model_and_transforms
+    from photos import PhotoIndex
     from precision import autocast_for
     ckpt = Path(args.checkpoint)
     if not Path(args.images).is_dir():
@@ -305,30 +316,34 @@ def _open_model(args):
     model, _, preprocess = create_model_and_transforms(ckpt, device)
     index = GalleryIndex.open(args.images, file_digest(ckpt), model.embed_dim, index_root=args.index_dir,
                               faiss_threshold=args.faiss_threshold)
-    return model, preprocess, autocast_for(model.cfg, device)[0], index
+    photos = PhotoIndex(index, getattr(args, "faces", "auto"), grayscale=model.cfg.grayscale)
+    return model, preprocess, autocast_for(model.cfg, device)[0], photos
 
 
 def describe_update(stats: dict, total: int) -> str:
     """One line from update()'s counts: '600 images: 598 reused from the cache, 2 encoded (1 new, 1 changed)'."""
     encoded = stats.get("added", 0) + stats.get("changed", 0)
+    total = stats.get("photos_total", total)          # photo galleries (photos.py): counts are of photos
     line = (f"{total} images: {stats.get('unchanged', 0)} reused from the cache, {encoded} encoded "
             f"({stats.get('added', 0)} new, {stats.get('changed', 0)} changed)")
     extra = [f", {stats[k]} {word}" for k, word in (("removed", "removed"), ("failed", "unreadable")) if stats.get(k)]
-    return line + "".join(extra)
+    faces = f"; {stats['faces_total']} searchable entries (faces and face crops)" if "faces_total" in stats else ""
+    return line + "".join(extra) + faces
 
 
 def cmd_build(args) -> int:
+    from photos import failure_lines
     images = list_images(args.images)
     if not images:
         raise UserError(f"{args.images}: no {'/'.join(sorted(IMAGE_EXTS))} images found")
     model, preprocess, autocast, index = _open_model(args)
     stats = index.update(images, make_encoder(model, preprocess, autocast=autocast), batch_size=args.batch_size)
-    failed = stats.pop("failed_paths")
-    print(f"{index.dir}: {len(index)} images indexed; " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-    for p in failed[:10]:
-        print(f"  unreadable, skipped: {p}")
-    if len(failed) > 10:
-        print(f"  ... and {len(failed) - 10} more")
+    lines = failure_lines(stats)
+    stats = {k: v for k, v in stats.items() if k not in ("failed_paths", "reasons", "photos_total", "faces_total")}
+    print(f"{index.entries.dir}: {len(index)} entries indexed (faces and face-crop files) from {index.n_photos()} "
+          "photos; " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    for line in lines:
+        print("  " + line)
     return 0
 
 
@@ -336,12 +351,13 @@ def cmd_search(args) -> int:
     from embed import embed_texts
     model, _, autocast, index = _open_model(args)
     if len(index) == 0:
-        raise UserError(f"{index.dir}: no index for this checkpoint; run `python index.py build --images "
+        raise UserError(f"{index.entries.dir}: no index for this checkpoint; run `python index.py build --images "
                         f"{args.images} --checkpoint {args.checkpoint}` first")
     q = embed_texts(model, [args.query], autocast)  # [1, D]
     scores, paths = index.search(q, args.k, exact=args.exact)
     for rank, (s, p) in enumerate(zip(scores[0], paths[0]), 1):
-        print(f"{rank:3d}  {s:+.4f}  {p}")
+        e = index.entry(p)
+        print(f"{rank:3d}  {s:+.4f}  {e.photo}" + (f"  face {e.face + 1} at {e.box}" if e.face is not None else ""))
     return 0
 
 
@@ -355,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="auto")
         p.add_argument("--index-dir", default=None, help="where indexes live (default: IMAGES/.exprclip-index)")
         p.add_argument("--faiss-threshold", type=int, default=100_000, help="use FAISS from this many images")
-    sub.choices["build"].add_argument("--batch-size", type=int, default=64)
+    sub.choices["build"].add_argument("--batch-size", type=int, default=64, help="face-crop files encoded at once")
+    sub.choices["build"].add_argument("--faces", choices=("auto", "crops", "photos"), default="auto",
+                                      help="auto: files of at most 160 px are face crops (one entry each), larger "
+                                           "ones photos (one entry per face found); crops/photos force either")
     sub.choices["search"].add_argument("--query", required=True, help='a sentence, e.g. "a wide smile"')
     sub.choices["search"].add_argument("-k", type=int, default=10)
     sub.choices["search"].add_argument("--exact", action="store_true", help="exact search even above the threshold")

@@ -26,7 +26,7 @@ from config import Config
 from dataset import Preprocess
 from embed import embed_images, embed_texts
 from faces import Box, annotate, faces_or_whole, safe_open_image
-from index import GalleryIndex, list_images, make_encoder
+from index import GalleryIndex, make_encoder
 from model import ExprCLIP
 from precision import autocast_for
 from utils import UserError, file_digest, pick_device
@@ -42,9 +42,10 @@ class Engine:
     model: ExprCLIP
     preprocess: Preprocess                              # the model's eval preprocessing (path or PIL -> tensor)
     device: torch.device
-    index: GalleryIndex | None
+    index: "PhotoIndex | None"                          # photos.PhotoIndex: one entry per face / face-crop file
     failed: list[Path] = field(default_factory=list)     # gallery files that could not be decoded
     stats: dict = field(default_factory=dict)           # last gallery update: added/changed/unchanged/... counts
+    upload_dir: Path | None = None                      # photos added from the page (inside the cache folder)
 
     @property
     def cfg(self) -> Config:
@@ -56,25 +57,35 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, gallery: str | os.PathLike | None, device: str = "auto",
-             cache_root: str | os.PathLike = ".cache/gallery", progress: bool = True) -> "Engine":
+             cache_root: str | os.PathLike = ".cache/gallery", progress: bool = True, faces: str = "auto") -> "Engine":
         """Rebuild the model from the checkpoint alone, then embed the gallery (cached on disk, incremental)."""
         dev = pick_device(device)
         model, _, preprocess = create_model_and_transforms(checkpoint, dev)
         engine = cls(model, preprocess, dev, None)
         if gallery is not None:
-            engine.index_gallery(gallery, file_digest(checkpoint), cache_root, progress)
+            engine.index_gallery(gallery, file_digest(checkpoint), cache_root, progress, faces)
         return engine
 
-    def index_gallery(self, gallery, digest: str, cache_root, progress: bool = True) -> dict:
-        """Embeddings keyed by checkpoint digest and each file's (path, size, mtime): only new/changed files are
-        encoded. The cache lives under cache_root/<gallery path hash>/ so read-only galleries work too."""
+    def index_gallery(self, gallery, digest: str, cache_root, progress: bool = True, faces: str = "auto") -> dict:
+        """Every face of the gallery's photos (face-crop files: one entry each; photos.py), keyed by checkpoint
+        digest and each file's (path, size, mtime): only new/changed photos are indexed. The cache lives under
+        cache_root/<gallery path hash>/ so read-only galleries work too; photos added from the page go to its
+        uploads/ folder and are indexed with the gallery."""
+        from photos import PhotoIndex
         gallery = Path(gallery)
         if not gallery.is_dir():
             raise UserError(f"{gallery}: gallery folder not found (pass --gallery DIR)")
         key = hashlib.sha256(str(gallery.resolve()).encode()).hexdigest()[:12]
-        self.index = GalleryIndex.open(gallery, digest, self.model.embed_dim, index_root=Path(cache_root) / key)
+        self.upload_dir = Path(cache_root) / key / "uploads"
+        self.index = PhotoIndex(GalleryIndex.open(gallery, digest, self.model.embed_dim,
+                                                  index_root=Path(cache_root) / key / "photos"),
+                                faces, grayscale=self.cfg.grayscale, extra_dirs=(self.upload_dir,))
+        return self.reindex(progress)
+
+    def reindex(self, progress: bool = True, on_progress=None) -> dict:
+        """Bring the gallery index up to date with its folders (new, changed, removed photos)."""
         encode = make_encoder(self.model, self.preprocess, self.device, self.autocast)
-        stats = self.index.update(list_images(gallery), encode, batch_size=64, progress=progress)
+        stats = self.index.update(self.index.sources(), encode, progress=progress, on_progress=on_progress)
         self.failed = list(stats.get("failed_paths", []))
         self.stats = stats
         return stats
@@ -158,9 +169,14 @@ def similar_images(engine: Engine, image: Image.Image, k: int = 8) -> list[tuple
 
 
 def similar_to_gallery_image(engine: Engine, path: str | os.PathLike, k: int = 8) -> list[tuple[Path, float]]:
-    """Gallery images with the expression closest to the gallery image at `path`; that image itself comes first."""
+    """Gallery entries (faces, face-crop files) with the expression closest to the entry `path` (a search result:
+    its stored embedding is the query); that entry itself comes first."""
     path, k = Path(path), max(int(k), 1)
-    hits = similar_images(engine, safe_open_image(path, MAX_PIXELS), k + 1)
+    try:
+        q = engine.index.vector(path)
+    except KeyError:
+        raise UserError(f"{path.name}: not in the gallery; search first, then click one of the results") from None
+    hits = _search(engine, q[None], k + 1)
     is_query = [os.path.abspath(p) == os.path.abspath(path) for p, _ in hits]
     own = next((s for (_, s), q in zip(hits, is_query) if q), 1.0)     # float16 storage: ~1.0, not exactly
     return [(path, own)] + [h for h, q in zip(hits, is_query) if not q][:k - 1]

@@ -136,8 +136,8 @@ def test_gallery_select_event_reaches_the_handler(engine):
     click = gr.SelectData(None, {"index": 1, "value": None})
     args, _, event_index, _ = special_args(pick, [paths, 3], event_data=click)
     assert event_index == 2 and not (Path(demo.__file__).parent / "demo.pyi").exists()
-    items, msg = pick(*args)
-    assert items[0][0] == paths[1] and len(items) == 3
+    shown, items, msg = pick(*args)
+    assert items[0][0] == paths[1] and len(items) == 3 and shown is not None
 
 
 # ----------------------------------------------------------------------------- 4. sequence mode
@@ -208,7 +208,8 @@ def test_every_handler_answers_garbage_with_a_message(engine, h, sample_dir, tmp
     (tmp_path / "notes.txt").write_text("hello")
     good = dict(search=("a wide smile", 3), rank=(face, VOCAB, False), similar=(face, 3),
                 similar_gallery=([face], 0, 3), sequence=([face], VOCAB, False, 0.5), save_vocab=(VOCAB,),
-                load_vocab=(str(tmp_path / "list.txt"), VOCAB), preset=("paper", VOCAB))
+                load_vocab=(str(tmp_path / "list.txt"), VOCAB), preset=("paper", VOCAB), pick=([face], 0, 3),
+                add_photos=(str(tmp_path / "notes.txt"),))      # not an image: the shared gallery stays as it is
     assert set(good) == set(h)                               # a new handler must be added here
     garbage = [None, "", str(tmp_path / "notes.txt"), "x" * 1_000_000, float("nan"), ["a", None], {"path": 1}]
     for name, args in good.items():

@@ -265,7 +265,7 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     common = ["--images", str(tmp_path / "gallery"), "--checkpoint", str(ckpt), "--device", "cpu"]
     assert ix.main(["build", *common, "--batch-size", "1"]) == 0  # bad.png alone in a batch: no rows at all
     out = capsys.readouterr().out
-    assert "6 images indexed" in out and "failed 1" in out and "bad.png" in out
+    assert "6 entries indexed" in out and "failed 1" in out and "bad.png" in out
     assert ix.main(["search", *common, "--query", "sub1/img004.png", "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].endswith("img004.png") and float(lines[0].split()[1]) > 0.999

@@ -1,0 +1,130 @@
+"""The demo's gallery views over photos.py (no Gradio inside): result tiles naming their photo, the chosen face's
+photo with its box, faces with a similar expression from it, photos added from the page, and the page's header."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from retrieval import Engine, similar_to_gallery_image
+from uploads import save_uploads
+from utils import UserError
+
+OWN_PHOTOS_HINT = ("To search your own photos: `python demo.py --gallery ~/Pictures` (every face found in them "
+                   "becomes searchable), or add photos below.")
+
+
+def _tile(engine: Engine, path: Path, score: float):
+    """(image, caption) of one result: the face crop and 'score  photo.jpg · face 2', or the face-crop file."""
+    e = engine.index.entry(path)
+    if e.face is None and not _added(engine, e.photo):
+        return str(e.photo), f"{score:.3f}  {e.photo.name}"
+    if e.face is None:                      # added from the page: inside the cache, which Gradio does not serve
+        with Image.open(e.photo) as im:
+            return im.convert("RGB"), f"{score:.3f}  {e.photo.name}"
+    try:
+        with Image.open(e.thumb) as im:
+            crop = im.convert("RGB")
+    except (OSError, TypeError):            # thumbnail gone: cut it from the photo
+        crop = face_on_photo(engine, path, draw=False)
+    return crop, f"{score:.3f}  {e.photo.name} · face {e.face + 1}"
+
+
+def _added(engine: Engine, photo: Path) -> bool:
+    up = engine.upload_dir
+    return up is not None and str(photo.resolve()).startswith(str(up.resolve()) + os.sep)
+
+
+def result_items(engine: Engine, hits) -> list[tuple]:
+    return [_tile(engine, p, s) for p, s in hits]
+
+
+def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
+    """The photo of a result with that face's box (<= 1024 px), or (draw=False) just the face's region."""
+    from faces import DECODE_SIDE, Box, annotate, safe_open_image
+    from photos import MAX_PIXELS
+    e = engine.index.entry(path)
+    photo = safe_open_image(e.photo, MAX_PIXELS, DECODE_SIDE if e.face is not None else None)
+    if e.box is None:
+        return annotate(photo, [])
+    f = photo.width / e.size[0] if e.size and e.size[0] else 1.0    # the file was decoded at another scale
+    box = Box(*(round(v * f) for v in e.box), score=1.0)
+    return annotate(photo, [box]) if draw else photo.crop((box.x0, box.y0, box.x1, box.y1))
+
+
+def picked_view(engine: Engine, paths, index, k):
+    """A click on result `index`: (its photo with the face's box, faces with a similar expression, message)."""
+    from webguard import number_in
+    if not isinstance(paths, (list, tuple)) or not paths or index is None or engine.index is None:
+        raise UserError("search first, then click one of the results")
+    i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
+    path = Path(str(paths[i]))
+    hits = similar_to_gallery_image(engine, path, int(number_in(k, "Top K", 1, 100)))
+    e = engine.index.entry(path)
+    what = f"face {e.face + 1} of {e.photo.name}" if e.face is not None else e.photo.name
+    try:
+        shown = face_on_photo(engine, path)
+    except UserError as err:                 # the photo was moved or damaged since indexing
+        shown, what = None, f"{what} (photo not readable now: {err})"
+    return shown, result_items(engine, hits), f"{len(hits)} faces closest to {what} (itself first)"
+
+
+def header(engine: Engine, drawn_sample: bool) -> str:
+    """The page's gallery line: what is searched, how many photos and faces, what was skipped."""
+    ix = engine.index
+    if ix is None:
+        return "Gallery: none."
+    n_faces = len(ix)
+    if drawn_sample:
+        line = (f"Gallery: the drawn sample ({n_faces} drawn faces in images/), not photos of people. "
+                + OWN_PHOTOS_HINT)
+    else:
+        line = f"Gallery: {ix.n_photos()} photos, {n_faces} searchable faces (and face-crop files)."
+    if engine.failed:
+        line += f" {len(engine.failed)} unreadable file(s) skipped: " + ", ".join(p.name for p in engine.failed[:10])
+    return line
+
+
+def progress_line(p: dict) -> str:
+    if not p.get("total"):
+        return "Nothing new to index."
+    rate = p["done"] / max(time.time() - p.get("started", time.time()), 1e-6)
+    return f"Indexing: {p['done']} of {p['total']} photos, {p['faces']} faces ({rate:.1f} photos/s)"
+
+
+_adding = threading.Lock()
+
+
+def add_photos(engine: Engine, files) -> str:
+    """Copy uploads (images, zips) into the gallery's uploads folder (inside the cache) and index them."""
+    if engine.index is None or engine.upload_dir is None:
+        raise UserError("this demo has no gallery to add photos to")
+    with _adding:
+        saved, skipped = save_uploads(files, engine.upload_dir)
+        before = engine.index.n_photos()
+        stats = engine.reindex(progress=False) if saved else {"failed_paths": [], "faces": 0}
+    from photos import failure_lines
+    bad = [s for s in failure_lines(stats)] + [f"skipped: {s}" for s in skipped]
+    return "\n\n".join([f"Added {engine.index.n_photos() - before} photo(s) ({stats.get('faces', 0)} faces found); "
+                        f"the gallery now has {engine.index.n_photos()} photos, {len(engine.index)} faces."] + bad)
+
+
+def add_photos_steps(engine: Engine, files, every: float = 0.5):
+    """add_photos as a generator of status lines: progress while indexing, then the summary (for the page)."""
+    out: dict = {}
+
+    def work():
+        try:
+            out["msg"] = add_photos(engine, files)
+        except UserError as e:
+            out["msg"] = str(e)
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(every)
+        if t.is_alive() and engine.index is not None and engine.index.progress.get("running"):
+            yield progress_line(engine.index.progress)
+    yield out.get("msg", "adding photos failed")

@@ -1,0 +1,197 @@
+"""Photo galleries (photos.py, uploads.py): every face is an entry, face crops stay whole, incremental and resumable,
+bad files counted and skipped, safe zip uploads. A stand-in detector and encoder keep these fast; test_photos_e2e.py
+drives the real MTCNN and model through index.py and the demo handlers."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import faces
+from faces import Box
+from index import GalleryIndex
+from photos import PhotoIndex, failure_lines, split_key
+from uploads import save_uploads
+
+DIM = 8
+
+
+def fake_detect(image, max_faces=10, min_size_frac=0.05, detector="auto"):
+    """Two boxes (left and right half) on any photo that is not flat; none on a flat one."""
+    a = np.asarray(image.convert("L"))
+    if a.std() < 1:
+        return []
+    W, H = image.size
+    s = min(W // 3, H // 2)
+    return [Box(W // 8, H // 4, W // 8 + s, H // 4 + s, 0.99), Box(W // 2, H // 4, W // 2 + s, H // 4 + s, 0.95)]
+
+
+class Encoder:
+    """Mean colour of each item (path or PIL) -> an 8-d unit vector; counts what it encoded."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, items):
+        out, ok = [], []
+        for it in items:
+            self.calls += 1
+            if self.fail_after is not None and self.calls > self.fail_after:
+                raise KeyboardInterrupt                      # Ctrl-C in the middle of indexing
+            try:
+                im = it if isinstance(it, Image.Image) else Image.open(it)
+                m = np.asarray(im.convert("RGB"), np.float32).mean((0, 1))
+                v = np.concatenate([m, m[::-1], [1, 1]]).astype(np.float32)
+                out.append(v / np.linalg.norm(v))
+                ok.append(True)
+            except OSError:
+                out.append(np.zeros(DIM, np.float32))
+                ok.append(False)
+        return np.array(out, np.float32).reshape(-1, DIM), ok
+
+
+@pytest.fixture(autouse=True)
+def _fake_detector(monkeypatch):
+    monkeypatch.setattr(faces, "detect_faces", fake_detect)
+
+
+def make_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(3):                                        # photos: two "faces" each (nested folders)
+        p = root / f"trip{i % 2}" / "day" / f"IMG_{i}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(p)
+    Image.new("RGB", (400, 300), (90, 120, 200)).save(root / "sky.jpg")      # a photo without a face
+    for i in range(2):                                        # face crops: one entry each
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(root / f"fer_{i}.png")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+def open_index(root: Path, cache: Path, mode: str = "auto") -> PhotoIndex:
+    return PhotoIndex(GalleryIndex(root, cache / "ix", "ck", DIM), mode)
+
+
+def test_every_face_is_one_entry_face_crops_stay_whole_and_bad_files_are_counted(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    ix = open_index(root, tmp_path / "cache")
+    stats = ix.update(ix.sources(), Encoder(), progress=False)
+    assert len(ix) == 3 * 2 + 2 and ix.n_photos() == 3 + 1 + 2
+    assert stats["added"] == 6 and stats["failed"] == 2 and stats["faces"] == 8
+    lines = failure_lines(stats)
+    assert len(lines) == 2 and all(line.count("\n") == 0 for line in lines)
+    assert any("corrupt.jpg" in line for line in lines) and any("empty.png" in line for line in lines)
+    keys = sorted(k for k in ix.entries._keys)
+    assert "trip0/day/IMG_0.jpg#0" in keys and "trip0/day/IMG_0.jpg#1" in keys and "fer_0.png" in keys
+    e = ix.entry(root / "trip0/day/IMG_0.jpg#1")
+    assert e.photo == root / "trip0/day/IMG_0.jpg" and e.face == 1 and e.box == (200, 75, 333, 208)
+    assert e.thumb.is_file() and ix.entry(root / "fer_0.png").face is None
+    assert split_key("a#1.jpg") == ("a#1.jpg", None) and split_key("a#1.jpg#3") == ("a#1.jpg", 3)
+    assert not list(root.rglob("*.jsonl")) and not (root / ".exprclip-index").exists()   # nothing in the photos
+
+
+def test_relaunch_reencodes_nothing_and_changes_reencode_only_those(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    ix = open_index(root, tmp_path / "cache")
+    ix.update(ix.sources(), Encoder(), progress=False)
+    again, enc = open_index(root, tmp_path / "cache"), Encoder()
+    stats = again.update(again.sources(), enc, progress=False)
+    assert enc.calls == 0 and stats["unchanged"] == 6 and stats["added"] == stats["changed"] == 0
+    victim = root / "trip1" / "day" / "IMG_1.jpg"
+    Image.new("RGB", (400, 300), (10, 10, 10)).save(victim)          # now face-less
+    os.utime(victim, (time.time() + 5, time.time() + 5))
+    (root / "trip0" / "day" / "IMG_2.jpg").unlink()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "new.jpg")
+    enc = Encoder()
+    stats = again.update(again.sources(), enc, progress=False)
+    assert (stats["changed"], stats["added"], stats["removed"]) == (1, 1, 1) and enc.calls == 2
+    assert len(again) == 2 * 2 + 2 and not any(k.startswith("trip1/day/IMG_1.jpg#") for k in again.entries._keys)
+
+
+def test_interrupted_indexing_loses_only_the_photo_in_progress(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    ix = open_index(root, tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        ix.update(ix.sources(), Encoder(fail_after=5), progress=False)   # crops first (2), then photos 2 faces each
+    done = ix.n_photos()
+    assert done >= 2 and len(ix) == sum(1 if r["faces"] is None else len(r["faces"]) for r in ix.records.values())
+    with open(ix.log_path, "a") as f:
+        f.write('{"k": "torn line of a kil')                              # a kill while appending
+    enc = Encoder()
+    resumed = open_index(root, tmp_path / "cache")
+    stats = resumed.update(resumed.sources(), enc, progress=False)
+    assert stats["unchanged"] == done and resumed.n_photos() == 6 and len(resumed) == 8
+    assert all(json.loads(line) for line in resumed.log_path.read_text().splitlines())
+
+
+def test_faces_flag_forces_crops_or_photos(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    crops = open_index(root, tmp_path / "c1", "crops")
+    crops.update(crops.sources(), Encoder(), progress=False)
+    assert len(crops) == 6 + 1 - 1 and all(split_key(k)[1] is None for k in crops.entries._keys)  # corrupt: 0 rows
+    photos = open_index(root, tmp_path / "c2", "photos")
+    photos.update(photos.sources(), Encoder(), progress=False)
+    assert len(photos) == 3 * 2 + 2 * 2                           # the 48 px files are detected in too
+
+
+def test_zip_uploads_stay_in_their_folder_and_bombs_are_refused(tmp_path):
+    good = tmp_path / "face.png"
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(good)
+    z = tmp_path / "holiday.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(good, "../../evil.png")
+        zf.write(good, "album/nested/ok.png")
+        zf.writestr("notes.txt", "hello")
+        zf.writestr("bomb.png", b"\0" * 30_000_000)              # ~1000x compression
+    dest = tmp_path / "cache" / "uploads"
+    saved, skipped = save_uploads([str(z), str(good), str(tmp_path / "missing.jpg")], dest)
+    assert sorted(p.name for p in saved) == ["evil.png", "face.png", "ok.png"]
+    assert all(dest in p.parents for p in saved) and not (tmp_path / "evil.png").exists()
+    assert any("bomb.png" in s and "refused" in s for s in skipped) and any("missing.jpg" in s for s in skipped)
+    assert not list(dest.rglob("bomb.png")) and all("\n" not in s for s in skipped)
+
+
+def test_hard_kill_during_indexing_loses_only_the_photo_in_progress(tmp_path):
+    """os._exit in the middle of the 3rd photo (no finally, no flush): the first two photos survive."""
+    import subprocess
+    import sys
+    root = make_folder(tmp_path / "photos")
+    for p in (root / "fer_0.png", root / "fer_1.png", root / "sky.jpg", root / "corrupt.jpg", root / "empty.png"):
+        p.unlink()
+    script = f"""
+import os, sys
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).resolve().parents[1])!r}]
+import faces, test_photos as t
+faces.detect_faces = t.fake_detect
+enc = t.Encoder()
+def encode(items):
+    if enc.calls >= 4:          # two photos of two faces done
+        os._exit(3)
+    return enc(items)
+ix = t.open_index(t.Path({str(root)!r}), t.Path({str(tmp_path / 'cache')!r}))
+ix.update(ix.sources(), encode, progress=False)
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 3
+    ix = open_index(root, tmp_path / "cache")
+    assert ix.n_photos() == 2 and len(ix) == 4
+    enc = Encoder()
+    stats = ix.update(ix.sources(), enc, progress=False)
+    assert stats["unchanged"] == 2 and stats["added"] == 1 and enc.calls == 2 and len(ix) == 6
+
+
+def test_decompression_bomb_is_one_skipped_line(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("1", (8000, 6000)).save(root / "bomb.png")          # 48 MP in a few kB
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(root / "ok.jpg")
+    ix = open_index(root, tmp_path / "cache")
+    stats = ix.update(ix.sources(), Encoder(), progress=False)
+    (line,) = failure_lines(stats)
+    assert "bomb.png" in line and "pixel limit" in line and len(ix) == 2
