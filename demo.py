@@ -7,16 +7,16 @@ The model served: --checkpoint PATH, else model_final.pth in the project root (d
 the bundled models/exprclip-ferplus.pth. The log says which one and why. Train your own with
 `python train.py --preset offline --data .` (see the README).
 
-The Gradio code is a thin layer over retrieval.py / sequence.py / vocab.py; every handler turns a bad request into a
-message that names uploads by their file name only. Endpoints (gradio_client): /search, /rank, /similar, /sequence,
-/save_vocab, /load_vocab, /add_photos.
+The Gradio code is a thin layer over retrieval.py / sequence.py / vocab.py / photoviews.py; served_model.py picks the
+model. Every handler turns a bad request into a message that names uploads by their file name only, and the server
+log into one line (webguard.py; inputs Gradio would refuse with a traceback reach the handler's own check).
+Endpoints (gradio_client): /search, /rank, /similar, /sequence, /save_vocab, /load_vocab, /add_photos.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -27,79 +27,19 @@ from photos import FACES_MODES, failure_lines
 from photoviews import add_photos, add_photos_steps, header, picked_view, result_items
 from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces, score_frames, search_text,
                        similar_images, similar_to_gallery_image)
+from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
+                          shown_path)
 from utils import UserError, run_cli
-from webguard import keep_text, number_in, with_fallback
+from webguard import (MAX_UPLOAD_PIXELS, keep_text, lenient, named, number_in, open_upload, read_vocab_upload,
+                      upload_path, vocab_items, with_fallback)
 
 log = get_logger(__name__)
-ROOT = Path(__file__).resolve().parent
-ROOT_MODEL = ROOT / "model_final.pth"                        # the paper's workflow: drop a trained model here
-BUNDLED_MODEL = ROOT / "models" / "exprclip-ferplus.pth"     # shipped; served when ROOT_MODEL is absent
-TRAIN_COMMAND = "python train.py --preset offline --data ."
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
 EXAMPLES = ["a wide smile", "활짝 웃는 얼굴", "눈썹을 찌푸리고 화난 표정", "An expression of disdain and superiority."] \
     + PAPER_SENTENCES                                 # Korean examples: answered when the model reads Korean
-MAX_UPLOAD_PIXELS = 40_000_000
-MAX_VOCAB_BYTES = 256_000
-MAX_EXPRESSIONS = 200          # sentences ranked per request
 MAX_K = 100                    # results per search (the slider stops at 50; API callers may ask more)
 SHOWN_QUERY_CHARS = 80
 SAMPLE_GALLERY = ROOT / "images"   # the drawn sample, served when no --gallery is given
-
-
-def choose_checkpoint(given: str | None) -> tuple[Path, str]:
-    """(checkpoint to serve, why): --checkpoint, else model_final.pth in the project root, else the bundled model."""
-    if given:
-        return Path(given), "--checkpoint"
-    if ROOT_MODEL.is_file():
-        return ROOT_MODEL, f"{ROOT_MODEL.name} in the project root, which takes precedence over the bundled model"
-    if BUNDLED_MODEL.is_file():
-        return BUNDLED_MODEL, f"the bundled model: no {ROOT_MODEL.name} in the project root"
-    raise UserError(f"no model to serve: neither {ROOT_MODEL} nor the bundled {BUNDLED_MODEL} exists; put a trained "
-                    f"{ROOT_MODEL.name} in the project root, pass --checkpoint PATH, or train one with "
-                    f"`{TRAIN_COMMAND}`")
-
-
-def describe_model(path: Path) -> tuple[str, str | None]:
-    """(what the served model is: trained on what, when, which text tower; a warning when it only knows the
-    bundled drawn sample) from the checkpoint's own metadata."""
-    from checkpoint import read_checkpoint
-    ck = read_checkpoint(path)
-    cfg, counts = ck["config"], ck.get("label_counts") or {}
-    data = Path(str(cfg.get("data", "?")))
-    drawn = data.resolve() == ROOT and cfg.get("captions", "captions.csv") == "captions.csv"
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-    info = (f"trained on {'the bundled drawn sample' if drawn else data} ({sum(counts.values()) or '?'} faces, "
-            f"{len(counts) or '?'} classes), best epoch {ck.get('epoch', '?')}, text tower {cfg.get('text_model')}, "
-            f"file written {when}")
-    warn = (f"{path.name} was trained only on the bundled drawn sample: it reads drawn faces, not photos; serve the "
-            f"bundled real-face model with --checkpoint {BUNDLED_MODEL.relative_to(ROOT)}") if drawn else None
-    return info, warn
-
-
-def open_upload(image):
-    """Gradio upload (a file path) -> RGB PIL image; bombs and non-images -> UserError."""
-    if not image or not isinstance(image, (str, os.PathLike)):
-        raise UserError("upload a face image first")
-    from faces import safe_open_image
-    return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
-
-
-def read_vocab_upload(path) -> str:
-    """Text of an uploaded vocabulary file, checked with vocab.parse_vocab (errors name the file and line)."""
-    from vocab import parse_vocab
-    if not path or not isinstance(path, (str, os.PathLike)):
-        raise UserError("choose a text file with one `name: sentence` per line")
-    if not os.path.isfile(path):
-        raise UserError(f"{Path(path).name}: no such file; choose a text file with one `name: sentence` per line")
-    path = Path(path)
-    if path.stat().st_size > MAX_VOCAB_BYTES:
-        raise UserError(f"{path.name}: over {MAX_VOCAB_BYTES // 1000} kB; a vocabulary is one line per expression")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{path.name}: not UTF-8 text; save it as UTF-8 with one `name: sentence` per line") from None
-    parse_vocab(text, source=path.name)
-    return text
 
 
 def _md(text: str) -> str:
@@ -119,21 +59,6 @@ def face_table(names: list[str], probs, whole_image: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------- handlers (no Gradio inside)
-
-def vocab_items(vocab_text) -> list[tuple[str, str]]:
-    """The expression list of a request -> (name, sentence) pairs; empty, huge or malformed -> UserError."""
-    from vocab import parse_vocab
-    if not isinstance(vocab_text, str) or not vocab_text.strip():
-        raise UserError("the expression list is empty: one `name: sentence` per line")
-    if len(vocab_text) > MAX_VOCAB_BYTES:
-        raise UserError(f"the expression list is over {MAX_VOCAB_BYTES // 1000} k characters: one short line per "
-                        "expression")
-    items = parse_vocab(vocab_text, source="expression list")
-    if len(items) > MAX_EXPRESSIONS:
-        raise UserError(f"the expression list has {len(items)} expressions; at most {MAX_EXPRESSIONS} are ranked "
-                        "at once")
-    return items
-
 
 def top_k(k) -> int:
     return int(number_in(k, "Top K", 1, MAX_K))
@@ -223,12 +148,12 @@ def vocab_handlers() -> dict:
         items = load_vocab(name)
         return format_vocab(items), f"loaded the shipped list `{name}` ({len(items)} expressions)"
 
-    return dict(save_vocab=on_save_vocab, load_vocab=on_load_vocab, preset=on_preset)
+    return named(dict(save_vocab=on_save_vocab, load_vocab=on_load_vocab, preset=on_preset))
 
 
 def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> dict:
     """Every handler of the app: the functions above, each guarded (webguard.with_fallback: a bad request gets a
-    message in the UI, never a traceback, and the server keeps serving)."""
+    message in the UI and one line in the server log, never a traceback, and the server keeps serving)."""
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_search(query, k):
@@ -241,13 +166,13 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
         hits = similar_images(engine, open_upload(image), top_k(k))
         return result_items(engine, hits), f"{len(hits)} faces with the closest expression"
 
-    return dict(search=on_search, similar=on_similar, **vocab_handlers(),
+    return named(dict(search=on_search, similar=on_similar, **vocab_handlers(),
                 pick=with_fallback(lambda msg, *_: (None, [], msg))(partial(picked_view, engine)),
                 add_photos=with_fallback(lambda msg, *_: (msg,))(lambda files: (add_photos(engine, files),)),
                 rank=with_fallback(lambda msg, *_: (None, {}, msg))(partial(rank_view, engine, max_faces=max_faces)),
                 similar_gallery=with_fallback(lambda msg, *_: ([], msg))(partial(similar_gallery_view, engine)),
                 sequence=with_fallback(lambda msg, *_: ({}, None, msg))(
-                    partial(sequence_view, engine, max_frames=max_frames)))
+                    partial(sequence_view, engine, max_frames=max_frames))))
 
 
 # ----------------------------------------------------------------------------- UI
@@ -255,16 +180,13 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
 def _image_input(**kw):
     """A gr.Image whose undecodable uploads reach the handler as a path (so they get a message, not a toast)."""
     import gradio as gr
-    image = gr.Image(type="filepath", image_mode=None, **kw)     # image_mode None: Gradio does not decode the file
-    strict = image.preprocess
+    return lenient(gr.Image(type="filepath", image_mode=None, **kw), upload_path)  # image_mode None: not decoded
 
-    def lenient(payload):
-        try:
-            return strict(payload)
-        except Exception:  # noqa: BLE001 -- the handler's safe_open_image says what is wrong
-            return getattr(payload, "path", None)
-    image.preprocess = lenient    # on the instance: Gradio writes a .pyi next to modules that subclass components
-    return image
+
+def _slider(*args, **kw):
+    """A gr.Slider whose out-of-range or non-number values (API callers) reach the handler, which checks them."""
+    import gradio as gr
+    return lenient(gr.Slider(*args, **kw))
 
 
 def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
@@ -294,8 +216,9 @@ def _vocab_panel(h: dict):
             vocab = gr.Textbox(label="Expressions (name: sentence, one per line)", lines=10, scale=3,
                                value=format_vocab(load_vocab("paper")))
             with gr.Column(scale=1):
-                preset = gr.Dropdown(list(SHIPPED), value="paper", label="Load a shipped list")
-                upload = gr.UploadButton("Load from a text file", file_types=[".txt"], type="filepath")
+                preset = lenient(gr.Dropdown(list(SHIPPED), value="paper", label="Load a shipped list"))
+                upload = lenient(gr.UploadButton("Load from a text file", file_types=[".txt"], type="filepath"),
+                                 upload_path)                 # another file type: read_vocab_upload says why
                 save = gr.Button("Save as a text file")
                 saved = gr.File(label="Saved list", interactive=False)
                 vocab_status = gr.Markdown()
@@ -309,7 +232,7 @@ def _search_tab(h: dict, engine: Engine) -> None:
     import gradio as gr
     with gr.Row():
         query = gr.Textbox(label="Expression description", placeholder="a wide smile", scale=4)
-        k = gr.Slider(1, 50, value=12, step=1, label="Top K", scale=1)
+        k = _slider(1, 50, value=12, step=1, label="Top K", scale=1)
     go = gr.Button("Search", variant="primary")
     gr.Examples(EXAMPLES, inputs=query)
     status = gr.Markdown()
@@ -361,7 +284,7 @@ def _face_tab(h: dict, vocab, max_faces: int) -> None:
     boxes = gr.Image(label="Faces found (numbered as in the table)", type="pil")
     per_face = gr.Markdown()
     rank.click(h["rank"], [image, vocab, detect], [boxes, bars, per_face], api_name="rank")
-    sim_k = gr.Slider(1, 50, value=12, step=1, label="Similar faces: top K")
+    sim_k = _slider(1, 50, value=12, step=1, label="Similar faces: top K")
     sim = gr.Button("Find faces with a similar expression")
     sim_status = gr.Markdown()
     sim_gallery = gr.Gallery(columns=6, height="auto")
@@ -376,7 +299,7 @@ def _sequence_tab(h: dict, vocab, max_frames: int) -> None:
     files = gr.File(label="Frames or a video", file_count="multiple", type="filepath")
     with gr.Row():
         seq_detect = gr.Checkbox(value=True, label="Detect the largest face per frame")
-        decay = gr.Slider(0, 1, value=0.5, step=0.05, label="Decay (1 = plain mean, 0 = last frame only)")
+        decay = _slider(0, 1, value=0.5, step=0.05, label="Decay (1 = plain mean, 0 = last frame only)")
     run = gr.Button("Score the sequence", variant="primary")
     with gr.Row():
         seq_bars = gr.Label(num_top_classes=5, label="Overall top-5 (turn-weighted)")
@@ -385,18 +308,10 @@ def _sequence_tab(h: dict, vocab, max_frames: int) -> None:
     run.click(h["sequence"], [files, vocab, seq_detect, decay], [seq_bars, plot, seq_status], api_name="sequence")
 
 
-def _shown(path: Path, base: Path | None = None) -> str:
-    """`path` relative to `base` (default: the working folder) when inside it, else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(base or Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help=f"model to serve (default: {ROOT_MODEL.name} in the project "
-                    f"root, else the bundled {_shown(BUNDLED_MODEL, ROOT)})")
+                    f"root, else the bundled {shown_path(BUNDLED_MODEL, ROOT)})")
     ap.add_argument("--gallery", default=str(SAMPLE_GALLERY), help="folder of photos (nested folders too: every "
                     "face found is searchable) or face crops to search (default: the drawn sample in images/)")
     ap.add_argument("--faces", choices=FACES_MODES, default="auto", help="auto: files of at most 160 px are face "
@@ -419,15 +334,15 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.quickstart:
         log.info(f"--quickstart is deprecated and no longer trains: the demo serves {ROOT_MODEL.name} from the "
-                 f"project root or the bundled {_shown(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
-    checkpoint, why = choose_checkpoint(a.checkpoint)
-    log.info(f"model: {_shown(checkpoint)} ({why})")
+                 f"project root or the bundled {shown_path(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
+    checkpoint, why = choose_checkpoint(a.checkpoint, ROOT_MODEL, BUNDLED_MODEL)    # demo's names (tests set them)
+    log.info(f"model: {shown_path(checkpoint)} ({why})")
     info, warn = describe_model(checkpoint)
     log.info(f"model: {info}")
     if warn:
         log.warning(f"warning: {warn}")
     engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir, faces=a.faces)
-    log.info(f"gallery {_shown(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
+    log.info(f"gallery {shown_path(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
     for line in failure_lines(engine.stats):
         log.warning(line)
     build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(

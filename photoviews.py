@@ -9,9 +9,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from logs import get_logger
 from retrieval import Engine, similar_to_gallery_image
 from uploads import save_uploads
 from utils import UserError
+from webguard import number_in, refused
+
+log = get_logger(__name__)
 
 OWN_PHOTOS_HINT = ("To search your own photos: `python demo.py --gallery ~/Pictures` (every face found in them "
                    "becomes searchable), or add photos below.")
@@ -57,7 +61,6 @@ def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
 
 def picked_view(engine: Engine, paths, index, k):
     """A click on result `index`: (its photo with the face's box, faces with a similar expression, message)."""
-    from webguard import number_in
     if not isinstance(paths, (list, tuple)) or not paths or index is None or engine.index is None:
         raise UserError("search first, then click one of the results")
     i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
@@ -107,6 +110,8 @@ def add_photos(engine: Engine, files) -> str:
         before = engine.index.n_photos()
         stats = engine.reindex(progress=False) if saved else {"failed_paths": [], "faces": 0}
     from photos import failure_lines
+    if skipped:                                           # the server log's one line for what was refused
+        log.info(f"add_photos request: skipped {'; '.join(skipped)}")
     bad = [s for s in failure_lines(stats)] + [f"skipped: {s}" for s in skipped]
     return "\n\n".join([f"Added {engine.index.n_photos() - before} photo(s) ({stats.get('faces', 0)} faces found); "
                         f"the gallery now has {engine.index.n_photos()} photos, {len(engine.index)} faces."] + bad)
@@ -121,6 +126,7 @@ def add_photos_steps(engine: Engine, files, every: float = 0.5):
             out["msg"] = add_photos(engine, files)
         except UserError as e:
             out["msg"] = str(e)
+            refused("add_photos", out["msg"])
     t = threading.Thread(target=work, daemon=True)
     t.start()
     while t.is_alive():

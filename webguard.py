@@ -1,8 +1,12 @@
-"""Request guards for the demo's handlers: any error becomes a message (the server keeps serving), and messages
-name files by their own name, never by the server's temporary folders.
+"""Request guards for the demo's handlers: any error becomes a message (the server keeps serving) and one line in
+the server log, and messages name files by their own name, never by the server's temporary folders.
 
     @with_fallback(lambda msg, *request: ([], msg))     # what the outputs are when the request fails
     def on_search(query, k): ...
+
+Gradio checks some inputs before any handler runs (a slider's range, an upload button's file types) and prints a
+traceback for each refusal; `lenient` hands such values to the handler instead, whose own check (`number_in`,
+`open_upload`, `read_vocab_upload`) answers with a message and one log line. No Gradio import here.
 """
 from __future__ import annotations
 
@@ -12,10 +16,16 @@ import os
 import re
 import tempfile
 import traceback
+from pathlib import Path
 
+from logs import get_logger
 from utils import UserError
 
+log = get_logger(__name__)
 MAX_MESSAGE_CHARS = 600        # a message echoing a huge request stays readable
+MAX_UPLOAD_PIXELS = 40_000_000
+MAX_VOCAB_BYTES = 256_000
+MAX_EXPRESSIONS = 200          # sentences ranked per request
 
 
 def _upload_dir_pattern() -> re.Pattern:
@@ -46,15 +56,30 @@ def public_message(msg: str, args=()) -> str:
     return msg if len(msg) <= MAX_MESSAGE_CHARS else msg[:MAX_MESSAGE_CHARS - 1] + "…"
 
 
+def refused(request: str, msg: str) -> None:
+    """The server log's one line for a request answered with a message (what was asked, what was wrong)."""
+    log.info(f"refused {request} request: {' '.join(str(msg).split())}")
+
+
+def named(handlers: dict) -> dict:
+    """{name: guarded handler}, each told its name (the request `refused` names in the log)."""
+    for name, fn in handlers.items():
+        fn.request = name
+    return handlers
+
+
 def safe(fn):
-    """Handler wrapper: UserError -> its message; anything else -> a short message (server keeps serving).
-    The fallback gets (message, *request arguments), so it can keep what the user had."""
+    """Handler wrapper: UserError -> its message (and `refused`'s log line); anything else -> a short message and
+    the traceback (a bug: the server keeps serving). The fallback gets (message, *request arguments), so it can
+    keep what the user had."""
     @functools.wraps(fn)
     def wrapper(*args):
         try:
             return fn(*args)
         except UserError as e:
-            return fn.fallback(public_message(e, args), *args)
+            msg = public_message(e, args)
+            refused(getattr(wrapper, "request", None) or getattr(fn, "__name__", "a"), msg)
+            return fn.fallback(msg, *args)
         except Exception as e:  # noqa: BLE001 -- a demo request must never take the server down
             traceback.print_exc()
             return fn.fallback(public_message(f"could not handle this request ({type(e).__name__}: {e})", args),
@@ -77,10 +102,85 @@ def number_in(value, what: str, lo: float, hi: float) -> float:
     except (TypeError, ValueError, OverflowError):
         x = math.nan
     if not lo <= x <= hi:                                   # NaN fails too
-        raise UserError(f"{what} must be a number from {lo:g} to {hi:g}")
+        raise UserError(f"{what} must be a number from {lo:g} to {hi:g} (got {_shown_value(value, x)})")
     return x
+
+
+def _shown_value(value, x: float) -> str:
+    """What a refused number was, briefly: the number, a short plain text, else only its type (never a path)."""
+    if value is None:
+        return "nothing"
+    if not math.isnan(x) or isinstance(value, float):
+        return f"{x:g}"
+    if isinstance(value, str) and len(value) <= 20 and not re.search(r"[/\\\s]", value):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def keep_text(value) -> str:
     """A textbox value to hand back unchanged on failure (anything that is not text: an empty box)."""
     return value if isinstance(value, str) else ""
+
+
+def lenient(component, raw=lambda payload: payload):
+    """`component` (a Gradio input) whose payloads Gradio's own preprocess refuses reach the handler as
+    raw(payload) instead: a slider's out-of-range or non-number value as sent, an upload's file path. The handler
+    checks it and answers with a message and one log line; Gradio would print a traceback. Set on the instance:
+    Gradio writes a .pyi next to any module that subclasses a component."""
+    strict = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return strict(payload)
+        except Exception:  # noqa: BLE001 -- refused by Gradio; the handler's own check says what is wrong
+            return raw(payload)
+    component.preprocess = preprocess
+    return component
+
+
+def upload_path(payload):
+    """The file path of an upload's payload (Gradio's FileData), for `lenient`; None when there is none."""
+    return getattr(payload, "path", None)
+
+
+# ----------------------------------------------------------------------------- what a request may contain
+
+def open_upload(image):
+    """Gradio upload (a file path) -> RGB PIL image; bombs and non-images -> UserError."""
+    if not image or not isinstance(image, (str, os.PathLike)):
+        raise UserError("upload a face image first")
+    from faces import safe_open_image
+    return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
+
+
+def read_vocab_upload(path) -> str:
+    """Text of an uploaded vocabulary file, checked with vocab.parse_vocab (errors name the file and line)."""
+    from vocab import parse_vocab
+    if not path or not isinstance(path, (str, os.PathLike)):
+        raise UserError("choose a text file with one `name: sentence` per line")
+    if not os.path.isfile(path):
+        raise UserError(f"{Path(path).name}: no such file; choose a text file with one `name: sentence` per line")
+    path = Path(path)
+    if path.stat().st_size > MAX_VOCAB_BYTES:
+        raise UserError(f"{path.name}: over {MAX_VOCAB_BYTES // 1000} kB; a vocabulary is one line per expression")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path.name}: not UTF-8 text; save it as UTF-8 with one `name: sentence` per line") from None
+    parse_vocab(text, source=path.name)
+    return text
+
+
+def vocab_items(vocab_text) -> list[tuple[str, str]]:
+    """The expression list of a request -> (name, sentence) pairs; empty, huge or malformed -> UserError."""
+    from vocab import parse_vocab
+    if not isinstance(vocab_text, str) or not vocab_text.strip():
+        raise UserError("the expression list is empty: one `name: sentence` per line")
+    if len(vocab_text) > MAX_VOCAB_BYTES:
+        raise UserError(f"the expression list is over {MAX_VOCAB_BYTES // 1000} k characters: one short line per "
+                        "expression")
+    items = parse_vocab(vocab_text, source="expression list")
+    if len(items) > MAX_EXPRESSIONS:
+        raise UserError(f"the expression list has {len(items)} expressions; at most {MAX_EXPRESSIONS} are ranked "
+                        "at once")
+    return items

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 
 def test_launch_description_names_the_training_data_epoch_and_text_tower(trained):
-    from demo import describe_model
+    from served_model import describe_model
     ckpt, _ = trained
     info, warn = describe_model(ckpt)
     ck = torch.load(ckpt, weights_only=True)
@@ -17,7 +17,7 @@ def test_launch_description_names_the_training_data_epoch_and_text_tower(trained
 
 
 def test_a_model_trained_only_on_the_bundled_drawn_sample_is_flagged(trained, tmp_path):
-    from demo import describe_model
+    from served_model import describe_model
     ckpt, _ = trained
     ck = torch.load(ckpt, weights_only=True)
     ck["config"]["data"] = str(ROOT)
