@@ -55,6 +55,8 @@ class Config:
     exclude_classes: str = ""                 # comma list of labels left out of training (unseen-class protocol)
     augment: bool = True                      # train-time flip, small affine, brightness/contrast (albumentations)
     num_workers: int = 0                      # DataLoader worker processes (persistent across epochs)
+    cache_images: bool = True                 # decode each face once (resized, uint8) and keep it in memory, up
+                                              # to 2 GiB per process: later epochs skip PNG decoding and resizing
     # --- training ---
     epochs: int = 50                          # passes over the training split
     batch_size: int = 16                      # pairs per step (per process under torchrun)
@@ -235,9 +237,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-# What a resumed run may change on top of the checkpoint's config: length, logging, where it writes.
+# What a resumed run may change on top of the checkpoint's config: length, logging, where it writes, and how images
+# are loaded (the decode cache and the worker count give identical batches: tests/test_dataset.py, test_resume_cli.py).
 RESUME_SAFE = ("resume", "epochs", "max_steps", "out_dir", "final_path", "log_every", "log_seconds",
-               "save_every_min", "save_every_steps", "log_level", "device")
+               "save_every_min", "save_every_steps", "log_level", "device", "cache_images", "num_workers")
 
 
 def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Config, list[str]]:

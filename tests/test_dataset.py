@@ -148,3 +148,36 @@ def test_epoch_travels_with_the_index_so_persistent_workers_see_it(tmp_path):
         assert batch == [(epoch, 0), (epoch, 1)]
         seen.append(ds[batch[0]][1])
     assert len(set(seen)) > 1 and ds[(2, 0)][1] == seen[2]        # varies by epoch, reproducible
+
+
+def test_decode_cache_gives_the_same_augmented_pixels_and_decodes_each_face_once(tmp_path, monkeypatch):
+    """--cache-images keeps the resized uint8 face: later epochs give bit-identical tensors without decoding."""
+    import dataclasses
+    import dataset
+    rows = [dict(image=f"{i}.png", caption="c", label="happiness") for i in range(4)]
+    cfg = write_set(tmp_path, rows)
+    rng = np.random.default_rng(0)
+    for i in range(4):                               # textured faces, so a wrong flip or crop shows
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    df = read_captions(cfg)
+    caps, labels = build_vocabs(df, None)
+    plain = PairDataset(df, dataclasses.replace(cfg, cache_images=False), True, caps, labels)
+    cached = PairDataset(df, dataclasses.replace(cfg, cache_images=True), True, caps, labels)
+    calls = []
+    real = dataset.open_image
+    monkeypatch.setattr(dataset, "open_image", lambda im, g: (isinstance(im, (str, Path)) and calls.append(im)) or real(im, g))
+    for epoch in range(3):
+        for i in range(4):
+            assert torch.equal(plain[(epoch, i)][0], cached[(epoch, i)][0])
+    assert len(calls) == 3 * 4 + 4                  # plain decodes every epoch, the cache once per face
+
+
+def test_decode_cache_stops_at_its_limit_and_says_so_once(caplog):
+    from dataset import DecodeCache
+    cache = DecodeCache(limit_bytes=2 * 12)
+    decode = lambda p: np.zeros((2, 2, 3), np.uint8)    # 12 bytes a face
+    with caplog.at_level("INFO"):
+        for i in range(5):
+            cache.get(i, f"{i}.png", decode)
+    assert sorted(cache.items) == [0, 1] and cache.used == 24
+    assert sum("image cache full" in r.getMessage() for r in caplog.records) == 1

@@ -1,0 +1,97 @@
+"""Training throughput of the shipped FER+ recipe, side by side in one process: today's path against the levers.
+
+    python bench/bench_recipe.py --data runs/ferplus/data_sample            # FER+ as bench/ferplus.py prepares it
+    python bench/bench_recipe.py --data . --steps 10 --rounds 2             # the bundled drawn sample, a smoke run
+
+Every variant is a real train.Trainer (the recipe of bench/ferplus.py with the multilingual text tower) on the same
+data and the same batches: images/s of whole steps, loader included (decode, augment, collate) as train.py runs
+them. Variants are timed in turns, `--rounds` times, so load on the shared cores falls on all of them alike; the
+median of the rounds is printed with its range, and the ratio to `today`. Steady state: each round's batches were
+seen once before (the decode cache, where on, is warm, as from a run's second epoch on).
+
+Variants: today = PNG decode and resize every epoch, fp32 (the path before the decode cache); cache = faces decoded
+once into memory; bf16 = cache + bf16 autocast (on CPUs with AMX/AVX512-BF16); px48 = cache at 48 px, FER's own
+resolution (fewer pixels: a different model, so its accuracy is an ablation row of bench/ferplus.py, not a given).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from config import add_config_args, config_from_args  # noqa: E402
+from ferplus import RECIPE  # noqa: E402
+from logs import setup_logging  # noqa: E402
+from precision import cpu_has_bf16  # noqa: E402
+from train import Trainer  # noqa: E402
+
+TEXT = ["--text-model", "pkg:multilingual-e5-small", "--freeze-text", "true"]
+VARIANTS = {"today": ["--cache-images", "false", "--amp", "off", "--num-workers", "1"],
+            "today-w0": ["--cache-images", "false", "--amp", "off"],
+            "cache": ["--cache-images", "true", "--amp", "off"],
+            "bf16": ["--cache-images", "true", "--amp", "bf16"],
+            "px48": ["--cache-images", "true", "--amp", "off", "--image-size", "48"]}
+
+
+def trainer(data: str, flags: list[str], work: str) -> Trainer:
+    ap = argparse.ArgumentParser()
+    add_config_args(ap)
+    args = ap.parse_args([*RECIPE, *TEXT, "--data", data, "--out-dir", work, "--final-path", "", "--epochs", "100",
+                          "--log-level", "warning", *flags])
+    return Trainer(config_from_args(args))
+
+
+def timed_pass(tr: Trainer, batches: list[list[int]], epoch: int) -> float:
+    """Images/s of loader + train_step over `batches` (as index lists), in epoch `epoch`'s augmentation."""
+    tr.model.train()
+    tr.epoch_batches.set(epoch, batches)
+    n, t = 0, time.perf_counter()
+    for batch in tr.train_loader:
+        tr.train_step(batch)
+        n += len(batch["labels"])
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT / "runs" / "ferplus" / "data_sample"))
+    ap.add_argument("--steps", type=int, default=20, help="batches per timed pass")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_recipe"))
+    a = ap.parse_args(argv)
+    setup_logging("warning")
+    names = [v for v in a.variants.split(",") if v]
+    if "bf16" in names and not cpu_has_bf16():
+        print("bf16: skipped (this CPU has no AMX/AVX512-BF16; autocast would run emulated)")
+        names.remove("bf16")
+    trainers = {v: trainer(a.data, VARIANTS[v], f"{a.work}/{v}") for v in names}
+    batches = next(iter(trainers.values())).train_batches(0)[:a.steps]
+    for tr in trainers.values():                 # warm-up: first steps, allocator, decode cache filled
+        timed_pass(tr, batches, 0)
+    rates = {v: [] for v in names}
+    for r in range(a.rounds):
+        for v, tr in trainers.items():
+            rates[v].append(timed_pass(tr, batches, 1 + r))
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{cpu}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}; {a.steps} steps x "
+          f"{a.rounds} rounds, batch {trainers[names[0]].cfg.batch_size}")
+    print("| path | images/s (median, range) | vs today |\n|---|---|---|")
+    base = float(np.median(rates[names[0]]))
+    for v in names:
+        med = float(np.median(rates[v]))
+        print(f"| {v} | {med:.0f} ({min(rates[v]):.0f}-{max(rates[v]):.0f}) | {med / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
