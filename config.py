@@ -54,6 +54,8 @@ class Config:
     sampler: str = "none"                     # none | balanced (label-balanced batches) | weighted (1/class count)
     exclude_classes: str = ""                 # comma list of labels left out of training (unseen-class protocol)
     augment: bool = True                      # train-time flip, small affine, brightness/contrast (albumentations)
+    augment_photo: bool = False               # with augment: also degrade faces as photos do (small face upscaled,
+                                              # JPEG, blur, gamma, a detector's looser box); not yet in the recipe
     num_workers: int = 0                      # DataLoader worker processes (persistent across epochs)
     cache_images: bool = True                 # decode each face once (resized, uint8) and keep it in memory, up
                                               # to 2 GiB per process: later epochs skip PNG decoding and resizing

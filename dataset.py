@@ -162,8 +162,20 @@ def build_transform(cfg: Config, train: bool, resize: bool = True) -> A.Compose:
         ops += [A.HorizontalFlip(p=0.5),
                 A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.7),
                 A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
+        if cfg.augment_photo:
+            ops += photo_degradations()
     ops += [A.Normalize(mean=mean, std=std), A.ToTensorV2()]
     return A.Compose(ops)
+
+
+def photo_degradations() -> list:
+    """What a face found in a user's photo went through before the model sees it (--augment-photo): a small face
+    upscaled (downscale then back), JPEG, focus blur, exposure (gamma), and the looser, shifted box of a detector."""
+    return [A.Downscale(scale_range=(0.3, 0.9), p=0.3),
+            A.ImageCompression(quality_range=(30, 90), p=0.3),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+            A.Affine(scale=(0.85, 1.15), translate_percent=(-0.08, 0.08), p=0.3)]
 
 
 def open_image(image, grayscale: bool) -> np.ndarray:

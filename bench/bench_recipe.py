@@ -3,13 +3,14 @@
     python bench/bench_recipe.py --data runs/ferplus/data_sample            # FER+ as bench/ferplus.py prepares it
     python bench/bench_recipe.py --data . --steps 10 --rounds 2             # the bundled drawn sample, a smoke run
 
-Every variant is a real train.Trainer (the recipe of bench/ferplus.py with the multilingual text tower) on the same
+Every variant is a real train.Trainer (the recipe of bench/ferplus.py, multilingual text tower) on the same
 data and the same batches: images/s of whole steps, loader included (decode, augment, collate) as train.py runs
 them. Variants are timed in turns, `--rounds` times, so load on the shared cores falls on all of them alike; the
 median of the rounds is printed with its range, and the ratio to `today`. Steady state: each round's batches were
 seen once before (the decode cache, where on, is warm, as from a run's second epoch on).
 
-Variants: today = PNG decode and resize every epoch, fp32 (the path before the decode cache); cache = faces decoded
+Variants: today = PNG decode and resize every epoch, fp32, one loader worker (the path before the decode cache,
+as bench/ferplus.py ran it); today-w0 = the same in the training process; cache = faces decoded
 once into memory; bf16 = cache + bf16 autocast (on CPUs with AMX/AVX512-BF16); px48 = cache at 48 px, FER's own
 resolution (fewer pixels: a different model, so its accuracy is an ablation row of bench/ferplus.py, not a given).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,6 @@ from logs import setup_logging  # noqa: E402
 from precision import cpu_has_bf16  # noqa: E402
 from train import Trainer  # noqa: E402
 
-TEXT = ["--text-model", "pkg:multilingual-e5-small", "--freeze-text", "true"]
 VARIANTS = {"today": ["--cache-images", "false", "--amp", "off", "--num-workers", "1"],
             "today-w0": ["--cache-images", "false", "--amp", "off"],
             "cache": ["--cache-images", "true", "--amp", "off"],
@@ -42,10 +43,10 @@ VARIANTS = {"today": ["--cache-images", "false", "--amp", "off", "--num-workers"
             "px48": ["--cache-images", "true", "--amp", "off", "--image-size", "48"]}
 
 
-def trainer(data: str, flags: list[str], work: str) -> Trainer:
+def trainer(recipe: list[str], data: str, flags: list[str], work: str) -> Trainer:
     ap = argparse.ArgumentParser()
     add_config_args(ap)
-    args = ap.parse_args([*RECIPE, *TEXT, "--data", data, "--out-dir", work, "--final-path", "", "--epochs", "100",
+    args = ap.parse_args([*recipe, "--data", data, "--out-dir", work, "--final-path", "", "--epochs", "100",
                           "--log-level", "warning", *flags])
     return Trainer(config_from_args(args))
 
@@ -68,13 +69,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_recipe"))
+    ap.add_argument("--recipe", help="train.py flags replacing bench/ferplus.py's RECIPE (quoted)")
     a = ap.parse_args(argv)
     setup_logging("warning")
     names = [v for v in a.variants.split(",") if v]
     if "bf16" in names and not cpu_has_bf16():
         print("bf16: skipped (this CPU has no AMX/AVX512-BF16; autocast would run emulated)")
         names.remove("bf16")
-    trainers = {v: trainer(a.data, VARIANTS[v], f"{a.work}/{v}") for v in names}
+    recipe = shlex.split(a.recipe) if a.recipe else RECIPE
+    trainers = {v: trainer(recipe, a.data, VARIANTS[v], f"{a.work}/{v}") for v in names}
     batches = next(iter(trainers.values())).train_batches(0)[:a.steps]
     for tr in trainers.values():                 # warm-up: first steps, allocator, decode cache filled
         timed_pass(tr, batches, 0)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench_recipe  # noqa: E402
 import bench_train  # noqa: E402
 import fer2013  # noqa: E402
 
@@ -57,3 +58,19 @@ def test_fer2013_table_rows_follow_each_runs_setup():
     assert md.count("Unseen phrasing") == 1                      # from the first CLIP run only
     assert "--runs clip --image-size 64 --epochs 12 --ema-decay 0.999 --bank paper" in md
     assert "top-1 66.0% -> 62.0% (-4.0 points)" in md          # trained on paper, scored with the disjoint rich set
+
+
+def test_bench_recipe_times_each_path_on_the_same_batches_and_prints_its_ratio(tmp_path, capsys):
+    """Two real Trainers (today's path: no decode cache; the cache) on the bundled sample, timed in turns."""
+    rc = bench_recipe.main(["--data", str(ROOT), "--steps", "2", "--rounds", "2", "--variants", "today,cache",
+                            "--work", str(tmp_path), "--recipe", "--preset tiny --image-size 32 --batch-size 8 "
+                            "--caption-bank paper --positives label --contrast classes"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = dict(re.findall(r"^\| (today|cache) \| ([\d.]+) \(", out, re.M))
+    ratios = dict(re.findall(r"^\| (today|cache) \|.*\| ([\d.]+)x \|$", out, re.M))
+    assert set(rows) == {"today", "cache"} and all(float(v) > 0 for v in rows.values())
+    assert ratios["today"] == "1.00"
+    # the cache row's ratio lies in the interval its rounded rates allow (rates to 1 img/s, ratio to 0.01)
+    c, t = float(rows["cache"]), float(rows["today"])
+    assert (c - 0.5) / (t + 0.5) - 0.005 <= float(ratios["cache"]) <= (c + 0.5) / (t - 0.5) + 0.005

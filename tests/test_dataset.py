@@ -172,12 +172,33 @@ def test_decode_cache_gives_the_same_augmented_pixels_and_decodes_each_face_once
     assert len(calls) == 3 * 4 + 4                  # plain decodes every epoch, the cache once per face
 
 
-def test_decode_cache_stops_at_its_limit_and_says_so_once(caplog):
+def test_decode_cache_stops_at_its_limit_and_says_so_once(monkeypatch):
+    import dataset
     from dataset import DecodeCache
+    said = []
+    monkeypatch.setattr(dataset.log, "info", lambda msg, *a, **k: said.append(msg))
     cache = DecodeCache(limit_bytes=2 * 12)
     decode = lambda p: np.zeros((2, 2, 3), np.uint8)    # 12 bytes a face
-    with caplog.at_level("INFO"):
-        for i in range(5):
-            cache.get(i, f"{i}.png", decode)
+    for i in range(5):
+        assert cache.get(i, f"{i}.png", decode).shape == (2, 2, 3)
     assert sorted(cache.items) == [0, 1] and cache.used == 24
-    assert sum("image cache full" in r.getMessage() for r in caplog.records) == 1
+    assert sum("image cache full" in m for m in said) == 1
+
+
+def test_photo_degradations_change_train_pixels_reproducibly_and_never_eval(tmp_path):
+    import dataclasses
+    from dataset import Preprocess
+    rng = np.random.default_rng(1)
+    path = tmp_path / "f.png"
+    Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(path)
+    cfg = dataclasses.replace(make_config(preset="tiny"), image_size=32, augment_photo=True)
+    plain, photo = Preprocess(dataclasses.replace(cfg, augment_photo=False), True), Preprocess(cfg, True)
+    differs = []
+    for seed in range(12):
+        plain.seed(seed), photo.seed(seed)
+        a, b = plain(path), photo(path)
+        photo.seed(seed)
+        assert torch.equal(photo(path), b)                       # a function of the seed (exact resume)
+        differs.append(not torch.equal(a, b))
+    assert any(differs)                                          # the degradations do something
+    assert torch.equal(Preprocess(cfg, False)(path), Preprocess(cfg, False)(path))   # eval: none of it

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,6 +118,13 @@ def test_align_text_gives_a_model_korean_queries_end_to_end(trained, sample_dir,
     x = torch.rand(2, 3, old.cfg.image_size, old.cfg.image_size)
     assert torch.equal(new.encode_image(x), old.encode_image(x))
     assert new.encode_text(["활짝 웃는 얼굴"]).shape == (1, old.embed_dim)
+    # the head is centred over its training sentences: no component shared by every sentence is left to pull the
+    # same faces to the top of every search (align_text.centered)
+    from captions import load_caption_bank
+    bank = [s for sentences in load_caption_bank("paper,rich").values() for s in sentences]
+    with torch.no_grad():
+        mean = new.text_head(new.text_encoder.embed(bank)).mean(0)
+    assert mean.abs().max() < 1e-3 * new.text_head.bias.abs().max().clamp(min=1.0)
 
 
 def test_align_text_refuses_data_without_a_val_split_in_one_line(trained, sample_dir, tmp_path):
