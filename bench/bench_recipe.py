@@ -35,6 +35,7 @@ from ferplus import RECIPE  # noqa: E402
 from logs import setup_logging  # noqa: E402
 from precision import cpu_has_bf16  # noqa: E402
 from train import Trainer  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 VARIANTS = {"today": ["--cache-images", "false", "--amp", "off", "--num-workers", "1"],
             "today-w0": ["--cache-images", "false", "--amp", "off"],
@@ -97,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))
