@@ -85,12 +85,14 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float = 1e-2) -> tuple[np.ndarray, 
     return w.astype(np.float32), (my - mx @ w).astype(np.float32)
 
 
-def select_top1(head, tower_feats: dict, emb_val: np.ndarray, y_val: np.ndarray, classes: list[str]) -> dict:
-    """Per language: val-face top-1 through that language's selection prototypes."""
+def select_top1(head, center: torch.Tensor, tower_feats: dict, emb_val: np.ndarray, y_val: np.ndarray,
+                classes: list[str]) -> dict:
+    """Per language: val-face top-1 through that language's selection prototypes (head outputs minus `center`, the
+    mean output over the training sentences, as the folded head will give them)."""
     out = {}
     with torch.no_grad():
         for lang, (feats, owner) in tower_feats.items():
-            t = F.normalize(head(feats) - head.center, dim=-1).numpy()
+            t = F.normalize(head(feats) - center, dim=-1).numpy()
             protos = metrics.class_prototypes(t, owner, classes)[1]
             pred = metrics.zero_shot_scores(emb_val, protos).argmax(1)
             out[lang] = float((pred == y_val).mean())
@@ -118,8 +120,7 @@ def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, 
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            head.center = head(feats).mean(0)                                     # what selection subtracts
-        score = select_top1(head, *val)
+            score = select_top1(head, head(feats).mean(0), *val)
         history.append(dict(epoch=epoch, **{f"select_top1_{k}": v for k, v in score.items()}))
         mean = float(np.mean(list(score.values())))
         log.info(f"epoch {epoch}: selection top-1 " + ", ".join(f"{k} {v:.3f}" for k, v in score.items()))

@@ -198,12 +198,11 @@ class Preprocess:
     cache: decode (path -> resized HxWx3 uint8, deterministic) and finish (augment + normalise)."""
 
     def __init__(self, cfg: Config, train: bool = False):
-        self.grayscale, self.transform = cfg.grayscale, build_transform(cfg, train)
+        self.grayscale = cfg.grayscale
         self.resize = A.Resize(cfg.image_size, cfg.image_size)
         self.after_resize = build_transform(cfg, train, resize=False)
 
     def seed(self, seed: int) -> None:
-        self.transform.set_random_seed(seed)
         self.after_resize.set_random_seed(seed)
 
     def decode(self, image) -> np.ndarray:
@@ -213,7 +212,7 @@ class Preprocess:
         return self.after_resize(image=pixels)["image"]                                # [3, H, W]
 
     def __call__(self, image) -> torch.Tensor:
-        return self.transform(image=open_image(image, self.grayscale))["image"]      # [3, H, W]
+        return self.finish(self.decode(image))                                         # [3, H, W]
 
 
 class DecodeCache:
