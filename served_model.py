@@ -37,6 +37,9 @@ def describe_model(path: Path) -> tuple[str, str | None]:
     data = Path(str(cfg.get("data", "?")))
     drawn = data.resolve() == ROOT and cfg.get("captions", "captions.csv") == "captions.csv"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    if path.resolve() == BUNDLED_MODEL:        # its fields name the machine it was made on: the card says how
+        return (f"the bundled real-face model (FER+, {sum(counts.values()) or '?'} faces, {len(counts) or '?'} "
+                f"classes; text tower {cfg.get('text_model')}; how it was made: models/README.md)"), None
     info = (f"trained on {'the bundled drawn sample' if drawn else data} ({sum(counts.values()) or '?'} faces, "
             f"{len(counts) or '?'} classes), best epoch {ck.get('epoch', '?')}, text tower {cfg.get('text_model')}, "
             f"file written {when}")

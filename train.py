@@ -37,6 +37,7 @@ from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, S
 from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
+BN_CALIBRATION_FACES = 2048          # --image-bn fold: faces whose statistics are folded (~10 s at 64 px on 2 cores)
 
 
 def get_lr(step: int, cfg: Config, total_steps: int) -> float:
@@ -106,7 +107,8 @@ class Trainer:
         """self.model on its device (channels-last), its weight EMA, compiled towers, and self.net: what the training
         step calls, DDP-wrapped under torchrun."""
         cfg = self.cfg
-        self.model = ExprCLIP(cfg, class_names=list(self.data.label_vocab) if cfg.objective == "ce" else None)
+        self.model = ExprCLIP(cfg, class_names=list(self.data.label_vocab) if cfg.objective == "ce" else None,
+                              calibrate=None if cfg.resume else self.calibrate_bn)   # resumed: weights from last.pth
         self.model = self.model.to(self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
@@ -122,6 +124,20 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.objective == "ce")
+
+    def calibrate_bn(self, encoder: torch.nn.Module) -> None:
+        """--image-bn fold: BatchNorm statistics over the first BN_CALIBRATION_FACES training faces, as epoch 0
+        augments them (a cumulative average, no gradients: torch's swa_utils.update_bn), before they are folded."""
+        idx = [i for b in self.train_batches(0) for i in b][:BN_CALIBRATION_FACES]
+        size = self.cfg.batch_size
+
+        def batches():
+            for k in range(0, len(idx), size):
+                items = [self.data.train_ds[(0, i)] for i in idx[k:k + size]]
+                if pixels := [it[0] for it in items if isinstance(it, tuple)]:
+                    yield torch.stack(pixels)                      # [B, 3, H, W]
+        torch.optim.swa_utils.update_bn(batches(), encoder.to(self.device), device=self.device)
+        log.info(f"BatchNorm statistics re-estimated on {len(idx)} training faces, folded into the convolutions")
 
     # ------------------------------------------------------------------ data
     def train_batches(self, epoch: int) -> list[list[int]]:

@@ -9,10 +9,13 @@ them. Variants are timed in turns, `--rounds` times, so load on the shared cores
 median of the rounds is printed with its range, and the ratio to `today`. Steady state: each round's batches were
 seen once before (the decode cache, where on, is warm, as from a run's second epoch on).
 
-Variants: today = PNG decode and resize every epoch, fp32, one loader worker (the path before the decode cache,
-as bench/ferplus.py ran it); today-w0 = the same in the training process; cache = faces decoded
-once into memory; bf16 = cache + bf16 autocast (on CPUs with AMX/AVX512-BF16); px48 = cache at 48 px, FER's own
-resolution (fewer pixels: a different model, so its accuracy is an ablation row of bench/ferplus.py, not a given).
+Variants: today = PNG decode and resize every epoch, fp32, one loader worker, the frozen class sentences' features
+rebuilt each step (the path before this round, as bench/ferplus.py ran it); today-w0 = the same in the training
+process; cache = faces decoded once into memory; text-once = cache + the frozen class sentences' features reused
+from the last step; then, each on top of text-once: fold = BatchNorm folded into the convolutions (--image-bn fold);
+freeze2 = the stem and first 2 stages frozen (--freeze-image-stages 2); fold-freeze2/3 = both; bf16 = bf16 autocast (on CPUs with AMX/AVX512-BF16);
+px48 = 48 px, FER's own resolution. fold, freeze and px48 change the model: their accuracy at equal epochs is an
+ablation row of bench/ferplus.py, not a given.
 """
 from __future__ import annotations
 
@@ -37,19 +40,33 @@ from precision import cpu_has_bf16  # noqa: E402
 from train import Trainer  # noqa: E402
 from utils import run_cli  # noqa: E402
 
-VARIANTS = {"today": ["--cache-images", "false", "--amp", "off", "--num-workers", "1"],
-            "today-w0": ["--cache-images", "false", "--amp", "off"],
-            "cache": ["--cache-images", "true", "--amp", "off"],
-            "bf16": ["--cache-images", "true", "--amp", "bf16"],
-            "px48": ["--cache-images", "true", "--amp", "off", "--image-size", "48"]}
+# Each variant states every lever it differs by (so a RECIPE that turns one on does not leak into `today`).
+OFF = ["--amp", "off", "--freeze-image-stages", "0", "--image-bn", "train"]
+VARIANTS = {"today": [*OFF, "--cache-images", "false", "--num-workers", "1"],
+            "today-w0": [*OFF, "--cache-images", "false"],
+            "cache": [*OFF, "--cache-images", "true"],
+            "text-once": [*OFF, "--cache-images", "true"],
+            "bf16": [*OFF, "--cache-images", "true", "--amp", "bf16"],
+            "px48": [*OFF, "--cache-images", "true", "--image-size", "48"],
+            "fold": [*OFF, "--cache-images", "true", "--image-bn", "fold"],
+            "freeze2": [*OFF, "--cache-images", "true", "--freeze-image-stages", "2"],
+            "fold-freeze2": [*OFF, "--cache-images", "true", "--image-bn", "fold", "--freeze-image-stages", "2"],
+            "fold-freeze3": [*OFF, "--cache-images", "true", "--image-bn", "fold", "--freeze-image-stages", "3"]}
+
+# Before this round the frozen class sentences' features were rebuilt every step from per-sentence keys; these
+# variants keep that path (model.reuse_frozen_batch off) so the side-by-side baseline is the code as it was.
+OLD_TEXT_PATH = ("today", "today-w0", "cache")
 
 
-def trainer(recipe: list[str], data: str, flags: list[str], work: str) -> Trainer:
+def trainer(recipe: list[str], data: str, variant: str, work: str) -> Trainer:
+    flags = VARIANTS[variant]
     ap = argparse.ArgumentParser()
     add_config_args(ap)
     args = ap.parse_args([*recipe, "--data", data, "--out-dir", work, "--final-path", "", "--epochs", "100",
                           "--log-level", "warning", *flags])
-    return Trainer(config_from_args(args))
+    tr = Trainer(config_from_args(args))
+    tr.model.reuse_frozen_batch = variant not in OLD_TEXT_PATH
+    return tr
 
 
 def timed_pass(tr: Trainer, batches: list[list[int]], epoch: int) -> float:
@@ -78,7 +95,7 @@ def main(argv=None) -> int:
         print("bf16: skipped (this CPU has no AMX/AVX512-BF16; autocast would run emulated)")
         names.remove("bf16")
     recipe = shlex.split(a.recipe) if a.recipe else RECIPE
-    trainers = {v: trainer(recipe, a.data, VARIANTS[v], f"{a.work}/{v}") for v in names}
+    trainers = {v: trainer(recipe, a.data, v, f"{a.work}/{v}") for v in names}
     batches = next(iter(trainers.values())).train_batches(0)[:a.steps]
     for tr in trainers.values():                 # warm-up: first steps, allocator, decode cache filled
         timed_pass(tr, batches, 0)

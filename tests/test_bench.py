@@ -61,15 +61,16 @@ def test_fer2013_table_rows_follow_each_runs_setup():
 
 
 def test_bench_recipe_times_each_path_on_the_same_batches_and_prints_its_ratio(tmp_path, capsys):
-    """Two real Trainers (today's path: no decode cache; the cache) on the bundled sample, timed in turns."""
-    rc = bench_recipe.main(["--data", str(ROOT), "--steps", "2", "--rounds", "2", "--variants", "today,cache",
+    """Real Trainers (today's path: no decode cache; the cache; the shipped frozen stages) on the bundled sample,
+    timed in turns."""
+    rc = bench_recipe.main(["--data", str(ROOT), "--steps", "2", "--rounds", "2", "--variants", "today,cache,freeze2",
                             "--work", str(tmp_path), "--recipe", "--preset tiny --image-size 32 --batch-size 8 "
                             "--caption-bank paper --positives label --contrast classes"])
     out = capsys.readouterr().out
     assert rc == 0
-    rows = dict(re.findall(r"^\| (today|cache) \| ([\d.]+) \(", out, re.M))
-    ratios = dict(re.findall(r"^\| (today|cache) \|.*\| ([\d.]+)x \|$", out, re.M))
-    assert set(rows) == {"today", "cache"} and all(float(v) > 0 for v in rows.values())
+    rows = dict(re.findall(r"^\| (today|cache|freeze2) \| ([\d.]+) \(", out, re.M))
+    ratios = dict(re.findall(r"^\| (today|cache|freeze2) \|.*\| ([\d.]+)x \|$", out, re.M))
+    assert set(rows) == {"today", "cache", "freeze2"} and all(float(v) > 0 for v in rows.values())
     assert ratios["today"] == "1.00"
     # the cache row's ratio lies in the interval its rounded rates allow (rates to 1 img/s, ratio to 0.01)
     c, t = float(rows["cache"]), float(rows["today"])

@@ -25,3 +25,11 @@ def test_a_model_trained_only_on_the_bundled_drawn_sample_is_flagged(trained, tm
     info, warn = describe_model(tmp_path / "model_final.pth")
     assert "bundled drawn sample" in info
     assert warn and "--checkpoint models/exprclip-ferplus.pth" in warn
+
+
+def test_the_bundled_model_is_described_by_its_card_not_by_the_machine_it_was_made_on():
+    from served_model import BUNDLED_MODEL, describe_model
+    info, warn = describe_model(BUNDLED_MODEL)
+    ck = torch.load(BUNDLED_MODEL, weights_only=True)
+    assert "bundled real-face model" in info and "models/README.md" in info and "pkg:multilingual-e5-small" in info
+    assert str(ck["config"]["data"]) not in info and "best epoch" not in info and warn is None
