@@ -171,8 +171,8 @@ class SentenceTower(nn.Module):
                     self._cache[t] = v
                 if len(todo) >= DISK_MIN:
                     write_disk(self._disk or disk_file(self.source), self._cache)
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
+            while len(self._cache) > CACHE_SIZE:           # also after a read from disk
+                self._cache.popitem(last=False)
             out = []
             for t in texts:
                 self._cache.move_to_end(t)
