@@ -99,14 +99,19 @@ def select_top1(head, center: torch.Tensor, tower_feats: dict, emb_val: np.ndarr
     return out
 
 
-def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, lr: float, seed: int):
+def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, lr: float, seed: int,
+             balance: float = 0.0):
     """Train `head` (sentence features [S, dt] -> image space); returns (best state, history). `val` is
-    (tower_feats_by_lang, emb_val, y_val, classes) for selection."""
+    (tower_feats_by_lang, emb_val, y_val, classes) for selection. balance (tau): the loss adds tau x each class's log
+    prior (its share of the targets) to its sentences' logits (logit adjustment, Menon et al. 2021), so the head
+    learns scores with less of the class prior (none at 1) and rare expressions are not outvoted by frequent ones."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     img, tgt = torch.from_numpy(emb), torch.from_numpy(soft)                      # [N, D], [N, C]
     counts = torch.bincount(owner_idx, minlength=soft.shape[1]).float()           # sentences per class
     adjust = counts.log()[owner_idx]                                              # [S]
+    if balance:
+        adjust = adjust - balance * tgt.mean(0).clamp_min(1e-6).log()[owner_idx]
     spread = tgt[:, owner_idx] / counts[owner_idx]                                # [N, S] target over sentences
     best, history = None, []
     for epoch in range(epochs + 1):
@@ -165,7 +170,7 @@ def split_faces(old, preprocess, table, split: str, classes: list[str], ckpt: st
 
 
 def align(old: ExprCLIP, faces: dict, text_model: str, bank_name: str, select_path: str, epochs: int = 20,
-          lr: float = 1e-3, seed: int = 0):
+          lr: float = 1e-3, seed: int = 0, balance: float = 0.0):
     """Learn the new tower's text head against the frozen image side. faces: {"train"|"val": (emb, rows)}.
     Returns ({keep: aligned model}, {keep: its epoch}, history) for keep = best (by the selection phrasings) and
     last (one run gives both)."""
@@ -185,7 +190,7 @@ def align(old: ExprCLIP, faces: dict, text_model: str, bank_name: str, select_pa
     val = (sel, emb_val, np.array([classes.index(c) for c in df_val["label"]]), classes)
     feats = tower.embed(sentences)                                                # [S, dt]
     best, history = fit_head(head, feats, owner, emb_tr, targets(df_tr, classes), old.scale().item(), val, epochs,
-                             lr, seed)
+                             lr, seed, balance)
     states = dict(best=(best[1], best[2]), last=(epochs, centered(head, feats)))
     return ({k: aligned_model(old, text_model, st, bank_name) for k, (_, st) in states.items()},
             {k: e for k, (e, _) in states.items()}, history)
@@ -203,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--keep", choices=("best", "last"), default="best", help="the epoch kept")
+    ap.add_argument("--balance", type=float, default=0.0, help="logit adjustment tau: 1 trains without the class "
+                    "prior (higher recall of rare expressions, lower top-1), 0 = off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/align", help="cache of face embeddings")
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
@@ -212,7 +219,7 @@ def main(argv=None) -> int:
     table, _ = evaluate.read_data(a.data)
     classes = [c for c in old.class_names or sorted(load_caption_bank(a.bank)) if c in load_caption_bank(a.bank)]
     faces = {s: split_faces(old, preprocess, table, s, classes, a.checkpoint, a.work) for s in ("train", "val")}
-    models, epochs, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed)
+    models, epochs, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed, a.balance)
     model, epoch = models[a.keep], epochs[a.keep]
     save_checkpoint(a.out, model, label_counts=ck.get("label_counts"), epoch=epoch,
                     metrics=dict(history[epoch], aligned_from=Path(a.checkpoint).name))

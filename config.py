@@ -60,6 +60,9 @@ class Config:
     augment: bool = True                      # train-time flip, small affine, brightness/contrast (albumentations)
     augment_photo: bool = False               # with augment: also degrade faces as photos do (small face upscaled,
                                               # JPEG, blur, gamma, a detector's looser box); not yet in the recipe
+    mixup: float = 0.0                        # >0: Mixup's Beta(a, a) on training batches, targets mixed alike
+                                              # (needs --targets soft or --contrast classes; 0.2 is typical)
+    cutmix: float = 0.0                       # >0: CutMix's Beta(a, a); with --mixup too, one of the two per batch
     num_workers: int = 0                      # DataLoader worker processes (persistent across epochs)
     cache_images: bool = True                 # decode each face once (resized, uint8) and keep it in memory, up
                                               # to 2 GiB per process: later epochs skip PNG decoding and resizing
@@ -216,6 +219,11 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     if is_sentence_tower(cfg.text_model) and not (cfg.freeze_text and cfg.text_weights == "pretrained"):
         raise UserError(f"{cfg.text_model} is a packaged sentence encoder used as it is: pass --freeze-text "
                         "(and --text-weights pretrained)")
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise UserError(f"mixup = {cfg.mixup}, cutmix = {cfg.cutmix}: Beta concentrations must be >= 0 (0 = off)")
+    if (cfg.mixup or cfg.cutmix) and not (cfg.targets == "soft" or cfg.contrast == "classes"):
+        raise UserError("--mixup / --cutmix mix target distributions: use them with --targets soft or "
+                        "--contrast classes")
     if cfg.freeze_image_stages < 0:
         raise UserError(f"freeze_image_stages = {cfg.freeze_image_stages} must be >= 0 (0 = train every stage)")
     if not 0 <= cfg.ema_decay < 1:

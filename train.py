@@ -30,6 +30,7 @@ from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
 from embed import classifier_logits, encode_batch, text_prototypes
 from logs import get_logger, setup_logging
 from loss import make_loss
+from mixup import mix_batch
 from model import ExprCLIP, checkpoint_payload, save_checkpoint
 from precision import amp_setup
 from samplers import epoch_batches
@@ -200,6 +201,9 @@ class Trainer:
                                         self.device, self.loss_fn)
             sync_grads(self.model, average=self.loss_fn.rowwise)   # all-reduce under torchrun; no-op otherwise
         else:
+            if self.cfg.mixup or self.cfg.cutmix:          # targets are distributions here (config checks it)
+                pixels, dist, _ = mix_batch(batch["pixels"], batch["dist"], self.cfg.mixup, self.cfg.cutmix)
+                batch = dict(batch, pixels=pixels, dist=dist)
             loss = self.forward_loss(batch)
             backward(loss)
         if self.scaler is not None:

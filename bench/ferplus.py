@@ -48,8 +48,9 @@ from ferplus_sentences import check_disjoint, load_compound, training_banks  # n
 # multilingual-e5-small space as the shared space (no text head: a Korean or unseen English sentence lands where e5
 # puts it), the shipped banks plus the generated English and Korean FACS banks as training sentences; the stem and
 # first two stages of the image tower frozen (1.96x the throughput of last round's path, equal accuracy at equal
-# epochs: BENCHMARKS.md, "Training throughput"). The bundled file was trained before that: --extra
-# "--freeze-image-stages 0" reproduces it (models/README.md).
+# epochs: BENCHMARKS.md, "Training throughput"). The bundled file's image side is trained with a variant of this
+# recipe instead (all-MiniLM-L6-v2 and the paper + rich banks via --recipe, 16 epochs), then given the e5 tower by
+# align_text.py --balance 0.4: the exact commands are in models/README.md.
 RECIPE = ["--preset", "offline", "--batch-size", "64", "--image-size", "64", "--freeze-image-stages", "2",
           "--caption-bank", "paper,rich,captions/facs_en.csv,captions/facs_ko.csv",
           "--caption-sampling", "random", "--positives", "label", "--targets", "soft", "--contrast", "classes",
