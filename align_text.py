@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/align", help="cache of face embeddings")
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
     a = ap.parse_args(argv)
+    if a.balance < 0:
+        raise UserError(f"--balance {a.balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
     ck = read_checkpoint(a.checkpoint)
     old, _, preprocess = create_model_and_transforms(ck, "cpu", path=a.checkpoint)
     table, _ = evaluate.read_data(a.data)
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
     models, epochs, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed, a.balance)
     model, epoch = models[a.keep], epochs[a.keep]
     save_checkpoint(a.out, model, label_counts=ck.get("label_counts"), epoch=epoch,
-                    metrics=dict(history[epoch], aligned_from=Path(a.checkpoint).name))
+                    metrics=dict(history[epoch], aligned_from=Path(a.checkpoint).name, balance=a.balance))
     print(f"kept epoch {epoch}: selection top-1 " + ", ".join(f"{k[12:]} {v:.3f}" for k, v in history[epoch].items()
                                                               if k != "epoch") + f"; wrote {a.out}")
     return 0

@@ -165,3 +165,12 @@ def test_logit_adjusted_alignment_recalls_a_rare_class_more_often():
             pred = (emb @ protos.T).argmax(1)
         rare_recall[tau] = (pred[y == 1] == 1).float().mean().item()
     assert rare_recall[1.0] > rare_recall[0.0] + 0.04, rare_recall                 # measured: 0.72 vs 0.63
+
+
+def test_align_text_refuses_a_negative_balance_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", "x.pth", "--data", ".",
+                        "--balance", "-1", "--out", str(tmp_path / "x.pth")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--balance" in r.stderr
+    assert not (tmp_path / "x.pth").exists()
