@@ -2,6 +2,7 @@
 
     python bench/bench_detect.py                          # recall/false boxes on 200 PublicTest faces + latency
     python bench/bench_detect.py --checkpoint model_final.pth --n-acc 500   # + accuracy: aligned crops vs 48x48
+    python bench/bench_detect.py --checkpoint M --acc-data runs/ferplus/data_sample --n-acc 852  # on the val split
     python bench/bench_detect.py --tune                   # MIN_PROB choice on train faces (validation, not test)
     python bench/bench_detect.py --template               # FER_TEMPLATE: median landmarks of train faces
 
@@ -39,6 +40,17 @@ def pick_faces(fer: Path, split: str, n: int, seed: int) -> list[tuple[Path, str
     paths = sorted((fer / split).glob("*/*.png"))
     idx = np.random.default_rng(seed).choice(len(paths), size=min(n, len(paths)), replace=False)
     return [(paths[i], paths[i].parent.name) for i in sorted(idx)]
+
+
+def split_faces(data: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
+    """n (path, label) pairs of one split of a captions.csv folder (e.g. the FER+ validation carve-out), seeded."""
+    import evaluate
+    table, _ = evaluate.read_data(str(data))
+    rows = table[(table["split"] == split) & (table["label"] != "")]
+    if rows.empty:
+        raise SystemExit(f"error: {data}: no labelled `{split}` rows")
+    idx = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
+    return [(Path(rows["path"].iloc[i]), rows["label"].iloc[i]) for i in sorted(idx)]
 
 
 def background(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -191,6 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="latency: median of this many calls")
     ap.add_argument("--checkpoint", default=None, help="also measure accuracy on aligned crops vs 48x48 originals")
     ap.add_argument("--n-acc", type=int, default=500, help="test faces for --checkpoint")
+    ap.add_argument("--acc-data", help="--checkpoint accuracy on this captions.csv folder's --acc-split rows instead "
+                    "of FER-2013 test faces (a validation split, to choose a model by the photo path)")
+    ap.add_argument("--acc-split", default="val")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -223,8 +238,10 @@ def main(argv=None) -> int:
     print("latency:")
     latency(items, a.repeat)
     if a.checkpoint:
-        acc_items = pick_faces(fer, "test", a.n_acc, a.seed + 1)
-        print(f"accuracy on {len(acc_items)} test faces ({kinds[-1]} background), paper sentences:")
+        acc_items = (split_faces(Path(a.acc_data), a.acc_split, a.n_acc, a.seed + 1) if a.acc_data
+                     else pick_faces(fer, "test", a.n_acc, a.seed + 1))
+        where = f"{a.acc_data} {a.acc_split}" if a.acc_data else "test"
+        print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background), paper sentences:")
         alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1)
     return 0
 

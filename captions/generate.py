@@ -155,6 +155,39 @@ KO = {
 }
 
 
+# --- Everyday words (issue 19: casual phrasing held) ---------------------------------------------------------------
+# Short colloquial feeling words, in a few casual frames. Measured: without them the text head read long composed
+# descriptions well and short everyday ones poorly (BENCHMARKS.md, "Casual words in the training bank").
+CASUAL_EN = {
+    "neutral": ["blank", "bored", "unbothered", "chill", "zoned-out", "stone-faced", "placid", "vacant", "deadpan"],
+    "happiness": ["giddy", "thrilled", "stoked", "gleeful", "smiley", "jolly", "elated", "ecstatic", "cheery"],
+    "sadness": ["bummed", "gutted", "heartbroken", "teary", "weepy", "mopey", "glum", "crushed", "devastated"],
+    "surprise": ["shocked", "stunned", "floored", "speechless", "startled", "flabbergasted", "dumbfounded",
+                 "wide-eyed", "astounded"],
+    "fear": ["scared", "terrified", "petrified", "spooked", "freaked out", "panicky", "jumpy", "frightened", "alarmed"],
+    "disgust": ["grossed out", "repulsed", "nauseous", "queasy", "revolted", "sickened", "squeamish", "disgusted",
+                "put off by a smell"],
+    "anger": ["mad", "furious", "pissed", "livid", "enraged", "irate", "seething", "raging", "ticked off"],
+    "contempt": ["smug", "snooty", "condescending", "scornful", "disdainful", "snide", "haughty", "dismissive",
+                 "sneering"],
+}
+CASUAL_KO = {
+    "neutral": ["멍한", "무심한", "덤덤한", "밋밋한", "무감각한", "별 감흥 없는", "태연한", "평범한", "감정 없는"],
+    "happiness": ["신난", "기쁜", "즐거운", "해맑은", "흐뭇한", "들뜬", "행복한", "웃음 가득한", "기분 좋은"],
+    "sadness": ["슬픈", "기운 없는", "서글픈", "울적한", "침울한", "눈물 맺힌", "처량한", "속상한", "울먹이는"],
+    "surprise": ["놀란", "어안이 벙벙한", "얼떨떨한", "충격받은", "어리둥절한", "깜짝 놀란", "눈이 커진", "입 벌린",
+                 "기가 막힌 듯 놀란"],
+    "fear": ["무서워하는", "잔뜩 움츠린", "두려운", "공포에 질린", "불안한", "오싹한", "떨고 있는", "소름 돋은", "질린"],
+    "disgust": ["역겨운", "혐오스러운", "메스꺼운", "몸서리치는", "질색하는", "불쾌한", "구역질 나는", "인상 쓴",
+                "더러워하는"],
+    "anger": ["골난", "성난", "열받은", "짜증 난", "화가 치민", "언짢은", "뿔난", "약 오른", "노발대발한"],
+    "contempt": ["깔보는", "거만한", "오만한", "콧대 높은", "빈정대는", "하찮게 보는", "얕보는", "비꼬는",
+                 "비아냥대는"],
+}
+CASUAL_FRAMES_EN = ("looking {w}", "so {w} right now", "a person who looks {w}", "kind of {w}")
+CASUAL_FRAMES_KO = ("{w} 얼굴", "{w} 표정", "{w} 사람", "{w} 눈빛", "완전 {w} 얼굴", "누가 봐도 {w} 표정")
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -175,7 +208,7 @@ def english(label: str) -> list[str]:
     for a in p["au"]:
         for s in p["situ"]:
             out.append(f"a person who looks like {s}, with {a}")
-    return out
+    return out + [f.format(w=w) for w in CASUAL_EN[label] for f in CASUAL_FRAMES_EN]
 
 
 def korean(label: str) -> list[str]:
@@ -192,7 +225,7 @@ def korean(label: str) -> list[str]:
     for f in p["feel"]:
         for s in p["situ"]:
             out.append(f"{s} 사람의 {f} 표정")
-    return out
+    return out + [f.format(w=w) for w in CASUAL_KO[label] for f in CASUAL_FRAMES_KO]
 
 
 def norm_sentence(s: str) -> str:

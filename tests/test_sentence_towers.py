@@ -167,10 +167,31 @@ def test_logit_adjusted_alignment_recalls_a_rare_class_more_often():
     assert rare_recall[1.0] > rare_recall[0.0] + 0.04, rare_recall                 # measured: 0.72 vs 0.63
 
 
-def test_align_text_refuses_a_negative_balance_in_one_line(tmp_path):
+@pytest.mark.parametrize("flag,value", [("--balance", "-1"), ("--feature-dropout", "1")])
+def test_align_text_refuses_an_out_of_range_option_in_one_line(tmp_path, flag, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", "x.pth", "--data", ".",
-                        "--balance", "-1", "--out", str(tmp_path / "x.pth")], cwd=ROOT, capture_output=True,
+                        flag, value, "--out", str(tmp_path / "x.pth")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=env)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "--balance" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and flag in r.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_feature_dropout_changes_the_head_and_repeats_with_the_seed():
+    """align_text --feature-dropout: the dropped feature dimensions come from the run's seed, so a run repeats bit for
+    bit, and dropout trains a different head than none."""
+    import align_text
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=-1)
+    soft = torch.nn.functional.one_hot((emb[:, 0] > 0).long(), 2).float()
+    feats, owner = torch.randn(6, 5, generator=g), torch.tensor([0, 0, 0, 1, 1, 1])
+    val = ({"en": (feats, ["a", "a", "a", "b", "b", "b"])}, emb.numpy(), soft.argmax(1).numpy(), ["a", "b"])
+
+    def fit(dropout):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(5, 8)
+        align_text.fit_head(head, feats, owner, emb.numpy(), soft.numpy(), 20.0, val, 3, 3e-2, 0, dropout=dropout)
+        return head.weight.detach().clone()
+
+    assert torch.equal(fit(0.3), fit(0.3))
+    assert not torch.allclose(fit(0.3), fit(0.0), atol=1e-4)
