@@ -119,8 +119,10 @@ def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, 
     for epoch in range(epochs + 1):
         if epoch:
             for idx in torch.randperm(len(img), generator=g).split(512):
-                kept = torch.rand(feats.shape, generator=g) >= dropout            # [S, dt] feature mask
-                out = head(feats * kept / (1 - dropout))                          # [S, D]
+                f = feats
+                if dropout:                                                       # [S, dt] feature mask
+                    f = feats * (torch.rand(feats.shape, generator=g) >= dropout) / (1 - dropout)
+                out = head(f)                                                     # [S, D]
                 t = F.normalize(out - out.mean(0), dim=-1)                        # centred: see centered()
                 logits = scale * img[idx] @ t.T - adjust                          # [b, S]
                 loss = -(spread[idx] * logits.log_softmax(-1)).sum(-1).mean()

@@ -42,7 +42,7 @@ def pick_faces(fer: Path, split: str, n: int, seed: int) -> list[tuple[Path, str
     return [(paths[i], paths[i].parent.name) for i in sorted(idx)]
 
 
-def split_faces(data: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
+def labelled_split(data: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
     """n (path, label) pairs of one split of a captions.csv folder (e.g. the FER+ validation carve-out), seeded."""
     import evaluate
     table, _ = evaluate.read_data(str(data))
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     print("latency:")
     latency(items, a.repeat)
     if a.checkpoint:
-        acc_items = (split_faces(Path(a.acc_data), a.acc_split, a.n_acc, a.seed + 1) if a.acc_data
+        acc_items = (labelled_split(Path(a.acc_data), a.acc_split, a.n_acc, a.seed + 1) if a.acc_data
                      else pick_faces(fer, "test", a.n_acc, a.seed + 1))
         where = f"{a.acc_data} {a.acc_split}" if a.acc_data else "test"
         print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background), paper sentences:")

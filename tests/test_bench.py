@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -75,3 +77,20 @@ def test_bench_recipe_times_each_path_on_the_same_batches_and_prints_its_ratio(t
     # the cache row's ratio lies in the interval its rounded rates allow (rates to 1 img/s, ratio to 0.01)
     c, t = float(rows["cache"]), float(rows["today"])
     assert (c - 0.5) / (t + 0.5) - 0.005 <= float(ratios["cache"]) <= (c + 0.5) / (t - 0.5) + 0.005
+
+
+def test_photo_path_scorer_draws_only_the_asked_split(tmp_path):
+    """bench_detect --acc-data: a model is chosen by the photo path on validation faces, never on test ones."""
+    import bench_detect
+    from PIL import Image
+    rows = ["image,caption,label,split"]
+    for i in range(12):
+        Image.new("L", (48, 48), 40 + 10 * i).save(tmp_path / f"f{i}.png")
+        rows.append(f"f{i}.png,a face,{'happiness' if i % 2 else 'sadness'},{'val' if i < 5 else 'test'}")
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    items = bench_detect.labelled_split(tmp_path, "val", 100, 0)
+    assert sorted(p.name for p, _ in items) == [f"f{i}.png" for i in range(5)]
+    assert bench_detect.labelled_split(tmp_path, "val", 3, 0) == bench_detect.labelled_split(tmp_path, "val", 3, 0)
+    assert len(bench_detect.labelled_split(tmp_path, "val", 3, 0)) == 3
+    with pytest.raises(SystemExit, match="no labelled `train` rows"):
+        bench_detect.labelled_split(tmp_path, "train", 3, 0)
