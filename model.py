@@ -5,7 +5,12 @@ Checkpoints (save, validate, load, compact export) live in checkpoint.py; their 
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -47,6 +52,23 @@ def resolve_source(name: str) -> str:
         raise UserError(f"unknown packaged weights {name!r}; known: pkg:efficientnet-lite0/1/2, pkg:all-minilm-l6-v2, "
                         "pkg:multilingual-e5-small, pkg:multilingual-use")
     return name
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub's host name resolves (asked once per process). Without a network, huggingface_hub
+    retries each file for ~25 s before failing; with local_files_only, transformers reads its cache at once."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    pool = ThreadPoolExecutor(1)
+    job = pool.submit(socket.getaddrinfo, urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+    pool.shutdown(wait=False)
+    try:
+        job.result(timeout)
+        return True
+    except Exception:
+        return False
 
 
 def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -136,18 +158,19 @@ def build_text_encoder(cfg: Config, load_weights: bool = True, hf_config: dict |
     if is_sentence_tower(cfg.text_model):
         return SentenceTower(cfg.text_model), SentenceTokenizer()
     src = resolve_source(cfg.text_model)
+    local = {} if os.path.isdir(src) or hub_reachable() else {"local_files_only": True}   # the cache, at once
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or src)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or src, **local)
         if hf_config is not None:
             conf = transformers.AutoConfig.for_model(**hf_config)
         else:
-            conf = transformers.AutoConfig.from_pretrained(src)
+            conf = transformers.AutoConfig.from_pretrained(src, **local)
             if cfg.text_layers > 0:
                 conf.num_hidden_layers = conf.n_layers = cfg.text_layers
             if cfg.text_width > 0:
                 _set_width(conf, cfg.text_width)
         if load_weights and cfg.text_weights == "pretrained" and hf_config is None and cfg.text_width == 0:
-            model = transformers.AutoModel.from_pretrained(src, config=conf)
+            model = transformers.AutoModel.from_pretrained(src, config=conf, **local)
         else:
             model = transformers.AutoModel.from_config(conf)
     except OSError as e:

@@ -163,3 +163,21 @@ def test_frozen_text_tower_encodes_each_caption_once():
     assert len(calls) == 1                                   # the second call was served from the cache
     assert torch.allclose(a[0], b[1], atol=1e-6) and torch.allclose(a[1], b[0], atol=1e-6)
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_unreachable_hub_reads_the_local_cache_at_once(monkeypatch):
+    """No network: transformers is asked for its cache only (local_files_only), instead of ~25 s of retries per
+    file before the same failure; a reachable hub is asked normally."""
+    import model as model_mod
+    seen = []
+
+    def fake(src, **kw):
+        seen.append(kw)
+        raise OSError("not in the cache")
+    monkeypatch.setattr(model_mod.transformers.AutoTokenizer, "from_pretrained", fake)
+    cfg = make_config(dict(text_model="some-org/some-model"), preset="tiny")
+    for reachable in (False, True):
+        monkeypatch.setattr(model_mod, "hub_reachable", lambda: reachable)
+        with pytest.raises(UserError, match="--text-model FOLDER"):
+            ExprCLIP(cfg)
+    assert seen == [{"local_files_only": True}, {}]
