@@ -45,7 +45,11 @@ def pick_faces(fer: Path, split: str, n: int, seed: int) -> list[tuple[Path, str
 def labelled_split(data: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
     """n (path, label) pairs of one split of a captions.csv folder (e.g. the FER+ validation carve-out), seeded."""
     import evaluate
-    table, _ = evaluate.read_data(str(data))
+    from utils import UserError
+    try:
+        table, _ = evaluate.read_data(str(data))
+    except UserError as e:
+        raise SystemExit(f"error: --acc-data {e}")
     rows = table[(table["split"] == split) & (table["label"] != "")]
     if rows.empty:
         raise SystemExit(f"error: {data}: no labelled `{split}` rows")
@@ -227,6 +231,10 @@ def main(argv=None) -> int:
             print(f"MIN_PROB sweep on {len(train)} train faces, {kind} background:")
             tune(scenes(train, kind, a.seed))
         return 0
+    acc_items = None
+    if a.checkpoint:                  # read first: a bad --acc-data fails before the minutes of detection below
+        acc_items = (labelled_split(Path(a.acc_data), a.acc_split, a.n_acc, a.seed + 1) if a.acc_data
+                     else pick_faces(fer, "test", a.n_acc, a.seed + 1))
     items = pick_faces(fer, "test", a.n, a.seed)
     for kind in kinds:
         sc = scenes(items, kind, a.seed)
@@ -237,9 +245,7 @@ def main(argv=None) -> int:
                   f"{(time.perf_counter() - t) / len(sc) * 1e3:.0f} ms/scene")
     print("latency:")
     latency(items, a.repeat)
-    if a.checkpoint:
-        acc_items = (labelled_split(Path(a.acc_data), a.acc_split, a.n_acc, a.seed + 1) if a.acc_data
-                     else pick_faces(fer, "test", a.n_acc, a.seed + 1))
+    if acc_items is not None:
         where = f"{a.acc_data} {a.acc_split}" if a.acc_data else "test"
         print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background), paper sentences:")
         alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1)

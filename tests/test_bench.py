@@ -94,3 +94,5 @@ def test_photo_path_scorer_draws_only_the_asked_split(tmp_path):
     assert len(bench_detect.labelled_split(tmp_path, "val", 3, 0)) == 3
     with pytest.raises(SystemExit, match="no labelled `train` rows"):
         bench_detect.labelled_split(tmp_path, "train", 3, 0)
+    with pytest.raises(SystemExit, match="^error: --acc-data .*no such file"):
+        bench_detect.labelled_split(tmp_path / "missing", "val", 3, 0)
