@@ -301,23 +301,28 @@ def write_tokenizer(folder: str, files: dict[str, str]) -> None:
         (Path(folder) / name).write_text(text)
 
 
+def checkpoint_tokenizer(ck: dict, path="checkpoint") -> dict[str, str]:
+    """The tokenizer files a checkpoint was saved with: its own, or its text package's (checked unchanged)."""
+    ref = (ck.get("references") or {}).get("text_encoder", {})
+    if not ref.get("tokenizer"):
+        return ck["tokenizer"]
+    tokenizer = package_tokenizer(ref)
+    if not same_tokenizer(tokenizer, ref["tokenizer"]):
+        raise UserError(f"{path}: the tokenizer of the installed {ref['distribution']} {ref['version']} differs "
+                        f"in vocabulary or settings from the one it was saved with (its package files match, "
+                        f"so a reinstall will not help); retrain or load it with the transformers it was saved "
+                        f"with")
+    return tokenizer
+
+
 def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
     """Rebuild the model from a read_checkpoint() dict (towers stored by reference come from their package)."""
     cfg = config_from_dict(ck["config"])
     refs = ck.get("references") or {}
     for tower, ref in refs.items():
         check_package(ref, tower, path)
-    tokenizer = ck["tokenizer"]
-    if refs.get("text_encoder", {}).get("tokenizer"):
-        tokenizer = package_tokenizer(refs["text_encoder"])
-        if not same_tokenizer(tokenizer, refs["text_encoder"]["tokenizer"]):
-            ref = refs["text_encoder"]
-            raise UserError(f"{path}: the tokenizer of the installed {ref['distribution']} {ref['version']} differs "
-                            f"in vocabulary or settings from the one it was saved with (its package files match, "
-                            f"so a reinstall will not help); retrain or load it with the transformers it was saved "
-                            f"with")
     with tempfile.TemporaryDirectory() as d:
-        write_tokenizer(d, tokenizer)
+        write_tokenizer(d, checkpoint_tokenizer(ck, path))
         try:
             model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d,
                              class_names=ck.get("class_names"))
@@ -356,6 +361,34 @@ def load_weights_into(model: ExprCLIP, ck: dict, state_dict: dict | None = None,
             raise UserError(f"{path}: the {tower} rebuilt from {ref['distribution']} {ref['version']} differs from "
                             f"the one it was saved with although its package files match (a reinstall will not "
                             f"help); load it with the torch/timm/transformers versions it was saved with")
+
+
+# What a fine-tuning run (--init-from) must share with its checkpoint: the fields that shape the towers and heads.
+INIT_FIXED = ("image_model", "image_bn", "text_model", "text_layers", "text_width", "text_pooling", "text_head",
+              "embed_dim", "objective")
+
+
+def init_model(ck: dict, cfg: Config, path="checkpoint", class_names: list[str] | None = None) -> ExprCLIP:
+    """train.py --init-from: a new run's model (its own `cfg`: image size, data, schedule, what is frozen) that
+    starts from the checkpoint's weights. Built offline (no hub download: the weights all come from the file)."""
+    saved = config_from_dict(ck["config"])
+    for name in INIT_FIXED:
+        if getattr(saved, name) != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{path}: --init-from needs the model it was trained with, but {flag} is "
+                            f"{getattr(cfg, name)!r} here and {getattr(saved, name)!r} there; pass {flag} "
+                            f"{getattr(saved, name)} (or drop the flag and the preset that sets it)")
+    source = model_from_checkpoint(ck, path)
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenizer(d, checkpoint_tokenizer(ck, path))
+        model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d,
+                         class_names=class_names)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:      # objective=ce: another label set than the checkpoint's classifier
+        raise UserError(f"{path}: its weights do not fit this run ({str(e).splitlines()[-1].strip()[:150]}); "
+                        "fine-tune on data with the same classes, or train from scratch")
+    return model
 
 
 def load_checkpoint(path, device="cpu") -> tuple[ExprCLIP, Config]:

@@ -89,6 +89,9 @@ class Config:
     out_dir: str = "runs/exp"                 # last.pth, best.pth, metrics.csv, curves.png
     resume: str = ""                          # a last.pth to continue: its saved config is used (only length,
                                               # logging and output flags may change on top)
+    init_from: str = ""                       # a checkpoint (model_final.pth, models/exprclip-ferplus.pth) whose
+                                              # weights start this run: fine-tuning on other data, at another
+                                              # --image-size or schedule (its towers and heads are kept)
     max_steps: int = 0                        # >0: stop after this many optimizer steps (smoke tests)
     final_path: str = "model_final.pth"       # a finished run's best epoch is copied here (an earlier file is
                                               # renamed aside, never overwritten; "" = leave it in out_dir only)
@@ -192,9 +195,10 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def make_config(overrides: dict[str, Any] | None = None, preset: str | None = None,
-                config_file: str | None = None) -> Config:
-    """Defaults < preset < file < overrides, with unknown keys refused in one line."""
-    merged: dict[str, Any] = {}
+                config_file: str | None = None, base: dict[str, Any] | None = None) -> Config:
+    """Defaults < base (--init-from: the file's config) < preset < file < overrides, unknown keys refused in one
+    line."""
+    merged: dict[str, Any] = dict(base or {})
     if preset:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
@@ -234,6 +238,15 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}
     return make_config(flags, preset=args.preset, config_file=args.config)
+
+
+def init_config(saved: dict[str, Any], args: argparse.Namespace) -> Config:
+    """--init-from without --resume: the file's own config as the base (so its towers and heads are rebuilt as
+    they were), then --preset, --config and flags on top; where it was written and how long it ran are not kept."""
+    keep = {f.name for f in fields(Config)} - {"resume", "out_dir", "final_path", "max_steps", "init_from"}
+    flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}
+    return make_config(flags, preset=args.preset, config_file=args.config,
+                       base={k: v for k, v in saved.items() if k in keep})
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from config import Config, add_config_args, config_from_args, resumed_config
+from config import Config, add_config_args, config_from_args, init_config, resumed_config
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
@@ -108,8 +108,14 @@ class Trainer:
         """self.model on its device (channels-last), its weight EMA, compiled towers, and self.net: what the training
         step calls, DDP-wrapped under torchrun."""
         cfg = self.cfg
-        self.model = ExprCLIP(cfg, class_names=list(self.data.label_vocab) if cfg.objective == "ce" else None,
-                              calibrate=None if cfg.resume else self.calibrate_bn)   # resumed: weights from last.pth
+        class_names = list(self.data.label_vocab) if cfg.objective == "ce" else None
+        if cfg.init_from and not cfg.resume:                  # resumed: weights from last.pth
+            from checkpoint import init_model, read_checkpoint
+            self.model = init_model(read_checkpoint(cfg.init_from, hint="--init-from"), cfg, cfg.init_from,
+                                    class_names)
+            log.info(f"weights from {cfg.init_from} (fine-tuning)")
+        else:
+            self.model = ExprCLIP(cfg, class_names=class_names, calibrate=None if cfg.resume else self.calibrate_bn)
         self.model = self.model.to(self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
@@ -429,18 +435,32 @@ def resume_config(args) -> tuple[Config, list[str]]:
     return resumed_config(ck["config"], args)
 
 
+def init_from_config(args) -> Config:
+    """--init-from FILE: a new run whose config starts as the file's (its towers and heads), flags on top."""
+    from checkpoint import read_checkpoint
+    if not Path(args.init_from).is_file():
+        raise UserError(f"--init-from {args.init_from}: no such checkpoint file; pass a model_final.pth or "
+                        "best.pth (or models/exprclip-ferplus.pth)")
+    return init_config(read_checkpoint(args.init_from, hint="--init-from")["config"], args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     args = ap.parse_args(argv)
-    cfg, changed = resume_config(args) if args.resume else (config_from_args(args), [])
+    if args.resume:
+        cfg, changed = resume_config(args)
+    else:
+        cfg, changed = init_from_config(args) if args.init_from else config_from_args(args), []
     setup_logging(cfg.log_level)        # rank-aware: under torchrun, ranks > 0 log warnings only
     for line in changed:
         log.info(f"resume: {line} (given on the command line)")
     try:
         Trainer(cfg).fit()
-    finally:
-        cleanup()
+    except BaseException:
+        cleanup(wait=False)
+        raise
+    cleanup()
     return 0
 
 

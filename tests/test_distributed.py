@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distributed import gather_for_loss, init_distributed, is_main  # noqa: E402
+from distributed import cleanup, gather_for_loss, init_distributed, is_main  # noqa: E402
 from loss import clip_loss  # noqa: E402
 
 GROUPS = torch.tensor([0, 1, 2, 0, 1, 3, 2, 0])  # positives across ranks (0 on both), a singleton (3)
@@ -54,7 +54,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         loss.backward()
         results.append((loss.detach(), grads(model.module), all_groups))
     torch.save(results, f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    del model                      # DDP's reducer goes before the process group does
+    cleanup()
 
 
 def free_port() -> int:

@@ -85,3 +85,41 @@ def test_sigkill_after_a_mid_epoch_save_then_resume_gives_equal_weights(sample_d
         assert all(torch.equal(a[sd][k], b[sd][k]) for k in a[sd]), [k for k in a[sd] if not torch.equal(a[sd][k], b[sd][k])]
     ea, eb = a["trainer"]["ema"], b["trainer"]["ema"]
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_init_from_starts_a_new_run_from_a_finished_models_weights_at_another_image_size(one_epoch, sample_dir,
+                                                                                         tmp_path):
+    src = one_epoch / "project" / "model_final.pth"
+    zero = ["--lr-image", "0", "--lr-text", "0", "--lr-head", "0"]          # learning rate 0: weights stay the file's
+    assert train.main(FLAGS + zero + ["--data", str(sample_dir), "--epochs", "1", "--max-steps", "2",
+                                      "--image-size", "24", "--init-from", str(src), "--out-dir", str(tmp_path),
+                                      "--final-path", ""]) == 0
+    old, new = torch.load(src, weights_only=True), torch.load(tmp_path / "last.pth", weights_only=True)
+    assert new["config"]["image_size"] == 24 and new["config"]["init_from"] == str(src)
+    moved = [k for k, v in old["state_dict"].items() if v.is_floating_point()
+             and not torch.equal(v, new["state_dict"][k]) and "running_" not in k]
+    assert moved == [], moved[:3]
+
+
+@pytest.mark.parametrize("flag,why", [(["--embed-dim", "48"], "--embed-dim"),
+                                      (["--image-model", "resnet18"], "--image-model")])
+def test_init_from_refuses_a_model_of_another_shape_in_one_line(one_epoch, sample_dir, tmp_path, flag, why):
+    with pytest.raises(UserError, match="--init-from needs the model it was trained with") as e:
+        train.main(FLAGS + flag + ["--data", str(sample_dir), "--epochs", "1", "--out-dir", str(tmp_path),
+                                   "--init-from", str(one_epoch / "project" / "model_final.pth")])
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_init_from_a_missing_file_is_one_line_before_any_setup(tmp_path):
+    with pytest.raises(UserError, match="--init-from .*no such checkpoint file"):
+        train.main(FLAGS + ["--data", str(tmp_path), "--init-from", str(tmp_path / "nope.pth")])
+
+
+def test_init_from_alone_takes_the_files_config_so_the_bundled_model_fine_tunes_without_model_flags(
+        one_epoch, sample_dir, tmp_path):
+    src = one_epoch / "project" / "model_final.pth"
+    assert train.main(["--init-from", str(src), "--data", str(sample_dir), "--epochs", "1", "--max-steps", "1",
+                       "--out-dir", str(tmp_path), "--final-path", ""]) == 0      # not the paper preset's hub models
+    cfg = torch.load(tmp_path / "last.pth", weights_only=True)["config"]
+    assert (cfg["image_size"], cfg["caption_bank"], cfg["image_model"]) == (16, "paper", "resnet10t")
+    assert cfg["out_dir"] == str(tmp_path) and cfg["epochs"] == 1
