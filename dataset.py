@@ -351,7 +351,8 @@ def target_distributions(df: pd.DataFrame, classes: list[str], soft: bool, sourc
     if not soft:
         return out
     if "soft_labels" not in df.columns:
-        raise UserError(f"{source}: --targets soft needs a `soft_labels` column (prepare.py --format ferplus writes it)")
+        raise UserError(f"{source}: --targets soft needs a `soft_labels` column (prepare.py --format ferplus writes "
+                        "it), or pass --targets hard to train on the labels")
     for i, text in enumerate(df["soft_labels"]):
         votes = _parse_votes(text, f"{source} row {i + 2}")
         row = np.array([max(0.0, votes.get(c, 0.0)) for c in classes], np.float32)

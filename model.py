@@ -5,10 +5,12 @@ Checkpoints (save, validate, load, compact export) live in checkpoint.py; their 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -57,7 +59,8 @@ def resolve_source(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub's host name resolves (asked once per process). Without a network, huggingface_hub
-    retries each file for ~25 s before failing; with local_files_only, transformers reads its cache at once."""
+    retries each file for ~25 s before failing; with local_files_only (transformers) or hub_cache_only (timm) the
+    cache is read at once."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False
@@ -69,6 +72,23 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except Exception:
         return False
+
+
+_OFFLINE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def hub_cache_only(on: bool):
+    """With `on`, huggingface_hub (timm's downloader) only reads its local cache inside the block: a missing file
+    fails at once instead of after ~50 s of retries. timm has no local_files_only of its own."""
+    from huggingface_hub import constants
+    with _OFFLINE_LOCK:
+        before = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = before or on
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = before
 
 
 def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -91,7 +111,8 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
     src = cfg.image_weights if load_weights else "none"
     try:
         if src == "hub":
-            return timm.create_model(cfg.image_model, pretrained=True, num_classes=0)
+            with hub_cache_only(not hub_reachable()):
+                return timm.create_model(cfg.image_model, pretrained=True, num_classes=0)
         model = timm.create_model(cfg.image_model, pretrained=False)
     except RuntimeError as e:
         if "Unknown model" in str(e):

@@ -181,3 +181,23 @@ def test_unreachable_hub_reads_the_local_cache_at_once(monkeypatch):
         with pytest.raises(UserError, match="--text-model FOLDER"):
             ExprCLIP(cfg)
     assert seen == [{"local_files_only": True}, {}]
+
+
+def test_unreachable_hub_gives_timm_the_local_cache_only_and_restores_the_setting(monkeypatch):
+    """No network: timm's hub download reads the cache only (HF_HUB_OFFLINE inside the call), so a missing file
+    is one line at once instead of ~50 s of retries; a reachable hub is asked normally; the setting is put back."""
+    import huggingface_hub.constants as hub
+    import model as model_mod
+    seen = []
+
+    def fake(name, pretrained=False, **kw):
+        seen.append(hub.HF_HUB_OFFLINE)
+        raise OSError("not in the cache")
+    monkeypatch.setattr(model_mod.timm, "create_model", fake)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    cfg = make_config(dict(image_model="resnet50", image_weights="hub"), preset="tiny")
+    for reachable in (False, True):
+        monkeypatch.setattr(model_mod, "hub_reachable", lambda: reachable)
+        with pytest.raises(UserError, match="--image-weights PATH"):
+            model_mod.build_image_encoder(cfg)
+    assert seen == [True, False] and hub.HF_HUB_OFFLINE is False
