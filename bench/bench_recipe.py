@@ -50,6 +50,7 @@ VARIANTS = {"today": [*OFF, "--cache-images", "false", "--num-workers", "1"],
             "px48": [*OFF, "--cache-images", "true", "--image-size", "48"],
             "fold": [*OFF, "--cache-images", "true", "--image-bn", "fold"],
             "freeze2": [*OFF, "--cache-images", "true", "--freeze-image-stages", "2"],
+            "freeze3": [*OFF, "--cache-images", "true", "--freeze-image-stages", "3"],
             "fold-freeze2": [*OFF, "--cache-images", "true", "--image-bn", "fold", "--freeze-image-stages", "2"],
             "fold-freeze3": [*OFF, "--cache-images", "true", "--image-bn", "fold", "--freeze-image-stages", "3"]}
 
