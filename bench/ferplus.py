@@ -6,7 +6,7 @@
     python bench/ferplus.py --limit 600 --epochs 1 --min-pair-faces 3 --work runs/ferplus_smoke   # smoke run
 
 FER2013Valid (the FER-2013 PublicTest faces) is the evaluation split: it is renamed `test` in the bench's copy of
-captions.csv; model selection uses 3% of train (stratified, seeded), so training never sees it. Every
+captions.csv; model selection uses 3% of train (--val-fraction; stratified, seeded), so training never sees it. Every
 evaluation scores through sentences (cosine to class prototypes, no prior): majority-vote top-1/UAR with the paper
 sentences, agreement with the annotators' vote distributions, unseen phrasing (captions/everyday.csv), the unseen
 class (contempt), compound expressions (captions/compound.csv) and FER-2013 seven-class top-1 on the same faces.
@@ -80,11 +80,18 @@ def vote_table(ferplus: Path) -> dict[tuple[str, str], list[int]]:
     return out
 
 
-def prepare_data(ferplus: Path, work: Path, limit: int, with_sample: bool = False) -> Path:
+def data_name(val_fraction: float) -> str:
+    """The data folder of a selection split: `data` for the default 3%, `data_val10` for 10%, so that a cached split
+    is never read back under another fraction."""
+    return "data" if val_fraction == VAL_FRACTION else f"data_val{round(100 * val_fraction):d}"
+
+
+def prepare_data(ferplus: Path, work: Path, limit: int, with_sample: bool = False,
+                 val_fraction: float = VAL_FRACTION) -> Path:
     """The bench's captions.csv: FER+ via prepare.py, PublicTest (val) renamed `test`, PrivateTest rows dropped,
-    3% of train as `val`, a `votes` column (JSON counts, CLASSES order); with_sample appends the bundled drawn sample
-    (images/ + captions.csv) as training rows; `limit` keeps a split x label stratified subset."""
-    data = work / "data"
+    val_fraction of train (3%) as `val`, a `votes` column (JSON counts, CLASSES order); with_sample appends the
+    bundled drawn sample (images/ + captions.csv) as training rows; `limit` keeps a split x label stratified subset."""
+    data = work / data_name(val_fraction)
     if not (data / "captions.csv").is_file():
         prepared = work / "prepared"
         if not (prepared / "captions.csv").is_file():
@@ -92,7 +99,7 @@ def prepare_data(ferplus: Path, work: Path, limit: int, with_sample: bool = Fals
         df = pd.read_csv(prepared / "captions.csv", dtype=str, keep_default_na=False)
         df = df[df["split"] != "test"].assign(split=lambda d: d["split"].replace({"val": "test"}))
         train_rows = df[df["split"] == "train"]                 # model selection: 3% of train, stratified, seeded
-        df.loc[train_rows.groupby("label").sample(frac=VAL_FRACTION, random_state=0).index, "split"] = "val"
+        df.loc[train_rows.groupby("label").sample(frac=val_fraction, random_state=0).index, "split"] = "val"
         votes = vote_table(ferplus)
         keys = [(Path(p).parent.name, Path(p).name) for p in df["image"]]
         if missing := [k for k in keys if k not in votes]:
@@ -102,7 +109,7 @@ def prepare_data(ferplus: Path, work: Path, limit: int, with_sample: bool = Fals
         data.mkdir(parents=True, exist_ok=True)
         df.to_csv(data / "captions.csv", index=False)
     if with_sample:                                             # + the bundled drawn faces (the demo's gallery)
-        data = add_sample(data, work / "data_sample")
+        data = add_sample(data, work / f"{data.name}_sample")
     if not limit:
         return data
     df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
@@ -344,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default="", help="train.py flags appended to RECIPE (quoted): an ablation row")
     ap.add_argument("--checkpoint", help="evaluate this checkpoint instead of training (row named after it)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                    help="share of FER2013Train held out (stratified, seeded) for model selection; 0.1 for ~2,800 faces")
     ap.add_argument("--limit", type=int, default=0, help="a stratified subset of this many faces (smoke runs)")
     ap.add_argument("--min-pair-faces", type=int, default=20, help="compound pairs need this many faces")
     ap.add_argument("--force", action="store_true", help="retrain runs that already have a result.json")
@@ -353,13 +362,15 @@ def main(argv=None) -> int:
     if not (ferplus / "fer2013new.csv").is_file():
         raise UserError(f"{ferplus}: FER+ not found (expected fer2013new.csv and FER2013Train/, FER2013Valid/); "
                         "pass --ferplus DIR")
+    if not 0 < a.val_fraction <= 0.3:
+        raise UserError(f"--val-fraction {a.val_fraction}: use a share of train above 0 and at most 0.3 (e.g. 0.1)")
     plans = run_plan(a)
     for p in plans:
         if p["flags"] is not None and (bad := unknown_flags(p["flags"])):
             raise UserError(f"run {p['name']}: train.py does not know {', '.join(bad)} in this checkout; "
                             "drop them with --recipe \"...\" or update train.py")
-    data = prepare_data(ferplus, work, a.limit, a.with_sample)
-    n_all = len(pd.read_csv(work / "data" / "captions.csv", usecols=["split"]))     # --limit: the same fraction
+    data = prepare_data(ferplus, work, a.limit, a.with_sample, a.val_fraction)
+    n_all = len(pd.read_csv(work / data_name(a.val_fraction) / "captions.csv", usecols=["split"]))     # --limit: the same fraction
     fer_csv = prepare_fer2013(Path(a.fer2013), work, min(1.0, a.limit / n_all) if a.limit else 1.0)
     for p in plans:
         run(p, a, data, fer_csv)

@@ -260,7 +260,7 @@ def test_export_half_drops_trainer_state_and_stays_close(frozen_minilm, tmp_path
 
 def test_tokenizer_fingerprint_ignores_loading_options_but_not_the_vocabulary():
     import json
-    from checkpoint import same_tokenizer, tokenizer_digest
+    from package_refs import same_tokenizer, tokenizer_digest
     conf = {"do_lower_case": True, "unk_token": "[UNK]", "local_files_only": False, "is_local": True}
     files = {"tokenizer_config.json": json.dumps(conf, indent=2, sort_keys=True) + "\n", "tokenizer.json": "{}"}
     saved = json.dumps(dict(conf, local_files_only=True), indent=2, sort_keys=True) + "\n"   # as transformers

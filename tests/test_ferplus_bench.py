@@ -168,3 +168,18 @@ def test_bench_ferplus_end_to_end_on_a_checkpoint(tmp_path):
     ferplus.main(["--ferplus", str(tmp_path / "ferplus"), "--work", str(tmp_path / "work"), "--out", str(out),
                   "--checkpoint", str(ckpt), "--min-pair-faces", "2"])     # cached: same section, not appended
     assert out.read_text().count("## FER+") == 1
+
+
+def test_val_fraction_holds_out_its_own_stratified_split_in_its_own_folder(tmp_path):
+    tiny_ferplus(tmp_path / "ferplus")
+    default = ferplus.prepare_data(tmp_path / "ferplus", tmp_path / "work", 0)
+    wider = ferplus.prepare_data(tmp_path / "ferplus", tmp_path / "work", 0, with_sample=True, val_fraction=0.3)
+    assert (default.name, wider.name) == ("data", "data_val30_sample")
+    base = pd.read_csv(default / "captions.csv")
+    held = pd.read_csv(tmp_path / "work" / "data_val30" / "captions.csv")
+    assert (base["split"] == "val").sum() == 0                  # 3% of 2 faces per emotion rounds to none
+    val = held[held["split"] == "val"]
+    assert len(val) == 8 and val["label"].nunique() == 8        # 30%: one face of each emotion
+    assert (held["split"] == "test").sum() == 16 and sorted(held["image"]) == sorted(base["image"])
+    with pytest.raises(UserError, match=r"--val-fraction 0.5: use a share of train"):
+        ferplus.main(["--ferplus", str(tmp_path / "ferplus"), "--work", str(tmp_path / "w2"), "--val-fraction", "0.5"])
