@@ -111,8 +111,14 @@ def main(argv=None) -> int:
     base = float(np.median(rates[names[0]]))
     for v in names:
         med = float(np.median(rates[v]))
-        print(f"| {v} | {med:.0f} ({min(rates[v]):.0f}-{max(rates[v]):.0f}) | {med / base:.2f}x |")
+        print(f"| {v} | {rate(med)} ({rate(min(rates[v]))}-{rate(max(rates[v]))}) | {med / base:.2f}x |")
     return 0
+
+
+def rate(x: float) -> str:
+    """Images/s for the table: whole numbers from 100 up, three significant digits below (a starved run's 0.4
+    img/s prints as 0.4, not 0)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 if __name__ == "__main__":
