@@ -83,7 +83,7 @@ def vote_table(ferplus: Path) -> dict[tuple[str, str], list[int]]:
 def data_name(val_fraction: float) -> str:
     """The data folder of a selection split: `data` for the default 3%, `data_val10` for 10%, so that a cached split
     is never read back under another fraction."""
-    return "data" if val_fraction == VAL_FRACTION else f"data_val{round(100 * val_fraction):d}"
+    return "data" if val_fraction == VAL_FRACTION else f"data_val{100 * val_fraction:g}"   # 0.101: data_val10.1
 
 
 def prepare_data(ferplus: Path, work: Path, limit: int, with_sample: bool = False,

@@ -183,3 +183,8 @@ def test_val_fraction_holds_out_its_own_stratified_split_in_its_own_folder(tmp_p
     assert (held["split"] == "test").sum() == 16 and sorted(held["image"]) == sorted(base["image"])
     with pytest.raises(UserError, match=r"--val-fraction 0.5: use a share of train"):
         ferplus.main(["--ferplus", str(tmp_path / "ferplus"), "--work", str(tmp_path / "w2"), "--val-fraction", "0.5"])
+
+
+def test_each_selection_fraction_has_its_own_data_folder_name():
+    names = [ferplus.data_name(x) for x in (ferplus.VAL_FRACTION, 0.1, 0.101, 0.3)]
+    assert names[:2] == ["data", "data_val10"] and len(set(names)) == 4
