@@ -100,13 +100,18 @@ def select_top1(head, center: torch.Tensor, tower_feats: dict, emb_val: np.ndarr
 
 
 def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, lr: float, seed: int,
-             balance: float = 0.0, dropout: float = 0.0):
+             balance: float = 0.0, dropout: float = 0.0, anchor=None, anchor_weight: float = 0.0,
+             anchor_balance: float | None = None):
     """Train `head` (sentence features [S, dt] -> image space); returns (best state, history). `val` is
     (tower_feats_by_lang, emb_val, y_val, classes) for selection. balance (tau): the loss adds tau x each class's log
     prior (its share of the targets) to its sentences' logits (logit adjustment, Menon et al. 2021), so the head
     learns scores with less of the class prior (none at 1) and rare expressions are not outvoted by frequent ones.
     dropout: each step drops this share of the sentence features' dimensions (inverted dropout, drawn from `seed`),
-    so the head cannot lean on the few dimensions that single out the training sentences' wording."""
+    so the head cannot lean on the few dimensions that single out the training sentences' wording.
+    anchor: (features [A, dt], owner [A]) of a few sentences the model is read through by default (the paper's
+    eight): each step also scores the faces against these alone, anchor_weight x that loss, so their prototypes are
+    fitted directly instead of as one sentence among hundreds per class; anchor_balance is that loss's tau (None:
+    `balance`)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     img, tgt = torch.from_numpy(emb), torch.from_numpy(soft)                      # [N, D], [N, C]
@@ -115,6 +120,12 @@ def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, 
     if balance:
         adjust = adjust - balance * tgt.mean(0).clamp_min(1e-6).log()[owner_idx]
     spread = tgt[:, owner_idx] / counts[owner_idx]                                # [N, S] target over sentences
+    if anchor is not None:
+        a_feats, a_owner = anchor
+        a_counts = torch.bincount(a_owner, minlength=soft.shape[1]).float()
+        a_tau = balance if anchor_balance is None else anchor_balance
+        a_adjust = (a_counts.clamp_min(1).log() - a_tau * tgt.mean(0).clamp_min(1e-6).log())[a_owner]     # [A]
+        a_spread = tgt[:, a_owner] / a_counts.clamp_min(1)[a_owner]                # [N, A]
     best, history = None, []
     for epoch in range(epochs + 1):
         if epoch:
@@ -126,6 +137,10 @@ def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, 
                 t = F.normalize(out - out.mean(0), dim=-1)                        # centred: see centered()
                 logits = scale * img[idx] @ t.T - adjust                          # [b, S]
                 loss = -(spread[idx] * logits.log_softmax(-1)).sum(-1).mean()
+                if anchor is not None and anchor_weight:
+                    ta = F.normalize(head(a_feats) - out.mean(0), dim=-1)         # [A, D], the same centre
+                    la = scale * img[idx] @ ta.T - a_adjust                       # [b, A]
+                    loss = loss - anchor_weight * (a_spread[idx] * la.log_softmax(-1)).sum(-1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -175,7 +190,8 @@ def split_faces(old, preprocess, table, split: str, classes: list[str], ckpt: st
 
 
 def align(old: ExprCLIP, faces: dict, text_model: str, bank_name: str, select_path: str, epochs: int = 20,
-          lr: float = 1e-3, seed: int = 0, balance: float = 0.0, dropout: float = 0.0):
+          lr: float = 1e-3, seed: int = 0, balance: float = 0.0, dropout: float = 0.0, anchor_bank: str = "",
+          anchor_weight: float = 0.0, anchor_balance: float | None = None):
     """Learn the new tower's text head against the frozen image side. faces: {"train"|"val": (emb, rows)}.
     Returns ({keep: aligned model}, {keep: its epoch}, history) for keep = best (by the selection phrasings) and
     last (one run gives both)."""
@@ -194,8 +210,13 @@ def align(old: ExprCLIP, faces: dict, text_model: str, bank_name: str, select_pa
     (emb_tr, df_tr), (emb_val, df_val) = faces["train"], faces["val"]
     val = (sel, emb_val, np.array([classes.index(c) for c in df_val["label"]]), classes)
     feats = tower.embed(sentences)                                                # [S, dt]
+    anchor = None
+    if anchor_bank and anchor_weight:
+        abank = load_caption_bank(anchor_bank)
+        anchor = (tower.embed([s for c in classes for s in abank.get(c, [])]),
+                  torch.tensor([classes.index(c) for c in classes for _ in abank.get(c, [])]))
     best, history = fit_head(head, feats, owner, emb_tr, targets(df_tr, classes), old.scale().item(), val, epochs,
-                             lr, seed, balance, dropout)
+                             lr, seed, balance, dropout, anchor, anchor_weight, anchor_balance)
     states = dict(best=(best[1], best[2]), last=(epochs, centered(head, feats)))
     return ({k: aligned_model(old, text_model, st, bank_name) for k, (_, st) in states.items()},
             {k: e for k, (e, _) in states.items()}, history)
@@ -217,12 +238,21 @@ def main(argv=None) -> int:
                     "prior (higher recall of rare expressions, lower top-1), 0 = off")
     ap.add_argument("--feature-dropout", type=float, default=0.2, help="share of the sentence features' dimensions "
                     "dropped at each training step (0 = off; 0.2 measured best on validation phrasings)")
+    ap.add_argument("--anchor", default="", help="caption bank the model is read through by default (e.g. paper): "
+                    "its sentences also get a loss of their own, --anchor-weight x (off by default)")
+    ap.add_argument("--anchor-weight", type=float, default=0.0, help="weight of the --anchor loss (0 = off)")
+    ap.add_argument("--anchor-balance", type=float, default=None, help="logit adjustment tau of the --anchor loss "
+                    "(default: --balance)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/align", help="cache of face embeddings")
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
     a = ap.parse_args(argv)
     if a.balance < 0:
         raise UserError(f"--balance {a.balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
+    if a.anchor_weight < 0 or (a.anchor_weight and not a.anchor):
+        raise UserError(f"--anchor-weight {a.anchor_weight}: give a weight >= 0, with --anchor BANK (e.g. paper)")
+    if a.anchor_balance is not None and a.anchor_balance < 0:
+        raise UserError(f"--anchor-balance {a.anchor_balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
     if not 0 <= a.feature_dropout < 1:
         raise UserError(f"--feature-dropout {a.feature_dropout}: give a share in [0, 1) (0 = off)")
     ck = read_checkpoint(a.checkpoint)
@@ -231,11 +261,14 @@ def main(argv=None) -> int:
     classes = [c for c in old.class_names or sorted(load_caption_bank(a.bank)) if c in load_caption_bank(a.bank)]
     faces = {s: split_faces(old, preprocess, table, s, classes, a.checkpoint, a.work) for s in ("train", "val")}
     models, epochs, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed, a.balance,
-                                     a.feature_dropout)
+                                     a.feature_dropout, a.anchor, a.anchor_weight,
+                                     a.anchor_balance)
     model, epoch = models[a.keep], epochs[a.keep]
     save_checkpoint(a.out, model, label_counts=ck.get("label_counts"), epoch=epoch,
                     metrics=dict(history[epoch], aligned_from=Path(a.checkpoint).name, balance=a.balance,
-                                                   feature_dropout=a.feature_dropout))
+                                                   feature_dropout=a.feature_dropout,
+                                                   anchor=a.anchor, anchor_weight=a.anchor_weight,
+                                                   anchor_balance=a.anchor_balance))
     print(f"kept epoch {epoch}: selection top-1 " + ", ".join(f"{k[12:]} {v:.3f}" for k, v in history[epoch].items()
                                                               if k != "epoch") + f"; wrote {a.out}")
     return 0

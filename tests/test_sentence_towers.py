@@ -167,7 +167,8 @@ def test_logit_adjusted_alignment_recalls_a_rare_class_more_often():
     assert rare_recall[1.0] > rare_recall[0.0] + 0.04, rare_recall                 # measured: 0.72 vs 0.63
 
 
-@pytest.mark.parametrize("flag,value", [("--balance", "-1"), ("--feature-dropout", "1")])
+@pytest.mark.parametrize("flag,value", [("--balance", "-1"), ("--feature-dropout", "1"), ("--anchor-weight", "1"),
+                                        ("--anchor-balance", "-1")])
 def test_align_text_refuses_an_out_of_range_option_in_one_line(tmp_path, flag, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", "x.pth", "--data", ".",
@@ -195,3 +196,32 @@ def test_feature_dropout_changes_the_head_and_repeats_with_the_seed():
 
     assert torch.equal(fit(0.3), fit(0.3))
     assert not torch.allclose(fit(0.3), fit(0.0), atol=1e-4)
+
+
+def test_anchor_sentences_read_the_faces_once_fitted_directly():
+    """align_text --anchor: sentences worded unlike their class's bank (here the anchor for `a` sits among `b`'s
+    sentences, told apart by one feature the bank never uses) read the faces backwards when only the bank trains
+    the head, and right once their own loss trains it too."""
+    import align_text
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(600, generator=g) < 0.5).long()
+    emb = F.normalize(F.one_hot(y, 2).float() @ torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+                      + 0.2 * torch.randn(600, 4, generator=g), dim=-1)
+    soft = F.one_hot(y, 2).float()
+    u = torch.tensor([1.0, 0, 0, 0, 0])
+    feats = torch.cat([u + 0.1 * torch.randn(20, 5, generator=g), -u + 0.1 * torch.randn(20, 5, generator=g)])
+    feats[:, 4] = 0                                                                 # the bank never uses dim 4
+    owner = torch.tensor([0] * 20 + [1] * 20)
+    anchor = (torch.tensor([[-1.0, 0, 0, 0, 3.0], [1.0, 0, 0, 0, -3.0]]), torch.tensor([0, 1]))
+    val = ({"en": (feats, ["a"] * 20 + ["b"] * 20)}, emb.numpy(), y.numpy(), ["a", "b"])
+    acc = {}
+    for w in (0.0, 1.0):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(5, 4)
+        align_text.fit_head(head, feats, owner, emb.numpy(), soft.numpy(), 20.0, val, 30, 3e-2, 0, anchor=anchor,
+                            anchor_weight=w)
+        with torch.no_grad():
+            t = F.normalize(head(anchor[0]) - head(feats).mean(0), dim=-1)       # [2, 4] the anchors' prototypes
+        acc[w] = ((emb @ t.T).argmax(1) == y).float().mean().item()
+    assert acc[1.0] > 0.9 and acc[0.0] < 0.5, acc
