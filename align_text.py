@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     old, _, preprocess = create_model_and_transforms(ck, "cpu", path=a.checkpoint)
     table, _ = evaluate.read_data(a.data)
     classes = [c for c in old.class_names or sorted(load_caption_bank(a.bank)) if c in load_caption_bank(a.bank)]
+    if a.anchor and a.anchor_weight and not set(load_caption_bank(a.anchor)) & set(classes):   # before embedding
+        raise UserError(f"--anchor {a.anchor}: no sentence for any of the model's classes ({', '.join(classes)})")
     faces = {s: split_faces(old, preprocess, table, s, classes, a.checkpoint, a.work) for s in ("train", "val")}
     models, epochs, history = align(old, faces, a.text_model, a.bank, a.select, a.epochs, a.lr, a.seed, a.balance,
                                      a.feature_dropout, a.anchor, a.anchor_weight,
