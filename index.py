@@ -286,16 +286,16 @@ class GalleryIndex:
             bar.close()
 
 
-def make_encoder(model, preprocess, device=None, autocast=None) -> Encoder:
+def make_encoder(model, preprocess, device=None, autocast=None, tta: bool = False) -> Encoder:
     """encode(paths) -> (float32 [n, D] embeddings, zero rows for undecodable files; ok-mask), over
-    embed.embed_images (autocast: the checkpoint's precision unless given)."""
+    embed.embed_images (autocast: the checkpoint's precision unless given; tta: face and mirror averaged)."""
     from contextlib import nullcontext
 
     from embed import embed_images
 
     def encode(paths: list[Path]) -> tuple[np.ndarray, list[bool]]:
         emb, ok = embed_images(model, paths, preprocess, device, batch_size=max(1, len(paths)),
-                               autocast=autocast or nullcontext)
+                               autocast=autocast or nullcontext, tta=tta)
         out = np.zeros((len(paths), emb.shape[1]), np.float32)   # failed rows stay zero
         out[ok] = emb
         return out, ok.tolist()

@@ -46,6 +46,7 @@ class Engine:
     failed: list[Path] = field(default_factory=list)     # gallery files that could not be decoded
     stats: dict = field(default_factory=dict)           # last gallery update: added/changed/unchanged/... counts
     upload_dir: Path | None = None                      # photos added from the page (inside the cache folder)
+    tta: bool = True                                    # each face averaged with its mirror image (chosen on val)
 
     @property
     def cfg(self) -> Config:
@@ -57,11 +58,12 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, gallery: str | os.PathLike | None, device: str = "auto",
-             cache_root: str | os.PathLike = ".cache/gallery", progress: bool = True, faces: str = "auto") -> "Engine":
+             cache_root: str | os.PathLike = ".cache/gallery", progress: bool = True, faces: str = "auto",
+             tta: bool = True) -> "Engine":
         """Rebuild the model from the checkpoint alone, then embed the gallery (cached on disk, incremental)."""
         dev = pick_device(device)
         model, _, preprocess = create_model_and_transforms(checkpoint, dev)
-        engine = cls(model, preprocess, dev, None)
+        engine = cls(model, preprocess, dev, None, tta=tta)
         if gallery is not None:
             engine.index_gallery(gallery, file_digest(checkpoint), cache_root, progress, faces)
         return engine
@@ -77,6 +79,7 @@ class Engine:
             raise UserError(f"{gallery}: gallery folder not found (pass --gallery DIR)")
         key = hashlib.sha256(str(gallery.resolve()).encode()).hexdigest()[:12]
         self.upload_dir = Path(cache_root) / key / "uploads"
+        digest = digest + ("+flip" if self.tta else "")                 # flip and plain embeddings never mix
         self.index = PhotoIndex(GalleryIndex.open(gallery, digest, self.model.embed_dim,
                                                   index_root=Path(cache_root) / key / "photos"),
                                 faces, grayscale=self.cfg.grayscale, extra_dirs=(self.upload_dir,))
@@ -84,7 +87,7 @@ class Engine:
 
     def reindex(self, progress: bool = True, on_progress=None) -> dict:
         """Bring the gallery index up to date with its folders (new, changed, removed photos)."""
-        encode = make_encoder(self.model, self.preprocess, self.device, self.autocast)
+        encode = make_encoder(self.model, self.preprocess, self.device, self.autocast, self.tta)
         stats = self.index.update(self.index.sources(), encode, progress=progress, on_progress=on_progress)
         self.failed = list(stats.get("failed_paths", []))
         self.stats = stats
@@ -103,8 +106,8 @@ class Engine:
         return self.embed_images([image])[0]
 
     def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """PIL images -> [N, D] unit vectors, encoded in batches (embed.embed_images)."""
-        emb, ok = embed_images(self.model, images, self.preprocess, self.device, batch_size, self.autocast)
+        """PIL images -> [N, D] unit vectors, encoded in batches (embed.embed_images; mirror-averaged with tta)."""
+        emb, ok = embed_images(self.model, images, self.preprocess, self.device, batch_size, self.autocast, self.tta)
         if not ok.all():
             raise UserError(f"{int((~ok).sum())} image(s) could not be read")
         return emb                                                       # [N, D]

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import demo
+from embed import embed_images
 from index import describe_update, list_images
 from retrieval import Engine, clean_query, query_warnings, rank_expressions, search_text, similar_images
 from utils import UserError, run_cli
@@ -30,8 +31,7 @@ def test_search_equals_brute_force_cosine_ranking(engine, sample_dir):
     hits = search_text(engine, HAPPY, k=10)
     assert len(hits) == 10 and all(a[1] >= b[1] for a, b in zip(hits, hits[1:]))
     paths = list_images(sample_dir / "images")
-    with torch.no_grad():
-        img = engine.model.encode_image(torch.stack([engine.preprocess(p) for p in paths])).numpy()
+    img, _ = embed_images(engine.model, paths, engine.preprocess, tta=engine.tta)   # the engine's own (flip) path
     cos = dict(zip([p.name for p in paths], img @ engine.embed_text([HAPPY])[0]))
     true = np.array([cos[p.name] for p, _ in hits])                      # exact cosines of the returned images
     assert np.allclose([s for _, s in hits], true, atol=2e-3)            # float16 storage: near-ties may swap

@@ -31,15 +31,21 @@ def files(sample_dir):
 def test_a_file_and_its_pil_image_embed_the_same_through_every_caller(trained, loaded, files, tmp_path):
     model, _, preprocess = loaded
     by_path, ok = embed_images(model, files, preprocess, batch_size=4)              # evaluate.py's call
+    flipped, _ = embed_images(model, files, preprocess, batch_size=4, tta=True)     # evaluate.py --tta flip
     pil = [Image.open(p).convert("RGB") for p in files]
     by_pil, _ = embed_images(model, pil, preprocess, batch_size=4)
     engine = Engine.load(trained[0], files[0].parent, "cpu", tmp_path / "cache", progress=False)
-    by_engine = engine.embed_images(pil)                                              # the demo's uploads
-    scores, hits = engine.index.search(by_path[:1], k=1)                              # the cached gallery
+    by_engine = engine.embed_images(pil)                                              # the demo's uploads (flip)
+    scores, hits = engine.index.search(flipped[:1], k=1)                              # the cached gallery (flip)
+    plain = Engine.load(trained[0], files[0].parent, "cpu", tmp_path / "cache", progress=False, tta=False)
     assert ok.all() and by_path.shape == (6, model.embed_dim)
     np.testing.assert_allclose(by_pil, by_path, atol=1e-6)
-    np.testing.assert_allclose(by_engine, by_path, atol=1e-6)
+    np.testing.assert_allclose(by_engine, flipped, atol=1e-6)
+    np.testing.assert_allclose(plain.embed_images(pil), by_path, atol=1e-6)
+    assert np.abs(flipped - by_path).max() > 1e-3                                    # the mirror really counts
     assert hits[0][0].name == files[0].name and scores[0][0] == pytest.approx(1, abs=2e-3)   # float16 storage
+    scores, hits = plain.index.search(by_path[:1], k=1)                               # its own cache, not flip's
+    assert hits[0][0].name == files[0].name and scores[0][0] == pytest.approx(1, abs=2e-3)
 
 
 def test_undecodable_files_are_flagged_and_the_rest_keep_their_order(loaded, files, tmp_path):

@@ -178,6 +178,20 @@ def test_align_text_refuses_an_out_of_range_option_in_one_line(tmp_path, flag, v
     assert not (tmp_path / "x.pth").exists()
 
 
+@pytest.mark.parametrize("bank", ["missing.csv", "other_classes.csv"])
+def test_align_text_refuses_an_unusable_anchor_bank_before_embedding_a_face(trained, sample_dir, tmp_path, bank):
+    """--anchor naming a file that is not there, or a bank with no sentence for any of the model's classes: a
+    UserError (one line through run_cli) naming the bank, nothing written (the face-embedding cache never starts)."""
+    import align_text
+    from utils import UserError
+    (tmp_path / "other_classes.csv").write_text("label,caption\nzzz,a face of a class the model has never met\n")
+    with pytest.raises(UserError, match=bank):
+        align_text.main(["--checkpoint", str(trained[0]), "--data", str(sample_dir), "--bank", "paper",
+                         "--anchor", str(tmp_path / bank), "--anchor-weight", "1", "--work", str(tmp_path / "work"),
+                         "--out", str(tmp_path / "x.pth")])
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "work").exists()
+
+
 def test_feature_dropout_changes_the_head_and_repeats_with_the_seed():
     """align_text --feature-dropout: the dropped feature dimensions come from the run's seed, so a run repeats bit for
     bit, and dropout trains a different head than none."""
