@@ -29,6 +29,7 @@ from captions import load_caption_bank
 from checkpoint import create_model_and_transforms, read_checkpoint, save_checkpoint
 from config import config_from_dict
 from embed import embed_images, embed_texts
+from loss import soft_cross_entropy
 from model import ExprCLIP
 from precision import autocast_for
 from sentence_towers import SentenceTower
@@ -136,11 +137,11 @@ def fit_head(head, feats, owner_idx, emb, soft, scale: float, val, epochs: int, 
                 out = head(f)                                                     # [S, D]
                 t = F.normalize(out - out.mean(0), dim=-1)                        # centred: see centered()
                 logits = scale * img[idx] @ t.T - adjust                          # [b, S]
-                loss = -(spread[idx] * logits.log_softmax(-1)).sum(-1).mean()
+                loss = soft_cross_entropy(logits, spread[idx])
                 if anchor is not None and anchor_weight:
                     ta = F.normalize(head(a_feats) - out.mean(0), dim=-1)         # [A, D], the same centre
                     la = scale * img[idx] @ ta.T - a_adjust                       # [b, A]
-                    loss = loss - anchor_weight * (a_spread[idx] * la.log_softmax(-1)).sum(-1).mean()
+                    loss = loss + anchor_weight * soft_cross_entropy(la, a_spread[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
