@@ -41,6 +41,8 @@ class Config:
     freeze_image: bool = False                # keep the image tower fixed (only its projection head trains)
     freeze_image_stages: int = 0              # >0: the image tower's stem and its first N stages keep their
                                               # pretrained weights (no gradients, no backward through them)
+    freeze_depthwise: bool = False            # the depthwise convolutions keep their pretrained filters in every
+                                              # stage (no weight gradient for them: the costliest part of a CPU step)
     image_bn: str = "train"                   # train: BatchNorm as usual | fold: statistics re-estimated on the
                                               # training faces, then folded into the convolutions (faster steps)
     # --- data ---
@@ -115,7 +117,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(image_model="tf_efficientnet_lite0", image_weights="pkg:efficientnet-lite0",
                     text_model="pkg:all-minilm-l6-v2", text_pooling="mean", freeze_text=True,
                     image_size=64, batch_size=32, epochs=6, warmup_steps=20, lr_image=1e-3, lr_head=3e-3,
-                    proj_dropout=0.0, amp="off"),   # depthwise convs gain nothing from CPU bf16
+                    proj_dropout=0.0, amp="off"),   # Lite0 at 64 px gains nothing from CPU bf16 (BENCHMARKS.md)
     # Tiny random-init model for tests and smoke runs: no weights needed at all.
     "tiny": dict(image_model="resnet10t", image_weights="none", text_model="pkg:all-minilm-l6-v2",
                  text_weights="none", text_layers=1, text_width=64, text_pooling="mean", image_size=48,

@@ -30,8 +30,8 @@ from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces
 from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
                           shown_path)
 from utils import UserError, run_cli
-from webguard import (MAX_UPLOAD_PIXELS, keep_text, lenient, named, number_in, open_upload, read_vocab_upload,
-                      upload_path, vocab_items, with_fallback)
+from webguard import (MAX_UPLOAD_PIXELS, keep_text, lenient, named, number_in, one_or_many_files, open_upload,
+                      read_vocab_upload, upload_path, vocab_items, with_fallback)
 
 log = get_logger(__name__)
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
@@ -116,7 +116,8 @@ def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: 
     scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
     overall, w = sequence_scores(scores, decay)                       # [C], [T]
     fig = timeline_figure(scores, names, top=5, decay=decay)
-    msg = [f"**{len(frames)} frames** (decay {decay:g}: the last frame weighs {w[-1]:.0%})."]
+    msg = [f"**{len(frames)} frame{'' if len(frames) == 1 else 's'}** (decay {decay:g}: the last frame weighs "
+           f"{w[-1]:.0%})."]
     missing = [str(t) for t, f in enumerate(found, 1) if not f]
     if detect and missing:
         msg.append(f"No face found in frame(s) {', '.join(missing)}: the whole frame was scored.")
@@ -181,6 +182,14 @@ def _image_input(**kw):
     """A gr.Image whose undecodable uploads reach the handler as a path (so they get a message, not a toast)."""
     import gradio as gr
     return lenient(gr.Image(type="filepath", image_mode=None, **kw), upload_path)  # image_mode None: not decoded
+
+
+def _files_input(**kw):
+    """A gr.File for several files that takes one file on its own too (set on the instance, as `lenient` does)."""
+    import gradio as gr
+    files = gr.File(file_count="multiple", type="filepath", **kw)
+    files.data_model = one_or_many_files()
+    return files
 
 
 def _slider(*args, **kw):
@@ -264,7 +273,7 @@ def _add_photos_panel(engine: Engine) -> None:
     import gradio as gr
     with gr.Accordion("Add photos to the gallery (image files or a zip; every face found becomes searchable)",
                       open=False):
-        files = gr.File(label="Photos or a zip", file_count="multiple", type="filepath")
+        files = _files_input(label="Photos or a zip")
         add = gr.Button("Add and index")
         added = gr.Markdown()
 
@@ -296,7 +305,7 @@ def _sequence_tab(h: dict, vocab, max_frames: int) -> None:
     gr.Markdown(f"Several images (frames, taken in file-name order) or a short video (up to {max_frames} "
                 "frames sampled evenly): per-frame expression probabilities and one turn-weighted score, "
                 "recent frames weighing more.")
-    files = gr.File(label="Frames or a video", file_count="multiple", type="filepath")
+    files = _files_input(label="Frames or a video")
     with gr.Row():
         seq_detect = gr.Checkbox(value=True, label="Detect the largest face per frame")
         decay = _slider(0, 1, value=0.5, step=0.05, label="Decay (1 = plain mean, 0 = last frame only)")

@@ -165,6 +165,47 @@ def freeze_stages(encoder: nn.Module, n: int) -> list[str]:
     return names
 
 
+def depthwise_convs(encoder: nn.Module) -> list[nn.Conv2d]:
+    """The depthwise convolutions (one filter per channel: groups == in_channels > 1) of an image tower."""
+    return [m for m in encoder.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels]
+
+
+def freeze_depthwise(encoder: nn.Module) -> int:
+    """No gradients for the depthwise filters (the pointwise convolutions, BatchNorm and head still train); returns
+    how many. On CPU their weight gradient is most of a step's backward (BENCHMARKS.md); the input gradient that
+    flows through them to earlier layers is still computed."""
+    convs = depthwise_convs(encoder)
+    if not convs:
+        raise UserError(f"--freeze-depthwise: {type(encoder).__name__} has no depthwise convolutions; use false")
+    for conv in convs:
+        conv.requires_grad_(False)
+    return len(convs)
+
+
+class _Fp32OnCpu:
+    """Mixin: under CPU autocast the convolution runs in fp32 (oneDNN's bf16 depthwise kernels are slower than fp32
+    ones, so bf16 autocast of a depthwise network was 0.67x fp32; only the pointwise layers gain from AMX)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def depthwise_in_fp32(encoder: nn.Module) -> nn.Module:
+    """Make every depthwise convolution skip CPU bf16 autocast (class swap: weights and state-dict keys unchanged,
+    timm's Conv2dSame padding kept). Nothing changes in fp32 or on CUDA."""
+    for conv in depthwise_convs(encoder):
+        cls = type(conv)
+        if not issubclass(cls, _Fp32OnCpu):
+            conv.__class__ = _FP32_CLASSES.setdefault(cls, type(f"Fp32{cls.__name__}", (_Fp32OnCpu, cls), {}))
+    return encoder
+
+
 def _hub_hint(tower: str, name: str, err: Exception) -> str:
     flag = "--image-weights PATH (.pth/.safetensors) or --image-weights none" if tower == "image" else \
         "--text-model FOLDER (a saved transformers model, or pkg:all-minilm-l6-v2)"
@@ -264,6 +305,9 @@ class ExprCLIP(nn.Module):
         for enc, frozen in ((self.text_encoder, cfg.freeze_text), (self.image_encoder, cfg.freeze_image)):
             enc.requires_grad_(not frozen)
         self.frozen_stages = freeze_stages(self.image_encoder, cfg.freeze_image_stages)   # after the line above
+        if cfg.freeze_depthwise:
+            freeze_depthwise(self.image_encoder)
+        depthwise_in_fp32(self.image_encoder)
 
     def train(self, mode: bool = True):
         super().train(mode)

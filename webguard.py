@@ -138,6 +138,21 @@ def lenient(component, raw=lambda payload: payload):
     return component
 
 
+@functools.cache
+def one_or_many_files():
+    """The data model for a gr.File(file_count="multiple") that also takes one file not in a list (an API
+    caller's single handle_file): Gradio's own ListFiles refused it with a traceback before any handler ran."""
+    from gradio.data_classes import ListFiles
+    from pydantic import model_validator
+
+    class OneOrManyFiles(ListFiles):
+        @model_validator(mode="before")
+        @classmethod
+        def _listed(cls, value):
+            return [value] if isinstance(value, dict) else value
+    return OneOrManyFiles
+
+
 def upload_path(payload):
     """The file path of an upload's payload (Gradio's FileData), for `lenient`; None when there is none."""
     return getattr(payload, "path", None)

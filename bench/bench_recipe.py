@@ -13,7 +13,9 @@ Variants: today = PNG decode and resize every epoch, fp32, one loader worker, th
 rebuilt each step (the path before this round, as bench/ferplus.py ran it); today-w0 = the same in the training
 process; cache = faces decoded once into memory; text-once = cache + the frozen class sentences' features reused
 from the last step; then, each on top of text-once: fold = BatchNorm folded into the convolutions (--image-bn fold);
-freeze2 = the stem and first 2 stages frozen (--freeze-image-stages 2); fold-freeze2/3 = both; bf16 = bf16 autocast (on CPUs with AMX/AVX512-BF16);
+freeze2 = the stem and first 2 stages frozen (--freeze-image-stages 2); fold-freeze2/3 = both; bf16 = bf16 autocast (on CPUs with AMX/AVX512-BF16;
+depthwise convolutions stay fp32); freeze2-dw = freeze2 + the depthwise filters frozen too (--freeze-depthwise);
+freeze2-bf16, freeze2-dw-bf16 = those with bf16 autocast;
 px48 = 48 px, FER's own resolution. fold, freeze and px48 change the model: their accuracy at equal epochs is an
 ablation row of bench/ferplus.py, not a given.
 """
@@ -41,7 +43,7 @@ from train import Trainer  # noqa: E402
 from utils import run_cli  # noqa: E402
 
 # Each variant states every lever it differs by (so a RECIPE that turns one on does not leak into `today`).
-OFF = ["--amp", "off", "--freeze-image-stages", "0", "--image-bn", "train"]
+OFF = ["--amp", "off", "--freeze-image-stages", "0", "--freeze-depthwise", "false", "--image-bn", "train"]
 VARIANTS = {"today": [*OFF, "--cache-images", "false", "--num-workers", "1"],
             "today-w0": [*OFF, "--cache-images", "false"],
             "cache": [*OFF, "--cache-images", "true"],
@@ -51,6 +53,10 @@ VARIANTS = {"today": [*OFF, "--cache-images", "false", "--num-workers", "1"],
             "fold": [*OFF, "--cache-images", "true", "--image-bn", "fold"],
             "freeze2": [*OFF, "--cache-images", "true", "--freeze-image-stages", "2"],
             "freeze3": [*OFF, "--cache-images", "true", "--freeze-image-stages", "3"],
+            "freeze2-bf16": [*OFF, "--cache-images", "true", "--freeze-image-stages", "2", "--amp", "bf16"],
+            "freeze2-dw": [*OFF, "--cache-images", "true", "--freeze-image-stages", "2", "--freeze-depthwise", "true"],
+            "freeze2-dw-bf16": [*OFF, "--cache-images", "true", "--freeze-image-stages", "2", "--freeze-depthwise",
+                                "true", "--amp", "bf16"],
             "fold-freeze2": [*OFF, "--cache-images", "true", "--image-bn", "fold", "--freeze-image-stages", "2"],
             "fold-freeze3": [*OFF, "--cache-images", "true", "--image-bn", "fold", "--freeze-image-stages", "3"]}
 
@@ -92,9 +98,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     setup_logging("warning")
     names = [v for v in a.variants.split(",") if v]
-    if "bf16" in names and not cpu_has_bf16():
-        print("bf16: skipped (this CPU has no AMX/AVX512-BF16; autocast would run emulated)")
-        names.remove("bf16")
+    for v in [v for v in names if "bf16" in v and not cpu_has_bf16()]:
+        print(f"{v}: skipped (this CPU has no AMX/AVX512-BF16; autocast would run emulated)")
+        names.remove(v)
     recipe = shlex.split(a.recipe) if a.recipe else RECIPE
     trainers = {v: trainer(recipe, a.data, v, f"{a.work}/{v}") for v in names}
     batches = next(iter(trainers.values())).train_batches(0)[:a.steps]

@@ -50,8 +50,10 @@ from ferplus_sentences import check_disjoint, load_compound, training_banks  # n
 # first two stages of the image tower frozen (1.96x the throughput of last round's path, equal accuracy at equal
 # epochs: BENCHMARKS.md, "Training throughput"). The bundled file's image side is trained with a variant of this
 # recipe instead (all-MiniLM-L6-v2 and the paper + rich banks via --recipe, 16 epochs), then given the e5 tower by
-# align_text.py --balance 0.4: the exact commands are in models/README.md.
+# align_text.py --balance 0.4: the exact commands are in models/README.md. The depthwise filters stay frozen
+# (2.1-2.2x the old path on 2 Intel cores, level at equal epochs: BENCHMARKS.md, "frozen depthwise filters").
 RECIPE = ["--preset", "offline", "--batch-size", "64", "--image-size", "64", "--freeze-image-stages", "2",
+          "--freeze-depthwise", "true",
           "--caption-bank", "paper,rich,captions/facs_en.csv,captions/facs_ko.csv",
           "--caption-sampling", "random", "--positives", "label", "--targets", "soft", "--contrast", "classes",
           "--text-model", "pkg:multilingual-e5-small", "--freeze-text", "true",
@@ -273,6 +275,7 @@ def common_args(a) -> str:
     """The options of this invocation that change a figure, for the reproduce commands."""
     out = "" if a.recipe is None else f" --recipe {shlex.quote(a.recipe)}"
     out += f" --limit {a.limit}" if a.limit else ""
+    out += f" --val-fraction {a.val_fraction:g}" if a.val_fraction != VAL_FRACTION else ""
     out += " --with-sample" if a.with_sample else ""
     out += f" --min-pair-faces {a.min_pair_faces}" if a.min_pair_faces != 20 else ""
     return out + (f" --work {a.work}" if a.work != WORK else "")

@@ -1,6 +1,6 @@
 """The server log of the real demo app: a request Gradio's own input checks used to refuse with a traceback (a slider
 out of its range, a file of the wrong type) gets one line naming the request, the input and what was wrong; a bug in
-a handler still prints its traceback."""
+a handler still prints its traceback. A multi-file input also takes one file on its own."""
 from __future__ import annotations
 
 import shutil
@@ -53,8 +53,12 @@ def test_refused_inputs_are_one_log_line_each_not_a_traceback(app_url, capfd):
         assert want in out[-1], (name, out)                       # a message in the page, not a Gradio error
     added = client.predict([handle_file(str(tmp / "notes.txt"))], api_name="/add_photos")
     assert "skipped: notes.txt: not an image or a zip" in added
+    one = client.predict(handle_file(str(face)), api_name="/add_photos")    # one file, not in a list
+    assert one.startswith("Added 1 photo(s)") and "skipped" not in one, one
+    seq = client.predict(handle_file(str(face)), VOCAB, False, 0.5, api_name="/sequence")
+    assert "1 frame" in seq[-1], seq
     assert client.predict("a wide smile", 2, api_name="/search")[1].startswith("2 best matches")   # still serving
-    assert client.predict("a wide smile", 75, api_name="/search")[1].startswith("4 best matches")  # API: up to 100
+    assert client.predict("a wide smile", 75, api_name="/search")[1].startswith("5 best matches")  # 4 + 1 added
     log = "".join(capfd.readouterr())
     assert "Traceback" not in log and "gradio.exceptions" not in log, log[-3000:]
     lines = log.splitlines()

@@ -1,6 +1,9 @@
-"""The faster CPU training paths: BatchNorm folded into the convolutions, frozen early stages, the frozen class
+"""The faster CPU training paths: BatchNorm folded into the convolutions, frozen early stages, frozen depthwise
+filters, depthwise convolutions kept in fp32 under CPU bf16 autocast, the frozen class
 sentences reused step to step, and the packaged sentence tower's embeddings kept on disk between runs."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import timm
@@ -10,7 +13,8 @@ import torch.nn as nn
 import sentence_towers
 import train
 from config import make_config
-from model import ExprCLIP, fold_batchnorm, freeze_stages, load_checkpoint
+from model import ExprCLIP, depthwise_convs, depthwise_in_fp32, fold_batchnorm, freeze_depthwise, freeze_stages, \
+    load_checkpoint
 from utils import UserError
 
 
@@ -47,6 +51,48 @@ def test_frozen_stages_get_no_gradient_and_keep_eval_mode(sample_dir):
     assert all(b.training for b in bns(enc.layer2))
     with pytest.raises(UserError, match="stages"):
         freeze_stages(timm.create_model("resnet10t", num_classes=0), 9)
+
+
+def test_frozen_depthwise_filters_stay_put_while_the_pointwise_layers_train(sample_dir, tmp_path):
+    cfg = make_config(dict(data=str(sample_dir), image_size=32, image_model="tf_efficientnet_lite0",
+                           image_weights="none", freeze_depthwise=True, augment=False, num_workers=0, batch_size=16,
+                           out_dir=str(tmp_path)), preset="tiny")
+    tr = train.Trainer(cfg)
+    enc = tr.model.image_encoder
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    tr.model.train()
+    tr.epoch_batches.set(0, tr.train_batches(0)[:2])
+    for batch in tr.train_loader:
+        tr.train_step(batch)
+    after = enc.state_dict()
+    dw = [n for n, m in enc.named_modules() if m in depthwise_convs(enc)]
+    assert len(dw) == 16                                                 # one per block of Lite0
+    assert all(torch.equal(after[f"{n}.weight"], before[f"{n}.weight"]) for n in dw)
+    pointwise = [k for k in after if k.endswith("conv_pwl.weight")]
+    assert pointwise and all(not torch.equal(after[k], before[k]) for k in pointwise)   # the rest trained
+
+
+def test_freezing_depthwise_filters_of_a_tower_without_them_is_refused():
+    with pytest.raises(UserError, match="no depthwise"):
+        freeze_depthwise(timm.create_model("resnet10t", num_classes=0))
+
+
+def test_depthwise_convolutions_run_in_fp32_under_cpu_bf16_autocast_and_keep_their_keys():
+    torch.manual_seed(0)
+    plain = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    net = depthwise_in_fp32(copy.deepcopy(plain))
+    assert list(net.state_dict()) == list(plain.state_dict())
+    conv = depthwise_convs(net)[3]
+    assert type(conv).__name__.startswith("Fp32") and isinstance(conv, type(depthwise_convs(plain)[3]))
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_plain = conv(x.bfloat16()), depthwise_convs(plain)[3](x.bfloat16())
+    assert y.dtype == torch.float32 and y_plain.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(y, depthwise_convs(plain)[3](x.bfloat16().float()))
+        img = torch.randn(1, 3, 32, 32)
+        assert torch.equal(net(img), plain(img))                          # fp32: nothing changes
+    assert type(copy.deepcopy(net).blocks[1][0].conv_dw) is type(net.blocks[1][0].conv_dw)
 
 
 def test_training_with_folded_batchnorm_saves_a_checkpoint_that_loads_the_same(sample_dir, tmp_path):
