@@ -201,8 +201,11 @@ def depthwise_in_fp32(encoder: nn.Module) -> nn.Module:
     timm's Conv2dSame padding kept). Nothing changes in fp32 or on CUDA."""
     for conv in depthwise_convs(encoder):
         cls = type(conv)
-        if not issubclass(cls, _Fp32OnCpu):
-            conv.__class__ = _FP32_CLASSES.setdefault(cls, type(f"Fp32{cls.__name__}", (_Fp32OnCpu, cls), {}))
+        if issubclass(cls, _Fp32OnCpu):
+            continue
+        if cls not in _FP32_CLASSES:
+            _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (_Fp32OnCpu, cls), {})
+        conv.__class__ = _FP32_CLASSES[cls]
     return encoder
 
 
