@@ -178,7 +178,7 @@ def freeze_depthwise(encoder: nn.Module) -> int:
     if not convs:
         raise UserError(f"--freeze-depthwise: {type(encoder).__name__} has no depthwise convolutions; use false")
     for conv in convs:
-        conv.requires_grad_(False)
+        conv.weight.requires_grad_(False)     # only the filter: a bias (BatchNorm folded into it) trains on
     return len(convs)
 
 

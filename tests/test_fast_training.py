@@ -65,11 +65,19 @@ def test_frozen_depthwise_filters_stay_put_while_the_pointwise_layers_train(samp
     for batch in tr.train_loader:
         tr.train_step(batch)
     after = enc.state_dict()
-    dw = [n for n, m in enc.named_modules() if m in depthwise_convs(enc)]
+    ids = {id(c) for c in depthwise_convs(enc)}
+    dw = [n for n, m in enc.named_modules() if id(m) in ids]
     assert len(dw) == 16                                                 # one per block of Lite0
     assert all(torch.equal(after[f"{n}.weight"], before[f"{n}.weight"]) for n in dw)
     pointwise = [k for k in after if k.endswith("conv_pwl.weight")]
     assert pointwise and all(not torch.equal(after[k], before[k]) for k in pointwise)   # the rest trained
+
+
+def test_frozen_depthwise_filters_leave_a_folded_batchnorm_shift_training():
+    net = fold_batchnorm(timm.create_model("tf_efficientnet_lite0", num_classes=0).eval())
+    assert freeze_depthwise(net) == 16
+    conv = depthwise_convs(net)[0]
+    assert not conv.weight.requires_grad and conv.bias is not None and conv.bias.requires_grad
 
 
 def test_freezing_depthwise_filters_of_a_tower_without_them_is_refused():
