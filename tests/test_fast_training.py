@@ -13,8 +13,8 @@ import torch.nn as nn
 import sentence_towers
 import train
 from config import make_config
-from model import ExprCLIP, depthwise_convs, depthwise_in_fp32, fold_batchnorm, freeze_depthwise, freeze_stages, \
-    load_checkpoint
+from image_tower import depthwise_convs, depthwise_in_fp32, fold_batchnorm, freeze_depthwise, freeze_stages
+from model import ExprCLIP, load_checkpoint
 from utils import UserError
 
 

@@ -3,8 +3,10 @@ end-to-end run of bench/ferplus.py on a tiny FER+ layout with a 2-step tiny chec
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -188,3 +190,15 @@ def test_val_fraction_holds_out_its_own_stratified_split_in_its_own_folder(tmp_p
 def test_each_selection_fraction_has_its_own_data_folder_name():
     names = [ferplus.data_name(x) for x in (ferplus.VAL_FRACTION, 0.1, 0.101, 0.3)]
     assert names[:2] == ["data", "data_val10"] and len(set(names)) == 4
+
+
+def test_reproduce_commands_carry_a_non_default_val_fraction_and_only_then():
+    def plan(**kw):
+        a = SimpleNamespace(recipe=None, limit=0, val_fraction=ferplus.VAL_FRACTION, with_sample=False,
+                            min_pair_faces=20, work=ferplus.WORK, checkpoint=None, runs="main", extra="", epochs=3)
+        return [shlex.split(p["command"]) for p in ferplus.run_plan(SimpleNamespace(**{**vars(a), **kw}))]
+    assert "--val-fraction" not in plan()[0]
+    wider = plan(val_fraction=0.1, limit=10000)[0]
+    assert wider[wider.index("--val-fraction") + 1] == "0.1" and wider[wider.index("--limit") + 1] == "10000"
+    ckpt = plan(val_fraction=0.1, checkpoint="x.pth")[0]
+    assert ckpt[:4] == ["python", "bench/ferplus.py", "--checkpoint", "x.pth"] and "0.1" in ckpt
