@@ -31,12 +31,12 @@ def _decode(preprocess, image) -> torch.Tensor | None:
 
 @torch.inference_mode()
 def embed_images(model, images: list, preprocess, device=None, batch_size: int = 64, autocast=nullcontext,
-                 tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 tta=False) -> tuple[np.ndarray, np.ndarray]:
     """Paths or PIL images -> (float32 [n_ok, D] unit vectors of the decodable ones, in order; bool [N] decoded).
 
     Batches stream through a thread pool: the next batch decodes while one encodes (at most two in memory).
     autocast: a context factory (precision.autocast_for). tta: each face and its mirror image are encoded in one
-    forward pass and their embeddings averaged (test-time augmentation)."""
+    forward pass and their embeddings averaged (test-time augmentation); or a views function (see encode_batch)."""
     device = device if device is not None else next(model.parameters()).device
     chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     embs, ok = [np.zeros((0, model.embed_dim), np.float32)], []
@@ -55,13 +55,15 @@ def embed_images(model, images: list, preprocess, device=None, batch_size: int =
 
 
 @torch.inference_mode()
-def encode_batch(model, x: torch.Tensor, autocast=nullcontext, tta: bool = False) -> np.ndarray:
-    """A preprocessed batch [b, 3, H, W] on the model's device -> float32 [b, D] unit vectors (face and mirror
-    averaged with tta). embed_images and train.py's validation both encode through here."""
+def encode_batch(model, x: torch.Tensor, autocast=nullcontext, tta=False) -> np.ndarray:
+    """A preprocessed batch [b, 3, H, W] on the model's device -> float32 [b, D] unit vectors. tta: True averages
+    face and mirror; a function x -> [view, ...] (bench/bench_tta.py's crop views) averages those views.
+    embed_images and train.py's validation both encode through here."""
+    xs = tta(x) if callable(tta) else [x, x.flip(3)] if tta else [x]
     with autocast():
-        e = model.encode_image(torch.cat([x, x.flip(3)]) if tta else x).float()    # [b or 2b, D]
-    if tta:
-        e = F.normalize(e[:len(x)] + e[len(x):], dim=-1)                           # [b, D]
+        e = model.encode_image(torch.cat(xs)).float()                              # [V*b, D]
+    if len(xs) > 1:
+        e = F.normalize(e.view(len(xs), len(x), -1).sum(0), dim=-1)                # [b, D]
     return e.cpu().numpy()
 
 

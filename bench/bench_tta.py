@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import metrics  # noqa: E402
 from checkpoint import create_model_and_transforms, read_checkpoint  # noqa: E402
-from embed import _decode, text_prototypes  # noqa: E402
+from embed import embed_images, text_prototypes  # noqa: E402
 from evaluate import class_order, get_bank, pick_split, read_data  # noqa: E402
 from precision import autocast_for  # noqa: E402
 from select_score import SELECT, half_banks  # noqa: E402
@@ -61,20 +62,12 @@ def views(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
     return out
 
 
-@torch.inference_mode()
-def embed_views(model, paths: list[str], preprocess, kind: str, autocast, batch: int = 64) -> np.ndarray:
+def embed_views(model, paths: list[str], preprocess, kind: str, autocast) -> np.ndarray:
     """Faces -> float32 [N, D] unit vectors, the mean of each face's views (undecodable faces refused)."""
-    out = []
-    for i in range(0, len(paths), batch):
-        xs = [_decode(preprocess, p) for p in paths[i:i + batch]]
-        if any(t is None for t in xs):
-            raise UserError(f"{paths[i + [t is None for t in xs].index(True)]}: not a readable image")
-        x = torch.stack(xs)
-        vs = views(x, kind)
-        with autocast():
-            e = model.encode_image(torch.cat(vs)).float()                     # [V*b, D]
-        out.append(F.normalize(e.view(len(vs), len(x), -1).sum(0), dim=-1).numpy())
-    return np.concatenate(out)
+    emb, ok = embed_images(model, paths, preprocess, torch.device("cpu"), 64, autocast, partial(views, kind=kind))
+    if not ok.all():
+        raise UserError(f"{paths[int(np.argmin(ok))]}: not a readable image")
+    return emb
 
 
 def main(argv=None) -> int:
