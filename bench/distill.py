@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "targets" and not a.out:
         raise UserError("targets needs --out FOLDER (a new folder for the blended captions.csv)")
+    if not 0 <= a.weight <= 1:                                        # refused before minutes of teacher inference
+        raise UserError(f"--weight {a.weight}: use a share between 0 and 1 (0.5 = half votes, half teachers)")
     score(a) if a.cmd == "score" else targets(a)
     return 0
 

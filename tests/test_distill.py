@@ -68,6 +68,9 @@ def test_targets_rewrite_train_rows_only_and_the_result_trains(trained, sample_d
     assert np.allclose(soft.sum(1), 1, atol=1e-4)
     assert ((soft >= 0.5 - 1e-4) == (hard == 1)).all()                    # half on its label, half on the teacher
     assert (soft[hard == 0] > 0).any()                                    # the teacher's mass elsewhere
+    with pytest.raises(UserError, match="--weight"):                      # before any teacher is loaded
+        distill.main(["targets", "--teachers", "missing.pth", "--data", str(sample_dir), "--out", str(tmp_path / "w"),
+                      "--weight", "2"])
     with pytest.raises(UserError, match="exists"):                        # never written over
         distill.main(["targets", "--teachers", ck, "--data", str(sample_dir), "--out", str(out)])
     for p in sample_dir.iterdir():                                        # the images, next to the new CSV
