@@ -13,6 +13,7 @@ split or on several pooled (`--split val,test`: the 852 val faces and FER2013Val
 for close calls since the distillation round).
 `targets` rewrites only `train` rows (adding the column when the data has none): soft_labels = (1 - weight) x the row's own votes (its one-hot label when it has
 none) + weight x the ensemble's probabilities; val and test rows, and faces that do not decode, are left as they were.
+Relative image paths are written out absolute, so the new folder needs no copy of the images.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def report(probs: list[np.ndarray], y: np.ndarray, classes: list[str], **head) -
 
 def score(a) -> None:
     table, _ = read_data(a.data)
-    df = pd.concat([pick_split(table, s)[0] for s in a.split.split(",")], ignore_index=True)   # val,test: pooled
+    df = pd.concat([pick_split(table, s)[0] for s in dict.fromkeys(a.split.split(","))], ignore_index=True)   # val,test: pooled
     classes = class_order(list(df["label"]))
     y = np.array([classes.index(c) for c in df["label"]])
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +116,8 @@ def targets(a) -> None:
     split = df["split"].str.strip().str.lower().replace(SPLIT_ALIASES)
     hit = (split == "train") & df["image"].isin(new.keys())          # val and test rows are never touched
     df.loc[hit, "soft_labels"] = df.loc[hit, "image"].map(new)
+    found = dict(zip(table["image"], table["path"]))                 # as training resolves them (e.g. images/)
+    df["image"] = [str(Path(found[p]).resolve()) if p in found else p for p in df["image"]]   # usable from --out
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     agree = float((mean.argmax(1) == np.array([classes.index(c) for c in train["label"]])).mean())

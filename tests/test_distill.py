@@ -60,7 +60,8 @@ def test_targets_rewrite_train_rows_only_and_the_result_trains(trained, sample_d
     line = json.loads(capsys.readouterr().out)
     before = pd.read_csv(sample_dir / "captions.csv", dtype=str, keep_default_na=False)
     after = pd.read_csv(out / "captions.csv", dtype=str, keep_default_na=False)
-    assert list(after["image"]) == list(before["image"]) and line["rows"] == (before["split"] == "train").sum()
+    assert [Path(p).name for p in after["image"]] == [Path(p).name for p in before["image"]]
+    assert line["rows"] == (before["split"] == "train").sum()
     rest = after["split"] != "train"
     assert (after.loc[rest, "soft_labels"] == "").all()                   # val rows keep no target of their own
     soft = target_distributions(after[~rest], sorted(set(after["label"])), soft=True)
@@ -73,9 +74,7 @@ def test_targets_rewrite_train_rows_only_and_the_result_trains(trained, sample_d
                       "--weight", "2"])
     with pytest.raises(UserError, match="exists"):                        # never written over
         distill.main(["targets", "--teachers", ck, "--data", str(sample_dir), "--out", str(out)])
-    for p in sample_dir.iterdir():                                        # the images, next to the new CSV
-        if p.is_dir():
-            (out / p.name).symlink_to(p)
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in after["image"])   # no copy of the images
     run = tmp_path / "run"
     assert train.main(["--preset", "tiny", "--data", str(out), "--targets", "soft", "--image-size", "48",
                        "--epochs", "1", "--batch-size", "32", "--num-workers", "0", "--augment", "false",
