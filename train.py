@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from config import Config, add_config_args, config_from_args, init_config, resumed_config
+from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
@@ -31,7 +30,9 @@ from embed import classifier_logits, encode_batch, text_prototypes
 from logs import get_logger, setup_logging
 from loss import make_loss
 from mixup import mix_batch
-from model import ExprCLIP, checkpoint_payload, save_checkpoint
+from checkpoint import (checkpoint_payload, init_from_config, load_weights_into, publish_final, read_checkpoint,
+                        resume_config, save_checkpoint)
+from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
 from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, write_logs
@@ -334,7 +335,6 @@ class Trainer:
         self.autosave.reset()
 
     def load_state(self, path: str) -> None:
-        from checkpoint import load_weights_into, read_checkpoint
         ck = read_checkpoint(path, hint="--resume")
         if "trainer" not in ck:
             raise UserError(f"{path}: holds weights only (no optimizer state); resume from out_dir/last.pth")
@@ -404,44 +404,6 @@ class Trainer:
         if self.cfg.final_path and self.is_main and len(self.history) > trained_before:
             publish_final(self.out / "best.pth", Path(self.cfg.final_path))
         return self.history
-
-
-def publish_final(best: Path, final: Path) -> None:
-    """Copy the finished run's best epoch to `final` (only at the end: a killed run never touches it). A model
-    already there was not written by this run: it is kept, renamed aside, and the log names it."""
-    if final.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(final.stat().st_mtime))
-        kept = final.with_name(f"{final.stem}.{stamp}{final.suffix}")
-        n = 1
-        while kept.exists():
-            kept, n = final.with_name(f"{final.stem}.{stamp}-{n}{final.suffix}"), n + 1
-        final.rename(kept)
-        log.info(f"kept the earlier {final} as {kept}")
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.copyfile(best, tmp)
-    tmp.replace(final)
-    log.info(f"best epoch written to {final} (also {best})")
-
-
-def resume_config(args) -> tuple[Config, list[str]]:
-    """--resume: the run's config as saved in the checkpoint (not a preset), safe flags on top."""
-    from checkpoint import read_checkpoint
-    if not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume}: no such checkpoint file; pass the last.pth an earlier run "
-                        "wrote in its --out-dir")
-    ck = read_checkpoint(args.resume, hint="--resume")
-    if "trainer" not in ck:
-        raise UserError(f"{args.resume}: holds weights only (no optimizer state); resume from out_dir/last.pth")
-    return resumed_config(ck["config"], args)
-
-
-def init_from_config(args) -> Config:
-    """--init-from FILE: a new run whose config starts as the file's (its towers and heads), flags on top."""
-    from checkpoint import read_checkpoint
-    if not Path(args.init_from).is_file():
-        raise UserError(f"--init-from {args.init_from}: no such checkpoint file; pass a model_final.pth or "
-                        "best.pth (or models/exprclip-ferplus.pth)")
-    return init_config(read_checkpoint(args.init_from, hint="--init-from")["config"], args)
 
 
 def main(argv=None) -> int:
