@@ -57,11 +57,15 @@ def teacher_probs(path: str, paths: list[str], classes: list[str], banks: list[d
     return [softmax(scale * metrics.zero_shot_scores(emb, p)) for p in protos], ok
 
 
+def check_weight(weight: float) -> None:
+    if not 0 <= weight <= 1:
+        raise UserError(f"--weight {weight}: use a share between 0 and 1 (0.5 = half votes, half teachers)")
+
+
 def blend(train: pd.DataFrame, probs: np.ndarray, ok: np.ndarray, classes: list[str], weight: float) -> dict:
     """Train rows (read_data's table) -> {image: soft_labels JSON} = (1 - weight) x own targets + weight x probs
     [n, C]; undecoded faces, and rows whose label is outside `classes`, are left out (they keep their cell)."""
-    if not 0 <= weight <= 1:
-        raise UserError(f"--weight {weight}: use a share between 0 and 1 (0.5 = half votes, half teachers)")
+    check_weight(weight)
     own = target_distributions(train, classes, soft=True, source="--data captions.csv")      # [n, C]
     mixed = (1 - weight) * own + weight * probs
     keep = ok & (own.sum(1) > 0)
@@ -137,8 +141,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "targets" and not a.out:
         raise UserError("targets needs --out FOLDER (a new folder for the blended captions.csv)")
-    if not 0 <= a.weight <= 1:                                        # refused before minutes of teacher inference
-        raise UserError(f"--weight {a.weight}: use a share between 0 and 1 (0.5 = half votes, half teachers)")
+    check_weight(a.weight)                                            # before minutes of teacher inference
     score(a) if a.cmd == "score" else targets(a)
     return 0
 
