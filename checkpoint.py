@@ -270,23 +270,26 @@ def publish_final(best: Path, final: Path) -> None:
     log.info(f"best epoch written to {final} (also {best})")
 
 
-def resume_config(args) -> tuple[Config, list[str]]:
-    """--resume: the run's config as saved in the checkpoint (not a preset), safe flags on top."""
+def resume_config(args) -> tuple[Config, list[str], dict]:
+    """--resume: the run's config as saved in the checkpoint (not a preset), safe flags on top; also the dict read
+    (train.Trainer resumes from it, so last.pth is read once)."""
     if not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume}: no such checkpoint file; pass the last.pth an earlier run "
                         "wrote in its --out-dir")
     ck = read_checkpoint(args.resume, hint="--resume")
     if "trainer" not in ck:
         raise UserError(f"{args.resume}: holds weights only (no optimizer state); resume from out_dir/last.pth")
-    return resumed_config(ck["config"], args)
+    return (*resumed_config(ck["config"], args), ck)
 
 
-def init_from_config(args) -> Config:
-    """--init-from FILE: a new run whose config starts as the file's (its towers and heads), flags on top."""
+def init_from_config(args) -> tuple[Config, dict]:
+    """--init-from FILE: a new run whose config starts as the file's (its towers and heads), flags on top; also the
+    dict read (train.Trainer takes its weights from it)."""
     if not Path(args.init_from).is_file():
         raise UserError(f"--init-from {args.init_from}: no such checkpoint file; pass a model_final.pth or "
                         "best.pth (or models/exprclip-ferplus.pth)")
-    return init_config(read_checkpoint(args.init_from, hint="--init-from")["config"], args)
+    ck = read_checkpoint(args.init_from, hint="--init-from")
+    return init_config(ck["config"], args), ck
 
 
 def main(argv=None) -> int:

@@ -68,7 +68,9 @@ class Trainer:
     """One training run: data (dataset.build_train_data), model and optimizer, then fit(): train_epoch and
     end_epoch (validate, log, checkpoint) until cfg.epochs or cfg.max_steps; resumable from last.pth."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, checkpoint: dict | None = None):
+        """checkpoint: cfg.resume's (or cfg.init_from's) file as read_checkpoint returned it, when the caller has
+        read it already (main: for the config); otherwise it is read here."""
         self.cfg = cfg
         if cfg.resume and not Path(cfg.resume).is_file():       # before minutes of setup
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file; pass the last.pth an earlier run "
@@ -83,7 +85,7 @@ class Trainer:
         self.data = build_train_data(cfg)
         if self.world > 1 and self.data.train_classes is not None:
             raise UserError("--targets soft / --contrast classes run in one process for now (not under torchrun)")
-        self.build_model(local_rank)
+        self.build_model(local_rank, checkpoint if cfg.init_from and not cfg.resume else None)
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
         self.epoch_batches = EpochBatches()          # one loader for the run: its workers persist across epochs
         self.train_loader = self.loader(self.data.train_ds, self.epoch_batches, persistent=True)
@@ -103,17 +105,17 @@ class Trainer:
         self.buffers = BufferSnapshot(self.model)
         self.autosave = Every(cfg.save_every_steps, 60 * cfg.save_every_min)
         if cfg.resume:
-            self.load_state(cfg.resume)
+            self.load_state(cfg.resume, checkpoint)
 
-    def build_model(self, local_rank: int) -> None:
+    def build_model(self, local_rank: int, init: dict | None = None) -> None:
         """self.model on its device (channels-last), its weight EMA, compiled towers, and self.net: what the training
-        step calls, DDP-wrapped under torchrun."""
+        step calls, DDP-wrapped under torchrun. init: cfg.init_from's checkpoint dict, if already read."""
         cfg = self.cfg
         class_names = list(self.data.label_vocab) if cfg.objective == "ce" else None
         if cfg.init_from and not cfg.resume:                  # resumed: weights from last.pth
-            from checkpoint import init_model, read_checkpoint
-            self.model = init_model(read_checkpoint(cfg.init_from, hint="--init-from"), cfg, cfg.init_from,
-                                    class_names)
+            from checkpoint import init_model
+            ck = init if init is not None else read_checkpoint(cfg.init_from, hint="--init-from")
+            self.model = init_model(ck, cfg, cfg.init_from, class_names)
             log.info(f"weights from {cfg.init_from} (fine-tuning)")
         else:
             self.model = ExprCLIP(cfg, class_names=class_names, calibrate=None if cfg.resume else self.calibrate_bn)
@@ -334,8 +336,9 @@ class Trainer:
                     self.out / "last.pth")
         self.autosave.reset()
 
-    def load_state(self, path: str) -> None:
-        ck = read_checkpoint(path, hint="--resume")
+    def load_state(self, path: str, ck: dict | None = None) -> None:
+        """Weights, optimizer, EMA and progress from last.pth (ck: that file already read, or None to read it)."""
+        ck = ck if ck is not None else read_checkpoint(path, hint="--resume")
         if "trainer" not in ck:
             raise UserError(f"{path}: holds weights only (no optimizer state); resume from out_dir/last.pth")
         try:
@@ -410,15 +413,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     args = ap.parse_args(argv)
+    changed, ck = [], None          # ck: the checkpoint read for the config, handed on (each file is read once)
     if args.resume:
-        cfg, changed = resume_config(args)
+        cfg, changed, ck = resume_config(args)
+    elif args.init_from:
+        cfg, ck = init_from_config(args)
     else:
-        cfg, changed = init_from_config(args) if args.init_from else config_from_args(args), []
+        cfg = config_from_args(args)
     setup_logging(cfg.log_level)        # rank-aware: under torchrun, ranks > 0 log warnings only
     for line in changed:
         log.info(f"resume: {line} (given on the command line)")
     try:
-        Trainer(cfg).fit()
+        trainer, ck = Trainer(cfg, ck), None      # the dict is not held through training
+        trainer.fit()
     except BaseException:
         cleanup(wait=False)
         raise

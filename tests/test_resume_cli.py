@@ -123,3 +123,19 @@ def test_init_from_alone_takes_the_files_config_so_the_bundled_model_fine_tunes_
     cfg = torch.load(tmp_path / "last.pth", weights_only=True)["config"]
     assert (cfg["image_size"], cfg["caption_bank"], cfg["image_model"]) == (16, "paper", "resnet10t")
     assert cfg["out_dir"] == str(tmp_path) and cfg["epochs"] == 1
+
+
+def test_resume_and_init_from_read_their_checkpoint_once(one_epoch, sample_dir, tmp_path, monkeypatch):
+    reads, load = [], torch.load
+
+    def counted(path, *a, **kw):
+        reads.append(str(path))
+        return load(path, *a, **kw)
+
+    monkeypatch.setattr(torch, "load", counted)
+    last, src = one_epoch / "out" / "last.pth", one_epoch / "project" / "model_final.pth"
+    assert train.main(["--resume", str(last), "--out-dir", str(tmp_path / "r")]) == 0     # config and weights
+    assert reads.count(str(last)) == 1, reads
+    assert train.main(["--init-from", str(src), "--data", str(sample_dir), "--epochs", "1", "--max-steps", "1",
+                       "--out-dir", str(tmp_path / "i"), "--final-path", ""]) == 0
+    assert reads.count(str(src)) == 1, reads
