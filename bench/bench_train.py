@@ -30,10 +30,11 @@ from precision import amp_dtype, amp_setup  # noqa: E402
 from train import param_groups  # noqa: E402
 
 
-def distilbert_folder(tokenizer_dir: str) -> str:
-    """A local folder with DistilBERT's default config and an uncased WordPiece tokenizer (no download)."""
+def distilbert_folder(tokenizer_dir: str, dest: Path | None = None) -> str:
+    """A local folder (dest, or a new temporary one) with DistilBERT's default config and an uncased WordPiece
+    tokenizer (no download)."""
     import transformers
-    d = tempfile.mkdtemp(prefix="distilbert-")
+    d = str(dest) if dest is not None else tempfile.mkdtemp(prefix="distilbert-")
     transformers.DistilBertConfig().save_pretrained(d)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(d)
     return d
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
     print(f"speed-up              : {distinct / every:8.2f}x")
     print(f"text tower free       : {free:8.1f} images/s  (ceiling of any text saving: {free / every:.2f}x; "
           f"text tower = {1 - every / free:.0%} of an every-caption step)")
+    if device.type == "cuda":
+        print(f"peak GPU memory       : {torch.cuda.max_memory_allocated() / 2**30:8.2f} GiB allocated "
+              f"({torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved)")
     if a.vs_plain:
         model = model.to(memory_format=torch.contiguous_format)
         plain_batch = (pixels.contiguous(), caps, batch[2])
