@@ -377,8 +377,8 @@ class Trainer:
             self.history.append(row)
             score = -row["val_loss"] if self.cfg.select_by == "val_loss" else row[self.cfg.select_by]
             score = -row["val_loss"] if math.isnan(score) else score     # unlabelled data: fall back to the loss
-            if score > self.best:
-                self.best = score
+            if math.isnan(score) or score > self.best:     # nan: no validation pairs at all, the latest epoch is kept
+                self.best = self.best if math.isnan(score) else score
                 save_checkpoint(self.out / "best.pth", self.eval_model, epoch=row["epoch"], metrics=row,
                                 label_counts=self.data.label_counts)
             self.save_last()
@@ -391,6 +391,9 @@ class Trainer:
     def fit(self) -> list[dict]:
         log.info(f"training on {self.device}: {len(self.data.train_ds)} train / {len(self.data.val_ds)} val pairs, "
               f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all")
+        if self.is_main and len(self.data.val_ds) == 0:
+            log.warning("no validation pairs (too few faces per class to carve --val-fraction out of, and no `val` "
+                        "rows in the split column): best.pth will be the latest epoch, not the best one")
         trained_before = len(self.history)
         try:
             with self.guard:                        # Ctrl-C: stop after the current step (see DeferredInterrupt)

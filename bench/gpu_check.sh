@@ -13,7 +13,7 @@
 # Output (in $OUT on the device, runs/gpu_check here): gpu_check.log, BENCH_gpu.md, result.json, metrics.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-C=.devcarry
+C=${CARRY:-.devcarry}                       # what bench/gpu_pack.py wrote
 O=${OUT:-runs/gpu_check}
 WORK=${WORK:-/tmp/gpu_check_work}          # checkpoints stay out of $OUT (8 files come back, 16 MiB each)
 PY=${PY:-python3}
@@ -33,7 +33,8 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 fi
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-bt() { timeout 150 $PY bench/bench_train.py --device $DEV --tokenizer $C/distilbert "$@" $BT || echo "FAILED: bench_train $*"; }
+FAIL=0
+bt() { timeout 150 $PY bench/bench_train.py --device $DEV --tokenizer $C/distilbert "$@" $BT || { echo "FAILED: bench_train $*"; FAIL=1; }; }
 
 echo "== 1. throughput and memory"
 bt --batch-size 16                      # the paper: ResNet50 @ 224 px, DistilBERT-sized text, batch 16
@@ -44,6 +45,7 @@ bt --image-model tf_efficientnet_lite2 --image-size 224 --batch-size 128
 echo "== 2. the paper preset from random init on the packed FER+ faces, scored on FER2013Valid"
 RECIPE="--preset paper --image-weights none --text-model $C/distilbert --text-weights none --caption-bank paper --device $DEV $TR"
 timeout ${ACC_S:-300} $PY bench/ferplus.py --ferplus $C/ferplus --fer2013 none --work "$WORK" --out "$O/BENCH_gpu.md" \
-  --runs main --epochs $EPOCHS --workers $WORKERS $LIMIT --recipe "$RECIPE" || echo "FAILED or timed out: bench/ferplus.py"
+  --runs main --epochs $EPOCHS --workers $WORKERS $LIMIT --recipe "$RECIPE" || { echo "FAILED or timed out: bench/ferplus.py"; FAIL=1; }
 for f in "$WORK"/main/result.json "$WORK"/main/metrics.csv; do [ -f "$f" ] && cp "$f" "$O/"; done
-echo "== done; files in $O"
+echo "== done ($([ $FAIL = 0 ] && echo "every step ran" || echo "a step FAILED: see above")); files in $O"
+exit $FAIL

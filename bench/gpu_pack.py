@@ -117,7 +117,6 @@ def main(argv=None) -> int:
         if not a.no_wheels:
             download_wheels(out / "wheels")
         write_tower(out / "distilbert", a.tokenizer)
-        inside = out.resolve().is_relative_to(ROOT)            # a folder inside the checkout is not in git's list
         used = tree_bytes() + sum(folder_bytes(out / d) for d in ("wheels", "distilbert") if (out / d).is_dir())
         n_train, n_valid = pack_ferplus(Path(a.ferplus), out / "ferplus", int(a.budget_mb * 2**20) - used, a.seed)
     except UserError as e:
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
         return 2
     total = used + folder_bytes(out / "ferplus")
     print(f"{out}: FER2013Train {n_train} faces (stratified), FER2013Valid {n_valid}; "
-          f"{'checkout + ' if inside else ''}carry = {total / 2**20:.1f} MiB of {a.budget_mb:g}")
+          f"checkout + {out.name} = {total / 2**20:.1f} MiB of {a.budget_mb:g}")
     return 0
 
 

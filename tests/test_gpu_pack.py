@@ -58,3 +58,22 @@ def test_a_budget_too_small_is_one_line_and_a_missing_release_too(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --ferplus") and "fer2013new.csv" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
+    import os
+    import subprocess
+    tiny_ferplus(tmp_path / "ferplus")
+    carry, out = tmp_path / "carry", tmp_path / "out"
+    assert gpu_pack.main(["--ferplus", str(tmp_path / "ferplus"), "--out", str(carry), "--no-wheels"]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(SMOKE="1", CARRY=str(carry), OUT=str(out), WORK=str(tmp_path / "work"), PY=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    log = (out / "gpu_check.log").read_text()
+    assert r.returncode == 0 and "every step ran" in log and "FAILED" not in log, log[-3000:]
+    assert log.count("distinct captions only:") == 4                 # the four throughput rows
+    md = (out / "BENCH_gpu.md").read_text()
+    assert md.startswith("## FER+") and "--preset paper --image-weights none" in md
+    assert {p.name for p in out.iterdir()} == {"gpu_check.log", "BENCH_gpu.md", "result.json", "metrics.csv"}

@@ -277,3 +277,15 @@ def test_torchrun_two_processes_train_end_to_end(sample_dir, tmp_path, accum):
     assert "x 2 process(es)" in p.stdout and p.stdout.count("epoch 1:") == 1      # only rank 0 prints
     model, cfg = load_checkpoint(out / "final.pth")
     assert pd.read_csv(out / "metrics.csv")["step"].iloc[-1] == 3
+
+
+def test_too_few_faces_for_a_validation_split_still_publishes_the_latest_epoch(tmp_path, capfd):
+    from synth import make_sample
+    make_sample(tmp_path, per_class=2, size=48, seed=1)                 # 2 a class: 10% of 2 rounds to 0
+    pd.read_csv(tmp_path / "captions.csv").drop(columns="split").to_csv(tmp_path / "captions.csv", index=False)
+    final = tmp_path / "final.pth"
+    assert train.main(["--preset", "tiny", "--caption-bank", "paper", "--image-size", "32", "--batch-size", "8",
+                       "--epochs", "2", "--data", str(tmp_path), "--out-dir", str(tmp_path / "run"),
+                       "--final-path", str(final), "--num-workers", "0"]) == 0
+    assert "no validation pairs" in capfd.readouterr().err
+    assert torch.load(final, weights_only=True)["epoch"] == 2                   # the latest, not none at all
