@@ -234,7 +234,25 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
         raise UserError(f"freeze_image_stages = {cfg.freeze_image_stages} must be >= 0 (0 = train every stage)")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
+    check_ranges(cfg)
     return cfg
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numbers no run can use (0 epochs trains nothing, a negative rate climbs the loss, 0 accumulation steps
+    divides by zero): every one refused in one line, flag by flag."""
+    rules = [("epochs", cfg.epochs >= 1, ">= 1"), ("accum_steps", cfg.accum_steps >= 1, ">= 1"),
+             ("max_length", cfg.max_length >= 1, ">= 1 (text tokens)"),
+             ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
+             ("proj_dropout", 0 <= cfg.proj_dropout < 1, "in [0, 1)"),
+             ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+             ("logit_scale_init", cfg.logit_scale_init > 0, "> 0 (1 / temperature)")]
+    rules += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
+        "lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "num_workers",
+        "text_layers", "text_width")]
+    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, ok, rule in rules if not ok]
+    if bad:
+        raise UserError("; ".join(bad))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -74,3 +74,20 @@ def test_every_flag_has_help_text():
     helps = field_comments()
     assert {f.name for f in dataclasses.fields(Config)} <= set(helps)
     assert "bf16" in helps["amp"] and "GradCache" in helps["accum_steps"]     # continuation lines are joined
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("epochs", 0, ">= 1"), ("accum_steps", 0, ">= 1"), ("num_workers", -1, ">= 0"), ("lr_image", -1e-4, ">= 0"),
+    ("warmup_steps", -5, ">= 0"), ("val_fraction", 1.0, "in [0, 1)"), ("max_length", 0, ">= 1")])
+def test_numbers_no_run_can_use_are_refused_in_one_line_naming_the_flag(field, value, rule):
+    with pytest.raises(UserError) as e:
+        make_config({field: value})
+    msg = str(e.value)
+    assert msg == f"--{field.replace('_', '-')} {value} must be {rule}" or msg.startswith(
+        f"--{field.replace('_', '-')} {value} must be {rule} (")
+    make_config({field: {"epochs": 1, "accum_steps": 1, "max_length": 1, "val_fraction": 0.0}.get(field, 0)})  # edge ok
+
+
+def test_several_bad_numbers_are_named_together():
+    with pytest.raises(UserError, match=r"^--lr-text -1.0 must be >= 0; --grad-clip -2.0 must be >= 0$"):
+        make_config(dict(lr_text=-1.0, grad_clip=-2.0))
