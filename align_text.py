@@ -248,6 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/align", help="cache of face embeddings")
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
     a = ap.parse_args(argv)
+    if a.epochs < 0 or a.lr <= 0:
+        raise UserError(f"--epochs {a.epochs} --lr {a.lr}: give epochs >= 0 (0 = the head as initialised) and a "
+                        "learning rate > 0")
     if a.balance < 0:
         raise UserError(f"--balance {a.balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
     if a.anchor_weight < 0 or (a.anchor_weight and not a.anchor):

@@ -338,6 +338,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.max_faces < 1 or a.max_frames < 1:
         raise UserError("--max-faces and --max-frames must be at least 1")
+    if not 1 <= a.port <= 65535:
+        raise UserError(f"--port {a.port}: give a TCP port in 1-65535 (7860 is Gradio's)")
     return a
 
 
@@ -356,8 +358,14 @@ def main(argv=None) -> int:
     log.info(f"gallery {shown_path(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
     for line in failure_lines(engine.stats):
         log.warning(line)
-    build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64).launch(
-        server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
+    app = build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64)
+    try:
+        app.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
+    except OSError as e:                 # Gradio: "Cannot find empty port in range: 7860-7860. ..."
+        if "port" not in str(e).lower():
+            raise
+        raise UserError(f"--port {a.port} on {a.host}: in use (another demo running?); pass --port {a.port + 1} "
+                        "or stop the other server") from None
     return 0
 
 

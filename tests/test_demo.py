@@ -146,6 +146,22 @@ def test_no_arguments_serves_the_bundled_model(trained, sample_dir, tmp_path, mo
     assert len(launched) == 1 and launched[0]["server_port"] == 7860
 
 
+def test_a_busy_or_impossible_port_is_one_line(trained, sample_dir, tmp_path, monkeypatch, capsys):
+    import gradio as gr
+
+    def busy(self, **kw):
+        raise OSError(f"Cannot find empty port in range: {kw['server_port']}-{kw['server_port']}. You can ...")
+
+    monkeypatch.setattr(gr.Blocks, "launch", busy)
+    _models(monkeypatch, tmp_path / "model_final.pth", trained[0])
+    args = _serve_args(_gallery(sample_dir, tmp_path / "gal", n=2), tmp_path)
+    assert run_cli(demo.main, args + ["--port", "7861"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --port 7861") and "--port 7862" in err
+    assert run_cli(demo.main, args + ["--port", "70000"]) == 2
+    assert "1-65535" in capsys.readouterr().err
+
+
 def test_model_final_in_the_project_root_wins_over_the_bundled_one(trained, sample_dir, tmp_path, monkeypatch,
                                                                   launched, capsys):
     root_model = tmp_path / "model_final.pth"

@@ -168,7 +168,7 @@ def test_logit_adjusted_alignment_recalls_a_rare_class_more_often():
 
 
 @pytest.mark.parametrize("flag,value", [("--balance", "-1"), ("--feature-dropout", "1"), ("--anchor-weight", "1"),
-                                        ("--anchor-balance", "-1")])
+                                        ("--anchor-balance", "-1"), ("--epochs", "-1"), ("--lr", "-1")])
 def test_align_text_refuses_an_out_of_range_option_in_one_line(tmp_path, flag, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", "x.pth", "--data", ".",
