@@ -241,6 +241,8 @@ def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export(src, dst, half: bool = False) -> tuple[int, int]:
     """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`. Returns the
     (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported."""
+    if Path(dst).exists() and Path(dst).resolve() == Path(src).resolve():
+        raise UserError(f"OUT {dst} is IN: export writes a new file and keeps its input; give another OUT path")
     ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
     extra = {k: ck[k] for k in ("epoch", "metrics", "label_counts") if ck.get(k) is not None}
@@ -256,6 +258,8 @@ def export(src, dst, half: bool = False) -> tuple[int, int]:
 def publish_final(best: Path, final: Path) -> None:
     """Copy the finished run's best epoch to `final` (only at the end: a killed run never touches it). A model
     already there was not written by this run: it is kept, renamed aside, and the log names it."""
+    if final.is_dir():                    # never renamed aside: that would move a folder the user keeps things in
+        raise UserError(f"--final-path {final}: is a folder; give a file path (e.g. {final / 'model_final.pth'})")
     if final.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(final.stat().st_mtime))
         kept = final.with_name(f"{final.stem}.{stamp}{final.suffix}")

@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    for flag, out in (("--json", a.json), ("--confusion", a.confusion)):
+        if out and Path(out).is_dir():          # before the evaluation, not after it
+            raise UserError(f"{flag} {out}: is a folder; give a file path")
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
     res = evaluate(a.checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
                    a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip",

@@ -75,6 +75,9 @@ class Trainer:
         if cfg.resume and not Path(cfg.resume).is_file():       # before minutes of setup
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file; pass the last.pth an earlier run "
                             "wrote in its --out-dir")
+        if cfg.final_path and Path(cfg.final_path).is_dir():
+            raise UserError(f"--final-path {cfg.final_path}: is a folder; give a file path (e.g. "
+                            f"{Path(cfg.final_path) / 'model_final.pth'}) or --final-path '' for none")
         self.rank, self.world, local_rank = init_distributed()
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available() \

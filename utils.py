@@ -16,6 +16,9 @@ from logs import get_logger
 log = get_logger(__name__)
 
 
+UMASK = os.umask(0o022)          # read once, at import (the main thread): os.umask can only be read by setting it
+os.umask(UMASK)
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}   # what every image reader accepts
 
 
@@ -58,10 +61,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """The project's one atomic write: write(tmp_name) in path's folder, fsync, then rename over path. A crash or
     Ctrl-C leaves either the old file or the new one, never half of one (checkpoints, index chunks, CSVs, vocab)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file path to write (the folder is left as it is)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    try:
+    try:       # mkstemp makes 0600 files: the new one gets the old file's mode, or what open() would give
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~UMASK)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

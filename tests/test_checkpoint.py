@@ -272,3 +272,28 @@ def test_tokenizer_fingerprint_ignores_loading_options_but_not_the_vocabulary():
     assert not same_tokenizer(cased, tokenizer_digest(files))
     assert not same_tokenizer(other_vocab, tokenizer_digest(files))
     assert not same_tokenizer(other_vocab, tokenizer_digest(files, normalise=False))
+
+
+def test_export_refuses_to_overwrite_its_own_input_and_keeps_it(frozen_minilm, tmp_path, capsys):
+    import checkpoint
+    from utils import run_cli
+    checkpoint.save_checkpoint(tmp_path / "m.pth", frozen_minilm[0])
+    before = (tmp_path / "m.pth").read_bytes()
+    assert run_cli(checkpoint.main, ["export", str(tmp_path / "m.pth"), str(tmp_path / "." / "m.pth")]) == 2
+    assert "is IN" in capsys.readouterr().err and (tmp_path / "m.pth").read_bytes() == before
+
+
+def test_saved_files_get_ordinary_permissions_and_a_folder_is_never_written_over(tmp_path):
+    import os
+    from utils import UMASK, atomic_write_text
+    atomic_write_text(tmp_path / "new.txt", "x")                        # mkstemp alone would give 0600
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~UMASK
+    (tmp_path / "old.txt").write_text("a")
+    os.chmod(tmp_path / "old.txt", 0o640)
+    atomic_write_text(tmp_path / "old.txt", "b")
+    assert (tmp_path / "old.txt").stat().st_mode & 0o777 == 0o640 and (tmp_path / "old.txt").read_text() == "b"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep").write_text("k")
+    with pytest.raises(UserError, match="is a folder"):
+        atomic_write_text(tmp_path / "d", "x")
+    assert (tmp_path / "d" / "keep").read_text() == "k"

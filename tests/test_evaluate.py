@@ -123,7 +123,9 @@ def test_bad_inputs(trained, sample_dir, tmp_path, capsys):
              (["--checkpoint", trained[0], "--data", unlabelled], "`label` column"),
              (["--checkpoint", trained[0], "--data", sample_dir, "--unseen", "boredom"], "known: neutral, happiness"),
              (["--checkpoint", trained[0], "--data", sample_dir, "--split", "test"], "the data has: "),
-             (["--checkpoint", trained[0], "--data", tmp_path / "nowhere"], "no such file or folder")]
+             (["--checkpoint", trained[0], "--data", tmp_path / "nowhere"], "no such file or folder"),
+             (["--checkpoint", trained[0], "--data", sample_dir, "--json", tmp_path], "--json"),
+             (["--checkpoint", trained[0], "--data", sample_dir, "--confusion", tmp_path], "is a folder")]
     for argv, message in cases:
         rc, out, err = run(argv, capsys)
         assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)

@@ -289,3 +289,14 @@ def test_too_few_faces_for_a_validation_split_still_publishes_the_latest_epoch(t
                        "--final-path", str(final), "--num-workers", "0"]) == 0
     assert "no validation pairs" in capfd.readouterr().err
     assert torch.load(final, weights_only=True)["epoch"] == 2                   # the latest, not none at all
+
+
+def test_a_folder_as_final_path_is_refused_before_training_and_left_where_it_is(sample_dir, tmp_path, capsys):
+    keep = tmp_path / "models"
+    keep.mkdir()
+    (keep / "mine.pth").write_text("x")
+    argv = ["--preset", "tiny", "--data", str(sample_dir), "--out-dir", str(tmp_path / "run"), "--final-path", str(keep)]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --final-path {keep}: is a folder") and "\n" not in err
+    assert (keep / "mine.pth").read_text() == "x" and not (tmp_path / "run").exists()
