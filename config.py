@@ -185,12 +185,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: config file not found")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+    import yaml
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = (yaml.safe_load(text) or {}) if p.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'} "
+                        f"({' '.join(str(e).split())[:120]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config fields")
     return data

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from utils import UserError
+from utils import UserError, first_line
 
 DETECTORS = ("auto", "mtcnn", "haar")
 DETECT_SIDE = 1024    # longest side detectors work at (big photos are shrunk first: speed)
@@ -397,4 +397,4 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
     except UnidentifiedImageError:
         raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise UserError(f"{name}: damaged or truncated image ({str(e).splitlines()[0][:100]})") from None
+        raise UserError(f"{name}: damaged or truncated image ({first_line(e, 100)})") from None

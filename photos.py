@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from index import GalleryIndex, list_images
-from utils import UserError, atomic_write_text
+from utils import UserError, atomic_write_text, first_line
 
 FACES_MODES = ("auto", "crops", "photos")
 CROP_MAX_SIDE = 160          # auto: files with both sides <= this are face crops already (FER 48 px, sample 64 px)
@@ -304,7 +304,7 @@ class PhotoIndex:
     def _fail(stats: dict, p: Path, reason: str) -> None:
         stats["failed"] += 1
         stats["failed_paths"].append(Path(p))
-        stats["reasons"][str(p)] = reason.splitlines()[0][:160]
+        stats["reasons"][str(p)] = first_line(reason, 160)
         return None
 
 

@@ -36,7 +36,7 @@ from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
 from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, write_logs
-from utils import UserError, atomic_save, pick_device, run_cli, seed_everything
+from utils import UserError, atomic_save, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
 BN_CALIBRATION_FACES = 2048          # --image-bn fold: faces whose statistics are folded (~10 s at 64 px on 2 cores)
@@ -348,7 +348,7 @@ class Trainer:
             load_weights_into(self.model, ck, path=path)       # compact: frozen package towers by reference
             self.opt.load_state_dict(ck["trainer"]["optimizer"])
         except (RuntimeError, ValueError) as e:
-            raise UserError(f"{path}: was trained with another config ({str(e).splitlines()[0][:120]}); "
+            raise UserError(f"{path}: was trained with another config ({first_line(e)}); "
                             "resume with the same flags")
         t = ck["trainer"]
         if self.scaler and t["scaler"]:

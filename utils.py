@@ -26,12 +26,23 @@ class UserError(Exception):
     """A problem the user can fix (bad file, bad flag, missing weights). Printed as one line, no traceback."""
 
 
+def first_line(e: BaseException | str, n: int = 120) -> str:
+    """An exception's (or a message's) first line, at most n characters: for one-line errors (some are empty)."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__ if isinstance(e, BaseException) else "")[:n]
+
+
 def run_cli(main, argv=None) -> int:
-    """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr (logs.py) and an exit code."""
+    """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr (logs.py) and an exit code. A path the
+    system refuses (a file where a folder must go or the reverse, no permission) is one line too, naming it."""
     try:
         return int(main(argv) or 0)
     except UserError as e:
         log.error(f"error: {e}")
+        return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        log.error(f"error: {e.filename or ''}: {e.strerror or first_line(e)} ({type(e).__name__}); pass another "
+                  "path (a folder flag needs a folder, a file flag a file) or fix its permissions")
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")
@@ -98,7 +109,7 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle with code, truncated file, not a torch file at all
-        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {first_line(e)})")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -123,7 +134,7 @@ def read_csv_checked(path, required, hint: str = ""):
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        raise UserError(f"{path}: not a readable CSV ({type(e).__name__}: {first_line(e, 100)})")
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:

@@ -91,3 +91,11 @@ def test_numbers_no_run_can_use_are_refused_in_one_line_naming_the_flag(field, v
 def test_several_bad_numbers_are_named_together():
     with pytest.raises(UserError, match=r"^--lr-text -1.0 must be >= 0; --grad-clip -2.0 must be >= 0$"):
         make_config(dict(lr_text=-1.0, grad_clip=-2.0))
+
+
+@pytest.mark.parametrize("name, text, kind", [("c.yaml", "key: [1", "YAML"), ("c.json", "{bad", "JSON")])
+def test_a_config_file_that_does_not_parse_is_one_line(tmp_path, name, text, kind):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=rf"c\.{name[2:]}: not valid {kind} \(") as e:
+        make_config(config_file=str(tmp_path / name))
+    assert "\n" not in str(e.value)

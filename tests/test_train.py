@@ -300,3 +300,14 @@ def test_a_folder_as_final_path_is_refused_before_training_and_left_where_it_is(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --final-path {keep}: is a folder") and "\n" not in err
     assert (keep / "mine.pth").read_text() == "x" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--image-weights"])
+def test_a_file_where_a_folder_goes_or_an_empty_weights_file_is_one_line(sample_dir, tmp_path, capsys, flag):
+    (tmp_path / "afile").write_bytes(b"")
+    argv = ["--preset", "tiny", "--data", str(sample_dir), "--out-dir", str(tmp_path / "run"), "--final-path", "",
+            flag, str(tmp_path / "afile")]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'afile'}: ") and "\n" not in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_bytes() == b""
