@@ -25,6 +25,7 @@ from dataset import class_texts, read_captions
 from embed import classifier_logits, embed_images, text_prototypes
 from precision import autocast_for
 from logs import get_logger
+from served_model import choose_checkpoint
 from utils import UserError, atomic_write_text, pick_device, run_cli
 
 log = get_logger(__name__)
@@ -273,7 +274,8 @@ def report_text(res: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="model_final.pth")
+    p.add_argument("--checkpoint", help="default: model_final.pth in the project root, else the bundled model "
+                   "(what `python demo.py` serves)")
     p.add_argument("--data", required=True, help="DIR with captions.csv, a captions.csv, or SPLIT/CLASS/*.png folder")
     p.add_argument("--split", help="train/val/test/all (default: test if present, else val, else all rows)")
     p.add_argument("--prompts", default="paper", help="class sentences: paper, rich, a CSV label,caption, or data (the "
@@ -298,7 +300,9 @@ def main(argv=None) -> int:
         if out and Path(out).is_dir():          # before the evaluation, not after it
             raise UserError(f"{flag} {out}: is a folder; give a file path")
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
-    res = evaluate(a.checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
+    checkpoint, why = choose_checkpoint(a.checkpoint)
+    log.info(f"checkpoint: {checkpoint} ({why})")
+    res = evaluate(checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
                    a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip",
                    a.prior == "train")
     print(report_text(res))

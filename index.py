@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -307,11 +308,13 @@ def _open_model(args):
     from checkpoint import create_model_and_transforms
     from photos import PhotoIndex
     from precision import autocast_for
-    ckpt = Path(args.checkpoint)
+    from served_model import choose_checkpoint
+    ckpt, why = choose_checkpoint(args.checkpoint)
     if not Path(args.images).is_dir():
         raise UserError(f"{args.images}: no such image folder")
     if not ckpt.is_file():
         raise UserError(f"{ckpt}: no such checkpoint; pass --checkpoint model_final.pth")
+    print(f"checkpoint: {ckpt} ({why})", file=sys.stderr)       # stdout: the results only
     device = pick_device(args.device)
     model, _, preprocess = create_model_and_transforms(ckpt, device)
     index = GalleryIndex.open(args.images, file_digest(ckpt), model.embed_dim, index_root=args.index_dir,
@@ -352,7 +355,7 @@ def cmd_search(args) -> int:
     model, _, autocast, index = _open_model(args)
     if len(index) == 0:
         raise UserError(f"{index.entries.dir}: no index for this checkpoint; run `python index.py build --images "
-                        f"{args.images} --checkpoint {args.checkpoint}` first")
+                        f"{args.images}{f' --checkpoint {args.checkpoint}' if args.checkpoint else ''}` first")
     q = embed_texts(model, [args.query], autocast)  # [1, D]
     scores, paths = index.search(q, args.k, exact=args.exact)
     for rank, (s, p) in enumerate(zip(scores[0], paths[0]), 1):
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("build", "search"):
         p = sub.add_parser(name)
         p.add_argument("--images", required=True, help="gallery folder (searched recursively)")
-        p.add_argument("--checkpoint", required=True, help="trained model, e.g. model_final.pth")
+        p.add_argument("--checkpoint", help="trained model (default: model_final.pth in the project root, else the "
+                       "bundled model, as `python demo.py`)")
         p.add_argument("--device", default="auto")
         p.add_argument("--index-dir", default=None, help="where indexes live (default: IMAGES/.exprclip-index)")
         p.add_argument("--faiss-threshold", type=int, default=100_000, help="use FAISS from this many images")

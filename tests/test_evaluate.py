@@ -180,3 +180,22 @@ def test_a_folder_without_class_folders_names_what_evaluate_accepts(tmp_path):
         evaluate.read_data(str(tmp_path))
     msg = str(e.value)
     assert "--format" not in msg and "evaluate.py --data" in msg and "captions.csv" in msg and "\n" not in msg
+
+
+def test_without_checkpoint_evaluate_and_index_use_the_model_the_demo_serves(sample_dir, tmp_path, capsys):
+    import shutil
+    import index
+    from served_model import choose_checkpoint
+    served, _ = choose_checkpoint(None)                     # model_final.pth in the project root, else the bundled one
+    rc, out, err = run(["--data", sample_dir, "--split", "val"], capsys)
+    assert rc == 0 and f"checkpoint: {served} (" in out, err
+    gallery = tmp_path / "gal"
+    gallery.mkdir()
+    for p in sorted((sample_dir / "images").glob("*.png"))[:3]:
+        shutil.copy2(p, gallery / p.name)
+    assert index.main(["build", "--images", str(gallery), "--index-dir", str(tmp_path / "idx")]) == 0
+    assert index.main(["search", "--images", str(gallery), "--index-dir", str(tmp_path / "idx"), "--query", "a smile",
+                       "-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert f"checkpoint: {served} (" in err
+    assert not any(line.startswith("checkpoint: ") for line in out.splitlines())       # results alone on stdout
