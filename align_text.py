@@ -248,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/align", help="cache of face embeddings")
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
     a = ap.parse_args(argv)
+    if Path(a.out).is_dir():                    # before minutes of training, not after them
+        raise UserError(f"--out {a.out}: is a folder; give a file path (e.g. {Path(a.out) / 'aligned.pth'})")
     if a.epochs < 0 or a.lr <= 0:
         raise UserError(f"--epochs {a.epochs} --lr {a.lr}: give epochs >= 0 (0 = the head as initialised) and a "
                         "learning rate > 0")
