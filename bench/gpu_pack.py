@@ -30,9 +30,11 @@ import pandas as pd  # noqa: E402
 from formats import FERPLUS_VOTES  # noqa: E402
 from utils import UserError, read_csv_checked  # noqa: E402
 
-# albumentations and what it imports that the device image lacks (versions: the ones requirements.txt resolves here)
+# albumentations and what it imports that the device image lacks or may hold too old (versions: those that
+# requirements.txt resolves here; each package's Requires-Dist checked)
 WHEELS = ["albumentations==2.0.8", "albucore==0.0.24", "pydantic==2.14.4", "pydantic-core==2.50.5",
-          "annotated-types==0.8.0", "typing-inspection==0.4.5", "stringzilla==5.3.2", "simsimd==6.5.16"]
+          "annotated-types==0.8.0", "typing-inspection==0.4.5", "stringzilla==5.3.2", "simsimd==6.5.16",
+          "typing-extensions==4.16.0"]          # pydantic(-core) 2.50 need >= 4.16, newer than the image may hold
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 
