@@ -293,6 +293,13 @@ RESUME_SAFE = ("resume", "epochs", "max_steps", "out_dir", "final_path", "log_ev
                "save_every_min", "save_every_steps", "log_level", "device", "cache_images", "num_workers")
 
 
+def moved_data(saved: str, given: str) -> bool:
+    """--data under --resume: the same folder spelled another way, or the run's folder (an absolute path) no longer
+    exists (moved, or another machine), so the given one is taken; an existing, different folder would change the
+    run, and a relative one names no folder for sure (it depends on where the run was started)."""
+    return Path(given).resolve() == Path(saved).resolve() or (Path(saved).is_absolute() and not Path(saved).exists())
+
+
 def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The run's own config from its checkpoint, with the safe flags given on top (-> [what changed]); a flag,
     --preset or --config value that would change the model, the data or the schedule is refused in one line."""
@@ -307,9 +314,14 @@ def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Con
             want, flag = getattr(from_files, f.name), f"--preset/--config ({f.name})"
         if want is None or want == getattr(cfg, f.name):
             continue
+        if f.name == "data" and moved_data(cfg.data, want):
+            changed.append(f"--data {cfg.data!r} -> {want!r} (the same folder, or the run's one is gone: moved)")
+            cfg.data = str(Path(want).resolve())        # absolute: a later resume finds it from anywhere
+            continue
         if f.name not in RESUME_SAFE:
             raise UserError(f"{flag} {want!r} would change the resumed run (it has {getattr(cfg, f.name)!r}); "
-                            f"only {', '.join('--' + n.replace('_', '-') for n in RESUME_SAFE[1:])} may change")
+                            f"only {', '.join('--' + n.replace('_', '-') for n in RESUME_SAFE[1:])} may change"
+                            + (" (and --data, once the run's own folder is gone: moved)" if f.name == "data" else ""))
         if f.name != "resume":
             changed.append(f"{flag} {getattr(cfg, f.name)!r} -> {want!r}")
         setattr(cfg, f.name, want)

@@ -139,3 +139,20 @@ def test_resume_and_init_from_read_their_checkpoint_once(one_epoch, sample_dir, 
     assert train.main(["--init-from", str(src), "--data", str(sample_dir), "--epochs", "1", "--max-steps", "1",
                        "--out-dir", str(tmp_path / "i"), "--final-path", ""]) == 0
     assert reads.count(str(src)) == 1, reads
+
+
+def test_resume_follows_a_moved_data_folder_but_not_a_different_one(sample_dir, tmp_path, capsys):
+    import shutil
+    shutil.copytree(sample_dir, tmp_path / "data")
+    shutil.copytree(sample_dir, tmp_path / "other")
+    last = tmp_path / "out" / "last.pth"
+    assert train.main(FLAGS + ["--data", str(tmp_path / "data"), "--epochs", "1", "--max-steps", "2", "--out-dir",
+                               str(tmp_path / "out"), "--final-path", ""]) == 0
+    with pytest.raises(UserError, match="would change the resumed run.*once the run's own folder is gone"):
+        train.main(["--resume", str(last), "--data", str(tmp_path / "other")])     # it still exists: refused
+    (tmp_path / "data").rename(tmp_path / "moved")                                   # moved, or another machine
+    assert train.main(["--resume", str(last), "--data", str(tmp_path / "moved"), "--epochs", "2",
+                       "--max-steps", "4"]) == 0
+    assert "resume: --data" in capsys.readouterr().out
+    ck = torch.load(last, weights_only=True)
+    assert ck["trainer"]["epoch"] == 2 and ck["config"]["data"] == str((tmp_path / "moved").resolve())
