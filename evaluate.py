@@ -301,7 +301,8 @@ def main(argv=None) -> int:
             raise UserError(f"{flag} {out}: is a folder; give a file path")
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
     checkpoint, why = choose_checkpoint(a.checkpoint)
-    log.info(f"checkpoint: {checkpoint} ({why})")
+    if not a.checkpoint:
+        log.info(f"no --checkpoint: {checkpoint.name}, {why}")
     res = evaluate(checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
                    a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip",
                    a.prior == "train")

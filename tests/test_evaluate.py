@@ -188,7 +188,7 @@ def test_without_checkpoint_evaluate_and_index_use_the_model_the_demo_serves(sam
     from served_model import choose_checkpoint
     served, _ = choose_checkpoint(None)                     # model_final.pth in the project root, else the bundled one
     rc, out, err = run(["--data", sample_dir, "--split", "val"], capsys)
-    assert rc == 0 and f"checkpoint: {served} (" in out, err
+    assert rc == 0 and f"no --checkpoint: {served.name}, " in out and f"checkpoint: {served} (" in out, err
     gallery = tmp_path / "gal"
     gallery.mkdir()
     for p in sorted((sample_dir / "images").glob("*.png"))[:3]:
