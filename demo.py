@@ -364,8 +364,8 @@ def main(argv=None) -> int:
     except OSError as e:                 # Gradio: "Cannot find empty port in range: 7860-7860. ..."
         if "port" not in str(e).lower():
             raise
-        raise UserError(f"--port {a.port} on {a.host}: in use (another demo running?); pass --port {a.port + 1} "
-                        "or stop the other server") from None
+        raise UserError(f"--port {a.port} on {a.host}: in use (another demo running?) or not allowed (below 1024 "
+                        f"needs root); pass --port {a.port + 1} or stop the other server") from None
     return 0
 
 
