@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import evaluate
 import metrics
 from captions import load_caption_bank
-from checkpoint import create_model_and_transforms, read_checkpoint, save_checkpoint
+from checkpoint import create_model_and_transforms, keep_aside, read_checkpoint, save_checkpoint
 from config import config_from_dict
 from embed import embed_images, embed_texts
 from loss import soft_cross_entropy
@@ -250,6 +250,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if Path(a.out).is_dir():                    # before minutes of training, not after them
         raise UserError(f"--out {a.out}: is a folder; give a file path (e.g. {Path(a.out) / 'aligned.pth'})")
+    if Path(a.out).exists() and Path(a.out).resolve() == Path(a.checkpoint).resolve():
+        raise UserError(f"--out {a.out} is --checkpoint: align_text writes a new file and keeps its input; give "
+                        "another --out (e.g. model_ko.pth)")
     if a.epochs < 0 or a.lr <= 0:
         raise UserError(f"--epochs {a.epochs} --lr {a.lr}: give epochs >= 0 (0 = the head as initialised) and a "
                         "learning rate > 0")
@@ -272,6 +275,7 @@ def main(argv=None) -> int:
                                      a.feature_dropout, a.anchor, a.anchor_weight,
                                      a.anchor_balance)
     model, epoch = models[a.keep], epochs[a.keep]
+    keep_aside(Path(a.out))                     # a model already at --out is renamed, never overwritten
     save_checkpoint(a.out, model, label_counts=ck.get("label_counts"), epoch=epoch,
                     metrics=dict(history[epoch], aligned_from=Path(a.checkpoint).name, balance=a.balance,
                                                    feature_dropout=a.feature_dropout,

@@ -240,7 +240,8 @@ def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export(src, dst, half: bool = False) -> tuple[int, int]:
     """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`. Returns the
-    (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported."""
+    (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
+    already at `dst` is kept, renamed aside (keep_aside)."""
     if Path(dst).exists() and Path(dst).resolve() == Path(src).resolve():
         raise UserError(f"OUT {dst} is IN: export writes a new file and keeps its input; give another OUT path")
     ck = read_checkpoint(src, hint="IN")
@@ -250,8 +251,24 @@ def export(src, dst, half: bool = False) -> tuple[int, int]:
     if half:
         payload["state_dict"] = half_tensors(payload["state_dict"])
         payload["storage_dtype"] = "float16"
+    keep_aside(dst)
     atomic_save(payload, dst)
     return Path(src).stat().st_size, Path(dst).stat().st_size
+
+
+def keep_aside(path: Path) -> Path | None:
+    """A model about to be replaced is renamed to NAME.<its mtime>.pth instead (never overwritten) and the log names
+    it; -> the new name, or None when there was no file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while kept.exists():
+        kept, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+    path.rename(kept)
+    log.info(f"kept the earlier {path} as {kept}")
+    return kept
 
 
 # ---------------------------------------------------------------- train.py's run files
@@ -260,14 +277,7 @@ def publish_final(best: Path, final: Path) -> None:
     already there was not written by this run: it is kept, renamed aside, and the log names it."""
     if final.is_dir():                    # never renamed aside: that would move a folder the user keeps things in
         raise UserError(f"--final-path {final}: is a folder; give a file path (e.g. {final / 'model_final.pth'})")
-    if final.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(final.stat().st_mtime))
-        kept = final.with_name(f"{final.stem}.{stamp}{final.suffix}")
-        n = 1
-        while kept.exists():
-            kept, n = final.with_name(f"{final.stem}.{stamp}-{n}{final.suffix}"), n + 1
-        final.rename(kept)
-        log.info(f"kept the earlier {final} as {kept}")
+    keep_aside(final)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.copyfile(best, tmp)
     tmp.replace(final)

@@ -297,3 +297,13 @@ def test_saved_files_get_ordinary_permissions_and_a_folder_is_never_written_over
     with pytest.raises(UserError, match="is a folder"):
         atomic_write_text(tmp_path / "d", "x")
     assert (tmp_path / "d" / "keep").read_text() == "k"
+
+
+def test_export_over_an_existing_model_keeps_it_renamed_aside(frozen_minilm, tmp_path):
+    import checkpoint
+    checkpoint.save_checkpoint(tmp_path / "m.pth", frozen_minilm[0])
+    (tmp_path / "ship.pth").write_bytes(b"the user's earlier export")
+    assert checkpoint.main(["export", str(tmp_path / "m.pth"), str(tmp_path / "ship.pth")]) == 0
+    kept = list(tmp_path.glob("ship.*.pth"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"the user's earlier export"
+    assert read_checkpoint(tmp_path / "ship.pth")["format"]                  # the new export is in place

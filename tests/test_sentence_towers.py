@@ -240,3 +240,12 @@ def test_anchor_sentences_read_the_faces_once_fitted_directly():
             t = F.normalize(head(anchor[0]) - head(feats).mean(0), dim=-1)       # [2, 4] the anchors' prototypes
         acc[w] = ((emb @ t.T).argmax(1) == y).float().mean().item()
     assert acc[1.0] > 0.9 and acc[0.0] < 0.5, acc
+
+
+def test_align_text_refuses_to_write_over_its_own_checkpoint(tmp_path, capsys):
+    import align_text
+    from utils import run_cli
+    (tmp_path / "m.pth").write_bytes(b"the user's model")
+    assert run_cli(align_text.main, ["--checkpoint", str(tmp_path / "m.pth"), "--data", str(tmp_path),
+                                     "--out", str(tmp_path / "m.pth")]) == 2
+    assert "is --checkpoint" in capsys.readouterr().err and (tmp_path / "m.pth").read_bytes() == b"the user's model"
