@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from logs import get_logger
-from utils import run_cli
+from utils import UserError, run_cli
 
 log = get_logger(__name__)
 
@@ -204,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--identities", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.per_class < 1 or a.identities < 1 or not 16 <= a.size <= 1024:    # 0 faces would empty captions.csv
+        raise UserError(f"--per-class {a.per_class} --identities {a.identities} --size {a.size}: give at least 1 "
+                        "face per class and 1 identity, and a size of 16-1024 px (the sample: 75, 8, 64)")
     df = make_sample(a.out, a.per_class, a.size, a.identities, a.seed)
     log.info(f"wrote {len(df)} faces ({a.per_class} per class x {len(LABELS)}) to {Path(a.out) / 'images'} "
              f"and {Path(a.out) / 'captions.csv'}")

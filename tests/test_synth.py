@@ -3,9 +3,11 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from conftest import ROOT
+import synth
 from synth import LABELS, describe, make_sample, sample_params
 
 
@@ -39,3 +41,11 @@ def test_captions_describe_the_drawn_parameters():
         assert "smile" in happy and "raised cheeks" in happy
         assert "wide-open eyes" in surprised and "raised eyebrows" in surprised
         assert "drawn together" in angry and "narrowed eyes" in angry
+
+
+@pytest.mark.parametrize("flags", [["--per-class", "0"], ["--size", "100000"], ["--identities", "0"]])
+def test_sizes_that_would_empty_the_sample_or_exhaust_memory_are_refused_before_writing(tmp_path, capsys, flags):
+    from utils import run_cli
+    (tmp_path / "captions.csv").write_text("the user's table")
+    assert run_cli(synth.main, ["--out", str(tmp_path)] + flags) == 2
+    assert flags[0] in capsys.readouterr().err and (tmp_path / "captions.csv").read_text() == "the user's table"
