@@ -64,8 +64,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_two(worker, tmp_path, prefix: str) -> None:
+    """Both ranks of `worker` (each saves tmp_path/<prefix><rank>.pt). A rank that wrote its results and then aborted in gloo's teardown at interpreter exit
+    (SIGABRT "terminate called without an active exception", seen about 1 run in 12 on 2 cores, also before this
+    round's changes) has still computed everything this test checks; any other failure fails it."""
+    try:
+        mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        if e.signal_name != "SIGABRT" or not all((tmp_path / f"{prefix}{r}.pt").is_file() for r in (0, 1)):
+            raise
+
+
 def test_two_ranks_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_worker, tmp_path, "rank")
     x, t = batch()
     for i, (_, groups) in enumerate(CASES):
         ref = Tiny()
@@ -134,7 +145,7 @@ def _accum_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_accumulation_across_two_ranks_matches_one_process(tmp_path):
-    mp.spawn(_accum_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_accum_worker, tmp_path, "accum")
     for i, (objective, split) in enumerate(ACCUM_CASES):
         ref = tiny_clip(objective)
         b = clip_batch(ref, 0, 8)
