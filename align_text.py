@@ -33,7 +33,7 @@ from loss import soft_cross_entropy
 from model import ExprCLIP
 from precision import autocast_for
 from sentence_towers import SentenceTower
-from utils import UserError, file_digest, read_csv_checked, run_cli
+from utils import UserError, check_output_file, file_digest, read_csv_checked, run_cli
 
 log = logging.getLogger("exprclip.align")
 DEFAULT_BANK = "paper,rich,captions/facs_en.csv,captions/facs_ko.csv"
@@ -248,11 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/align", help="cache of face embeddings")
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
     a = ap.parse_args(argv)
-    if Path(a.out).is_dir():                    # before minutes of training, not after them
-        raise UserError(f"--out {a.out}: is a folder; give a file path (e.g. {Path(a.out) / 'aligned.pth'})")
-    if Path(a.out).exists() and Path(a.out).resolve() == Path(a.checkpoint).resolve():
-        raise UserError(f"--out {a.out} is --checkpoint: align_text writes a new file and keeps its input; give "
-                        "another --out (e.g. model_ko.pth)")
+    check_output_file(a.out, "--out", a.checkpoint, "--checkpoint")     # before minutes of training
     if a.epochs < 0 or a.lr <= 0:
         raise UserError(f"--epochs {a.epochs} --lr {a.lr}: give epochs >= 0 (0 = the head as initialised) and a "
                         "learning rate > 0")

@@ -45,7 +45,7 @@ from logs import get_logger
 from model import ExprCLIP
 from package_refs import (build_tower, check_package, defining_files, package_tokenizer, references_for,
                           same_tokenizer, tensor_digest, tokenizer_digest, tokenizer_files, tower_part)
-from utils import UserError, atomic_save, run_cli
+from utils import UserError, atomic_save, check_output_file, run_cli
 
 log = get_logger(__name__)
 
@@ -242,8 +242,7 @@ def export(src, dst, half: bool = False) -> tuple[int, int]:
     """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`. Returns the
     (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
     already at `dst` is kept, renamed aside (keep_aside)."""
-    if Path(dst).exists() and Path(dst).resolve() == Path(src).resolve():
-        raise UserError(f"OUT {dst} is IN: export writes a new file and keeps its input; give another OUT path")
+    check_output_file(dst, "OUT", src, "IN")
     ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
     extra = {k: ck[k] for k in ("epoch", "metrics", "label_counts") if ck.get(k) is not None}
@@ -275,8 +274,6 @@ def keep_aside(path: Path) -> Path | None:
 def publish_final(best: Path, final: Path) -> None:
     """Copy the finished run's best epoch to `final` (only at the end: a killed run never touches it). A model
     already there was not written by this run: it is kept, renamed aside, and the log names it."""
-    if final.is_dir():                    # never renamed aside: that would move a folder the user keeps things in
-        raise UserError(f"--final-path {final}: is a folder; give a file path (e.g. {final / 'model_final.pth'})")
     keep_aside(final)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.copyfile(best, tmp)

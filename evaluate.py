@@ -26,7 +26,7 @@ from embed import classifier_logits, embed_images, text_prototypes
 from precision import autocast_for
 from logs import get_logger
 from served_model import choose_checkpoint
-from utils import UserError, atomic_write_text, pick_device, run_cli
+from utils import UserError, atomic_write_text, check_output_file, pick_device, run_cli
 
 log = get_logger(__name__)
 DATA_WANTS = ("evaluate.py --data takes a DIR holding captions.csv (`--data .` reads ./captions.csv), a captions.csv "
@@ -297,8 +297,8 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     for flag, out in (("--json", a.json), ("--confusion", a.confusion)):
-        if out and Path(out).is_dir():          # before the evaluation, not after it
-            raise UserError(f"{flag} {out}: is a folder; give a file path")
+        if out:
+            check_output_file(out, flag)        # before the evaluation, not after it
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
     checkpoint, why = choose_checkpoint(a.checkpoint)
     if not a.checkpoint:

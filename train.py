@@ -36,7 +36,7 @@ from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
 from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, write_logs
-from utils import UserError, atomic_save, first_line, pick_device, run_cli, seed_everything
+from utils import UserError, atomic_save, check_output_file, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
 BN_CALIBRATION_FACES = 2048          # --image-bn fold: faces whose statistics are folded (~10 s at 64 px on 2 cores)
@@ -75,9 +75,8 @@ class Trainer:
         if cfg.resume and not Path(cfg.resume).is_file():       # before minutes of setup
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file; pass the last.pth an earlier run "
                             "wrote in its --out-dir")
-        if cfg.final_path and Path(cfg.final_path).is_dir():
-            raise UserError(f"--final-path {cfg.final_path}: is a folder; give a file path (e.g. "
-                            f"{Path(cfg.final_path) / 'model_final.pth'}) or --final-path '' for none")
+        if cfg.final_path:
+            check_output_file(cfg.final_path, "--final-path")     # before minutes of training, not after them
         self.rank, self.world, local_rank = init_distributed()
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available() \

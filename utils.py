@@ -68,6 +68,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_output_file(path, flag: str, source=None, source_flag: str = "the input") -> None:
+    """An output path checked before the work that writes it: a folder, or the command's own input `source`, is
+    refused in one line (atomic_write refuses a folder too, but only once the work is done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path (the folder is left as it is)")
+    if source is not None and path.exists() and path.resolve() == Path(source).resolve():
+        raise UserError(f"{flag} {path} is {source_flag}: this writes a new file and keeps its input; give another "
+                        f"{flag}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """The project's one atomic write: write(tmp_name) in path's folder, fsync, then rename over path. A crash or
     Ctrl-C leaves either the old file or the new one, never half of one (checkpoints, index chunks, CSVs, vocab)."""
