@@ -217,32 +217,26 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise UserError(f"{name} = {getattr(cfg, name)!r} is not one of {', '.join(options)}")
-    if cfg.batch_size < 2 or cfg.image_size < 16 or cfg.embed_dim < 1:
-        raise UserError("batch_size must be >= 2 (contrastive), image_size >= 16 and embed_dim >= 1")
+    check_ranges(cfg)
     if (cfg.targets == "soft" or cfg.contrast == "classes") and (cfg.accum_steps > 1 or cfg.objective == "ce"):
         raise UserError("--targets soft / --contrast classes work with --accum-steps 1 and --objective clip")
-    if min(cfg.log_every, cfg.log_seconds, cfg.save_every_min, cfg.save_every_steps) < 0 or cfg.log_every == 0:
-        raise UserError("log_every must be >= 1; log_seconds, save_every_min and save_every_steps >= 0")
     if is_sentence_tower(cfg.text_model) and not (cfg.freeze_text and cfg.text_weights == "pretrained"):
         raise UserError(f"{cfg.text_model} is a packaged sentence encoder used as it is: pass --freeze-text "
                         "(and --text-weights pretrained)")
-    if cfg.mixup < 0 or cfg.cutmix < 0:
-        raise UserError(f"mixup = {cfg.mixup}, cutmix = {cfg.cutmix}: Beta concentrations must be >= 0 (0 = off)")
     if (cfg.mixup or cfg.cutmix) and not (cfg.targets == "soft" or cfg.contrast == "classes"):
         raise UserError("--mixup / --cutmix mix target distributions: use them with --targets soft or "
                         "--contrast classes")
-    if cfg.freeze_image_stages < 0:
-        raise UserError(f"freeze_image_stages = {cfg.freeze_image_stages} must be >= 0 (0 = train every stage)")
-    if not 0 <= cfg.ema_decay < 1:
-        raise UserError(f"ema_decay = {cfg.ema_decay} must be in [0, 1) (0 = no EMA; 0.999 is typical)")
-    check_ranges(cfg)
     return cfg
 
 
 def check_ranges(cfg: Config) -> None:
     """Numbers no run can use (0 epochs trains nothing, a negative rate climbs the loss, 0 accumulation steps
     divides by zero): every one refused in one line, flag by flag."""
-    rules = [("epochs", cfg.epochs >= 1, ">= 1"), ("accum_steps", cfg.accum_steps >= 1, ">= 1"),
+    rules = [("batch_size", cfg.batch_size >= 2, ">= 2 (contrastive: a pair needs others to differ from)"),
+             ("image_size", cfg.image_size >= 16, ">= 16"), ("embed_dim", cfg.embed_dim >= 1, ">= 1"),
+             ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1) (0 = no EMA; 0.999 is typical)"),
+             ("epochs", cfg.epochs >= 1, ">= 1"), ("accum_steps", cfg.accum_steps >= 1, ">= 1"),
+             ("log_every", cfg.log_every >= 1, ">= 1"),
              ("max_length", cfg.max_length >= 1, ">= 1 (text tokens)"),
              ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
              ("proj_dropout", 0 <= cfg.proj_dropout < 1, "in [0, 1)"),
@@ -250,7 +244,8 @@ def check_ranges(cfg: Config) -> None:
              ("logit_scale_init", cfg.logit_scale_init > 0, "> 0 (1 / temperature)")]
     rules += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "num_workers",
-        "text_layers", "text_width")]
+        "text_layers", "text_width", "freeze_image_stages", "mixup", "cutmix", "log_seconds", "save_every_min",
+        "save_every_steps")]
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:
         raise UserError("; ".join(bad))

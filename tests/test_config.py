@@ -58,7 +58,7 @@ def test_unknown_field_and_preset_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="unknown preset"):
         make_config(preset="nope")
     for bad in ("1", "-0.5"):
-        with pytest.raises(UserError, match=r"ema_decay = .* must be in \[0, 1\)"):
+        with pytest.raises(UserError, match=r"--ema-decay .* must be in \[0, 1\)"):
             parse(["--ema-decay", bad])
     assert parse(["--ema-decay", "0.999"]).ema_decay == 0.999
 
