@@ -75,6 +75,8 @@ def pick_train(votes: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 def copy_split(src: Path, dst: Path, names: set[str]) -> int:
     """The named faces of one release folder, and its label.csv filtered to them (if it has one); -> bytes."""
+    if bad := sorted(n for n in names if Path(n).name != n or n in ("", ".", "..")):   # names come from a CSV
+        raise UserError(f"{src.parent / 'fer2013new.csv'}: image name {bad[0]!r} is not a plain file name")
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copyfile(src / name, dst / name)

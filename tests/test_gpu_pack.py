@@ -77,3 +77,14 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     md = (out / "BENCH_gpu.md").read_text()
     assert md.startswith("## FER+") and "--preset paper --image-weights none" in md
     assert {p.name for p in out.iterdir()} == {"gpu_check.log", "BENCH_gpu.md", "result.json", "metrics.csv"}
+
+
+def test_an_image_name_that_leaves_the_folder_is_refused_before_copying(tmp_path):
+    tiny_ferplus(tmp_path / "ferplus")
+    csv = tmp_path / "ferplus" / "fer2013new.csv"
+    rows = pd.read_csv(csv)
+    rows.loc[len(rows) - 1, "Image name"] = "../../escape.png"                 # a PublicTest row
+    rows.to_csv(csv, index=False)
+    with pytest.raises(UserError, match="not a plain file name"):
+        gpu_pack.pack_ferplus(tmp_path / "ferplus", tmp_path / "out" / "ferplus", room=10**8, min_train=1)
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "out" / "ferplus").exists()
