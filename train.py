@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import metrics
+import validation
 from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
 from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
-from embed import classifier_logits, encode_batch, text_prototypes
 from logs import get_logger, setup_logging
 from loss import make_loss
 from mixup import mix_batch
@@ -35,7 +34,8 @@ from checkpoint import (checkpoint_payload, init_from_config, load_weights_into,
 from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
-from trainloop import BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, write_logs
+from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, param_groups,
+                       write_logs)
 from utils import UserError, atomic_save, check_output_file, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
@@ -48,20 +48,6 @@ def get_lr(step: int, cfg: Config, total_steps: int) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: ExprCLIP, cfg: Config) -> list[dict]:
-    """Image / text / heads+temperature groups at their own LRs; no weight decay on 1-D params."""
-    towers = [("image", model.image_encoder, cfg.lr_image), ("text", model.text_encoder, cfg.lr_text)]
-    heads = [p for n, p in model.named_parameters() if not n.startswith(("image_encoder.", "text_encoder."))]
-    groups = []
-    for name, params, lr in [(n, list(m.parameters()), lr) for n, m, lr in towers] + [("head", heads, cfg.lr_head)]:
-        params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups += [dict(name=name, params=decay, lr=lr, base_lr=lr, weight_decay=cfg.weight_decay),
-                   dict(name=name + "_nd", params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0)]
-    return [g for g in groups if g["params"]]
 
 
 class Trainer:
@@ -288,42 +274,13 @@ class Trainer:
         """The weights that are validated and saved: the EMA copy when --ema-decay > 0."""
         return self.ema.module if self.ema is not None else self.model
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Val loss, text->image precision@10 per class (mean), image->text top-1 against class prototypes."""
-        model = self.eval_model
+        """Val loss, text->image precision@10 per class (mean), image->text top-1 (validation.validate)."""
+        model, n, bs = self.eval_model, len(self.data.val_ds), self.cfg.batch_size
         model.eval()
-        n, bs = len(self.data.val_ds), self.cfg.batch_size
-        losses, embs, labels = [], [], []
-        for batch in self.loader(self.data.val_ds, [list(range(k, min(n, k + bs))) for k in range(0, n, bs)]):
-            if batch is None:
-                continue
-            if len(batch["labels"]) > 1:
-                losses.append(float(self.forward_loss(batch, net=model)))
-            embs.append(encode_batch(model, batch["pixels"].to(self.device), self.autocast))   # [b, D]
-            labels.append(batch["labels"])
-        out = dict(val_loss=float(np.mean(losses)) if losses else float("nan"), val_p10=float("nan"),
-                   val_top1=float("nan"))
-        if not embs or not self.data.class_texts:
-            return out
-        img, y = np.concatenate(embs), torch.cat(labels).numpy()
-        classes, scores = self.class_scores(img)                          # [C], [N, C]
-        keep = np.isin(y, classes)
-        relevant = np.asarray(classes)[:, None] == y[None, keep]          # [C, N]
-        present = relevant.any(1)
-        out["val_p10"] = float(np.mean(metrics.precision_at_k(scores[keep].T[present], relevant[present], 10)))
-        out["val_top1"] = metrics.topk_accuracy(scores[keep], np.searchsorted(classes, y[keep]), 1)
-        return out
-
-    def class_scores(self, img: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """(label ids, [N, C] scores): cosine to each class's text prototype, or the CE baseline's logits."""
-        model = self.eval_model
-        if self.cfg.objective == "ce":
-            logits = classifier_logits(model, img)                            # [N, K]
-            return list(range(logits.shape[1])), logits
-        names = sorted(self.data.class_texts, key=lambda l: self.data.label_vocab[l])
-        protos = text_prototypes(model, self.data.class_texts, names)              # [C, D]
-        return [self.data.label_vocab[l] for l in names], metrics.zero_shot_scores(img, protos)
+        batches = self.loader(self.data.val_ds, [list(range(k, min(n, k + bs))) for k in range(0, n, bs)])
+        return validation.validate(model, batches, lambda b: self.forward_loss(b, net=model), self.data.class_texts,
+                                   self.data.label_vocab, self.cfg.objective, self.device, self.autocast)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:

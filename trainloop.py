@@ -1,6 +1,7 @@
 """Training-loop machinery for train.py: Ctrl-C only between whole steps, an undo for a step interrupted half-way
 (BatchNorm statistics), a step/time trigger for mid-epoch checkpoints, plain progress lines for logs, counts of
-skipped images, metrics.csv and curves.png, and the weight EMA over trainable tensors."""
+skipped images, metrics.csv and curves.png, the weight EMA over trainable tensors, and the optimizer's parameter
+groups."""
 from __future__ import annotations
 
 import signal
@@ -137,6 +138,20 @@ class SkipCount:
             return None
         noun = "image" if self.count == 1 else "images"
         return f"epoch {epoch}: {self.count} unreadable {noun} skipped (first: {self.first})"
+
+
+def param_groups(model, cfg) -> list[dict]:
+    """Image / text / heads+temperature groups at their own LRs; no weight decay on 1-D params."""
+    towers = [("image", model.image_encoder, cfg.lr_image), ("text", model.text_encoder, cfg.lr_text)]
+    heads = [p for n, p in model.named_parameters() if not n.startswith(("image_encoder.", "text_encoder."))]
+    groups = []
+    for name, params, lr in [(n, list(m.parameters()), lr) for n, m, lr in towers] + [("head", heads, cfg.lr_head)]:
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups += [dict(name=name, params=decay, lr=lr, base_lr=lr, weight_decay=cfg.weight_decay),
+                   dict(name=name + "_nd", params=no_decay, lr=lr, base_lr=lr, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
 
 
 def write_logs(history: list[dict], out: Path) -> None:
