@@ -30,6 +30,7 @@ train.py's run files live here too: --resume and --init-from configs, and publis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_checks import TOKENIZER_FILES, validate_checkpoint
-from config import Config, config_from_dict, config_to_dict, init_config, resumed_config
+from config import Config, check_ranges, config_from_dict, config_to_dict, init_config, resumed_config
 from dataset import Preprocess
 from logs import get_logger
 from model import ExprCLIP
@@ -238,13 +239,17 @@ def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(src, dst, half: bool = False) -> tuple[int, int]:
-    """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`. Returns the
+def export(src, dst, half: bool = False, source_side: int | None = None) -> tuple[int, int]:
+    """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`, its preprocessing's
+    source_side replaced when given (the resolution its training faces had: dataset.reduce_to). Returns the
     (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
     already at `dst` is kept, renamed aside (keep_aside)."""
     check_output_file(dst, "OUT", src, "IN")
     ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
+    if source_side is not None:
+        model.cfg = dataclasses.replace(model.cfg, source_side=source_side)
+        check_ranges(model.cfg)
     extra = {k: ck[k] for k in ("epoch", "metrics", "label_counts") if ck.get(k) is not None}
     payload = checkpoint_payload(model, compact=True, **extra)
     if half:
@@ -310,8 +315,10 @@ def main(argv=None) -> int:
     ex.add_argument("src", metavar="IN", help="checkpoint written by train.py (last.pth, best.pth, model_final.pth)")
     ex.add_argument("dst", metavar="OUT", help="output .pth")
     ex.add_argument("--half", action="store_true", help="store floating tensors as fp16 (cast back on load)")
+    ex.add_argument("--source-side", type=int, default=None, metavar="PX", help="the side of the faces it was "
+                    "trained on (FER-2013: 48): bigger inputs are reduced to it first; 0 turns that off")
     a = ap.parse_args(argv)
-    before, after = export(a.src, a.dst, a.half)
+    before, after = export(a.src, a.dst, a.half, a.source_side)
     print(f"{a.dst}: {after / 1e6:.1f} MB (from {a.src}: {before / 1e6:.1f} MB)")
     return 0
 

@@ -41,7 +41,7 @@ TOKENIZER_TOTAL_CAP = 64 << 20
 STATE_DICT_CAP = 8 << 30                # bytes of tensors (ViT-L + BERT-large in fp32: ~2.6 GB)
 MAX_CLASSES = 100_000
 CONFIG_CAPS = dict(embed_dim=(1, 8192), image_size=(16, 4096), max_length=(1, 8192), text_layers=(0, 96),
-                   text_width=(0, 8192))
+                   text_width=(0, 8192), source_side=(0, 65536))
 CONFIG_CHOICES = dict(text_pooling=("cls", "mean"), objective=("clip", "ce"))
 DENIED_TEXT_KEYS = ("auto_map", "trust_remote_code", "quantization_config")
 TEXT_SIZES = dict(    # text_config size fields under their names in the transformers configs -> cap

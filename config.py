@@ -34,6 +34,9 @@ class Config:
                                               # own space; embed_dim is then the tower's width)
     image_size: int = 224                     # square input size in pixels
     grayscale: bool = True                    # faces are converted to gray then 3 channels (FER domain)
+    source_side: int = 0                      # >0: images larger than this are first reduced to it (Lanczos): the
+                                              # side the training faces had (FER-2013: 48), so a sharp photo crop
+                                              # reaches the model as band-limited as they were | 0: off
     max_length: int = 64                      # text tokens
     logit_scale_init: float = 14.285714       # 1 / 0.07; clamped at 100 in the model
     objective: str = "clip"                   # clip (contrastive) | ce (plain classifier baseline on the same towers)
@@ -244,7 +247,7 @@ def check_ranges(cfg: Config) -> None:
              ("logit_scale_init", cfg.logit_scale_init > 0, "> 0 (1 / temperature)")]
     rules += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "num_workers",
-        "text_layers", "text_width", "freeze_image_stages", "mixup", "cutmix", "log_seconds", "save_every_min",
+        "text_layers", "text_width", "source_side", "freeze_image_stages", "mixup", "cutmix", "log_seconds", "save_every_min",
         "save_every_steps")]
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:

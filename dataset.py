@@ -191,6 +191,17 @@ def open_image(image, grayscale: bool) -> np.ndarray:
         raise BadImage(f"{image}: {type(e).__name__}")
 
 
+def reduce_to(pixels: np.ndarray, side: int) -> np.ndarray:
+    """[H, W, 3] uint8 whose longer side is over `side` (> 0) -> reduced to it with Lanczos, aspect kept: the
+    resolution the training faces had (FER-2013's were resampled to 48 px with Lanczos). Otherwise unchanged."""
+    h, w = pixels.shape[:2]
+    if side <= 0 or max(h, w) <= side:
+        return pixels
+    f = side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.LANCZOS))
+
+
 class Preprocess:
     """A model's image preprocessing, handed out with it (checkpoint.create_model_and_transforms, as in open_clip):
     a path or a PIL image -> [3, H, W] float tensor for model.encode_image. Raises BadImage. Eval preprocessing is
@@ -198,7 +209,7 @@ class Preprocess:
     cache: decode (path -> resized HxWx3 uint8, deterministic) and finish (augment + normalise)."""
 
     def __init__(self, cfg: Config, train: bool = False):
-        self.grayscale = cfg.grayscale
+        self.grayscale, self.source_side = cfg.grayscale, cfg.source_side
         self.resize = A.Resize(cfg.image_size, cfg.image_size)
         self.after_resize = build_transform(cfg, train, resize=False)
 
@@ -206,7 +217,8 @@ class Preprocess:
         self.after_resize.set_random_seed(seed)
 
     def decode(self, image) -> np.ndarray:
-        return self.resize(image=open_image(image, self.grayscale))["image"]          # [H, W, 3] uint8
+        pixels = reduce_to(open_image(image, self.grayscale), self.source_side)          # [h, w, 3] uint8
+        return self.resize(image=pixels)["image"]                                      # [H, W, 3] uint8
 
     def finish(self, pixels: np.ndarray) -> torch.Tensor:
         return self.after_resize(image=pixels)["image"]                                # [3, H, W]

@@ -3,6 +3,7 @@
     python bench/bench_detect.py                          # recall/false boxes on 200 PublicTest faces + latency
     python bench/bench_detect.py --checkpoint model_final.pth --n-acc 500   # + accuracy: aligned crops vs 48x48
     python bench/bench_detect.py --checkpoint M --acc-data runs/ferplus/data_sample --n-acc 852  # on the val split
+    python bench/bench_detect.py --checkpoint M --n 0 --photo --source-sides 0,48   # photo-like scenes, crops at 2 sides
     python bench/bench_detect.py --tune                   # MIN_PROB choice on train faces (validation, not test)
     python bench/bench_detect.py --template               # FER_TEMPLATE: median landmarks of train faces
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
 import faces  # noqa: E402
 from faces import Box, annotate, detect_faces, faces_or_whole, safe_open_image  # noqa: E402
@@ -67,13 +68,24 @@ def background(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(a + rng.normal(0, 6, a.shape), 0, 255).astype(np.uint8)
 
 
-def make_scene(face: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int]]:
-    """(RGB scene, (x, y, side) of the pasted face)."""
+def camera(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What a phone adds at the photo's own resolution: sensor noise (sigma 6 of 255), then JPEG at quality 80."""
+    a = np.asarray(scene, np.float32) + rng.normal(0, 6, (scene.height, scene.width, 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=80)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def make_scene(face: Image.Image, kind: str, rng: np.random.Generator,
+               photo: bool = False) -> tuple[Image.Image, tuple[int, int, int]]:
+    """(RGB scene, (x, y, side) of the pasted face). photo: the face sharpened at its pasted size (detail finer than
+    FER's 48 px, as a real photo has) and the scene put through camera()."""
     side = int(rng.integers(96, 193))
     x, y = int(rng.integers(0, CANVAS[0] - side + 1)), int(rng.integers(0, CANVAS[1] - side + 1))
     canvas = Image.fromarray(background(kind, rng))
-    canvas.paste(face.convert("L").resize((side, side), Image.BICUBIC), (x, y))
-    return canvas.convert("RGB"), (x, y, side)
+    big = face.convert("L").resize((side, side), Image.BICUBIC)
+    canvas.paste(big.filter(ImageFilter.UnsharpMask(2, 150, 2)) if photo else big, (x, y))
+    return (camera(canvas.convert("RGB"), rng) if photo else canvas.convert("RGB")), (x, y, side)
 
 
 def matches(box: Box, truth: tuple[int, int, int]) -> bool:
@@ -83,9 +95,9 @@ def matches(box: Box, truth: tuple[int, int, int]) -> bool:
     return near and 0.5 * side <= max(box.w, box.h) <= 2.0 * side
 
 
-def scenes(items, kind: str, seed: int) -> list[tuple[Image.Image, tuple[int, int, int]]]:
+def scenes(items, kind: str, seed: int, photo: bool = False) -> list[tuple[Image.Image, tuple[int, int, int]]]:
     rng = np.random.default_rng(seed)
-    return [make_scene(Image.open(p), kind, rng) for p, _ in items]
+    return [make_scene(Image.open(p), kind, rng, photo) for p, _ in items]
 
 
 def recall_false(sc, detector: str) -> tuple[int, int, list[list[Box]]]:
@@ -165,8 +177,11 @@ def latency(items, repeat: int) -> None:
                   f" {n} faces, annotated PNG {nbytes / 1e3:.0f} kB")
 
 
-def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
-    """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces."""
+def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = False, sides=()) -> None:
+    """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces;
+    photo: scenes as make_scene(photo=True) draws them; sides: the MTCNN crops again under each --source-side."""
+    from dataclasses import replace
+    from dataset import Preprocess
     import evaluate
     from captions import canonical_name
     from embed import classifier_logits, text_prototypes
@@ -183,7 +198,7 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
         protos = text_prototypes(engine.model, evaluate.get_bank("paper", None), classes)   # [C,D]
         score = lambda ims: zero_shot_scores(engine.embed_images(ims), protos)  # noqa: E731
     y = np.array([classes.index(canonical_name(c)) for _, c in items])
-    sc = scenes(items, kind, seed)
+    sc = scenes(items, kind, seed, photo)
     rows = {"48x48 originals": [Image.open(p).convert("RGB") for p, _ in items]}
     for det in ("mtcnn", "haar"):
         rows[f"{det} crops (no face: centre square)"] = [faces_or_whole(im, 1, detector=det)[0][0] for im, _ in sc]
@@ -196,12 +211,17 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int) -> None:
         pred = score(ims).argmax(1)
         print(f"  {name:42s} top-1 {np.mean(pred == y):.3f}  (on the {hit.sum()} faces MTCNN found: "
               f"{np.mean(pred[hit] == y[hit]):.3f})")
+    own, crops = engine.cfg.source_side, rows["mtcnn crops (no face: centre square)"]
+    for side in sides:
+        engine.preprocess = Preprocess(replace(engine.cfg, source_side=side))
+        pred = score(crops).argmax(1)
+        print(f"  {f'mtcnn crops, --source-side {side}':42s} top-1 {np.mean(pred == y):.3f}  (the file's own: {own})")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", default=str(FER))
-    ap.add_argument("--n", type=int, default=200, help="test faces for recall / false boxes")
+    ap.add_argument("--n", type=int, default=200, help="test faces for recall / false boxes (0: skip them and latency)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backgrounds", default="grey,texture")
     ap.add_argument("--repeat", type=int, default=5, help="latency: median of this many calls")
@@ -210,6 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--acc-data", help="--checkpoint accuracy on this captions.csv folder's --acc-split rows instead "
                     "of FER-2013 test faces (a validation split, to choose a model by the photo path)")
     ap.add_argument("--acc-split", default="val")
+    ap.add_argument("--photo", action="store_true", help="--checkpoint accuracy on photo-like scenes: each face "
+                    "sharpened at its pasted size, sensor noise and JPEG 80 on the scene")
+    ap.add_argument("--source-sides", default="", help="e.g. 0,48: also score the MTCNN crops with each "
+                    "--source-side (0: off), side by side")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -236,19 +260,22 @@ def main(argv=None) -> int:
         acc_items = (labelled_split(Path(a.acc_data), a.acc_split, a.n_acc, a.seed + 1) if a.acc_data
                      else pick_faces(fer, "test", a.n_acc, a.seed + 1))
     items = pick_faces(fer, "test", a.n, a.seed)
-    for kind in kinds:
-        sc = scenes(items, kind, a.seed)
+    for kind in kinds if items else []:                             # --n 0: accuracy only
+        sc = scenes(items, kind, a.seed, a.photo)
         for det in ("haar", "mtcnn"):
             t = time.perf_counter()
             found, false, _ = recall_false(sc, det)
             print(f"{kind:7s} {det:5s}: found {found}/{len(sc)} ({found / len(sc):.1%}), {false} false boxes, "
                   f"{(time.perf_counter() - t) / len(sc) * 1e3:.0f} ms/scene")
-    print("latency:")
-    latency(items, a.repeat)
+    if items:
+        print("latency:")
+        latency(items, a.repeat)
     if acc_items is not None:
         where = f"{a.acc_data} {a.acc_split}" if a.acc_data else "test"
-        print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background), paper sentences:")
-        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1)
+        print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background{', photo-like' if a.photo else ''}),"
+              " paper sentences:")
+        sides = [int(v) for v in a.source_sides.split(",") if v.strip()]
+        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, sides)
     return 0
 
 

@@ -52,8 +52,10 @@ from ferplus_sentences import check_disjoint, load_compound, training_banks  # n
 # recipe instead (all-MiniLM-L6-v2 and the paper + rich banks via --recipe, 16 epochs), then given the e5 tower by
 # align_text.py --balance 0.4: the exact commands are in models/README.md. The depthwise filters stay frozen
 # (2.1-2.2x the old path on 2 Intel cores, level at equal epochs: BENCHMARKS.md, "frozen depthwise filters").
+# --source-side 48 changes nothing in training (the faces are 48 px) and is stored in the file: a photo's bigger face
+# crop is reduced to 48 px before the model's resize, as the training faces were (BENCHMARKS.md, "source_side").
 RECIPE = ["--preset", "offline", "--batch-size", "64", "--image-size", "64", "--freeze-image-stages", "2",
-          "--freeze-depthwise", "true",
+          "--freeze-depthwise", "true", "--source-side", "48",
           "--caption-bank", "paper,rich,captions/facs_en.csv,captions/facs_ko.csv",
           "--caption-sampling", "random", "--positives", "label", "--targets", "soft", "--contrast", "classes",
           "--text-model", "pkg:multilingual-e5-small", "--freeze-text", "true",

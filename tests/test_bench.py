@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,19 @@ def test_bench_recipe_times_each_path_on_the_same_batches_and_prints_its_ratio(t
         return float(text) - half, float(text) + half
     (c_lo, c_hi), (t_lo, t_hi) = bounds(rows["cache"]), bounds(rows["today"])
     assert c_lo / t_hi - 0.005 <= float(ratios["cache"]) <= c_hi / t_lo + 0.005
+
+
+def test_photo_like_scenes_keep_the_face_box_and_add_camera_detail_reproducibly():
+    """bench_detect --photo: the same face and place as a plain scene, with sharpening, noise and JPEG on top."""
+    import bench_detect
+    from PIL import Image
+    face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48), dtype=np.uint8))
+    plain = bench_detect.make_scene(face, "texture", np.random.default_rng(3))
+    photo = bench_detect.make_scene(face, "texture", np.random.default_rng(3), photo=True)
+    again = bench_detect.make_scene(face, "texture", np.random.default_rng(3), photo=True)
+    assert photo[1] == plain[1] and photo[0].size == plain[0].size == bench_detect.CANVAS
+    assert np.array_equal(np.asarray(photo[0]), np.asarray(again[0]))
+    assert np.abs(np.asarray(photo[0], float) - np.asarray(plain[0], float)).mean() > 2
 
 
 def test_photo_path_scorer_draws_only_the_asked_split(tmp_path):

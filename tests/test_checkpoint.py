@@ -307,3 +307,17 @@ def test_export_over_an_existing_model_keeps_it_renamed_aside(frozen_minilm, tmp
     kept = list(tmp_path.glob("ship.*.pth"))
     assert len(kept) == 1 and kept[0].read_bytes() == b"the user's earlier export"
     assert read_checkpoint(tmp_path / "ship.pth")["format"]                  # the new export is in place
+
+
+def test_export_source_side_is_stored_and_used_by_the_shipped_preprocessing(frozen_minilm, tmp_path, capsys):
+    import checkpoint
+    from checkpoint import create_model_and_transforms
+    from utils import run_cli
+    checkpoint.save_checkpoint(tmp_path / "m.pth", frozen_minilm[0])
+    assert checkpoint.main(["export", str(tmp_path / "m.pth"), str(tmp_path / "ship.pth"), "--source-side", "48"]) == 0
+    assert read_checkpoint(tmp_path / "ship.pth")["config"]["source_side"] == 48
+    _, _, preprocess = create_model_and_transforms(str(tmp_path / "ship.pth"))
+    assert preprocess.source_side == 48
+    assert run_cli(checkpoint.main, ["export", str(tmp_path / "m.pth"), str(tmp_path / "bad.pth"),
+                                     "--source-side", "-1"]) == 2
+    assert "--source-side -1 must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad.pth").exists()

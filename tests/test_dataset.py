@@ -202,3 +202,21 @@ def test_photo_degradations_change_train_pixels_reproducibly_and_never_eval(tmp_
         differs.append(not torch.equal(a, b))
     assert any(differs)                                          # the degradations do something
     assert torch.equal(Preprocess(cfg, False)(path), Preprocess(cfg, False)(path))   # eval: none of it
+
+
+def test_source_side_reduces_big_faces_to_the_training_resolution_and_leaves_small_ones(tmp_path):
+    import dataclasses
+    from dataset import Preprocess, reduce_to
+    rng = np.random.default_rng(2)
+    small = Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8))
+    big = small.resize((192, 192), Image.NEAREST)                # a sharp, blocky 192 px face: detail past 48 px
+    wide = np.zeros((100, 300, 3), np.uint8)
+    assert reduce_to(wide, 48).shape == (16, 48, 3)              # longer side to 48, aspect kept
+    assert reduce_to(wide, 0) is wide and reduce_to(wide, 300) is wide    # off, or not larger: untouched
+    cfg = dataclasses.replace(make_config(preset="tiny"), image_size=32)
+    off, on = Preprocess(cfg), Preprocess(dataclasses.replace(cfg, source_side=48))
+    assert torch.equal(on(small), off(small))                    # FER's own 48 px faces: unchanged
+    seen = on(big)
+    assert not torch.equal(seen, off(big))                       # the big face is reduced first ...
+    reduced = big.convert("RGB").resize((48, 48), Image.LANCZOS)
+    assert torch.equal(seen, off(reduced))                       # ... exactly to what a 48 px face would give
