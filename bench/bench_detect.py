@@ -183,6 +183,7 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
     from dataclasses import replace
     from dataset import Preprocess
     import evaluate
+    import metrics
     from captions import canonical_name
     from embed import classifier_logits, text_prototypes
     from metrics import zero_shot_scores
@@ -207,15 +208,18 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
         faces.crop_face(im, Box(*(b[0].x0, b[0].y0, b[0].x1, b[0].y1))) if b else faces_or_whole(im, 1)[0][0]
         for (im, _), b in zip(sc, boxes)]
     hit = np.array([bool(b) and matches(b[0], tr) for b, (_, tr) in zip(boxes, sc)])
+    def report(name: str, pred: np.ndarray, note: str) -> None:
+        uar = metrics.uar(metrics.confusion_matrix(y, pred, len(classes)))
+        said = {c: np.mean(pred == classes.index(c)) for c in ("neutral",) if c in classes}
+        print(f"  {name:42s} top-1 {np.mean(pred == y):.3f}  UAR {uar:.3f}" + "".join(
+            f"  {c} said {v:.1%} (truth {np.mean(y == classes.index(c)):.1%})" for c, v in said.items()) + note)
     for name, ims in rows.items():
         pred = score(ims).argmax(1)
-        print(f"  {name:42s} top-1 {np.mean(pred == y):.3f}  (on the {hit.sum()} faces MTCNN found: "
-              f"{np.mean(pred[hit] == y[hit]):.3f})")
+        report(name, pred, f"  (on the {hit.sum()} faces MTCNN found: {np.mean(pred[hit] == y[hit]):.3f})")
     own, crops = engine.cfg.source_side, rows["mtcnn crops (no face: centre square)"]
     for side in sides:
         engine.preprocess = Preprocess(replace(engine.cfg, source_side=side))
-        pred = score(crops).argmax(1)
-        print(f"  {f'mtcnn crops, --source-side {side}':42s} top-1 {np.mean(pred == y):.3f}  (the file's own: {own})")
+        report(f"mtcnn crops, --source-side {side}", score(crops).argmax(1), f"  (the file's own: {own})")
 
 
 def main(argv=None) -> int:
