@@ -41,7 +41,7 @@ import torch
 
 from checkpoint_checks import TOKENIZER_FILES, validate_checkpoint
 from config import Config, check_ranges, config_from_dict, config_to_dict, init_config, resumed_config
-from dataset import Preprocess
+from transform import Preprocess
 from logs import get_logger
 from model import ExprCLIP
 from package_refs import (build_tower, check_package, defining_files, package_tokenizer, references_for,
@@ -241,7 +241,7 @@ def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def export(src, dst, half: bool = False, source_side: int | None = None) -> tuple[int, int]:
     """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`, its preprocessing's
-    source_side replaced when given (the resolution its training faces had: dataset.reduce_to). Returns the
+    source_side replaced when given (the resolution its training faces had: transform.reduce_to). Returns the
     (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
     already at `dst` is kept, renamed aside (keep_aside)."""
     check_output_file(dst, "OUT", src, "IN")

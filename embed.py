@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import metrics
-from dataset import BadImage
+from transform import BadImage
 from utils import UserError
 
 

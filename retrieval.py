@@ -23,7 +23,7 @@ from PIL import Image
 
 from checkpoint import create_model_and_transforms
 from config import Config
-from dataset import Preprocess
+from transform import Preprocess
 from embed import embed_images, embed_texts
 from faces import Box, annotate, faces_or_whole, safe_open_image
 from index import GalleryIndex, make_encoder

@@ -181,7 +181,7 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
     """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces;
     photo: scenes as make_scene(photo=True) draws them; sides: the MTCNN crops again under each --source-side."""
     from dataclasses import replace
-    from dataset import Preprocess
+    from transform import Preprocess
     import evaluate
     import metrics
     from captions import canonical_name

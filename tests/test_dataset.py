@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from config import make_config
-from dataset import (BadImage, Collate, PairDataset, build_vocabs, open_image, read_captions, split_table,
-                     stratified_split)
+from dataset import Collate, PairDataset, build_vocabs, read_captions, split_table, stratified_split
+from transform import BadImage, open_image
 from utils import UserError
 
 
@@ -153,7 +153,7 @@ def test_epoch_travels_with_the_index_so_persistent_workers_see_it(tmp_path):
 def test_decode_cache_gives_the_same_augmented_pixels_and_decodes_each_face_once(tmp_path, monkeypatch):
     """--cache-images keeps the resized uint8 face: later epochs give bit-identical tensors without decoding."""
     import dataclasses
-    import dataset
+    import transform
     rows = [dict(image=f"{i}.png", caption="c", label="happiness") for i in range(4)]
     cfg = write_set(tmp_path, rows)
     rng = np.random.default_rng(0)
@@ -164,8 +164,8 @@ def test_decode_cache_gives_the_same_augmented_pixels_and_decodes_each_face_once
     plain = PairDataset(df, dataclasses.replace(cfg, cache_images=False), True, caps, labels)
     cached = PairDataset(df, dataclasses.replace(cfg, cache_images=True), True, caps, labels)
     calls = []
-    real = dataset.open_image
-    monkeypatch.setattr(dataset, "open_image", lambda im, g: (isinstance(im, (str, Path)) and calls.append(im)) or real(im, g))
+    real = transform.open_image
+    monkeypatch.setattr(transform, "open_image", lambda im, g: (isinstance(im, (str, Path)) and calls.append(im)) or real(im, g))
     for epoch in range(3):
         for i in range(4):
             assert torch.equal(plain[(epoch, i)][0], cached[(epoch, i)][0])
@@ -187,7 +187,7 @@ def test_decode_cache_stops_at_its_limit_and_says_so_once(monkeypatch):
 
 def test_photo_degradations_change_train_pixels_reproducibly_and_never_eval(tmp_path):
     import dataclasses
-    from dataset import Preprocess
+    from transform import Preprocess
     rng = np.random.default_rng(1)
     path = tmp_path / "f.png"
     Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(path)
@@ -206,7 +206,7 @@ def test_photo_degradations_change_train_pixels_reproducibly_and_never_eval(tmp_
 
 def test_source_side_reduces_big_faces_to_the_training_resolution_and_leaves_small_ones(tmp_path):
     import dataclasses
-    from dataset import Preprocess, reduce_to
+    from transform import Preprocess, reduce_to
     rng = np.random.default_rng(2)
     small = Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8))
     big = small.resize((192, 192), Image.NEAREST)                # a sharp, blocky 192 px face: detail past 48 px

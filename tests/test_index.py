@@ -231,7 +231,7 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     import torch
 
     from config import make_config
-    from dataset import BadImage
+    from transform import BadImage
     make_gallery(tmp_path / "gallery", 6)
     (tmp_path / "gallery" / "bad.png").write_bytes(b"garbage")
 

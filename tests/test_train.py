@@ -10,8 +10,9 @@ import torch
 import metrics
 import train
 from config import make_config
-from dataset import Preprocess, class_texts, read_captions, split_table
+from dataset import class_texts, read_captions, split_table
 from model import ExprCLIP, load_checkpoint
+from transform import Preprocess
 from utils import run_cli
 
 
