@@ -1,11 +1,12 @@
-"""FER-2013 benchmark on CPU: train on ../shared/data/fer2013/train, evaluate on test, write BENCHMARKS.md.
+"""FER-2013 benchmark on CPU: train on ../shared/data/fer2013/train, evaluate on test, write a markdown table.
 
     python bench/fer2013.py                       # all runs: clip, ce baseline, unseen-class (surprise); ~2.5 h
     python bench/fer2013.py --runs clip --epochs 2 --limit 2000     # a quick smoke run
 
 Every run uses the same image tower, image size, epochs and batch size (the `offline` preset: ImageNet
 EfficientNet-Lite0 + frozen all-MiniLM-L6-v2, both installed by pip), so the table compares objectives, not budgets.
-Results (JSON per run) go to --work; the table goes to --out.
+Results (JSON per run) go to --work; the table goes to --out (default: WORK/report.md; an existing file keeps
+everything but this section).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import torch  # noqa: E402
 import evaluate  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
+from ferplus_report import upsert_section  # noqa: E402
 
 CLASSES = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+HEADING = "# Benchmarks: FER-2013"
 CALIBRATION = """Calibration points measured outside the project on the same machine (issue 6): ImageNet
 EfficientNet-Lite0 at 64 px scored against frozen all-MiniLM-L6-v2 embeddings of the eight paper sentences, 8 epochs
 in 19 minutes: 66.9% top-1 / 63.4% UAR; a from-scratch ResNet18 at 48 px: 57.8% / 52.1%. Targets for a 45-minute
@@ -149,7 +152,7 @@ def phrasing_line(r: dict) -> list[str]:
 
 def table(results: list[dict], a, data: Path) -> str:
     """BENCHMARKS.md: configuration, wall time, throughput, top-1/top-5/UAR, per-class recall, unseen class."""
-    lines = ["# Benchmarks: FER-2013", "",
+    lines = [HEADING, "",
              "Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
              "`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
              "Every run: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), "
@@ -182,7 +185,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
     ap.add_argument("--work", default="runs/fer2013")
-    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--out", help="markdown file whose `# Benchmarks: FER-2013` section is (re)written, the rest kept "
+                    "(default: WORK/report.md)")
     ap.add_argument("--runs", default="clip,ce,unseen")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--image-size", type=int, default=64)
@@ -211,8 +215,10 @@ def main(argv=None) -> int:
             print(f"error: --also {d}: no result.json there (a finished run folder of this script)", file=sys.stderr)
             return 2
         results.append(json.loads((Path(d) / "result.json").read_text()))
-    Path(a.out).write_text(table(results, a, data))
-    print(Path(a.out).read_text())
+    out, body = Path(a.out) if a.out else work / "report.md", table(results, a, data)
+    out.write_text(upsert_section(out.read_text() if out.is_file() else "", body, HEADING))
+    print(body)
+    print(f"\n(written to {out})")
     return 0
 
 

@@ -347,7 +347,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ferplus", default=str(ROOT.parent / "shared" / "data" / "ferplus"))
     ap.add_argument("--fer2013", default=str(ROOT.parent / "shared" / "data" / "fer2013"))
     ap.add_argument("--work", default=WORK)
-    ap.add_argument("--out", default="BENCHMARKS.md", help="markdown file whose `## FER+` section is (re)written")
+    ap.add_argument("--out", help="markdown file whose `## FER+` section is (re)written, the rest kept (default: "
+                    "WORK/report.md; BENCHMARKS.md's section also holds hand-written history, so name it only to "
+                    "replace that)")
     ap.add_argument("--runs", default="main,unseen", help=f"comma list of {', '.join(RUNS)}")
     ap.add_argument("--epochs", type=int, default=20, help="the shipped model's 20: ~50 min on 2 idle Intel cores")
     ap.add_argument("--with-sample", action="store_true",
@@ -380,10 +382,11 @@ def main(argv=None) -> int:
     for p in plans:
         run(p, a, data, fer_csv)
     results = collect(work, a.limit)
-    out = Path(a.out)
+    out = Path(a.out) if a.out else work / "report.md"
     body = section(results, data, RECIPE if a.recipe is None else shlex.split(a.recipe))
     out.write_text(upsert_section(out.read_text() if out.is_file() else "", body))
     print(body)
+    print(f"\n(written to {out})")
     return 0
 
 

@@ -127,10 +127,11 @@ def section(results: list[dict], data: Path, recipe: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def upsert_section(text: str, body: str) -> str:
-    """`text` with its `## FER+` section replaced by `body` (appended when there is none)."""
+def upsert_section(text: str, body: str, heading: str = HEADING) -> str:
+    """`text` with its section under `heading` (to the next `#` or `##` heading) replaced by `body` (appended when
+    there is none): everything else in the file is kept."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(HEADING)), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
     if start is None:
         return (text.rstrip("\n") + "\n\n" if text.strip() else "") + body
     end = next((i for i in range(start + 1, len(lines)) if re.match(r"#{1,2} ", lines[i])), len(lines))

@@ -113,6 +113,8 @@ def test_upsert_section_replaces_only_its_own_section():
     assert "stale" not in new and "fresh" in new and new.index("fresh") < new.index("## Other")
     assert new.startswith("# Benchmarks: FER-2013") and new.endswith("kept\n")
     assert ferplus_report.upsert_section("# A\n", "## FER+ x\n") == "# A\n\n## FER+ x\n"
+    top = ferplus_report.upsert_section(old, "# Benchmarks: FER-2013\n\nnew row\n", "# Benchmarks: FER-2013")
+    assert top.startswith("# Benchmarks: FER-2013\n\nnew row\n\n## FER+ (old)") and "stale" in top and "\nrow" not in top
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -170,6 +172,10 @@ def test_bench_ferplus_end_to_end_on_a_checkpoint(tmp_path):
     ferplus.main(["--ferplus", str(tmp_path / "ferplus"), "--work", str(tmp_path / "work"), "--out", str(out),
                   "--checkpoint", str(ckpt), "--min-pair-faces", "2"])     # cached: same section, not appended
     assert out.read_text().count("## FER+") == 1
+    before = out.read_text()
+    ferplus.main(["--ferplus", str(tmp_path / "ferplus"), "--work", str(tmp_path / "work"),
+                  "--checkpoint", str(ckpt), "--min-pair-faces", "2"])     # no --out: the work folder's report
+    assert (tmp_path / "work" / "report.md").read_text().startswith("## FER+") and out.read_text() == before
 
 
 def test_val_fraction_holds_out_its_own_stratified_split_in_its_own_folder(tmp_path):
