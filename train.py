@@ -348,8 +348,9 @@ class Trainer:
             log.info(skipped)
 
     def fit(self) -> list[dict]:
+        side = f"; images over {s} px reduced to it first (--source-side {s})" if (s := self.cfg.source_side) else ""
         log.info(f"training on {self.device}: {len(self.data.train_ds)} train / {len(self.data.val_ds)} val pairs, "
-              f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps in all")
+                 f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps{side}")
         if self.is_main and len(self.data.val_ds) == 0:
             log.warning("no validation pairs (too few faces per class to carve --val-fraction out of, and no `val` "
                         "rows in the split column): best.pth will be the latest epoch, not the best one")
