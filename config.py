@@ -247,7 +247,8 @@ def check_ranges(cfg: Config) -> None:
              ("logit_scale_init", cfg.logit_scale_init > 0, "> 0 (1 / temperature)")]
     rules += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "num_workers",
-        "text_layers", "text_width", "source_side", "freeze_image_stages", "mixup", "cutmix", "log_seconds", "save_every_min",
+        "text_layers", "text_width", "source_side", "freeze_image_stages", "mixup", "cutmix", "log_seconds",
+        "save_every_min",
         "save_every_steps")]
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:

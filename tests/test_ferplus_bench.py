@@ -114,7 +114,8 @@ def test_upsert_section_replaces_only_its_own_section():
     assert new.startswith("# Benchmarks: FER-2013") and new.endswith("kept\n")
     assert ferplus_report.upsert_section("# A\n", "## FER+ x\n") == "# A\n\n## FER+ x\n"
     top = ferplus_report.upsert_section(old, "# Benchmarks: FER-2013\n\nnew row\n", "# Benchmarks: FER-2013")
-    assert top.startswith("# Benchmarks: FER-2013\n\nnew row\n\n## FER+ (old)") and "stale" in top and "\nrow" not in top
+    assert top.startswith("# Benchmarks: FER-2013\n\nnew row\n\n## FER+ (old)")
+    assert "stale" in top and "\nrow" not in top                    # the other section kept, the old rows gone
 
 
 # ----------------------------------------------------------------------------- end to end
