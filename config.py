@@ -248,8 +248,7 @@ def check_ranges(cfg: Config) -> None:
     rules += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "num_workers",
         "text_layers", "text_width", "source_side", "freeze_image_stages", "mixup", "cutmix", "log_seconds",
-        "save_every_min",
-        "save_every_steps")]
+        "save_every_min", "save_every_steps")]
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, ok, rule in rules if not ok]
     if bad:
         raise UserError("; ".join(bad))
