@@ -76,14 +76,17 @@ def camera(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def make_scene(face: Image.Image, kind: str, rng: np.random.Generator,
-               photo: bool = False) -> tuple[Image.Image, tuple[int, int, int]]:
+def make_scene(face: Image.Image, kind: str, rng: np.random.Generator, photo: bool = False,
+               roll: float = 0.0) -> tuple[Image.Image, tuple[int, int, int]]:
     """(RGB scene, (x, y, side) of the pasted face). photo: the face sharpened at its pasted size (detail finer than
-    FER's 48 px, as a real photo has) and the scene put through camera()."""
+    FER's 48 px, as a real photo has) and the scene put through camera(). roll: the face turned in the image plane by
+    up to this many degrees either way (a tilted head), corners filled grey."""
     side = int(rng.integers(96, 193))
     x, y = int(rng.integers(0, CANVAS[0] - side + 1)), int(rng.integers(0, CANVAS[1] - side + 1))
     canvas = Image.fromarray(background(kind, rng))
     big = face.convert("L").resize((side, side), Image.BICUBIC)
+    if roll:
+        big = big.rotate(float(rng.uniform(-roll, roll)), Image.BICUBIC, fillcolor=128)
     canvas.paste(big.filter(ImageFilter.UnsharpMask(2, 150, 2)) if photo else big, (x, y))
     return (camera(canvas.convert("RGB"), rng) if photo else canvas.convert("RGB")), (x, y, side)
 
@@ -95,9 +98,10 @@ def matches(box: Box, truth: tuple[int, int, int]) -> bool:
     return near and 0.5 * side <= max(box.w, box.h) <= 2.0 * side
 
 
-def scenes(items, kind: str, seed: int, photo: bool = False) -> list[tuple[Image.Image, tuple[int, int, int]]]:
+def scenes(items, kind: str, seed: int, photo: bool = False,
+           roll: float = 0.0) -> list[tuple[Image.Image, tuple[int, int, int]]]:
     rng = np.random.default_rng(seed)
-    return [make_scene(Image.open(p), kind, rng, photo) for p, _ in items]
+    return [make_scene(Image.open(p), kind, rng, photo, roll) for p, _ in items]
 
 
 def recall_false(sc, detector: str) -> tuple[int, int, list[list[Box]]]:
@@ -177,7 +181,8 @@ def latency(items, repeat: int) -> None:
                   f" {n} faces, annotated PNG {nbytes / 1e3:.0f} kB")
 
 
-def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = False, sides=()) -> None:
+def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = False, sides=(),
+                       roll: float = 0.0) -> None:
     """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces;
     photo: scenes as make_scene(photo=True) draws them; sides: the MTCNN crops again under each --source-side."""
     from dataclasses import replace
@@ -199,7 +204,7 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
         protos = text_prototypes(engine.model, evaluate.get_bank("paper", None), classes)   # [C,D]
         score = lambda ims: zero_shot_scores(engine.embed_images(ims), protos)  # noqa: E731
     y = np.array([classes.index(canonical_name(c)) for _, c in items])
-    sc = scenes(items, kind, seed, photo)
+    sc = scenes(items, kind, seed, photo, roll)
     rows = {"48x48 originals": [Image.open(p).convert("RGB") for p, _ in items]}
     for det in ("mtcnn", "haar"):
         rows[f"{det} crops (no face: centre square)"] = [faces_or_whole(im, 1, detector=det)[0][0] for im, _ in sc]
@@ -236,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--acc-split", default="val")
     ap.add_argument("--photo", action="store_true", help="--checkpoint accuracy on photo-like scenes: each face "
                     "sharpened at its pasted size, sensor noise and JPEG 80 on the scene")
+    ap.add_argument("--roll", type=float, default=0.0, help="scenes: each face turned in the image plane by up to "
+                    "this many degrees either way (a tilted head; alignment levels it)")
     ap.add_argument("--source-sides", default="", help="e.g. 0,48: also score the MTCNN crops with each "
                     "--source-side (0: off), side by side")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
                      else pick_faces(fer, "test", a.n_acc, a.seed + 1))
     items = pick_faces(fer, "test", a.n, a.seed)
     for kind in kinds if items else []:                             # --n 0: accuracy only
-        sc = scenes(items, kind, a.seed, a.photo)
+        sc = scenes(items, kind, a.seed, a.photo, a.roll)
         for det in ("haar", "mtcnn"):
             t = time.perf_counter()
             found, false, _ = recall_false(sc, det)
@@ -276,10 +283,11 @@ def main(argv=None) -> int:
         latency(items, a.repeat)
     if acc_items is not None:
         where = f"{a.acc_data} {a.acc_split}" if a.acc_data else "test"
-        print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background{', photo-like' if a.photo else ''}),"
+        print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background{', photo-like' if a.photo else ''}"
+              f"{f', roll up to {a.roll:g} deg' if a.roll else ''}),"
               " paper sentences:")
         sides = [int(v) for v in a.source_sides.split(",") if v.strip()]
-        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, sides)
+        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, sides, a.roll)
     return 0
 
 

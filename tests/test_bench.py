@@ -99,6 +99,10 @@ def test_photo_like_scenes_keep_the_face_box_and_add_camera_detail_reproducibly(
     assert photo[1] == plain[1] and photo[0].size == plain[0].size == bench_detect.CANVAS
     assert np.array_equal(np.asarray(photo[0]), np.asarray(again[0]))
     assert np.abs(np.asarray(photo[0], float) - np.asarray(plain[0], float)).mean() > 2
+    tilted = bench_detect.make_scene(face, "texture", np.random.default_rng(3), roll=25)
+    x, y, side = plain[1]
+    box = (x, y, x + side, y + side)
+    assert tilted[1] == plain[1] and not np.array_equal(np.asarray(tilted[0].crop(box)), np.asarray(plain[0].crop(box)))
 
 
 def test_photo_path_scorer_draws_only_the_asked_split(tmp_path):
