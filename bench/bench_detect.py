@@ -4,6 +4,7 @@
     python bench/bench_detect.py --checkpoint model_final.pth --n-acc 500   # + accuracy: aligned crops vs 48x48
     python bench/bench_detect.py --checkpoint M --acc-data runs/ferplus/data_sample --n-acc 852  # on the val split
     python bench/bench_detect.py --checkpoint M --n 0 --photo --source-sides 0,48   # photo-like scenes, 2 sides
+    python bench/bench_detect.py --checkpoint M --n 0 --photo --roll 25   # tilted heads: what alignment buys
     python bench/bench_detect.py --tune                   # MIN_PROB choice on train faces (validation, not test)
     python bench/bench_detect.py --template               # FER_TEMPLATE: median landmarks of train faces
 
