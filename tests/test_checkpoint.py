@@ -321,3 +321,9 @@ def test_export_source_side_is_stored_and_used_by_the_shipped_preprocessing(froz
     assert run_cli(checkpoint.main, ["export", str(tmp_path / "m.pth"), str(tmp_path / "bad.pth"),
                                      "--source-side", "-1"]) == 2
     assert "--source-side -1 must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad.pth").exists()
+
+
+def test_bundled_model_reduces_photo_crops_to_its_training_faces_side():
+    """The shipped file was trained on 48 px FER faces; a re-export without --source-side 48 would lose that."""
+    ck = read_checkpoint(Path(__file__).resolve().parents[1] / "models" / "exprclip-ferplus.pth")
+    assert ck["config"]["source_side"] == 48 and ck["config"]["image_size"] == 80
