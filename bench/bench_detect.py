@@ -228,6 +228,14 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
         report(f"mtcnn crops, --source-side {side}", score(crops).argmax(1), f"  (the file's own: {own})")
 
 
+def int_list(text: str) -> list[int]:
+    """--source-sides "0,48" -> [0, 48]; anything else is argparse's one-line error."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers, e.g. 0,48") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", default=str(FER))
@@ -244,7 +252,7 @@ def main(argv=None) -> int:
                     "sharpened at its pasted size, sensor noise and JPEG 80 on the scene")
     ap.add_argument("--roll", type=float, default=0.0, help="scenes: each face turned in the image plane by up to "
                     "this many degrees either way (a tilted head; alignment levels it)")
-    ap.add_argument("--source-sides", default="", help="e.g. 0,48: also score the MTCNN crops with each "
+    ap.add_argument("--source-sides", type=int_list, default=[], help="e.g. 0,48: also score the MTCNN crops with each "
                     "--source-side (0: off), side by side")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
@@ -287,8 +295,7 @@ def main(argv=None) -> int:
         print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background{', photo-like' if a.photo else ''}"
               f"{f', roll up to {a.roll:g} deg' if a.roll else ''}),"
               " paper sentences:")
-        sides = [int(v) for v in a.source_sides.split(",") if v.strip()]
-        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, sides, a.roll)
+        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, a.source_sides, a.roll)
     return 0
 
 

@@ -10,7 +10,8 @@ captions.csv; model selection uses 3% of train (--val-fraction; stratified, seed
 evaluation scores through sentences (cosine to class prototypes, no prior): majority-vote top-1/UAR with the paper
 sentences, agreement with the annotators' vote distributions, unseen phrasing (captions/everyday.csv), the unseen
 class (contempt), compound expressions (captions/compound.csv) and FER-2013 seven-class top-1 on the same faces.
-Results (JSON per run) go to --work; the markdown section `## FER+` is replaced (or appended) in --out.
+Results (JSON per run) go to --work; the markdown section `## FER+` is replaced (or appended) in --out
+(default: WORK/report.md; the rest of the file is kept).
 """
 from __future__ import annotations
 
