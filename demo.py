@@ -21,12 +21,13 @@ from functools import partial
 from pathlib import Path
 
 from captions import load_caption_bank
+from faces import CROP_MAX_SIDE
 from index import describe_update
 from logs import get_logger
 from photos import FACES_MODES, failure_lines
 from photoviews import add_photos, add_photos_steps, header, picked_view, result_items
-from retrieval import (Engine, clean_query, frame_crops, load_frames, rank_faces, score_frames, search_text,
-                       similar_images, similar_to_gallery_image)
+from retrieval import (Engine, clean_query, frame_crops, largest_face, load_frames, rank_faces, score_frames,
+                       search_text, similar_images, similar_to_gallery_image)
 from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
                           shown_path)
 from utils import UserError, run_cli
@@ -40,20 +41,22 @@ EXAMPLES = ["a wide smile", "활짝 웃는 얼굴", "눈썹을 찌푸리고 화�
 MAX_K = 100                    # results per search (the slider stops at 50; API callers may ask more)
 SHOWN_QUERY_CHARS = 80
 SAMPLE_GALLERY = ROOT / "images"   # the drawn sample, served when no --gallery is given
+QUERY_FACE = {"face": "the largest face in the upload", "crop": "the upload (a face crop)",
+              "whole": "the whole upload (detection off)", "no face": "the whole upload (no face found)"}
 
 
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def face_table(names: list[str], probs, whole_image: bool = False) -> str:
+def face_table(names: list[str], probs, whole: str = "") -> str:
     """Markdown table: one row per face (`face 1` = the largest, as numbered on the picture), its top-5 expressions;
-    with whole_image one row named so (no face was found)."""
+    with `whole` one row named so (`whole image (no face)`: none was found; `face crop`: the image is one)."""
     top_n = min(5, len(names))
     rows = ["| | " + " | ".join(["1st", "2nd", "3rd", "4th", "5th"][:top_n]) + " |", "|---" * (top_n + 1) + "|"]
     for n, p in enumerate(probs, 1):                                       # p: [C]
         top = p.argsort(kind="stable")[::-1][:top_n]
-        name = "whole image (no face)" if whole_image else f"face {n}"
+        name = whole or f"face {n}"
         rows.append(f"| {name} | " + " | ".join(f"{_md(names[i])} {p[i]:.0%}" for i in top) + " |")
     return "\n".join(rows)
 
@@ -78,7 +81,10 @@ def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)
     names = [name for name, _ in items]
     notes = []
-    if detect and not res.found:
+    if res.crop:
+        notes.append(f"Read as a face crop: the image is {photo.width}x{photo.height} px (at most {CROP_MAX_SIDE} "
+                     "px on its longer side), so it was scored whole, without searching it for faces.")
+    elif detect and not res.found:
         notes.append("**No face found: ranked the whole image.** These scores describe the whole picture, not a "
                      "face, so they are no reading of anyone's expression: use a photo with a visible, mostly "
                      "frontal face, or untick face detection for an already cropped face.")
@@ -87,7 +93,8 @@ def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     elif res.found:
         notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
     first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
-    table = face_table(names, res.probs, whole_image=detect and not res.found)
+    whole = "face crop" if res.crop else "whole image (no face)" if detect and not res.found else ""
+    table = face_table(names, res.probs, whole)
     return res.shown, first, "\n\n".join([" ".join(notes), table]).strip()
 
 
@@ -163,9 +170,10 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
         return result_items(engine, hits), search_message(text, len(hits), engine.query_warnings(query))
 
     @with_fallback(lambda msg, *_: ([], msg))
-    def on_similar(image, k):
-        hits = similar_images(engine, open_upload(image), top_k(k))
-        return result_items(engine, hits), f"{len(hits)} faces with the closest expression"
+    def on_similar(image, k, detect=True):
+        face, how = largest_face(open_upload(image), bool(detect), engine.cfg.grayscale)
+        hits = similar_images(engine, face, top_k(k))
+        return result_items(engine, hits), f"{len(hits)} faces with the closest expression to {QUERY_FACE[how]}"
 
     return named(dict(search=on_search, similar=on_similar, **vocab_handlers(),
                 pick=with_fallback(lambda msg, *_: (None, [], msg))(partial(picked_view, engine)),
@@ -287,7 +295,8 @@ def _face_tab(h: dict, vocab, max_faces: int) -> None:
     with gr.Row():
         image = _image_input(label="Face or photo", sources=["upload", "webcam", "clipboard"])
         with gr.Column():
-            detect = gr.Checkbox(value=True, label=f"Detect and crop faces (up to {max_faces}, largest first)")
+            detect = gr.Checkbox(value=True, label=f"Detect and crop faces (up to {max_faces}, largest first)",
+                                 info=f"images of at most {CROP_MAX_SIDE} px are face crops already: read whole")
             rank = gr.Button("Rank expressions", variant="primary")
             bars = gr.Label(num_top_classes=5, label="Top-5 (face 1, the largest)")
     boxes = gr.Image(label="Faces found (numbered as in the table)", type="pil")
@@ -297,7 +306,7 @@ def _face_tab(h: dict, vocab, max_faces: int) -> None:
     sim = gr.Button("Find faces with a similar expression")
     sim_status = gr.Markdown()
     sim_gallery = gr.Gallery(columns=6, height="auto")
-    sim.click(h["similar"], [image, sim_k], [sim_gallery, sim_status], api_name="similar")
+    sim.click(h["similar"], [image, sim_k, detect], [sim_gallery, sim_status], api_name="similar")
 
 
 def _sequence_tab(h: dict, vocab, max_frames: int) -> None:

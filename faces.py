@@ -28,6 +28,8 @@ from utils import UserError, first_line
 DETECTORS = ("auto", "mtcnn", "haar")
 DETECT_SIDE = 1024    # longest side detectors work at (big photos are shrunk first: speed)
 SMALL_SIDE = 160      # shortest side below which images are upscaled (tiny faces: FER is 48x48)
+CROP_MAX_SIDE = 160   # an image whose longer side is at most this is a face crop already (FER 48, RAF-DB 100 px):
+                      # read whole, not searched for a face (uploads, frames and gallery files alike)
 DISPLAY_SIDE = 1024   # longest side of the annotated image `annotate` returns
 DECODE_SIDE = 1600    # safe_open_image(max_side=...) for photos to detect in: JPEGs decode at 1/2..1/8 scale
 CROP_SIDE = 512       # crops wider than this (in image pixels) are reduced: models take 48-224 px
@@ -308,6 +310,11 @@ def faces_or_whole(image: Image.Image, max_faces: int = 10, grayscale: bool = Fa
     W, H = image.size
     whole = Box(*_square_inside(W / 2, H / 2, min(W, H), W, H), score=0.0)
     return [crop_face(image, whole, margin=0.0, grayscale=grayscale)], [whole], False
+
+
+def is_crop_sized(size: tuple[int, int]) -> bool:
+    """(W, H) -> True when the image is small enough to be a face crop already (longer side <= CROP_MAX_SIDE)."""
+    return max(size) <= CROP_MAX_SIDE
 
 
 def draw_boxes(image: Image.Image, boxes: list[Box], color: str = "#00e000") -> Image.Image:

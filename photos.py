@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from faces import CROP_MAX_SIDE, is_crop_sized  # noqa: F401 -- CROP_MAX_SIDE: the rule above
 from index import GalleryIndex, list_images
 from utils import UserError, atomic_write_text, first_line
 
 FACES_MODES = ("auto", "crops", "photos")
-CROP_MAX_SIDE = 160          # auto: files with both sides <= this are face crops already (FER 48 px, sample 64 px)
 MAX_FACES = 20               # faces kept per photo, largest first
 MAX_PIXELS = 40_000_000      # bigger files are refused (as uploads are): a 36 MP photo passes, a bomb does not
 THUMB_SIDE = 160             # stored face crops (display only; the embedding is of the full aligned crop)
@@ -68,7 +68,7 @@ def is_face_crop(path: Path, mode: str) -> bool:
         return mode == "crops"
     try:
         with Image.open(path) as im:
-            return max(im.size) <= CROP_MAX_SIDE
+            return is_crop_sized(im.size)
     except Exception:  # noqa: BLE001 -- corrupt/not an image: reported by safe_open_image
         return False
 

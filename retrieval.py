@@ -25,7 +25,7 @@ from checkpoint import create_model_and_transforms
 from config import Config
 from transform import Preprocess
 from embed import embed_images, embed_texts
-from faces import Box, annotate, faces_or_whole, safe_open_image
+from faces import Box, annotate, faces_or_whole, is_crop_sized, safe_open_image
 from index import GalleryIndex, make_encoder
 from model import ExprCLIP
 from precision import autocast_for
@@ -225,14 +225,18 @@ class FaceScores:
     more: bool            # more than max_faces faces were found; the largest max_faces were kept
     probs: np.ndarray     # [F, C] probabilities over the sentences, one row per box (one row when not found)
     shown: Image.Image | None = None   # the photo reduced for display (<= faces.DISPLAY_SIDE px), boxes drawn
+    crop: bool = False    # detect on, but the image is face-crop sized (faces.CROP_MAX_SIDE): read whole, no search
 
 
 def rank_faces(engine: Engine, photo: Image.Image, sentences: list[str], detect: bool = True,
                max_faces: int = 5, detector: str = "auto") -> FaceScores:
     """Score each detected face (largest first, at most max_faces; aligned crops where the detector gives
-    landmarks) or, when none is found, the whole image. .shown is small whatever the photo's size."""
-    if not detect:
-        return FaceScores([], False, False, score_images(engine, [photo], sentences), annotate(photo, []))
+    landmarks) or, when none is found, the whole image. An image of at most faces.CROP_MAX_SIDE px is a face crop
+    already (FER's 48 px faces): it is read whole, as the gallery reads such files (.crop). .shown is small
+    whatever the photo's size."""
+    if not detect or is_crop_sized(photo.size):
+        return FaceScores([], False, False, score_images(engine, [photo], sentences), annotate(photo, []),
+                          crop=bool(detect))
     crops, boxes, found = faces_or_whole(photo, max_faces=max_faces + 1, grayscale=engine.cfg.grayscale,
                                          detector=detector)
     more, boxes = len(crops) > max_faces, boxes[:max_faces]
@@ -309,11 +313,20 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
 def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False,
                 detector: str = "auto") -> tuple[list[Image.Image], list[bool]]:
     """The largest face of each frame (detect on; aligned crop with MTCNN), else the whole frame; and whether a
-    face was found per frame."""
-    if not detect:
-        return list(frames), [False] * len(frames)
-    out = [faces_or_whole(f, max_faces=1, grayscale=grayscale, detector=detector) for f in frames]
-    return [crops[0] for crops, _, _ in out], [found for _, _, found in out]
+    face was found per frame. A face-crop sized frame (faces.CROP_MAX_SIDE) is its face: whole, found."""
+    out = [largest_face(f, detect, grayscale, detector) for f in frames]
+    return [face for face, _ in out], [how in ("face", "crop") for _, how in out]
+
+
+def largest_face(image: Image.Image, detect: bool = True, grayscale: bool = False,
+                 detector: str = "auto") -> tuple[Image.Image, str]:
+    """(what to encode, how it was chosen): the largest face's aligned crop ("face"); the image itself when it is
+    face-crop sized ("crop", faces.CROP_MAX_SIDE) or detection is off ("whole"); the centre square when no face is
+    found ("no face")."""
+    if not detect or is_crop_sized(image.size):
+        return image, "crop" if detect else "whole"
+    crops, _, found = faces_or_whole(image, max_faces=1, grayscale=grayscale, detector=detector)
+    return crops[0], "face" if found else "no face"
 
 
 def score_frames(engine: Engine, frames: list[Image.Image], sentences: list[str]) -> np.ndarray:

@@ -207,6 +207,8 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
     y = np.array([classes.index(canonical_name(c)) for _, c in items])
     sc = scenes(items, kind, seed, photo, roll)
     rows = {"48x48 originals": [Image.open(p).convert("RGB") for p, _ in items]}
+    rows["48x48 originals searched by MTCNN (uploads, before)"] = [faces_or_whole(im, 1)[0][0]
+                                                                    for im in rows["48x48 originals"]]
     for det in ("mtcnn", "haar"):
         rows[f"{det} crops (no face: centre square)"] = [faces_or_whole(im, 1, detector=det)[0][0] for im, _ in sc]
     boxes = [detect_faces(im, 1, detector="mtcnn") for im, _ in sc]

@@ -13,8 +13,10 @@ from PIL import Image
 
 import demo
 import prepare
-from retrieval import (Engine, frame_crops, load_frames, rank_expressions, rank_faces, read_video, score_frames,
-                       search_text, similar_to_gallery_image)
+import faces
+from photoviews import result_items
+from retrieval import (Engine, frame_crops, largest_face, load_frames, rank_expressions, rank_faces, read_video,
+                       score_frames, search_text, similar_images, similar_to_gallery_image)
 from sequence import sequence_scores
 from utils import run_cli
 from vocab import load_vocab, parse_vocab
@@ -105,6 +107,44 @@ def test_rank_says_when_no_face_is_found(h, tmp_path):
     assert "No face found" not in md
 
 
+def test_a_face_crop_sized_upload_is_read_whole_not_searched_for_faces(engine, h, sample_dir, tmp_path):
+    face = _sample_faces(sample_dir, 1)[0]                          # the tests' sample: 48 px, <= CROP_MAX_SIDE
+    _, bars, md = h["rank"](face, VOCAB, True)
+    _, whole, _ = h["rank"](face, VOCAB, False)
+    assert "Read as a face crop: the image is 48x48 px" in md and "| face crop |" in md and "No face found" not in md
+    assert bars == pytest.approx(whole)                                     # the same pixels, scored whole
+    big = tmp_path / "big.png"                                              # one pixel over: searched, none found
+    Image.open(face).resize((faces.CROP_MAX_SIDE + 1, faces.CROP_MAX_SIDE + 1)).save(big)
+    assert "Read as a face crop" not in h["rank"](str(big), VOCAB, True)[2]
+
+
+def _captions(engine, hits) -> list[str]:
+    return [item[1] for item in result_items(engine, hits)]
+
+
+def test_similar_faces_say_what_the_query_was(engine, h, sample_dir, tmp_path):
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (200, 190, 180)).save(wall)
+    assert "the whole upload (no face found)" in h["similar"](str(wall), 3, True)[1]
+    assert "the whole upload (detection off)" in h["similar"](str(wall), 3, False)[1]
+    face = _sample_faces(sample_dir, 1)[0]
+    hits, msg = h["similar"](face, 3, True)
+    assert "the upload (a face crop)" in msg
+    assert [c for _, c in hits] == _captions(engine, similar_images(engine, Image.open(face).convert("RGB"), 3))
+    assert "closest expression" in h["similar"](face, 3)[1]                 # API callers of (image, k) still work
+
+
+def test_similar_faces_are_queried_with_the_uploads_largest_face(engine, h, tmp_path):
+    photo = _two_faces(tmp_path / "two.png")
+    im = Image.open(photo).convert("RGB")
+    face, how = largest_face(im, True, engine.cfg.grayscale)
+    assert how == "face" and max(face.size) < 300                           # the 180 px face, not the 640 px photo
+    hits, msg = h["similar"](photo, 3, True)
+    assert "the largest face in the upload" in msg
+    assert [c for _, c in hits] == _captions(engine, similar_images(engine, face, 3))
+    assert [c for _, c in h["similar"](photo, 3, False)[0]] == _captions(engine, similar_images(engine, im, 3))
+
+
 def test_max_faces_flag_is_checked(tmp_path, capsys):
     assert run_cli(demo.main, ["--max-faces", "0", "--checkpoint", str(tmp_path / "none.pth")]) == 2
     assert "--max-faces" in capsys.readouterr().err
@@ -192,9 +232,11 @@ def test_sequence_handler_label_plot_and_message(engine, h, sample_dir, tmp_path
     assert fig is not None and len(fig.axes[0].lines) == 3
     assert "**4 frames**" in msg and "Skipped 1 file(s): broken.png" in msg and f"{w[-1]:.0%}" in msg
     for i in (1, 2):
-        Image.new("L", (64, 64), 100 * i).save(tmp_path / f"blank{i}.png")
+        Image.new("L", (320, 240), 100 * i).save(tmp_path / f"blank{i}.png")
     _, _, msg = h["sequence"]([str(tmp_path / "blank1.png"), str(tmp_path / "blank2.png")], VOCAB, True, 1.0)
     assert "**2 frames**" in msg and "No face found in frame(s) 1, 2" in msg
+    _, _, msg = h["sequence"](files[:2], VOCAB, True, 1.0)             # small sample faces: crops, read whole
+    assert "**2 frames**" in msg and "No face found" not in msg
     bars, fig, msg = h["sequence"]([], VOCAB, True, 0.5)
     assert bars == {} and fig is None and "upload several images" in msg
     assert "decay" in h["sequence"](files[:2], VOCAB, False, 2.0)[2]
@@ -281,7 +323,8 @@ def test_server_keeps_serving_20_concurrent_requests(engine, sample_dir, tmp_pat
             if name in ("search", "similar"):
                 assert len(out[0]) == args[1] and ("best matches" in out[1] or "closest" in out[1]), (name, out)
             else:
-                label, texts = (out[1], ("| face 1 |", "| whole image (no face) |")) if name == "rank" \
+                rows = ("| face 1 |", "| whole image (no face) |", "| face crop |")
+                label, texts = (out[1], rows) if name == "rank" \
                     else (out[0], ("frames",))
                 assert label["label"] in {"happy", "sad", "surprised"} and any(t in out[2] for t in texts), (name, out)
         for (name, _, expect), out in zip(bad, results[len(good):]):
