@@ -75,7 +75,8 @@ def search_message(query: str, n_hits: int, notes: list[str]) -> str:
 
 def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     """Face → expressions: (photo with numbered boxes, <= 1024 px; {name: probability} of face 1; markdown)."""
-    from faces import DECODE_SIDE, safe_open_image
+    from faces import DECODE_SIDE
+    from image_files import safe_open_image
     items = vocab_items(vocab_text)           # big JPEGs decode at reduced scale (draft): a 36 MP photo in ~1 s
     photo = open_upload(image) if image is None else safe_open_image(image, MAX_UPLOAD_PIXELS, DECODE_SIDE)
     res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)

@@ -24,7 +24,9 @@ from config import config_to_dict, make_config
 from dataset import class_texts, read_captions
 from embed import classifier_logits, embed_images, text_prototypes
 from precision import autocast_for
+from faces import CROP_MAX_SIDE, is_crop_sized
 from logs import get_logger
+from photos import FACES_MODES, FaceReader
 from served_model import choose_checkpoint
 from utils import UserError, atomic_write_text, check_output_file, pick_device, run_cli
 
@@ -143,18 +145,51 @@ def score_report(scores: np.ndarray, y: np.ndarray, classes: list[str], unseen: 
     return rep
 
 
+def default_faces(data) -> str:
+    """--faces when not given: 'crops' for a captions.csv (its faces are read whole, as training reads them; a
+    dataset of photos is cropped by prepare.py --detect-faces), 'auto' for an image folder (as the demo reads it)."""
+    p = Path(data)
+    return "crops" if p.is_file() or (p / "captions.csv").is_file() else "auto"
+
+
+def big_files(paths: list, n: int = 50) -> bool:
+    """True when most of the first n readable files are larger than a face crop (faces.is_crop_sized)."""
+    from PIL import Image
+    sizes = []
+    for p in paths[:n]:
+        try:
+            with Image.open(p) as im:
+                sizes.append(im.size)
+        except Exception:  # noqa: BLE001 -- unreadable files are counted by the evaluation itself
+            pass
+    return sum(not is_crop_sized(wh) for wh in sizes) > len(sizes) / 2
+
+
+def faces_line(f: dict | None) -> str:
+    """'faces (--faces auto): ...' -- how the scored files were read (photos.FaceReader counts)."""
+    if not f:
+        return ""
+    parts = [f"{f['crop']} read whole as face crops"] if f["crop"] else []
+    if f["face"] or f["no face"]:
+        parts.append(f"{f['face'] + f['no face']} photos searched for a face: {f['face']} found, {f['no face']} "
+                     "without one (their centre square scored, as the demo does)")
+    return f"faces (--faces {f['mode']}): " + "; ".join(parts or ["none read"])
+
+
 def parse_list(text: str | None) -> list[str]:
     return [canonical_name(s) for s in (text or "").split(",") if s.strip()]
 
 
 def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper", unseen=(), compare=None,
              batch_size: int = 64, device: str = "auto", all_classes: bool = False, confusion=None,
-             amp: str | None = None, tta: bool = False, prior: bool = False) -> dict:
+             amp: str | None = None, tta: bool = False, prior: bool = False, faces: str | None = None) -> dict:
     """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring)."""
     from checkpoint import create_model_and_transforms, read_checkpoint
     dev, ck = pick_device(device), read_checkpoint(checkpoint)
     model, _, preprocess = create_model_and_transforms(ck, dev, path=checkpoint)
     cfg = model.cfg
+    faces = faces or default_faces(data)
+    reader = FaceReader(preprocess, faces, cfg.grayscale)       # the face each file gives, as the demo reads it
     table, skipped = read_data(str(data))
     df, split_how = pick_split(table, split)
     ce = cfg.objective == "ce"
@@ -175,7 +210,10 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     protos = None if ce else text_prototypes(model, bank, classes, autocast)     # [C,D]; checks the bank first
     sets = list(compare) if len(compare or []) > 1 else [prompts, *(compare or [])]
     banks = {s: get_bank(s, table) for s in sets} if compare and not ce else {}
-    emb, ok = embed_images(model, list(df["path"]), preprocess, dev, batch_size, autocast, tta)
+    if faces == "crops" and big_files(list(df["path"])):
+        log.warning(f"{data}: most images are larger than {CROP_MAX_SIDE} px and are scored whole (--faces crops); if "
+                    "they are photos rather than face crops, --faces auto scores the face in each, as the demo does")
+    emb, ok = embed_images(model, list(df["path"]), reader, dev, batch_size, autocast, tta)
     skipped["unreadable image"] = int((~ok).sum())
     y = np.array([classes.index(c) for c in df.loc[ok, "label"]])
     if not len(y):
@@ -183,7 +221,7 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     out = dict(checkpoint=str(checkpoint), config=config_to_dict(cfg), data=str(data), split=split_how,
                n_images=len(y), skipped=skipped, skipped_total=sum(skipped.values()), classes=classes,
                precision=str(dtype).replace("torch.", "") if dtype else "float32", device=str(dev),
-               tta="flip" if tta else None, prior=None)
+               tta="flip" if tta else None, prior=None, faces=dict(mode=faces, **reader.counts))
     if ce:
         out.update(ce_scores(model, emb, y, classes, known, unseen))
     else:
@@ -229,7 +267,7 @@ def summary(res: dict) -> dict:
     s.update(calibrated_top1=res["calibrated"]["top1"], calibrated_uar=res["calibrated"]["uar"],
              n_images=res["n_images"], skipped=res["skipped_total"], split=res["split"].split(" ")[0],
              scoring="classifier" if res["prompts"] is None else f"text:{res['prompts']}",
-             tta=res.get("tta"), prior="train" if res.get("prior") else None)
+             tta=res.get("tta"), prior="train" if res.get("prior") else None, faces=res.get("faces"))
     for name, u in (res.get("unseen") or {}).items():
         s[f"unseen_{name}"] = {k: u[k] for k in ("ap", "base_rate", "ap_over_base", "recall", "calibrated_recall")}
     for name, c in list((res.get("compare_prompts") or {}).items())[1:]:
@@ -246,7 +284,8 @@ def report_text(res: dict) -> str:
              f"data: {res['data']}   split: {res['split']}   images: {res['n_images']}   skipped: {sk}",
              f"scoring: {res['scoring']}; {len(res['classes'])} classes"
              f"{'; test-time flip averaging' if res.get('tta') else ''}"
-             f"{'; + log training label frequency (--prior train)' if res.get('prior') else ''}", ""]
+             f"{'; + log training label frequency (--prior train)' if res.get('prior') else ''}",
+             *([faces_line(res["faces"])] if res.get("faces") else []), ""]
     rows = [dict(cls=c, n=int(np.sum(res["confusion"][j])), recall=res["per_class_recall"][c],
                  cal_recall=res["calibrated"]["per_class_recall"][c],
                  **({"t2i_AP": ret["t2i_AP_per_class"][j], "t2i_P@10": ret["t2i_precision@10_per_class"][j]}
@@ -293,6 +332,10 @@ def main(argv=None) -> int:
     p.add_argument("--prior", choices=["none", "train"], default="none",
                    help="train: add log(training label frequency) to each class's logit (scale x cosine), the "
                         "Bayes decision for test faces distributed like the training ones; raises top-1, lowers UAR")
+    p.add_argument("--faces", choices=FACES_MODES,
+                   help=f"auto: files of at most {CROP_MAX_SIDE} px are face crops, read whole; larger ones are photos, "
+                        "scored on their largest face as the demo finds it (MTCNN, aligned); crops/photos force either. "
+                        "Default: crops for a captions.csv (read as training reads it), auto for an image folder")
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
@@ -305,7 +348,7 @@ def main(argv=None) -> int:
         log.info(f"no --checkpoint: {checkpoint.name}, {why}")
     res = evaluate(checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
                    a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip",
-                   a.prior == "train")
+                   a.prior == "train", a.faces)
     print(report_text(res))
     if a.json:
         atomic_write_text(a.json, json.dumps(res, indent=1))

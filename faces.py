@@ -3,27 +3,26 @@
 MTCNN (facenet-pytorch; P/R/O-net weights ship in its wheel) is the default detector: boxes, a probability and 5
 landmarks (eyes, nose, mouth corners). OpenCV's Haar cascades (weights inside opencv-python) are the fallback when
 facenet-pytorch is not installed, or chosen with detector="haar". Both work on a copy whose longest side is at most
-DETECT_SIDE (boxes are scaled back), and both are safe to call from several threads at once.
+DETECT_SIDE (boxes are scaled back), and both are safe to call from several threads at once. When MTCNN finds
+nothing it searches once more inside a grey border (MTCNN_RETRY_PAD): a face that fills the frame gives its
+coarsest pyramid level no context, and the border gives it some (Haar pads every search).
 
 detect_faces -> boxes (largest first), align_face -> eyes level and FER-2013 framing, crop_face -> the aligned crop
 (landmarks) or a square crop with margin (Haar), faces_or_whole -> crops or a centre-crop fallback, draw_boxes /
-annotate -> numbered boxes for display, safe_open_image -> a checked RGB PIL image (JPEG decoded at reduced scale
-when max_side is given).
+annotate -> numbered boxes for display. Image files are opened by image_files.safe_open_image.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import threading
-import warnings
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
-from utils import UserError, first_line
+from utils import UserError
 
 DETECTORS = ("auto", "mtcnn", "haar")
 DETECT_SIDE = 1024    # longest side detectors work at (big photos are shrunk first: speed)
@@ -38,6 +37,8 @@ MIN_PROB = 0.8        # MTCNN boxes below are dropped: the knee of recall vs fal
 MTCNN_MIN_FACE = 20   # px at the working scale: MTCNN's own default smallest face
 MTCNN_FACTOR = 0.8    # pyramid step (facenet-pytorch: 0.709); finer finds ~5% more FER train faces, ~1.3x time
 MTCNN_THRESHOLDS = (0.6, 0.6, 0.7)   # P-, R-, O-net (facenet-pytorch: 0.6, 0.7, 0.7), chosen on train faces
+MTCNN_RETRY_PAD = 0.25   # nothing found: search again with a grey border of this share of the shorter side, which
+                         # finds faces that fill the frame (tight crops over CROP_MAX_SIDE, close selfies); 0: off
 # Haar cascades
 CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml")
 PAD_FRAC = 0.25       # replicate-pad each side by this fraction: lets faces that fill the frame be found
@@ -189,6 +190,17 @@ def _run_mtcnn(rgb: np.ndarray, min_face: float) -> tuple[np.ndarray, np.ndarray
     return b[:, :4], b[:, 4], np.asarray(points[0], dtype=np.float64).reshape(-1, 5, 2)
 
 
+def _mtcnn_kept(work: np.ndarray, min_face: float, pad: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_run_mtcnn's boxes of probability >= MIN_PROB, searched on `work` with a grey border of `pad` x its shorter
+    side; boxes and landmarks in work's own pixels (a box may reach past its edge: clipped later)."""
+    p = int(round(pad * min(work.shape[:2])))
+    if p:
+        work = cv2.copyMakeBorder(work, p, p, p, p, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    xyxy, score, points = _run_mtcnn(work, min_face)
+    keep = score >= MIN_PROB
+    return xyxy[keep] - p, score[keep], points[keep] - p
+
+
 def _work_copy(image: Image.Image, s: float, gray: bool) -> np.ndarray:
     """`image` resized by s (downscaling reduces first: cheap on 36 MP photos) -> uint8 [h,w] or [h,w,3]."""
     W, H = image.size
@@ -214,10 +226,12 @@ def detect_faces(image: Image.Image, max_faces: int = 10, min_size_frac: float =
     s = min(1.0, max(DETECT_SIDE / max(H, W), 24.0 / min_face))       # shrink big photos, keeping faces >= 24 px
     s = min(max(s, SMALL_SIDE / min(H, W)), 8.0)                      # tiny images (FER 48x48) go up
     work = _work_copy(image, s, gray=kind == "haar")
-    xyxy, score, points = (_haar if kind == "haar" else _run_mtcnn)(work, min_face * s)
-    if kind == "mtcnn":
-        keep = score >= MIN_PROB
-        xyxy, score, points = xyxy[keep], score[keep], points[keep]
+    if kind == "haar":
+        xyxy, score, points = _haar(work, min_face * s)
+    else:
+        xyxy, score, points = _mtcnn_kept(work, min_face * s, 0.0)
+        if not len(xyxy) and MTCNN_RETRY_PAD > 0:
+            xyxy, score, points = _mtcnn_kept(work, min_face * s, MTCNN_RETRY_PAD)
     boxes = []
     for i, b in enumerate(xyxy / s):                                  # back to input pixels
         x0, y0, x1, y1 = _clipped(b, W, H)
@@ -345,63 +359,3 @@ def annotate(image: Image.Image, boxes: list[Box], side: int = DISPLAY_SIDE) -> 
         image = image.resize((max(1, round(W * f)), max(1, round(H * f))), Image.BILINEAR, reducing_gap=2.0)
         boxes = [scale_box(b, f) for b in boxes]
     return draw_boxes(image, boxes)
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB from any mode: 16-bit/float scaled to 8 bits, transparency flattened onto white, CMYK/P converted."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = a.max(initial=0)
-        a = a if hi <= 255 else a / 257.0 if hi <= 65535 else (a - a.min()) / (hi - a.min() + 1e-12) * 255
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" or im.mode in ("LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im)
-    return im.convert("RGB")
-
-
-def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = None) -> Image.Image:
-    """A fully decoded RGB image from a path, bytes or PIL image; refuses bombs and non-images with a UserError.
-    max_side: JPEGs may decode at 1/2, 1/4 or 1/8 scale while the longest side stays >= max_side (fast; for
-    detection and crops); other formats and PIL images keep their size."""
-    if isinstance(src, np.ndarray):
-        src = Image.fromarray(src)
-    if isinstance(src, Image.Image):
-        name, im = "image", src
-        if im.width * im.height > max_pixels:
-            raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; resize it first")
-        return to_rgb(ImageOps.exif_transpose(im))
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        name, fp = "image data", io.BytesIO(bytes(src))
-    elif hasattr(src, "read"):                                        # an open file / upload stream
-        name, fp = str(getattr(src, "name", "image data")), src
-    elif not isinstance(src, (str, os.PathLike)):
-        raise UserError(f"not an image ({type(src).__name__}); upload a picture file (JPEG, PNG, WebP, ...)")
-    else:
-        name, fp = str(src), src
-        if not os.path.isfile(fp):
-            raise UserError(f"{name}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as im:
-                if im.width * im.height > max_pixels:
-                    raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; "
-                                    "resize it first")
-                if max_side and im.format == "JPEG" and max(im.size) > max_side:
-                    r = max_side / max(im.size)
-                    im.draft(im.mode, (math.ceil(im.width * r), math.ceil(im.height * r)))
-                im.load()
-                try:
-                    im = ImageOps.exif_transpose(im)
-                except Exception:                                     # broken EXIF: keep the pixels as stored
-                    pass
-                return to_rgb(im).copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"{name}: refused as a possible decompression bomb ({e}); resize it first") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise UserError(f"{name}: damaged or truncated image ({first_line(e, 100)})") from None

@@ -75,10 +75,43 @@ def is_face_crop(path: Path, mode: str) -> bool:
 
 def photo_faces(path: Path, grayscale: bool, detector: str = "auto", max_faces: int = MAX_FACES):
     """(aligned crops, boxes, decoded size) of a photo, exactly as an uploaded photo is cropped; UserError if bad."""
-    from faces import DECODE_SIDE, faces_or_whole, safe_open_image
+    from faces import DECODE_SIDE, faces_or_whole
+    from image_files import safe_open_image
     photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
     crops, boxes, found = faces_or_whole(photo, max_faces=max_faces, grayscale=grayscale, detector=detector)
     return (crops, boxes, photo.size) if found else ([], [], photo.size)
+
+
+class FaceReader:
+    """A preprocess (path -> tensor) over the face the `mode` rule reads in each file, for scoring labelled images
+    as the demo reads them (evaluate.py --faces): a face-crop file whole; a photo's largest face, found and aligned
+    as an upload's, or its centre square when none is found (as the demo scores it). Thread-safe; .counts says how
+    many files went each way: crop, face, no face."""
+
+    def __init__(self, preprocess: Callable, mode: str = "auto", grayscale: bool = False, detector: str = "auto"):
+        if mode not in FACES_MODES:
+            raise UserError(f"--faces {mode}: choose one of {', '.join(FACES_MODES)}")
+        self.preprocess, self.mode, self.grayscale, self.detector = preprocess, mode, grayscale, detector
+        self.counts = {"crop": 0, "face": 0, "no face": 0}
+        self._lock = threading.Lock()
+
+    def __call__(self, path):
+        from faces import DECODE_SIDE, faces_or_whole
+        from image_files import safe_open_image
+        from transform import BadImage
+        if is_face_crop(Path(path), self.mode):
+            image, how = path, "crop"
+        else:
+            try:
+                photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
+            except UserError as e:
+                raise BadImage(str(e)) from None
+            crops, _, found = faces_or_whole(photo, 1, self.grayscale, detector=self.detector)
+            image, how = crops[0], "face" if found else "no face"
+        out = self.preprocess(image)                   # BadImage / OSError: counted as unreadable by the caller
+        with self._lock:
+            self.counts[how] += 1
+        return out
 
 
 class PhotoIndex:

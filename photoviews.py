@@ -48,7 +48,8 @@ def result_items(engine: Engine, hits) -> list[tuple]:
 
 def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
     """The photo of a result with that face's box (<= 1024 px), or (draw=False) just the face's region."""
-    from faces import DECODE_SIDE, Box, annotate, safe_open_image
+    from faces import DECODE_SIDE, Box, annotate
+    from image_files import safe_open_image
     from photos import MAX_PIXELS
     e = engine.index.entry(path)
     photo = safe_open_image(e.photo, MAX_PIXELS, DECODE_SIDE if e.face is not None else None)

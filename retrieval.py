@@ -25,7 +25,8 @@ from checkpoint import create_model_and_transforms
 from config import Config
 from transform import Preprocess
 from embed import embed_images, embed_texts
-from faces import Box, annotate, faces_or_whole, is_crop_sized, safe_open_image
+from faces import Box, annotate, faces_or_whole, is_crop_sized
+from image_files import safe_open_image
 from index import GalleryIndex, make_encoder
 from model import ExprCLIP
 from precision import autocast_for

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Config
-from faces import to_rgb
+from image_files import to_rgb
 
 
 class BadImage(Exception):

@@ -164,7 +164,7 @@ def open_upload(image):
     """Gradio upload (a file path) -> RGB PIL image; bombs and non-images -> UserError."""
     if not image or not isinstance(image, (str, os.PathLike)):
         raise UserError("upload a face image first")
-    from faces import safe_open_image
+    from image_files import safe_open_image
     return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
 
 

@@ -21,6 +21,7 @@ import io
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 import faces  # noqa: E402
-from faces import Box, annotate, detect_faces, faces_or_whole, safe_open_image  # noqa: E402
+from faces import Box, annotate, detect_faces, faces_or_whole  # noqa: E402
+from image_files import safe_open_image  # noqa: E402
 
 FER = ROOT.parent / "shared" / "data" / "fer2013"
 CANVAS = (480, 360)
@@ -182,8 +184,32 @@ def latency(items, repeat: int) -> None:
                   f" {n} faces, annotated PNG {nbytes / 1e3:.0f} kB")
 
 
+@contextmanager
+def retry_pad(pad: float):
+    """faces.MTCNN_RETRY_PAD set to `pad` inside the block (0: MTCNN's single search, as before the retry)."""
+    old, faces.MTCNN_RETRY_PAD = faces.MTCNN_RETRY_PAD, pad
+    try:
+        yield
+    finally:
+        faces.MTCNN_RETRY_PAD = old
+
+
+def tight_rows(originals: list[Image.Image], side: int) -> dict[str, list[Image.Image]]:
+    """The faces upscaled to `side` px (tight crops over faces.CROP_MAX_SIDE: what a folder of big face crops or
+    a close selfie gives), read whole and searched by MTCNN with and without the padded retry."""
+    from retrieval import largest_face
+    big = [im.resize((side, side), Image.BICUBIC) for im in originals]
+    rows = {f"{side} px tight crops, read whole": big}
+    for pad in (0.0, faces.MTCNN_RETRY_PAD):
+        with retry_pad(pad):
+            out = [largest_face(im) for im in big]
+        found = sum(how == "face" for _, how in out)
+        rows[f"{side} px tight crops, MTCNN, retry pad {pad:g} ({found} found)"] = [im for im, _ in out]
+    return rows
+
+
 def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = False, sides=(),
-                       roll: float = 0.0) -> None:
+                       roll: float = 0.0, tight: int = 0) -> None:
     """Top-1 over the 7 FER classes (paper sentences) of 48x48 originals vs pipeline crops of the same faces;
     photo: scenes as make_scene(photo=True) draws them; sides: the MTCNN crops again under each --source-side."""
     from dataclasses import replace
@@ -207,10 +233,14 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
     y = np.array([classes.index(canonical_name(c)) for _, c in items])
     sc = scenes(items, kind, seed, photo, roll)
     rows = {"48x48 originals": [Image.open(p).convert("RGB") for p, _ in items]}
-    rows["48x48 originals searched by MTCNN (uploads, before)"] = [faces_or_whole(im, 1)[0][0]
-                                                                    for im in rows["48x48 originals"]]
+    with retry_pad(0.0):
+        rows["48x48 originals searched by MTCNN (uploads, before)"] = [faces_or_whole(im, 1)[0][0]
+                                                                        for im in rows["48x48 originals"]]
+    rows.update(tight_rows(rows["48x48 originals"], tight) if tight else {})
     for det in ("mtcnn", "haar"):
         rows[f"{det} crops (no face: centre square)"] = [faces_or_whole(im, 1, detector=det)[0][0] for im, _ in sc]
+    with retry_pad(0.0):
+        rows["mtcnn crops, no padded retry (before)"] = [faces_or_whole(im, 1)[0][0] for im, _ in sc]
     boxes = [detect_faces(im, 1, detector="mtcnn") for im, _ in sc]
     rows["mtcnn boxes, square crop (no alignment)"] = [
         faces.crop_face(im, Box(*(b[0].x0, b[0].y0, b[0].x1, b[0].y1))) if b else faces_or_whole(im, 1)[0][0]
@@ -256,6 +286,8 @@ def main(argv=None) -> int:
                     "this many degrees either way (a tilted head; alignment levels it)")
     ap.add_argument("--source-sides", type=int_list, default=[], help="e.g. 0,48: also score the MTCNN crops with each "
                     "--source-side (0: off), side by side")
+    ap.add_argument("--tight", type=int, default=224, help="--checkpoint: also score the faces upscaled to this "
+                    "many px (tight crops over 160 px), read whole and searched by MTCNN (0: skip)")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -297,7 +329,8 @@ def main(argv=None) -> int:
         print(f"accuracy on {len(acc_items)} {where} faces ({kinds[-1]} background{', photo-like' if a.photo else ''}"
               f"{f', roll up to {a.roll:g} deg' if a.roll else ''}),"
               " paper sentences:")
-        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, a.source_sides, a.roll)
+        alignment_accuracy(a.checkpoint, acc_items, kinds[-1], a.seed + 1, a.photo, a.source_sides, a.roll,
+                           a.tight)
     return 0
 
 

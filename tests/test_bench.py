@@ -122,3 +122,21 @@ def test_photo_path_scorer_draws_only_the_asked_split(tmp_path):
         bench_detect.labelled_split(tmp_path, "train", 3, 0)
     with pytest.raises(SystemExit, match="^error: --acc-data .*no such file"):
         bench_detect.labelled_split(tmp_path / "missing", "val", 3, 0)
+
+
+def test_tight_crop_rows_score_the_same_faces_with_and_without_the_retry(monkeypatch):
+    """bench_detect --tight: upscaled faces read whole, then searched with the retry off (before) and on; the
+    detector's setting is restored afterwards, even when a search fails."""
+    import bench_detect
+    import faces
+    from PIL import Image
+    ims = [Image.new("RGB", (48, 48), (30 * i, 30 * i, 30 * i)) for i in range(3)]     # blank: no face anywhere
+    rows = bench_detect.tight_rows(ims, 200)
+    assert list(rows) == ["200 px tight crops, read whole", "200 px tight crops, MTCNN, retry pad 0 (0 found)",
+                          "200 px tight crops, MTCNN, retry pad 0.25 (0 found)"]
+    assert all(len(v) == 3 and v[0].size == (200, 200) for v in rows.values())
+    assert faces.MTCNN_RETRY_PAD == 0.25
+    monkeypatch.setattr(faces, "detect_faces", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bench_detect.tight_rows(ims, 200)
+    assert faces.MTCNN_RETRY_PAD == 0.25

@@ -199,3 +199,71 @@ def test_without_checkpoint_evaluate_and_index_use_the_model_the_demo_serves(sam
     out, err = capsys.readouterr()
     assert f"checkpoint: {served} (" in err
     assert not any(line.startswith("checkpoint: ") for line in out.splitlines())       # results alone on stdout
+
+
+def _scenes(sample_dir, root, n_per_class: int = 2, side: int = 0):
+    """CLASS/*.png: the sample's val faces, each pasted at the centre of a 320x240 grey photo (side 0: the 64 px
+    face file itself)."""
+    from PIL import Image
+    table = pd.read_csv(sample_dir / "captions.csv")
+    val = table[table["split"] == "val"].groupby("label").head(n_per_class)
+    for r in val.itertuples():
+        face = Image.open(sample_dir / "images" / r.image).convert("RGB")
+        if side:
+            photo = Image.new("RGB", (320, 240), (128, 128, 128))
+            photo.paste(face.resize((side, side)), ((320 - side) // 2, (240 - side) // 2))
+            face = photo
+        (root / r.label).mkdir(parents=True, exist_ok=True)
+        face.save(root / r.label / r.image)
+    return len(val)
+
+
+def test_photos_are_scored_on_their_face_and_the_report_says_how_each_file_was_read(trained, sample_dir,
+                                                                                      tmp_path, capsys):
+    n = _scenes(sample_dir, tmp_path / "photos", side=100)
+    rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "photos"], capsys)
+    f = json.loads(out.strip().splitlines()[-1])["faces"]
+    assert rc == 0 and f["mode"] == "auto" and f["crop"] == 0 and f["face"] + f["no face"] == n, err
+    assert f"{n} photos searched for a face: {f['face']} found, {f['no face']} without one" in out
+    rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "photos", "--faces", "crops"], capsys)
+    assert rc == 0 and f"faces (--faces crops): {n} read whole as face crops" in out
+    assert "most images are larger than 160 px" in err and "--faces auto" in err and "\n" not in err.strip()
+    m = _scenes(sample_dir, tmp_path / "crops")
+    rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "crops"], capsys)
+    assert rc == 0 and f"faces (--faces auto): {m} read whole as face crops" in out and "larger than" not in err
+    res = evaluate.evaluate(trained[0], tmp_path / "crops", faces="photos")
+    assert res["faces"]["crop"] == 0 and res["faces"]["face"] + res["faces"]["no face"] == m
+    pd.DataFrame(dict(image=[str(q) for q in sorted((tmp_path / "photos").rglob("*.png"))], caption="a face",
+                      label=[q.parent.name for q in sorted((tmp_path / "photos").rglob("*.png"))])
+                 ).to_csv(tmp_path / "photos.csv", index=False)
+    res = evaluate.evaluate(trained[0], tmp_path / "photos.csv")      # a captions.csv: read as training reads it
+    assert res["faces"] == {"mode": "crops", "crop": n, "face": 0, "no face": 0}
+
+
+def test_a_photo_without_a_face_is_scored_on_its_centre_square_as_the_demo_does(trained, sample_dir, tmp_path):
+    """The face-search path of --faces auto scores exactly what faces_or_whole gives, with no detection luck:
+    a blank photo has no face, so its centre square is scored; --faces crops scores the whole photo instead."""
+    from PIL import Image
+    from faces import faces_or_whole
+    (tmp_path / "blank" / "anger").mkdir(parents=True)
+    photo = Image.new("RGB", (320, 200), (90, 90, 90))
+    photo.paste(Image.new("RGB", (60, 200), (250, 250, 250)), (0, 0))              # a white band off-centre
+    photo.save(tmp_path / "blank" / "anger" / "a.png")
+    res = evaluate.evaluate(trained[0], tmp_path / "blank")
+    assert res["faces"] == {"mode": "auto", "crop": 0, "face": 0, "no face": 1}
+    square = faces_or_whole(photo, 1)[0][0]
+    assert square.size == (200, 200) and np.asarray(square).max() == 90           # the band is cut away
+    square.save(tmp_path / "square.png")
+    (tmp_path / "sq" / "anger").mkdir(parents=True)
+    square.save(tmp_path / "sq" / "anger" / "a.png")
+    want = evaluate.evaluate(trained[0], tmp_path / "sq", faces="crops")
+    whole = evaluate.evaluate(trained[0], tmp_path / "blank", faces="crops")
+    assert res["confusion"] == want["confusion"] and res["top5"] == want["top5"]
+    assert res["retrieval"] == want["retrieval"] and whole["faces"]["crop"] == 1
+
+
+def test_a_bad_faces_mode_is_one_line(trained, sample_dir):
+    from utils import UserError
+    with pytest.raises(UserError) as e:
+        evaluate.evaluate(trained[0], sample_dir, faces="some")
+    assert "--faces some" in str(e.value) and "auto, crops, photos" in str(e.value) and "\n" not in str(e.value)

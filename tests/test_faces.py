@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw
 import faces
 import retrieval
 from faces import (FER_TEMPLATE, Box, align_face, annotate, crop_face, detect_faces, draw_boxes, faces_or_whole,
-                   pick_detector, safe_open_image)
+                   pick_detector)
+from image_files import safe_open_image
 from utils import UserError
 
 FER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
@@ -305,3 +306,49 @@ def test_safe_open_decodes_big_jpegs_at_reduced_scale(tmp_path):
     assert safe_open_image(tmp_path / "big.png", max_side=100).size == (1200, 900)    # only JPEG has a draft mode
     with pytest.raises(UserError, match="pixel limit"):
         safe_open_image(tmp_path / "big.jpg", max_pixels=10_000_000, max_side=900)    # checked at full size
+
+
+def test_nothing_found_searches_again_inside_a_grey_border(monkeypatch):
+    """A face filling the frame gives MTCNN no context: the second search pads the image with grey and its boxes
+    and landmarks come back in the image's own pixels."""
+    calls = []
+
+    def fake(rgb, min_face):
+        calls.append(rgb)
+        if len(calls) == 1:
+            return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+        lm = np.array([[[100.0, 110], [140, 110], [120, 130], [105, 150], [135, 150]]])
+        return np.array([[70.0, 60, 170, 190]]), np.array([0.99]), lm
+
+    monkeypatch.setattr(faces, "_run_mtcnn", fake)
+    image = Image.fromarray(np.full((200, 200, 3), 40, np.uint8))
+    boxes = detect_faces(image, detector="mtcnn")
+    p = round(faces.MTCNN_RETRY_PAD * 200)                               # 50 px of grey on each side
+    assert len(calls) == 2 and calls[1].shape == (200 + 2 * p, 200 + 2 * p, 3)
+    assert (calls[1][:p] == 128).all() and (calls[1][p:-p, p:-p] == 40).all()
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in boxes] == [(20, 10, 120, 140)]
+    assert boxes[0].landmarks[0] == (50.0, 60.0)
+    calls.clear()
+    monkeypatch.setattr(faces, "MTCNN_RETRY_PAD", 0.0)
+    assert detect_faces(image, detector="mtcnn") == [] and len(calls) == 1
+
+
+def test_a_face_found_at_once_is_not_searched_again(monkeypatch):
+    calls = []
+    real = faces._run_mtcnn
+    monkeypatch.setattr(faces, "_run_mtcnn", lambda rgb, m: calls.append(rgb.shape) or real(rgb, m))
+    boxes = detect_faces(_two_faces().convert("RGB"), detector="mtcnn")
+    assert len(boxes) == 2 and len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["PublicTest_10303060.png", "PublicTest_13280750.png"])
+def test_a_real_face_filling_the_frame_is_found_by_the_padded_retry(monkeypatch, name):
+    """Two FER-2013 test faces upscaled to 224 px (a tight crop over CROP_MAX_SIDE): MTCNN's single search misses
+    them; the grey-bordered retry finds each, its box covering most of the frame."""
+    image = _fer(name, 224).convert("RGB")
+    monkeypatch.setattr(faces, "MTCNN_RETRY_PAD", 0.0)
+    assert detect_faces(image) == []
+    monkeypatch.setattr(faces, "MTCNN_RETRY_PAD", 0.25)
+    (box,) = detect_faces(image, max_faces=1)
+    assert box.score >= faces.MIN_PROB and box.w >= 150 and box.h >= 150 and len(box.landmarks) == 5
+    assert _centre_in(box, 0, 0, 224)

@@ -1,0 +1,75 @@
+"""Decoding untrusted image files: safe_open_image -> a fully decoded RGB PIL image from a path, bytes, a stream
+or a PIL image, refusing decompression bombs, non-images and truncated files with one line (UserError); to_rgb ->
+RGB from any PIL mode. Used by every path that opens a user's image: uploads, galleries, prepare and evaluate.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils import UserError, first_line
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any mode: 16-bit/float scaled to 8 bits, transparency flattened onto white, CMYK/P converted."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max(initial=0)
+        a = a if hi <= 255 else a / 257.0 if hi <= 65535 else (a - a.min()) / (hi - a.min() + 1e-12) * 255
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" or im.mode in ("LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
+def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = None) -> Image.Image:
+    """A fully decoded RGB image from a path, bytes or PIL image; refuses bombs and non-images with a UserError.
+    max_side: JPEGs may decode at 1/2, 1/4 or 1/8 scale while the longest side stays >= max_side (fast; for
+    detection and crops); other formats and PIL images keep their size."""
+    if isinstance(src, np.ndarray):
+        src = Image.fromarray(src)
+    if isinstance(src, Image.Image):
+        name, im = "image", src
+        if im.width * im.height > max_pixels:
+            raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; resize it first")
+        return to_rgb(ImageOps.exif_transpose(im))
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        name, fp = "image data", io.BytesIO(bytes(src))
+    elif hasattr(src, "read"):                                        # an open file / upload stream
+        name, fp = str(getattr(src, "name", "image data")), src
+    elif not isinstance(src, (str, os.PathLike)):
+        raise UserError(f"not an image ({type(src).__name__}); upload a picture file (JPEG, PNG, WebP, ...)")
+    else:
+        name, fp = str(src), src
+        if not os.path.isfile(fp):
+            raise UserError(f"{name}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                if im.width * im.height > max_pixels:
+                    raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; "
+                                    "resize it first")
+                if max_side and im.format == "JPEG" and max(im.size) > max_side:
+                    r = max_side / max(im.size)
+                    im.draft(im.mode, (math.ceil(im.width * r), math.ceil(im.height * r)))
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:                                     # broken EXIF: keep the pixels as stored
+                    pass
+                return to_rgb(im).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{name}: refused as a possible decompression bomb ({e}); resize it first") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UserError(f"{name}: damaged or truncated image ({first_line(e, 100)})") from None
