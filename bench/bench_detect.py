@@ -5,6 +5,7 @@
     python bench/bench_detect.py --checkpoint M --acc-data runs/ferplus/data_sample --n-acc 852  # on the val split
     python bench/bench_detect.py --checkpoint M --n 0 --photo --source-sides 0,48   # photo-like scenes, 2 sides
     python bench/bench_detect.py --checkpoint M --n 0 --photo --roll 25   # tilted heads: what alignment buys
+    python bench/bench_detect.py --write-folder /tmp/pe --n-acc 300   # photos + crops folders for evaluate.py
     python bench/bench_detect.py --tune                   # MIN_PROB choice on train faces (validation, not test)
     python bench/bench_detect.py --template               # FER_TEMPLATE: median landmarks of train faces
 
@@ -194,6 +195,18 @@ def retry_pad(pad: float):
         faces.MTCNN_RETRY_PAD = old
 
 
+def write_folder(items, out: Path, seed: int, photo: bool = True) -> None:
+    """The faces as a labelled folder of photos (out/photos/CLASS/*.jpg: each face in a textured scene, photo-like)
+    and of the originals (out/crops/CLASS/*.png), to score with `evaluate.py --data out/photos` (--faces)."""
+    rng = np.random.default_rng(seed)
+    for path, cls in items:
+        scene, _ = make_scene(Image.open(path), "texture", rng, photo)
+        for sub, im, name in (("photos", scene, path.stem + ".jpg"), ("crops", Image.open(path), path.name)):
+            (out / sub / cls).mkdir(parents=True, exist_ok=True)
+            im.save(out / sub / cls / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+    print(f"wrote {len(items)} faces to {out}/photos (scenes) and {out}/crops (originals)")
+
+
 def tight_rows(originals: list[Image.Image], side: int) -> dict[str, list[Image.Image]]:
     """The faces upscaled to `side` px (tight crops over faces.CROP_MAX_SIDE: what a folder of big face crops or
     a close selfie gives), read whole and searched by MTCNN with and without the padded retry."""
@@ -288,6 +301,8 @@ def main(argv=None) -> int:
                     "--source-side (0: off), side by side")
     ap.add_argument("--tight", type=int, default=224, help="--checkpoint: also score the faces upscaled to this "
                     "many px (tight crops over 160 px), read whole and searched by MTCNN (0: skip)")
+    ap.add_argument("--write-folder", metavar="DIR", help="write --n-acc test faces as DIR/photos/CLASS/*.jpg "
+                    "(photo-like scenes) and DIR/crops/CLASS/*.png (originals) for evaluate.py, then stop")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -308,6 +323,9 @@ def main(argv=None) -> int:
         for kind in kinds if a.tune else []:
             print(f"MIN_PROB sweep on {len(train)} train faces, {kind} background:")
             tune(scenes(train, kind, a.seed))
+        return 0
+    if a.write_folder:
+        write_folder(pick_faces(fer, "test", a.n_acc, a.seed + 1), Path(a.write_folder), a.seed + 1)
         return 0
     acc_items = None
     if a.checkpoint:                  # read first: a bad --acc-data fails before the minutes of detection below

@@ -140,3 +140,25 @@ def test_tight_crop_rows_score_the_same_faces_with_and_without_the_retry(monkeyp
     with pytest.raises(ZeroDivisionError):
         bench_detect.tight_rows(ims, 200)
     assert faces.MTCNN_RETRY_PAD == 0.25
+
+
+def test_write_folder_gives_evaluate_a_photo_folder_and_its_crops(tmp_path):
+    """bench_detect --write-folder: each face once as a photo-like scene (JPEG, larger than a crop) and once as the
+    original, under its class folder, reproducibly."""
+    import bench_detect
+    from PIL import Image
+    items = []
+    for i, cls in enumerate(["happy", "sad", "happy"]):
+        p = tmp_path / "src" / f"f{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.new("L", (48, 48), 60 + 40 * i).save(p)
+        items.append((p, cls))
+    bench_detect.write_folder(items, tmp_path / "a", seed=1)
+    bench_detect.write_folder(items, tmp_path / "b", seed=1)
+    photos = sorted((tmp_path / "a" / "photos").rglob("*.jpg"))
+    assert [q.relative_to(tmp_path / "a" / "photos").as_posix() for q in photos] == ["happy/f0.jpg", "happy/f2.jpg",
+                                                                                      "sad/f1.jpg"]
+    assert all(Image.open(q).size == bench_detect.CANVAS for q in photos)
+    assert Image.open(tmp_path / "a" / "crops" / "sad" / "f1.png").size == (48, 48)
+    assert (tmp_path / "a" / "photos" / "sad" / "f1.jpg").read_bytes() == (tmp_path / "b" / "photos" / "sad" /
+                                                                           "f1.jpg").read_bytes()
