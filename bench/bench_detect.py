@@ -325,7 +325,10 @@ def main(argv=None) -> int:
             tune(scenes(train, kind, a.seed))
         return 0
     if a.write_folder:
-        write_folder(pick_faces(fer, "test", a.n_acc, a.seed + 1), Path(a.write_folder), a.seed + 1)
+        try:
+            write_folder(pick_faces(fer, "test", a.n_acc, a.seed + 1), Path(a.write_folder), a.seed + 1)
+        except OSError as e:
+            raise SystemExit(f"error: --write-folder {a.write_folder}: {e.strerror or e}") from None
         return 0
     acc_items = None
     if a.checkpoint:                  # read first: a bad --acc-data fails before the minutes of detection below
