@@ -62,9 +62,8 @@ def encode_batch(model, x: torch.Tensor, autocast=nullcontext, tta=False) -> np.
     xs = tta(x) if callable(tta) else [x, x.flip(3)] if tta else [x]
     with autocast():
         e = model.encode_image(torch.cat(xs)).float()                              # [V*b, D]
-    if len(xs) > 1:
-        e = F.normalize(e.view(len(xs), len(x), -1).sum(0), dim=-1)                # [b, D]
-    return e.cpu().numpy()
+    # normalised again in fp32: under bf16 autocast the model's own unit vectors have norms 0.997-1.001
+    return F.normalize(e.view(len(xs), len(x), -1).sum(0), dim=-1).cpu().numpy()  # [b, D]
 
 
 @torch.inference_mode()
@@ -73,7 +72,8 @@ def embed_texts(model, texts: list[str], autocast=nullcontext, batch_size: int =
     out = [np.zeros((0, model.embed_dim), np.float32)]
     for i in range(0, len(texts), batch_size):
         with autocast():
-            out.append(model.encode_text(texts[i:i + batch_size]).float().cpu().numpy())
+            e = model.encode_text(texts[i:i + batch_size]).float()                 # [b, D]
+        out.append(F.normalize(e, dim=-1).cpu().numpy())                           # fp32 unit vectors (bf16 drifts)
     return np.concatenate(out)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from utils import UserError, file_digest, pick_device
 
 MAX_QUERY_CHARS = 500
 MAX_PIXELS = 40_000_000        # per uploaded image or video frame
+TEXT_CACHE = 4096             # sentence embeddings an Engine keeps (Engine.embed_text)
 MAX_FRAME_SIDE = 1280          # sequence frames are shrunk to this longest side (memory; detection works at 1024)
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".gif"}
 
@@ -48,6 +50,8 @@ class Engine:
     stats: dict = field(default_factory=dict)           # last gallery update: added/changed/unchanged/... counts
     upload_dir: Path | None = None                      # photos added from the page (inside the cache folder)
     tta: bool = True                                    # each face averaged with its mirror image (chosen on val)
+    _texts: dict = field(default_factory=dict, repr=False)           # sentence -> [D] embedding (embed_text)
+    _texts_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def cfg(self) -> Config:
@@ -95,8 +99,23 @@ class Engine:
         return stats
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
-        """Sentences -> [n, D] unit vectors; each is cut to the text tower's max_length tokens (query_warnings)."""
-        return embed_texts(self.model, texts, self.autocast)             # [n, D]
+        """Sentences -> [n, D] unit vectors; each is cut to the text tower's max_length tokens (query_warnings).
+        Each sentence is encoded once per engine (an expression list re-ranked for every photo or request costs
+        nothing after the first); thread-safe, at most TEXT_CACHE sentences kept."""
+        texts = list(texts)
+        with self._texts_lock:
+            new = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        if new:
+            emb = embed_texts(self.model, new, self.autocast)                # [m, D]
+            with self._texts_lock:
+                if len(self._texts) + len(new) > TEXT_CACHE:
+                    self._texts.clear()
+                self._texts.update(zip(new, emb))
+        with self._texts_lock:
+            got = [self._texts.get(t) for t in texts]
+        if any(g is None for g in got):                                   # cleared by another thread meanwhile
+            return embed_texts(self.model, texts, self.autocast)
+        return np.stack(got) if got else embed_texts(self.model, texts, self.autocast)   # [n, D]
 
     def query_warnings(self, query: str) -> list[str]:
         """What the text tower will not read of `query` (unknown script, truncation), as sentences for the user."""

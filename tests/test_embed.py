@@ -97,3 +97,14 @@ def test_logging_is_rank_aware_and_splits_info_from_warnings(capsys):
     assert capsys.readouterr().out == ""
     setup_logging()
     assert len(logging.getLogger("exprclip").handlers) == 1                  # set up again, never stacked
+
+
+def test_embeddings_are_unit_vectors_under_bf16_autocast(loaded, files):
+    """bf16 autocast normalises in bf16 (norms 0.997-1.001 on the bundled model): embed.py renormalises in fp32, so
+    the demo's, index's and predict.py's cosines are the ones evaluate.py's prototypes give."""
+    model, _, preprocess = loaded
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)                      # noqa: E731
+    texts = embed_texts(model, ["a wide smile", "a frown with narrowed eyes", "wide open eyes and a gasp"], bf16)
+    images, _ = embed_images(model, files, preprocess, batch_size=4, autocast=bf16)
+    for e in (texts, images):
+        assert e.dtype == np.float32 and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,184 @@
+"""Read the expressions of your own photos from the command line: every face of every image, its top expressions.
+
+    python predict.py group.jpg                                      # each face's top 3 of the paper's eight
+    python predict.py ~/Pictures --vocab fine_grained --out faces.csv   # every image below the folder, a row per face
+    python predict.py face.png --vocab korean --top 5                # the shipped Korean list (or a name: sentence file)
+
+Each image is read as the demo's *Face -> expressions* reads an upload: MTCNN finds and aligns each face (largest
+first, at most --max-faces); an image of at most 160 px is a face crop already and is read whole; with no face found
+the centre square is scored and the row says so. Probabilities are the softmax over the expression list at the
+model's temperature, each face averaged with its mirror image (--tta flip, the demo's default). Boxes are in the
+file's own pixels (after its EXIF rotation). Files that cannot be read are skipped, one line each; nothing is
+written but --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from logs import get_logger
+from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_output_file, run_cli
+
+log = get_logger(__name__)
+OUT_FORMATS = (".csv", ".json")
+COLUMNS = ("file", "face", "how", "more_faces", "x0", "y0", "x1", "y1", "detector_score")
+HOW = {"face": "face", "crop": "face crop", "no face": "no face (centre square scored)",
+       "whole": "whole image (detection off)"}
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    """Files as given (any name: a non-image is skipped later with its reason) and the images below each folder
+    (recursive, sorted); a path that does not exist, or folders without images, -> UserError."""
+    from index import list_images
+    out = []
+    for given in inputs:
+        p = Path(given).expanduser()
+        if p.is_dir():
+            out += list_images(p)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{given}: no such file or folder; pass image files or folders of images")
+    if not out:
+        raise UserError(f"no {'/'.join(sorted(IMAGE_EXTS))} images in {', '.join(inputs)}")
+    return list(dict.fromkeys(out))
+
+
+def file_size(path: Path) -> tuple[int, int]:
+    """(W, H) of the file as displayed: its header's size, swapped by an EXIF rotation of 90 or 270 degrees."""
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001 -- a broken EXIF block: safe_open_image keeps the pixels as stored too
+            turned = False
+    return (h, w) if turned else (w, h)
+
+
+def predict_image(engine, path: Path, names: list[str], sentences: list[str], detect: bool = True,
+                  max_faces: int = 5) -> list[dict]:
+    """One dict per face read in the image at `path` (largest first; one row when none is found or the file is a
+    face crop): file, face (1, 2, ...), how, the box in file pixels (None when the whole image or its centre
+    square was read without a face), a probability per expression name. Unreadable -> UserError."""
+    from faces import DECODE_SIDE
+    from image_files import safe_open_image
+    from retrieval import MAX_PIXELS, rank_faces
+    photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
+    res = rank_faces(engine, photo, sentences, detect=detect, max_faces=max_faces)
+    how = "crop" if res.crop else "face" if res.found else "no face" if detect else "whole"
+    f = file_size(path)[0] / photo.width                                    # decoded pixels -> file pixels
+    boxes = res.boxes if res.found else [None]
+    rows = []
+    for i, (box, p) in enumerate(zip(boxes, res.probs), 1):                 # res.probs: [F, C]
+        row = dict(file=str(path), face=i, how=how, more_faces=res.more)
+        row.update(zip(("x0", "y0", "x1", "y1"), [round(v * f) for v in (box.x0, box.y0, box.x1, box.y1)]
+                       if box else [None] * 4))
+        row["detector_score"] = round(float(box.score), 4) if box else None
+        row.update(zip(names, (round(float(v), 5) for v in p)))
+        rows.append(row)
+    return rows
+
+
+def face_line(row: dict, names: list[str], top: int) -> str:
+    """`group.jpg  face 2 at 120,44-532,456: happiness 0.91  surprise 0.04  neutral 0.02`"""
+    probs = np.array([row[n] for n in names])
+    best = np.argsort(-probs, kind="stable")[:top]
+    where = (f"face {row['face']} at {row['x0']},{row['y0']}-{row['x1']},{row['y1']}" if row["how"] == "face"
+             else HOW[row["how"]])
+    return f"{row['file']}  {where}: " + "  ".join(f"{names[i]} {probs[i]:.2f}" for i in best)
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    """--out: CSV (one row per face; UTF-8 with a byte-order mark, which spreadsheets need for Korean names) or a
+    JSON list, written atomically."""
+    if out.suffix.lower() == ".json":
+        atomic_write_text(out, json.dumps(rows, indent=1, ensure_ascii=False))
+    else:
+        table = pd.DataFrame(rows)
+        atomic_write(out, lambda tmp: table.to_csv(tmp, index=False, encoding="utf-8-sig"))
+
+
+def _n(k: int, one: str, many: str) -> str:
+    return f"{k} {one if k == 1 else many}"
+
+
+def summary_line(rows: list[dict], skipped: int, images: int) -> str:
+    """`12 images: 9 faces found in 7 photos, 2 photos without a face, 1 face crop read whole, 2 skipped`"""
+    firsts = [r["how"] for r in rows if r["face"] == 1]
+    faces = sum(r["how"] == "face" for r in rows)
+    parts = [f"{_n(faces, 'face', 'faces')} found in {_n(firsts.count('face'), 'photo', 'photos')}"]
+    for how, one, many in (("no face", "photo without a face", "photos without a face"),
+                           ("crop", "face crop read whole", "face crops read whole"),
+                           ("whole", "image read whole (--no-detect)", "images read whole (--no-detect)")):
+        if firsts.count(how):
+            parts.append(_n(firsts.count(how), one, many))
+    if skipped:
+        parts.append(f"{skipped} skipped (unreadable)")
+    return f"{_n(images, 'image', 'images')}: " + ", ".join(parts)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursive)")
+    ap.add_argument("--checkpoint", help="default: model_final.pth in the project root, else the bundled model")
+    ap.add_argument("--vocab", default="paper", help="expression list: paper, fine_grained, korean, or a text file "
+                    "of `name: sentence` lines (what the demo's Save as a text file writes)")
+    ap.add_argument("--top", type=int, default=3, help="expressions printed per face (--out has them all)")
+    ap.add_argument("--max-faces", type=int, default=5, help="faces read per photo, largest first")
+    ap.add_argument("--no-detect", action="store_true", help="read each image whole (already cropped faces)")
+    ap.add_argument("--tta", choices=["flip", "none"], default="flip", help="flip: each face averaged with its "
+                    "mirror image (the demo's default)")
+    ap.add_argument("--out", help=f"write every face's probabilities for every expression here ({', '.join(OUT_FORMATS)})")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    if a.top < 1 or a.max_faces < 1:
+        raise UserError("--top and --max-faces must be at least 1")
+    if a.out:
+        check_output_file(a.out, "--out")                                   # before the work, not after it
+        if Path(a.out).suffix.lower() not in OUT_FORMATS:
+            raise UserError(f"--out {a.out}: name a .csv or .json file")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from retrieval import Engine
+    from served_model import choose_checkpoint
+    from vocab import load_vocab
+    items = load_vocab(a.vocab)
+    names, sentences = [n for n, _ in items], [s for _, s in items]
+    taken = [n for n in names if n in COLUMNS]
+    if taken:
+        raise UserError(f"--vocab {a.vocab}: expression name `{taken[0]}` is also a column of the table "
+                        f"({', '.join(COLUMNS)}); rename it")
+    paths = image_paths(a.inputs)
+    checkpoint, why = choose_checkpoint(a.checkpoint)
+    log.info(f"model: {checkpoint} ({why}); {len(paths)} images; expressions: {a.vocab} ({len(names)})")
+    engine = Engine.load(checkpoint, None, a.device, tta=a.tta == "flip")
+    rows, skipped = [], 0
+    for path in paths:
+        try:
+            got = predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces)
+        except UserError as e:
+            log.warning(f"skipped {e}")
+            skipped += 1
+            continue
+        rows += got
+        for row in got:
+            print(face_line(row, names, a.top), flush=True)
+    log.info(summary_line(rows, skipped, len(paths)))
+    if not rows:
+        raise UserError(f"none of the {len(paths)} images could be read (each is named above); nothing written")
+    if a.out:
+        write_table(rows, Path(a.out))
+        log.info(f"wrote {len(rows)} rows to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

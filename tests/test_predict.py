@@ -1,0 +1,139 @@
+"""predict.py: a folder of one's own images -> each face's expressions, as the demo reads an upload."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import faces
+import predict
+import retrieval
+from faces import Box
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    return dict(env, PYTHONPATH=str(ROOT))
+
+
+def _folder(sample_dir, root: Path) -> Path:
+    """Two face-crop files, a 320x240 photo without a face (grey), and a file that is not an image."""
+    (root / "sub").mkdir(parents=True)
+    for p in sorted((sample_dir / "images").glob("*.png"))[:2]:
+        shutil.copy2(p, root / p.name)
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(root / "sub" / "blank.jpg")
+    (root / "notes.png").write_bytes(b"not an image")
+    return root
+
+
+def test_a_folder_gets_a_row_per_face_and_unreadable_files_are_one_line_each(trained, sample_dir, tmp_path):
+    folder = _folder(sample_dir, tmp_path / "mine")
+    out = tmp_path / "faces.csv"
+    r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(folder), "--checkpoint", str(trained[0]),
+                        "--out", str(out), "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "skipped " in r.stderr and "notes.png" in r.stderr
+    assert "4 images: 0 faces found in 0 photos, 1 photo without a face, 2 face crops read whole, 1 skipped" \
+        in r.stdout
+    lines = [x for x in r.stdout.splitlines() if x.startswith(str(folder))]     # one line per face read
+    assert len(lines) == 3 and sum("face crop:" in x for x in lines) == 2 and "no face (centre square" in lines[2]
+    table = pd.read_csv(out, encoding="utf-8-sig")
+    names = [c for c in table.columns if c not in predict.COLUMNS]
+    assert len(table) == 3 and len(names) == 8 and sorted(table["how"]) == ["crop", "crop", "no face"]
+    assert np.allclose(table[names].sum(axis=1), 1.0, atol=1e-3)
+    assert table["x0"].isna().all()                           # no face box: nothing made up
+
+
+def test_face_boxes_are_in_the_files_own_pixels_after_exif_rotation(trained, tmp_path, monkeypatch):
+    """A 3200x2400 JPEG decodes at half size for detection; its box comes back doubled, in file pixels, and an
+    EXIF rotation of 90 degrees swaps the file's sides first."""
+    seen = []
+
+    def fake(image, max_faces=10, min_size_frac=0.05, detector="auto"):
+        seen.append(image.size)
+        return [Box(100, 50, 300, 250, 0.99), Box(500, 300, 600, 400, 0.95)]
+
+    monkeypatch.setattr(faces, "detect_faces", fake)
+    photo = tmp_path / "big.jpg"
+    Image.new("RGB", (3200, 2400), (128, 128, 128)).save(photo)
+    engine = retrieval.Engine.load(trained[0], None, "cpu")
+    rows = predict.predict_image(engine, photo, ["happy", "sad"], ["a smile", "a frown"], max_faces=5)
+    assert seen == [(1600, 1200)] and [r["face"] for r in rows] == [1, 2]
+    assert [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in rows] == [(200, 100, 600, 500), (1000, 600, 1200, 800)]
+    assert all(r["how"] == "face" and abs(r["happy"] + r["sad"] - 1) < 1e-3 for r in rows)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # stored 3200x2400, displayed 2400x3200
+    Image.new("RGB", (3200, 2400), (128, 128, 128)).save(tmp_path / "turned.jpg", exif=exif)
+    assert predict.file_size(tmp_path / "turned.jpg") == (2400, 3200)
+    rows = predict.predict_image(engine, tmp_path / "turned.jpg", ["happy"], ["a smile"], max_faces=1)
+    assert seen[-1] == (1200, 1600) and (rows[0]["x0"], rows[0]["x1"]) == (200, 600) and len(rows) == 1
+    assert rows[0]["more_faces"]                              # two found, --max-faces 1 kept the larger
+
+
+@pytest.mark.parametrize("args, says", [
+    (["/no/such/dir"], "/no/such/dir: no such file or folder"),
+    (["IMAGES", "--out", "x.txt"], "name a .csv or .json file"),
+    (["IMAGES", "--out", "."], "is a folder"),
+    (["IMAGES", "--vocab", "VOCAB"], "expression name `file` is also a column"),
+    (["IMAGES", "--top", "0"], "--top and --max-faces must be at least 1"),
+    (["EMPTY"], "no .bmp/"),
+])
+def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, says):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"junk")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "v.txt").write_text("file: a smile\nsad: a frown\n")
+    subst = {"IMAGES": str(tmp_path / "imgs"), "VOCAB": str(tmp_path / "v.txt"), "EMPTY": str(tmp_path / "empty")}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        rc = predict.run_cli(predict.main, [subst.get(x, x) for x in args] + ["--checkpoint", str(trained[0])])
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "imgs", "v.txt"]
+
+
+def test_nothing_readable_is_an_error_not_an_empty_table(trained, tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"junk")
+    rc = predict.run_cli(predict.main, [str(tmp_path / "a.jpg"), "--checkpoint", str(trained[0]),
+                                        "--out", str(tmp_path / "o.csv")])
+    assert rc == 2 and "none of the 1 images could be read" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_sentences_are_encoded_once_per_engine_and_threads_get_the_same_vectors(trained, monkeypatch):
+    engine = retrieval.Engine.load(trained[0], None, "cpu")
+    want = retrieval.embed_texts(engine.model, ["a smile", "a frown", "wide eyes"])
+    calls = []
+    real = retrieval.embed_texts
+    monkeypatch.setattr(retrieval, "embed_texts", lambda m, t, a=None: calls.append(list(t)) or real(m, t))
+    assert np.allclose(engine.embed_text(["a smile", "a frown"]), want[:2], atol=1e-5)
+    assert np.allclose(engine.embed_text(["a frown", "wide eyes", "a smile"]), want[[1, 2, 0]], atol=1e-5)
+    assert calls == [["a smile", "a frown"], ["wide eyes"]]
+    got, errors = [], []
+
+    def worker(i):
+        try:
+            got.append(engine.embed_text([f"sentence {i % 3}", "a smile"]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(got) == 12
+    ref = {i: real(engine.model, [f"sentence {i}", "a smile"]) for i in range(3)}
+    assert all(any(np.allclose(g, r, atol=1e-5) for r in ref.values()) for g in got)
