@@ -30,6 +30,7 @@ train.py's run files live here too: --resume and --init-from configs, and publis
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import os
 import shutil
@@ -317,7 +318,16 @@ def main(argv=None) -> int:
     ex.add_argument("--half", action="store_true", help="store floating tensors as fp16 (cast back on load)")
     ex.add_argument("--source-side", type=int, default=None, metavar="PX", help="the side of the faces it was "
                     "trained on (FER-2013: 48): bigger inputs are reduced to it first; 0 turns that off")
+    inf = sub.add_parser("info", help="what a checkpoint holds: towers, input, classes, training counts, metrics, "
+                         "whether it resumes and its packages are installed (nothing is built or downloaded)")
+    inf.add_argument("path", metavar="FILE", help="a checkpoint (model_final.pth, last.pth, an exported file)")
+    inf.add_argument("--json", action="store_true", help="print it as JSON")
     a = ap.parse_args(argv)
+    if a.cmd == "info":
+        from served_model import checkpoint_info, info_text
+        info = checkpoint_info(a.path)
+        print(json.dumps(info, indent=1, ensure_ascii=False) if a.json else info_text(info))
+        return 0
     before, after = export(a.src, a.dst, a.half, a.source_side)
     print(f"{a.dst}: {after / 1e6:.1f} MB (from {a.src}: {before / 1e6:.1f} MB)")
     return 0

@@ -54,3 +54,60 @@ def shown_path(path: Path, base: Path | None = None) -> str:
         return str(Path(path).resolve().relative_to(base or Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """What a checkpoint holds, from its validated metadata alone (no model is built, nothing is downloaded):
+    towers, input, embedding, classes and training counts, epoch and metrics, storage, whether it can --resume,
+    and for each packaged tower whether the installed package matches (`checkpoint.py info`)."""
+    from checkpoint import read_checkpoint
+    from package_refs import check_package
+    path = Path(path)
+    ck = read_checkpoint(path, hint="FILE")
+    cfg, refs = ck["config"], ck.get("references") or {}
+    packages = {}
+    for tower, ref in refs.items():
+        try:
+            check_package(ref, tower, path)
+            packages[tower] = f"{ref['distribution']} {ref['version']}: installed, files match"
+        except UserError as e:
+            packages[tower] = str(e).split(": ", 1)[-1]
+    keys = ("image_model", "image_weights", "image_size", "grayscale", "source_side", "text_model", "text_head",
+            "freeze_text", "embed_dim", "objective", "amp")
+    t = ck.get("trainer") or {}
+    resume = dict(epochs_done=t.get("epoch"), epochs=cfg.get("epochs"), step=t.get("step"), best=t.get("best")) \
+        if t else None
+    return dict(file=str(path), megabytes=round(path.stat().st_size / 1e6, 1), format=ck["format"],
+                storage=ck.get("storage_dtype", "float32"), resumable="trainer" in ck, resume=resume,
+                config={k: cfg.get(k) for k in keys}, class_names=list(ck.get("class_names") or []),
+                label_counts=dict(ck.get("label_counts") or {}), epoch=ck.get("epoch"),
+                metrics=dict(ck.get("metrics") or {}), packages=packages)
+
+
+def info_text(info: dict) -> str:
+    """checkpoint_info as the lines `checkpoint.py info` prints."""
+    c, counts = info["config"], info["label_counts"]
+    side = f", faces reduced to {c['source_side']} px first" if c.get("source_side") else ""
+    lines = [f"{info['file']}: {info['format']}, {info['megabytes']} MB, {info['storage']} tensors, "
+             + ("with trainer state (--resume works)" if info["resumable"] else "weights only (serve, evaluate, "
+                                                                                   "--init-from; not --resume)"),
+             f"image tower: {c['image_model']} ({c['image_weights']}), {c['image_size']} px, "
+             f"{'grayscale' if c['grayscale'] else 'colour'}{side}",
+             f"text tower: {c['text_model']} ({'frozen' if c['freeze_text'] else 'trained'}), "
+             f"{c['text_head']} head; {c['embed_dim']}-d embeddings; objective {c['objective']}; amp {c['amp']}"]
+    if counts:
+        lines.append(f"trained on {sum(counts.values()):,} faces: "
+                     + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    if info["class_names"]:
+        lines.append(f"classifier classes: {', '.join(info['class_names'])}")
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in info["metrics"].items() if k != "epoch"}
+    if info["epoch"] is not None:
+        lines.append(f"epoch {info['epoch']}" + ("; metrics: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+                                                 if shown else ""))
+    if info["resume"]:
+        r = info["resume"]
+        best = f", best validation {r['best']:.4f}" if isinstance(r["best"], (int, float)) else ""
+        lines.append(f"run state: {r['epochs_done']} of {r['epochs']} epochs done, step {r['step']}{best} "
+                     f"(python train.py --resume {info['file']} [--epochs N])")
+    lines += [f"{tower} package: {what}" for tower, what in info["packages"].items()]
+    return "\n".join(lines)

