@@ -3,13 +3,15 @@
     python predict.py group.jpg                                      # each face's top 3 of the paper's eight
     python predict.py ~/Pictures --vocab fine_grained --out faces.csv   # every image below the folder, a row per face
     python predict.py face.png --vocab korean --top 5                # the shipped Korean list (or a name: sentence file)
+    python predict.py interview.mp4 --max-frames 64 --out frames.csv # a video: its faces, frame by frame
 
 Each image is read as the demo's *Face -> expressions* reads an upload: MTCNN finds and aligns each face (largest
 first, at most --max-faces); an image of at most 160 px is a face crop already and is read whole; with no face found
 the centre square is scored and the row says so. Probabilities are the softmax over the expression list at the
 model's temperature, each face averaged with its mirror image (--tta flip, the demo's default). Boxes are in the
-file's own pixels (after its EXIF rotation). Files that cannot be read are skipped, one line each; nothing is
-written but --out.
+file's own pixels (after its EXIF rotation). A video is read as the demo's *Sequence* reads one: --max-frames frames
+spaced evenly, each frame's faces scored, then one overall line from the largest face of each frame, turn-weighted
+with --decay. Files that cannot be read are skipped, one line each; nothing is written but --out.
 """
 from __future__ import annotations
 
@@ -26,26 +28,27 @@ from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_
 
 log = get_logger(__name__)
 OUT_FORMATS = (".csv", ".json")
-COLUMNS = ("file", "face", "how", "more_faces", "x0", "y0", "x1", "y1", "detector_score")
+COLUMNS = ("file", "frame", "time_s", "face", "how", "more_faces", "x0", "y0", "x1", "y1", "detector_score")
 HOW = {"face": "face", "crop": "face crop", "no face": "no face (centre square scored)",
        "whole": "whole image (detection off)"}
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
-    """Files as given (any name: a non-image is skipped later with its reason) and the images below each folder
-    (recursive, sorted); a path that does not exist, or folders without images, -> UserError."""
+    """Files as given (any name: a non-image is skipped later with its reason) and the images and videos below
+    each folder (recursive, sorted); a path that does not exist, or folders without any, -> UserError."""
     from index import list_images
+    from retrieval import VIDEO_EXTS
     out = []
     for given in inputs:
         p = Path(given).expanduser()
         if p.is_dir():
-            out += list_images(p)
+            out += sorted(list_images(p) + [v for v in p.rglob("*") if v.suffix.lower() in VIDEO_EXTS and v.is_file()])
         elif p.is_file():
             out.append(p)
         else:
             raise UserError(f"{given}: no such file or folder; pass image files or folders of images")
     if not out:
-        raise UserError(f"no {'/'.join(sorted(IMAGE_EXTS))} images in {', '.join(inputs)}")
+        raise UserError(f"no {'/'.join(sorted(IMAGE_EXTS))} images (or videos) in {', '.join(inputs)}")
     return list(dict.fromkeys(out))
 
 
@@ -60,6 +63,20 @@ def file_size(path: Path) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
+def face_rows(res, file: Path, scale: float, names: list[str], detect: bool, frame=None, time_s=None) -> list[dict]:
+    """retrieval.FaceScores -> one dict per face read (see predict_image); `scale`: decoded -> file pixels."""
+    how = "crop" if res.crop else "face" if res.found else "no face" if detect else "whole"
+    rows = []
+    for i, (box, p) in enumerate(zip(res.boxes if res.found else [None], res.probs), 1):    # res.probs: [F, C]
+        row = dict(file=str(file), frame=frame, time_s=time_s, face=i, how=how, more_faces=res.more)
+        row.update(zip(("x0", "y0", "x1", "y1"), [round(v * scale) for v in (box.x0, box.y0, box.x1, box.y1)]
+                       if box else [None] * 4))
+        row["detector_score"] = round(float(box.score), 4) if box else None
+        row.update(zip(names, (round(float(v), 5) for v in p)))
+        rows.append(row)
+    return rows
+
+
 def predict_image(engine, path: Path, names: list[str], sentences: list[str], detect: bool = True,
                   max_faces: int = 5) -> list[dict]:
     """One dict per face read in the image at `path` (largest first; one row when none is found or the file is a
@@ -70,18 +87,34 @@ def predict_image(engine, path: Path, names: list[str], sentences: list[str], de
     from retrieval import MAX_PIXELS, rank_faces
     photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
     res = rank_faces(engine, photo, sentences, detect=detect, max_faces=max_faces)
-    how = "crop" if res.crop else "face" if res.found else "no face" if detect else "whole"
-    f = file_size(path)[0] / photo.width                                    # decoded pixels -> file pixels
-    boxes = res.boxes if res.found else [None]
+    return face_rows(res, path, file_size(path)[0] / photo.width, names, detect)
+
+
+def predict_video(engine, path: Path, names: list[str], sentences: list[str], detect: bool = True,
+                  max_faces: int = 5, max_frames: int = 32) -> list[dict]:
+    """predict_image for each of up to max_frames frames spaced evenly over the video, with its frame index and
+    time; boxes in the video's pixels. Unreadable -> UserError."""
+    import cv2
+    from retrieval import rank_faces, video_frames
+    frames = video_frames(path, max_frames)
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    width = cap.get(cv2.CAP_PROP_FRAME_WIDTH) or frames[0][2].width
+    cap.release()
     rows = []
-    for i, (box, p) in enumerate(zip(boxes, res.probs), 1):                 # res.probs: [F, C]
-        row = dict(file=str(path), face=i, how=how, more_faces=res.more)
-        row.update(zip(("x0", "y0", "x1", "y1"), [round(v * f) for v in (box.x0, box.y0, box.x1, box.y1)]
-                       if box else [None] * 4))
-        row["detector_score"] = round(float(box.score), 4) if box else None
-        row.update(zip(names, (round(float(v), 5) for v in p)))
-        rows.append(row)
+    for index, t, frame in frames:
+        res = rank_faces(engine, frame, sentences, detect=detect, max_faces=max_faces)
+        rows += face_rows(res, path, width / frame.width, names, detect, index, t)
     return rows
+
+
+def overall_line(rows: list[dict], names: list[str], top: int, decay: float) -> str:
+    """A video's `overall` line: sequence.sequence_scores over the largest face (row face 1) of each frame."""
+    from sequence import sequence_scores
+    firsts = [r for r in rows if r["face"] == 1]
+    overall, w = sequence_scores([[r[n] for n in names] for r in firsts], decay)          # [C], [T]
+    best = np.argsort(-overall, kind="stable")[:top]
+    return (f"{rows[0]['file']}  overall, {len(firsts)} frames (largest face of each; decay {decay:g}, the last "
+            f"frame weighs {w[-1]:.2f}): " + "  ".join(f"{names[i]} {overall[i]:.2f}" for i in best))
 
 
 def face_line(row: dict, names: list[str], top: int) -> str:
@@ -90,6 +123,9 @@ def face_line(row: dict, names: list[str], top: int) -> str:
     best = np.argsort(-probs, kind="stable")[:top]
     where = (f"face {row['face']} at {row['x0']},{row['y0']}-{row['x1']},{row['y1']}" if row["how"] == "face"
              else HOW[row["how"]])
+    if row["frame"] is not None:
+        where = f"frame {row['frame']}" + (f" ({row['time_s']:.2f} s)" if row["time_s"] is not None else "") \
+            + f" {where}"
     return f"{row['file']}  {where}: " + "  ".join(f"{names[i]} {probs[i]:.2f}" for i in best)
 
 
@@ -107,19 +143,24 @@ def _n(k: int, one: str, many: str) -> str:
     return f"{k} {one if k == 1 else many}"
 
 
-def summary_line(rows: list[dict], skipped: int, images: int) -> str:
-    """`12 images: 9 faces found in 7 photos, 2 photos without a face, 1 face crop read whole, 2 skipped`"""
-    firsts = [r["how"] for r in rows if r["face"] == 1]
+def summary_line(rows: list[dict], skipped: int, files: int) -> str:
+    """`12 images: 9 faces found in 7 photos, 2 photos without a face, 1 face crop read whole, 2 skipped`; with
+    videos, each frame read counts as a picture (`3 files, 64 video frames: ... in 60 pictures`)."""
+    firsts = [r["how"] for r in rows if r["face"] == 1]                   # one per image or video frame
+    frames = sum(r["frame"] is not None for r in rows if r["face"] == 1)
+    one, many = ("picture", "pictures") if frames else ("photo", "photos")
     faces = sum(r["how"] == "face" for r in rows)
-    parts = [f"{_n(faces, 'face', 'faces')} found in {_n(firsts.count('face'), 'photo', 'photos')}"]
-    for how, one, many in (("no face", "photo without a face", "photos without a face"),
-                           ("crop", "face crop read whole", "face crops read whole"),
-                           ("whole", "image read whole (--no-detect)", "images read whole (--no-detect)")):
+    parts = [f"{_n(faces, 'face', 'faces')} found in {_n(firsts.count('face'), one, many)}"]
+    for how, o, m in (("no face", f"{one} without a face", f"{many} without a face"),
+                      ("crop", "face crop read whole", "face crops read whole"),
+                      ("whole", f"{one} read whole (--no-detect)", f"{many} read whole (--no-detect)")):
         if firsts.count(how):
-            parts.append(_n(firsts.count(how), one, many))
+            parts.append(_n(firsts.count(how), o, m))
     if skipped:
         parts.append(f"{skipped} skipped (unreadable)")
-    return f"{_n(images, 'image', 'images')}: " + ", ".join(parts)
+    head = _n(files, "file", "files") + f", {_n(frames, 'video frame', 'video frames')}" if frames \
+        else _n(files, "image", "images")
+    return f"{head}: " + ", ".join(parts)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,14 +171,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "of `name: sentence` lines (what the demo's Save as a text file writes)")
     ap.add_argument("--top", type=int, default=3, help="expressions printed per face (--out has them all)")
     ap.add_argument("--max-faces", type=int, default=5, help="faces read per photo, largest first")
+    ap.add_argument("--max-frames", type=int, default=32, help="frames read per video, spaced evenly")
+    ap.add_argument("--decay", type=float, default=0.5, help="a video's overall line: 1 = plain mean over frames, "
+                    "0 = last frame only (the demo's Sequence slider)")
     ap.add_argument("--no-detect", action="store_true", help="read each image whole (already cropped faces)")
     ap.add_argument("--tta", choices=["flip", "none"], default="flip", help="flip: each face averaged with its "
                     "mirror image (the demo's default)")
     ap.add_argument("--out", help=f"write every face's probabilities for every expression here ({', '.join(OUT_FORMATS)})")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
-    if a.top < 1 or a.max_faces < 1:
-        raise UserError("--top and --max-faces must be at least 1")
+    if a.top < 1 or a.max_faces < 1 or a.max_frames < 1:
+        raise UserError("--top, --max-faces and --max-frames must be at least 1")
+    if not 0 <= a.decay <= 1:
+        raise UserError(f"--decay {a.decay}: give a number from 0 (last frame only) to 1 (plain mean)")
     if a.out:
         check_output_file(a.out, "--out")                                   # before the work, not after it
         if Path(a.out).suffix.lower() not in OUT_FORMATS:
@@ -147,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from retrieval import Engine
+    from retrieval import VIDEO_EXTS, Engine
     from served_model import choose_checkpoint
     from vocab import load_vocab
     items = load_vocab(a.vocab)
@@ -158,12 +204,15 @@ def main(argv=None) -> int:
                         f"({', '.join(COLUMNS)}); rename it")
     paths = image_paths(a.inputs)
     checkpoint, why = choose_checkpoint(a.checkpoint)
-    log.info(f"model: {checkpoint} ({why}); {len(paths)} images; expressions: {a.vocab} ({len(names)})")
+    log.info(f"model: {checkpoint} ({why}); {_n(len(paths), 'file', 'files')}; expressions: {a.vocab} "
+             f"({len(names)})")
     engine = Engine.load(checkpoint, None, a.device, tta=a.tta == "flip")
     rows, skipped = [], 0
     for path in paths:
+        video = path.suffix.lower() in VIDEO_EXTS
         try:
-            got = predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces)
+            got = (predict_video(engine, path, names, sentences, not a.no_detect, a.max_faces, a.max_frames)
+                   if video else predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces))
         except UserError as e:
             log.warning(f"skipped {e}")
             skipped += 1
@@ -171,6 +220,8 @@ def main(argv=None) -> int:
         rows += got
         for row in got:
             print(face_line(row, names, a.top), flush=True)
+        if video:
+            print(overall_line(got, names, a.top, a.decay), flush=True)
     log.info(summary_line(rows, skipped, len(paths)))
     if not rows:
         raise UserError(f"none of the {len(paths)} images could be read (each is named above); nothing written")

@@ -277,6 +277,13 @@ def _shrink(im: Image.Image, side: int = MAX_FRAME_SIDE) -> Image.Image:
 
 def read_video(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[Image.Image]:
     """Up to max_frames RGB frames spaced evenly over the video (OpenCV); unreadable videos -> UserError."""
+    return [frame for _, _, frame in video_frames(path, max_frames, max_pixels)]
+
+
+def video_frames(path: str | os.PathLike, max_frames: int = 32,
+                 max_pixels: int = MAX_PIXELS) -> list[tuple[int, float | None, Image.Image]]:
+    """(frame index, time in seconds or None when the file gives no frame rate, RGB frame shrunk to MAX_FRAME_SIDE)
+    for up to max_frames frames spaced evenly over the video; unreadable videos -> UserError."""
     import cv2
     name = Path(path).name
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
@@ -286,7 +293,7 @@ def read_video(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = 
         w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
         if w * h > max_pixels:
             raise UserError(f"{name}: {w:.0f}x{h:.0f} frames are over the {max_pixels:,}-pixel limit; resize it first")
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps, n = cap.get(cv2.CAP_PROP_FPS), int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if n <= 0:                                                   # unknown length: count by grabbing
             while cap.grab():
                 n += 1
@@ -300,7 +307,8 @@ def read_video(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = 
             if i in wanted:
                 ok, bgr = cap.retrieve()
                 if ok:
-                    frames.append(_shrink(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))))
+                    t = round(i / fps, 3) if fps and np.isfinite(fps) and fps > 0 else None
+                    frames.append((i, t, _shrink(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))))
     finally:
         cap.release()
     if not frames:

@@ -86,7 +86,7 @@ def test_face_boxes_are_in_the_files_own_pixels_after_exif_rotation(trained, tmp
     (["IMAGES", "--out", "x.txt"], "name a .csv or .json file"),
     (["IMAGES", "--out", "."], "is a folder"),
     (["IMAGES", "--vocab", "VOCAB"], "expression name `file` is also a column"),
-    (["IMAGES", "--top", "0"], "--top and --max-faces must be at least 1"),
+    (["IMAGES", "--top", "0"], "--top, --max-faces and --max-frames must be at least 1"),
     (["EMPTY"], "no .bmp/"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, says):
@@ -137,3 +137,30 @@ def test_sentences_are_encoded_once_per_engine_and_threads_get_the_same_vectors(
     assert not errors and len(got) == 12
     ref = {i: real(engine.model, [f"sentence {i}", "a smile"]) for i in range(3)}
     assert all(any(np.allclose(g, r, atol=1e-5) for r in ref.values()) for g in got)
+
+
+def test_a_video_gets_rows_per_frame_with_times_and_one_overall_line(trained, tmp_path, capsys, monkeypatch):
+    """--max-frames frames spaced evenly, each with its index and time; the overall line is the turn-weighted
+    mean of each frame's largest face (sequence.sequence_scores), as the demo's Sequence tab computes it."""
+    import cv2
+    from sequence import sequence_scores
+    path = tmp_path / "clip.avi"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    for i in range(30):
+        out.write(np.full((240, 320, 3), 60 + 4 * i, np.uint8))
+    out.release()
+    monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
+                        [Box(100, 60, 200, 160, 0.99)])
+    rc = predict.main([str(path), "--checkpoint", str(trained[0]), "--max-frames", "4", "--decay", "0.5",
+                       "--out", str(tmp_path / "f.json"), "--vocab", "paper"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = pd.read_json(tmp_path / "f.json")
+    assert rc == 0 and list(rows["frame"]) == [0, 10, 19, 29] and list(rows["time_s"]) == [0.0, 1.0, 1.9, 2.9]
+    assert (rows["how"] == "face").all() and list(rows.loc[0, ["x0", "y0", "x1", "y1"]]) == [100, 60, 200, 160]
+    names = [c for c in rows.columns if c not in predict.COLUMNS]
+    overall, w = sequence_scores(rows[names].to_numpy(), 0.5)
+    best = names[int(np.argmax(overall))]
+    said = [x for x in lines if "overall, 4 frames" in x]
+    assert len(said) == 1 and f"the last frame weighs {w[-1]:.2f}): {best} {overall.max():.2f}" in said[0]
+    assert sum(x.startswith(f"{path}  frame ") for x in lines) == 4
+    assert "1 file, 4 video frames: 4 faces found in 4 pictures" in "\n".join(lines)
