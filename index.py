@@ -32,15 +32,16 @@ COLUMNS = ["path", "size", "mtime_ns", "chunk", "row"]
 Encoder = Callable[[list[Path]], tuple[np.ndarray, list[bool]]]
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under folder (recursive, sorted), skipping the index folder."""
+def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS) -> list[Path]:
+    """Image files (or other `exts`) under folder (recursive, sorted; links to folders are not followed), skipping
+    the index folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != INDEX_DIRNAME]
-        out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts]
     return sorted(out)
 
 

@@ -42,7 +42,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
     for given in inputs:
         p = Path(given).expanduser()
         if p.is_dir():
-            out += sorted(list_images(p) + [v for v in p.rglob("*") if v.suffix.lower() in VIDEO_EXTS and v.is_file()])
+            out += list_images(p, IMAGE_EXTS | VIDEO_EXTS)
         elif p.is_file():
             out.append(p)
         else:
