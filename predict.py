@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         rows += got
         for row in got:
             print(face_line(row, names, a.top), flush=True)
-        if video:
+        if video and sum(r["face"] == 1 for r in got) > 1:                   # a one-frame GIF is a picture
             print(overall_line(got, names, a.top, a.decay), flush=True)
     log.info(summary_line(rows, skipped, len(paths)))
     if not rows:
