@@ -49,3 +49,18 @@ def test_evaluate_runs_the_bundled_model_with_and_without_offline_variables(samp
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert "differs" not in r.stdout + r.stderr
+
+
+def test_predict_reads_a_folder_with_the_bundled_model_in_a_plain_shell(sample_dir, tmp_path):
+    """What a new user runs first on their own pictures: no --checkpoint, so the model the demo serves (the
+    bundled one in a fresh clone: a Korean list needs its multilingual text tower)."""
+    for p in sorted((sample_dir / "images").glob("happiness_*.png"))[:2]:
+        shutil.copy2(p, tmp_path / p.name)
+    r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(tmp_path), "--vocab", "korean",
+                        "--out", str(tmp_path / "faces.csv")], cwd=tmp_path, env=_env(False), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    from served_model import choose_checkpoint
+    served = choose_checkpoint(None)[0]                   # model_final.pth in the project root, else the bundled
+    assert f"model: {served}" in r.stdout and r.stdout.count(" face crop: ") == 2 and "기쁨" in r.stdout
+    assert (tmp_path / "faces.csv").read_bytes().startswith(b"\xef\xbb\xbf")          # spreadsheets read Korean
