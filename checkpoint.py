@@ -30,8 +30,8 @@ train.py's run files live here too: --resume and --init-from configs, and publis
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import os
 import shutil
 import tempfile

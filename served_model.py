@@ -80,8 +80,13 @@ def checkpoint_info(path: str | Path) -> dict:
     return dict(file=str(path), megabytes=round(path.stat().st_size / 1e6, 1), format=ck["format"],
                 storage=ck.get("storage_dtype", "float32"), resumable="trainer" in ck, resume=resume,
                 config={k: cfg.get(k) for k in keys}, class_names=list(ck.get("class_names") or []),
-                label_counts=dict(ck.get("label_counts") or {}), epoch=ck.get("epoch"),
-                metrics=dict(ck.get("metrics") or {}), packages=packages)
+                label_counts=dict(ck.get("label_counts") or {}), epoch=_plain(ck.get("epoch")),
+                metrics={str(k)[:80]: _plain(v) for k, v in dict(ck.get("metrics") or {}).items()}, packages=packages)
+
+
+def _plain(v):
+    """A metadata value from an untrusted file as a short JSON-able one (a tensor or a list becomes its text)."""
+    return v if v is None or isinstance(v, (bool, int, float)) else str(v)[:80]
 
 
 def info_text(info: dict) -> str:

