@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
 from logs import get_logger
-from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_output_file, run_cli
+from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_output_file, first_line, run_cli
 
 log = get_logger(__name__)
 OUT_FORMATS = (".csv", ".json")
@@ -191,9 +191,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def read_one(engine, path: Path, names: list[str], sentences: list[str], a) -> list[dict] | None:
+    """One file's rows, printed as they come (None: skipped, with one line saying why). An unexpected error in one
+    file skips that file with its type named, so a long run over a big folder never loses the rest."""
+    from retrieval import VIDEO_EXTS
+    video = path.suffix.lower() in VIDEO_EXTS
+    try:
+        got = (predict_video(engine, path, names, sentences, not a.no_detect, a.max_faces, a.max_frames)
+               if video else predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces))
+    except UserError as e:
+        log.warning(f"skipped {e}")
+        return None
+    except Exception as e:  # noqa: BLE001 -- one odd file must not end a run over thousands
+        log.warning(f"skipped {path}: unexpected {type(e).__name__} ({first_line(e, 120)}); please report it")
+        return None
+    for row in got:
+        print(face_line(row, names, a.top), flush=True)
+    if video and sum(r["face"] == 1 for r in got) > 1:                   # a one-frame GIF is a picture
+        print(overall_line(got, names, a.top, a.decay), flush=True)
+    return got
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from retrieval import VIDEO_EXTS, Engine
+    from retrieval import Engine
     from served_model import choose_checkpoint
     from vocab import load_vocab
     items = load_vocab(a.vocab)
@@ -208,20 +229,16 @@ def main(argv=None) -> int:
              f"({len(names)})")
     engine = Engine.load(checkpoint, None, a.device, tta=a.tta == "flip")
     rows, skipped = [], 0
-    for path in paths:
-        video = path.suffix.lower() in VIDEO_EXTS
-        try:
-            got = (predict_video(engine, path, names, sentences, not a.no_detect, a.max_faces, a.max_frames)
-                   if video else predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces))
-        except UserError as e:
-            log.warning(f"skipped {e}")
-            skipped += 1
-            continue
-        rows += got
-        for row in got:
-            print(face_line(row, names, a.top), flush=True)
-        if video and sum(r["face"] == 1 for r in got) > 1:                   # a one-frame GIF is a picture
-            print(overall_line(got, names, a.top, a.decay), flush=True)
+    try:
+        for path in paths:
+            got = read_one(engine, path, names, sentences, a)
+            skipped += got is None
+            rows += got or []
+    except KeyboardInterrupt:                                      # what was read so far is kept, then exit 130
+        if a.out and rows:
+            write_table(rows, Path(a.out))
+            log.error(f"interrupted: wrote the {len(rows)} rows read so far to {a.out}")
+        raise
     log.info(summary_line(rows, skipped, len(paths)))
     if not rows:
         raise UserError(f"none of the {len(paths)} images could be read (each is named above); nothing written")

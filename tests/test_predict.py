@@ -164,3 +164,29 @@ def test_a_video_gets_rows_per_frame_with_times_and_one_overall_line(trained, tm
     assert len(said) == 1 and f"the last frame weighs {w[-1]:.2f}): {best} {overall.max():.2f}" in said[0]
     assert sum(x.startswith(f"{path}  frame ") for x in lines) == 4
     assert "1 file, 4 video frames: 4 faces found in 4 pictures" in "\n".join(lines)
+
+
+def test_one_odd_file_is_skipped_and_ctrl_c_keeps_the_rows_read_so_far(trained, sample_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    for p in sorted((sample_dir / "images").glob("*.png"))[:3]:
+        shutil.copy2(p, tmp_path / p.name)
+    a, b, c = sorted(tmp_path.glob("*.png"))
+    real = predict.predict_image
+
+    def odd(fail_on, error):
+        def fake(engine, path, *args, **kw):
+            if path.name == fail_on.name:
+                raise error
+            return real(engine, path, *args, **kw)
+        return fake
+
+    monkeypatch.setattr(predict, "predict_image", odd(b, RuntimeError("boom")))
+    argv = [str(tmp_path), "--checkpoint", str(trained[0]), "--out", str(tmp_path / "o.csv")]
+    assert predict.run_cli(predict.main, argv) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {b}: unexpected RuntimeError (boom)" in err and "Traceback" not in err
+    assert list(pd.read_csv(tmp_path / "o.csv", encoding="utf-8-sig")["file"]) == [str(a), str(c)]
+    monkeypatch.setattr(predict, "predict_image", odd(c, KeyboardInterrupt()))
+    assert predict.run_cli(predict.main, argv) == 130
+    assert "interrupted: wrote the 2 rows read so far" in capsys.readouterr().err
+    assert list(pd.read_csv(tmp_path / "o.csv", encoding="utf-8-sig")["file"]) == [str(a), str(b)]
