@@ -162,3 +162,19 @@ def test_write_folder_gives_evaluate_a_photo_folder_and_its_crops(tmp_path):
     assert Image.open(tmp_path / "a" / "crops" / "sad" / "f1.png").size == (48, 48)
     assert (tmp_path / "a" / "photos" / "sad" / "f1.jpg").read_bytes() == (tmp_path / "b" / "photos" / "sad" /
                                                                            "f1.jpg").read_bytes()
+
+
+def test_bench_predict_finds_predict_and_evaluate_give_the_same_answers(trained, sample_dir, tmp_path, capsys):
+    """The demo's answers (predict.py reads as the demo does) are the ones evaluate.py reports, face crops and
+    photos without a face alike; the bench exits 1 when their confusion matrices differ."""
+    import shutil
+    from PIL import Image
+    import bench_predict
+    table = __import__("pandas").read_csv(sample_dir / "captions.csv")
+    for r in table[table["split"] == "val"].groupby("label").head(3).itertuples():
+        (tmp_path / r.label).mkdir(exist_ok=True)
+        shutil.copy2(sample_dir / "images" / r.image, tmp_path / r.label / r.image)
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(tmp_path / "anger" / "blank.jpg")   # no face: centre square
+    assert bench_predict.main(["--folder", str(tmp_path), "--checkpoint", str(trained[0])]) == 0
+    out = capsys.readouterr().out
+    assert "25 files in" in out and "confusion matrices equal" in out and " face crop: " not in out
