@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from utils import UserError, first_line
+from utils import HEIF_EXTS, HEIF_READABLE, UserError, first_line
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -70,6 +70,10 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{name}: refused as a possible decompression bomb ({e}); resize it first") from None
     except UnidentifiedImageError:
-        raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF)") from None
+        if os.path.splitext(name)[1].lower() in HEIF_EXTS and not HEIF_READABLE:
+            raise UserError(f"{name}: a HEIC/HEIF photo; reading it needs the optional package pillow-heif "
+                            "(pip install pillow-heif; its wheels are GPLv2), or save it as JPEG") from None
+        raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF, HEIC with "
+                        "pillow-heif)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UserError(f"{name}: damaged or truncated image ({first_line(e, 100)})") from None

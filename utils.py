@@ -19,7 +19,22 @@ log = get_logger(__name__)
 UMASK = os.umask(0o022)          # read once, at import (the main thread): os.umask can only be read by setting it
 os.umask(UMASK)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}   # what every image reader accepts
+HEIF_EXTS = {".heic", ".heif"}   # phone photos: PIL reads them once the optional pillow-heif is installed (below)
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"} | HEIF_EXTS   # what every image reader lists
+
+
+def _register_heif() -> bool:
+    """Let PIL open HEIC/HEIF files when pillow-heif is installed (optional: not in requirements.txt, its binary
+    wheels are GPLv2); without it such files are listed and each is refused in one line saying what to install."""
+    try:
+        from pillow_heif import register_heif_opener
+        register_heif_opener()
+        return True
+    except Exception:  # noqa: BLE001 -- absent, or built for another Pillow: never break an import over it
+        return False
+
+
+HEIF_READABLE = _register_heif()
 
 
 class UserError(Exception):

@@ -352,3 +352,28 @@ def test_a_real_face_filling_the_frame_is_found_by_the_padded_retry(monkeypatch,
     (box,) = detect_faces(image, max_faces=1)
     assert box.score >= faces.MIN_PROB and box.w >= 150 and box.h >= 150 and len(box.landmarks) == 5
     assert _centre_in(box, 0, 0, 224)
+
+
+def test_a_heic_photo_without_pillow_heif_is_one_line_naming_the_package(tmp_path, monkeypatch):
+    """Phone photos are listed with the other images; without the optional pillow-heif each is refused saying what
+    to install, and a broken JPEG keeps its own message."""
+    import image_files
+    from index import list_images
+    monkeypatch.setattr(image_files, "HEIF_READABLE", False)
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    (tmp_path / "b.jpg").write_bytes(b"junk")
+    assert [p.name for p in list_images(tmp_path)] == ["IMG_0001.HEIC", "b.jpg"]
+    with pytest.raises(UserError, match=r"IMG_0001.HEIC: a HEIC/HEIF photo; .*pip install pillow-heif"):
+        image_files.safe_open_image(tmp_path / "IMG_0001.HEIC")
+    with pytest.raises(UserError, match="b.jpg: not an image file PIL can read"):
+        image_files.safe_open_image(tmp_path / "b.jpg")
+
+
+def test_heic_photos_are_read_like_any_other_when_pillow_heif_is_installed(tmp_path):
+    pytest.importorskip("pillow_heif")
+    from image_files import safe_open_image
+    from utils import HEIF_READABLE
+    assert HEIF_READABLE
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.heic")
+    im = safe_open_image(tmp_path / "a.heic")
+    assert im.size == (64, 48) and im.mode == "RGB" and abs(im.getpixel((5, 5))[0] - 200) < 8
