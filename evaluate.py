@@ -152,8 +152,10 @@ def default_faces(data) -> str:
     return "crops" if p.is_file() or (p / "captions.csv").is_file() else "auto"
 
 
-def big_files(paths: list, n: int = 50) -> bool:
-    """True when most of the first n readable files are larger than a face crop (faces.is_crop_sized)."""
+def photo_files(paths: list, n: int = 50) -> bool:
+    """True when most of the first n readable files look like photos, not face crops: larger than a face crop
+    (faces.is_crop_sized) and not square (prepare.py --detect-faces, AffectNet and RAF-DB crops are square; CK+'s
+    640x490 frames and phone photos are not)."""
     from PIL import Image
     sizes = []
     for p in paths[:n]:
@@ -162,7 +164,8 @@ def big_files(paths: list, n: int = 50) -> bool:
                 sizes.append(im.size)
         except Exception:  # noqa: BLE001 -- unreadable files are counted by the evaluation itself
             pass
-    return sum(not is_crop_sized(wh) for wh in sizes) > len(sizes) / 2
+    photo = [not is_crop_sized((w, h)) and abs(w / max(h, 1) - 1) > 0.1 for w, h in sizes]
+    return sum(photo) > len(sizes) / 2
 
 
 def faces_line(f: dict | None) -> str:
@@ -210,9 +213,9 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     protos = None if ce else text_prototypes(model, bank, classes, autocast)     # [C,D]; checks the bank first
     sets = list(compare) if len(compare or []) > 1 else [prompts, *(compare or [])]
     banks = {s: get_bank(s, table) for s in sets} if compare and not ce else {}
-    if faces == "crops" and big_files(list(df["path"])):
-        log.warning(f"{data}: most images are larger than {CROP_MAX_SIDE} px and are scored whole (--faces crops); if "
-                    "they are photos rather than face crops, --faces auto scores the face in each, as the demo does")
+    if faces == "crops" and photo_files(list(df["path"])):
+        log.warning(f"{data}: most images are photos (larger than {CROP_MAX_SIDE} px, not square) and are scored whole "
+                    "(--faces crops); --faces auto scores the face in each, as the demo does")
     emb, ok = embed_images(model, list(df["path"]), reader, dev, batch_size, autocast, tta)
     skipped["unreadable image"] = int((~ok).sum())
     y = np.array([classes.index(c) for c in df.loc[ok, "label"]])

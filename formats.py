@@ -1,7 +1,8 @@
 """Dataset readers for prepare.py: each read_<format>(source, image_root) -> (rows, skipped Counter).
 
 Formats: fer2013-csv (the Kaggle pixels CSV), folder (SPLIT/CLASS/* or CLASS/*), ferplus (FER+ label votes), affectnet
-(folder release or the CSV release with face boxes), rafdb (basic: list_patition_label.txt). Rows name the source
+(folder release or the CSV release with face boxes), rafdb (basic: list_patition_label.txt), ckplus (CK+: each
+labelled sequence's peak frame). Rows name the source
 image (or carry its pixels), the dataset's own label, the split, and optionally a face box and soft labels; prepare.py
 harmonises labels, writes images and captions.csv.
 """
@@ -21,6 +22,7 @@ FORMAT_HINT = "is --format right?"        # appended to a CSV error of a dataset
 FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 AFFECTNET_NAMES = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
 AFFECTNET_CSV_COLS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "expression")
+CKPLUS_NAMES = ("neutral", "anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")  # codes 0..7
 RAFDB_NAMES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")  # labels 1..7
 FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown", "NF")
 FERPLUS_DIRS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
@@ -232,5 +234,37 @@ def read_rafdb(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
     return collect(lines, row, skipped, ["src", "name", "label", "split"]), skipped
 
 
+def read_ckplus(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
+    """CK+ (Lucey et al. 2010): Emotion/S005/001/S005_001_00000011_emotion.txt (one code, 1..7 = anger, contempt,
+    disgust, fear, happy, sadness, surprise) labels the peak frame cohn-kanade-images/S005/001/S005_001_00000011.png
+    of its sequence: one row per labelled sequence (327 in the release), no split (choose one by subject)."""
+    emo = first_existing(d for d in (source / "Emotion", source / "Emotion_labels" / "Emotion",
+                                     source / "Emotion_labels") if (d.is_dir() and any(d.glob("S*"))))
+    images = Path(image_root) if image_root else first_existing(source / n for n in ("cohn-kanade-images",
+                                                                                     "extended-cohn-kanade-images"))
+    if emo is None or images is None:
+        raise UserError(f"{source}: no Emotion/ and cohn-kanade-images/ folders; point SOURCE at the CK+ release "
+                        "folder that holds both (or pass --image-root for the frames)")
+
+    def row(label_file: Path):
+        try:
+            code = float(label_file.read_text(errors="replace").split()[0])
+        except (ValueError, IndexError, OSError):
+            raise Skip("malformed emotion file") from None
+        if code != int(code) or not 1 <= code <= 7:
+            raise Skip("emotion code not 1..7")
+        rel = label_file.relative_to(emo).parent / label_file.name.replace("_emotion.txt", "")
+        frame = first_existing(images / rel.with_suffix(ext) for ext in (".png", ".jpg"))
+        if frame is None or not frame.resolve().is_relative_to(images.resolve()):
+            raise Skip("missing image")
+        return str(frame), posix_rel(frame, images), CKPLUS_NAMES[int(code)], ""
+
+    skipped = Counter()
+    files = [(f,) for f in sorted(emo.glob("S*/*/*_emotion.txt"))]
+    if not files:
+        raise UserError(f"{emo}: no S*/NNN/*_emotion.txt label files; is this the CK+ Emotion folder?")
+    return collect(files, row, skipped, ["src", "name", "label", "split"]), skipped
+
+
 READERS = {"fer2013-csv": read_fer2013_csv, "folder": read_folder, "ferplus": read_ferplus,
-           "affectnet": read_affectnet, "rafdb": read_rafdb}
+           "affectnet": read_affectnet, "rafdb": read_rafdb, "ckplus": read_ckplus}

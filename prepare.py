@@ -1,6 +1,6 @@
 """Convert a face-expression dataset to DIR/captions.csv (image,caption,label,split[,soft_labels]).
 
-  python prepare.py SOURCE --format fer2013-csv|folder|ferplus|affectnet|rafdb --out DIR [--copy] [--bank paper]
+  python prepare.py SOURCE --format fer2013-csv|folder|ferplus|affectnet|rafdb|ckplus --out DIR [--copy] [--bank paper]
   python prepare.py PHOTOS --format folder --out DIR --detect-faces [--grayscale] [--no-face keep|skip]
 
 Images that already are files are referenced in place (path relative to DIR when the file lies inside DIR, else
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-verify", action="store_true",
                    help="trusted folders: do not open image files (no check or 8-bit conversion; much faster)")
     p.add_argument("--image-root", help="image folder when it is not where the format expects it (ferplus, "
-                   "affectnet CSV, rafdb)")
+                   "affectnet CSV, rafdb, ckplus)")
     p.add_argument("--detect-faces", action="store_true", help="uncropped photos: write the largest face of each "
                    "image (OpenCV cascades) to DIR/images/<prefix>/")
     p.add_argument("--no-face", default="skip", choices=["skip", "keep"],

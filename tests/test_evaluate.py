@@ -227,7 +227,8 @@ def test_photos_are_scored_on_their_face_and_the_report_says_how_each_file_was_r
     assert f"{n} photos searched for a face: {f['face']} found, {f['no face']} without one" in out
     rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "photos", "--faces", "crops"], capsys)
     assert rc == 0 and f"faces (--faces crops): {n} read whole as face crops" in out
-    assert "most images are larger than 160 px" in err and "--faces auto" in err and "\n" not in err.strip()
+    assert "most images are photos (larger than 160 px, not square)" in err and "--faces auto" in err
+    assert "\n" not in err.strip()
     m = _scenes(sample_dir, tmp_path / "crops")
     rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "crops"], capsys)
     assert rc == 0 and f"faces (--faces auto): {m} read whole as face crops" in out and "larger than" not in err
@@ -267,3 +268,17 @@ def test_a_bad_faces_mode_is_one_line(trained, sample_dir):
     with pytest.raises(UserError) as e:
         evaluate.evaluate(trained[0], sample_dir, faces="some")
     assert "--faces some" in str(e.value) and "auto, crops, photos" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_square_crops_bigger_than_160_px_from_a_captions_csv_draw_no_photo_warning(trained, sample_dir, tmp_path,
+                                                                                     capsys):
+    """prepare.py --detect-faces writes square face crops of any size: read whole, without the photo warning."""
+    from PIL import Image
+    table = pd.read_csv(sample_dir / "captions.csv")
+    rows = table[table["split"] == "val"].groupby("label").head(2)
+    for r in rows.itertuples():
+        Image.open(sample_dir / "images" / r.image).convert("RGB").resize((300, 300)).save(tmp_path / r.image)
+    rows.assign(image=[str(tmp_path / i) for i in rows["image"]]).to_csv(tmp_path / "captions.csv", index=False)
+    rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path, "--split", "all"], capsys)
+    assert rc == 0 and f"faces (--faces crops): {len(rows)} read whole as face crops" in out
+    assert "most images are photos" not in err

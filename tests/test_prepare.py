@@ -277,3 +277,25 @@ def test_real_fer2013_folder_counts(tmp_path):
     assert train == {"happiness": 7215, "neutral": 4965, "sadness": 4830, "fear": 4097, "anger": 3995,
                      "surprise": 3171, "disgust": 436}
     assert Path(table["image"][0]).is_file() and not (tmp_path / "images").exists()  # referenced in place
+
+
+# ----------------------------------------------------------------------------- ckplus
+
+def test_ckplus_peak_frames_get_their_sequence_label_and_bad_label_files_are_counted(tmp_path):
+    ck = tmp_path / "CK+"
+    for subj, seq, last in (("S005", "001", 11), ("S010", "002", 14), ("S011", "001", 3), ("S014", "003", 5)):
+        for k in range(1, last + 1):
+            img(ck / "cohn-kanade-images" / subj / seq / f"{subj}_{seq}_{k:08d}.png", "L", size=(64, 49))
+    emo = ck / "Emotion"
+    for subj, seq, last, text in (("S005", "001", 11, "   3.0000000e+00\n"), ("S010", "002", 14, "   7.0000000e+00"),
+                                  ("S011", "001", 3, "garbage"), ("S014", "003", 5, "   9.0000000e+00"),
+                                  ("S099", "001", 4, "   1.0000000e+00")):                    # S099: no frames
+        (emo / subj / seq).mkdir(parents=True)
+        (emo / subj / seq / f"{subj}_{seq}_{last:08d}_emotion.txt").write_text(text)
+    table = P.convert(ck, "ckplus", tmp_path / "out")
+    assert table["label"].tolist() == ["disgust", "surprise"] and set(table["split"].fillna("")) == {""}
+    assert [Path(x).name for x in table["image"]] == ["S005_001_00000011.png", "S010_002_00000014.png"]
+    assert table.attrs["report"]["skipped"] == {"malformed emotion file": 1, "emotion code not 1..7": 1,
+                                                "missing image": 1}
+    with pytest.raises(UserError, match="no Emotion/ and cohn-kanade-images/"):
+        P.convert(tmp_path / "out", "ckplus", tmp_path / "out2")
