@@ -10,8 +10,9 @@ first, at most --max-faces); an image of at most 160 px is a face crop already a
 the centre square is scored and the row says so. Probabilities are the softmax over the expression list at the
 model's temperature, each face averaged with its mirror image (--tta flip, the demo's default). Boxes are in the
 file's own pixels (after its EXIF rotation). A video is read as the demo's *Sequence* reads one: --max-frames frames
-spaced evenly, each frame's faces scored, then one overall line from the largest face of each frame, turn-weighted
-with --decay. Files that cannot be read are skipped, one line each; nothing is written but --out.
+spaced evenly, each frame's faces scored and numbered by person (a face keeps its number from frame to frame), then
+an overall line per person seen in two frames or more, turn-weighted with --decay. Files that cannot be read are
+skipped, one line each; nothing is written but --out.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_
 
 log = get_logger(__name__)
 OUT_FORMATS = (".csv", ".json")
-COLUMNS = ("file", "frame", "time_s", "face", "how", "more_faces", "x0", "y0", "x1", "y1", "detector_score")
+COLUMNS = ("file", "frame", "time_s", "face", "person", "how", "more_faces", "x0", "y0", "x1", "y1", "detector_score")
 HOW = {"face": "face", "crop": "face crop", "no face": "no face (centre square scored)",
        "whole": "whole image (detection off)"}
 
@@ -68,7 +69,7 @@ def face_rows(res, file: Path, scale: float, names: list[str], detect: bool, fra
     how = "crop" if res.crop else "face" if res.found else "no face" if detect else "whole"
     rows = []
     for i, (box, p) in enumerate(zip(res.boxes if res.found else [None], res.probs), 1):    # res.probs: [F, C]
-        row = dict(file=str(file), frame=frame, time_s=time_s, face=i, how=how, more_faces=res.more)
+        row = dict(file=str(file), frame=frame, time_s=time_s, face=i, person=None, how=how, more_faces=res.more)
         row.update(zip(("x0", "y0", "x1", "y1"), [round(v * scale) for v in (box.x0, box.y0, box.x1, box.y1)]
                        if box else [None] * 4))
         row["detector_score"] = round(float(box.score), 4) if box else None
@@ -93,35 +94,54 @@ def predict_image(engine, path: Path, names: list[str], sentences: list[str], de
 def predict_video(engine, path: Path, names: list[str], sentences: list[str], detect: bool = True,
                   max_faces: int = 5, max_frames: int = 32) -> list[dict]:
     """predict_image for each of up to max_frames frames spaced evenly over the video, with its frame index and
-    time; boxes in the video's pixels. Unreadable -> UserError."""
-    import cv2
+    time, boxes in the video's pixels, and a `person` number that follows each face from frame to frame
+    (sequence.track_faces; a frame read whole is person 1, a frame without a face has none). Unreadable ->
+    UserError."""
     from retrieval import rank_faces, video_frames
-    frames = video_frames(path, max_frames)
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    width = cap.get(cv2.CAP_PROP_FRAME_WIDTH) or frames[0][2].width
-    cap.release()
+    from sequence import track_faces
     rows = []
-    for index, t, frame in frames:
-        res = rank_faces(engine, frame, sentences, detect=detect, max_faces=max_faces)
-        rows += face_rows(res, path, width / frame.width, names, detect, index, t)
+    for f in video_frames(path, max_frames):
+        res = rank_faces(engine, f.image, sentences, detect=detect, max_faces=max_faces)
+        rows += face_rows(res, path, f.size[0] / f.image.width, names, detect, f.index, f.time_s)
+    frames = sorted({r["frame"] for r in rows})
+    found = [[r for r in rows if r["frame"] == k and r["how"] == "face"] for k in frames]    # per frame, its faces
+    for got, ids in zip(found, track_faces([[(r["x0"], r["y0"], r["x1"], r["y1"]) for r in fr] for fr in found])):
+        for r, person in zip(got, ids):
+            r["person"] = person
+    for r in rows:
+        if r["how"] in ("crop", "whole"):
+            r["person"] = 1
     return rows
 
 
-def overall_line(rows: list[dict], names: list[str], top: int, decay: float) -> str:
-    """A video's `overall` line: sequence.sequence_scores over the largest face (row face 1) of each frame."""
+def overall_lines(rows: list[dict], names: list[str], top: int, decay: float) -> list[str]:
+    """A video's `overall` lines: sequence.sequence_scores over each person's frames (persons seen in at least two
+    frames), or, when no face was followed, over the largest face (row face 1) of each frame."""
     from sequence import sequence_scores
-    firsts = [r for r in rows if r["face"] == 1]
-    overall, w = sequence_scores([[r[n] for n in names] for r in firsts], decay)          # [C], [T]
-    best = np.argsort(-overall, kind="stable")[:top]
-    return (f"{rows[0]['file']}  overall, {len(firsts)} frames (largest face of each; decay {decay:g}, the last "
-            f"frame weighs {w[-1]:.2f}): " + "  ".join(f"{names[i]} {overall[i]:.2f}" for i in best))
+    frames = sum(r["face"] == 1 for r in rows)
+    persons = sorted({r["person"] for r in rows if r["person"] is not None})
+    groups = []
+    for p in persons:
+        got = [r for r in rows if r["person"] == p]
+        if len(got) > 1:
+            groups.append((f"person {p}, in {len(got)} of {frames} frames", got))
+    if not groups:
+        groups = [(f"{frames} frames (largest face of each)", [r for r in rows if r["face"] == 1])]
+    lines = []
+    for label, got in groups:
+        overall, w = sequence_scores([[r[n] for n in names] for r in got], decay)          # [C], [T]
+        best = np.argsort(-overall, kind="stable")[:top]
+        lines.append(f"{rows[0]['file']}  overall, {label} (decay {decay:g}, the last frame weighs {w[-1]:.2f}): "
+                     + "  ".join(f"{names[i]} {overall[i]:.2f}" for i in best))
+    return lines
 
 
 def face_line(row: dict, names: list[str], top: int) -> str:
     """`group.jpg  face 2 at 120,44-532,456: happiness 0.91  surprise 0.04  neutral 0.02`"""
     probs = np.array([row[n] for n in names])
     best = np.argsort(-probs, kind="stable")[:top]
-    where = (f"face {row['face']} at {row['x0']},{row['y0']}-{row['x1']},{row['y1']}" if row["how"] == "face"
+    who = f"person {row['person']}" if row["frame"] is not None and row["person"] else f"face {row['face']}"
+    where = (f"{who} at {row['x0']},{row['y0']}-{row['x1']},{row['y1']}" if row["how"] == "face"
              else HOW[row["how"]])
     if row["frame"] is not None:
         where = f"frame {row['frame']}" + (f" ({row['time_s']:.2f} s)" if row["time_s"] is not None else "") \
@@ -208,7 +228,7 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a) -> l
     for row in got:
         print(face_line(row, names, a.top), flush=True)
     if video and sum(r["face"] == 1 for r in got) > 1:                   # a one-frame GIF is a picture
-        print(overall_line(got, names, a.top, a.decay), flush=True)
+        print("\n".join(overall_lines(got, names, a.top, a.decay)), flush=True)
     return got
 
 

@@ -17,6 +17,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -277,13 +278,18 @@ def _shrink(im: Image.Image, side: int = MAX_FRAME_SIDE) -> Image.Image:
 
 def read_video(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[Image.Image]:
     """Up to max_frames RGB frames spaced evenly over the video (OpenCV); unreadable videos -> UserError."""
-    return [frame for _, _, frame in video_frames(path, max_frames, max_pixels)]
+    return [f.image for f in video_frames(path, max_frames, max_pixels)]
 
 
-def video_frames(path: str | os.PathLike, max_frames: int = 32,
-                 max_pixels: int = MAX_PIXELS) -> list[tuple[int, float | None, Image.Image]]:
-    """(frame index, time in seconds or None when the file gives no frame rate, RGB frame shrunk to MAX_FRAME_SIDE)
-    for up to max_frames frames spaced evenly over the video; unreadable videos -> UserError."""
+class VideoFrame(NamedTuple):
+    index: int                 # frame number in the file, from 0
+    time_s: float | None       # None when the file gives no frame rate
+    image: Image.Image         # RGB, shrunk to at most MAX_FRAME_SIDE px
+    size: tuple[int, int]      # (W, H) as decoded, before shrinking: boxes on .image scale by size[0] / image.width
+
+
+def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[VideoFrame]:
+    """Up to max_frames frames spaced evenly over the video, in order; unreadable videos -> UserError."""
     import cv2
     name = Path(path).name
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
@@ -308,7 +314,8 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32,
                 ok, bgr = cap.retrieve()
                 if ok:
                     t = round(i / fps, 3) if fps and np.isfinite(fps) and fps > 0 else None
-                    frames.append((i, t, _shrink(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))))
+                    rgb = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    frames.append(VideoFrame(i, t, _shrink(rgb), rgb.size))
     finally:
         cap.release()
     if not frames:
@@ -338,12 +345,28 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
     return frames, skipped
 
 
-def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False,
-                detector: str = "auto") -> tuple[list[Image.Image], list[bool]]:
-    """The largest face of each frame (detect on; aligned crop with MTCNN), else the whole frame; and whether a
-    face was found per frame. A face-crop sized frame (faces.CROP_MAX_SIDE) is its face: whole, found."""
-    out = [largest_face(f, detect, grayscale, detector) for f in frames]
-    return [face for face, _ in out], [how in ("face", "crop") for _, how in out]
+def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False, detector: str = "auto",
+                max_faces: int = 5) -> tuple[list[Image.Image], list[bool]]:
+    """One person's face in each frame (detect on; aligned crops with MTCNN): the person seen in the most frames
+    (sequence.track_faces numbers the faces; ties go to the one seen first), the largest face in a frame without
+    them, the whole frame when none is found (the centre square) or detection is off; and whether a face was found
+    per frame. A face-crop sized frame (faces.CROP_MAX_SIDE) is its face: whole, found."""
+    from sequence import track_faces
+    per = [_frame_faces(f, detect, grayscale, detector, max_faces) for f in frames]     # (crops, boxes, how)
+    ids = track_faces([[(b.x0, b.y0, b.x1, b.y1) for b in boxes] if how == "face" else [] for _, boxes, how in per])
+    seen = [p for got in ids for p in got]
+    main = max(set(seen), key=lambda p: (seen.count(p), -p)) if seen else None
+    crops = [crops[got.index(main) if main in got else 0] for (crops, _, _), got in zip(per, ids)]
+    return crops, [how in ("face", "crop") for _, _, how in per]
+
+
+def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str,
+                 max_faces: int) -> tuple[list[Image.Image], list[Box], str]:
+    """(crops largest first, their boxes, how): as largest_face, with up to max_faces faces."""
+    if not detect or is_crop_sized(image.size):
+        return [image], [], "crop" if detect else "whole"
+    crops, boxes, found = faces_or_whole(image, max_faces=max_faces, grayscale=grayscale, detector=detector)
+    return crops, boxes, "face" if found else "no face"
 
 
 def largest_face(image: Image.Image, detect: bool = True, grayscale: bool = False,
@@ -351,10 +374,8 @@ def largest_face(image: Image.Image, detect: bool = True, grayscale: bool = Fals
     """(what to encode, how it was chosen): the largest face's aligned crop ("face"); the image itself when it is
     face-crop sized ("crop", faces.CROP_MAX_SIDE) or detection is off ("whole"); the centre square when no face is
     found ("no face")."""
-    if not detect or is_crop_sized(image.size):
-        return image, "crop" if detect else "whole"
-    crops, _, found = faces_or_whole(image, max_faces=1, grayscale=grayscale, detector=detector)
-    return crops[0], "face" if found else "no face"
+    crops, _, how = _frame_faces(image, detect, grayscale, detector, max_faces=1)
+    return crops[0], how
 
 
 def score_frames(engine: Engine, frames: list[Image.Image], sentences: list[str]) -> np.ndarray:

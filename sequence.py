@@ -71,3 +71,39 @@ def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float =
     ax.set_title(f"top {len(order)} expressions over {T} frames (decay {decay:g})")
     ax.legend(fontsize="small", loc="best")
     return fig
+
+
+def track_faces(frames: list[list[tuple[float, float, float, float]]], max_shift: float = 1.0,
+                max_scale: float = 2.0) -> list[list[int]]:
+    """Person numbers (1, 2, ... in order of first appearance) for the face boxes (x0, y0, x1, y1) of each frame,
+    so that a face keeps its number when another face outgrows it. A face continues the person whose last box is
+    nearest: centre distance over the boxes' mean side (geometric) at most max_shift, sides within max_scale of
+    each other; the closest pairs are matched first, one face per person per frame, and a person missing from some
+    frames is still matched when it comes back. A face that matches no one is a new person."""
+    last: list[np.ndarray] = []                                       # each person's latest box, [4]
+    out = []
+    for boxes in frames:
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)         # [F,4]
+        pairs = sorted((cost, i, j) for i in range(len(b)) for j, t in enumerate(last)
+                       if (cost := _box_shift(b[i], t, max_scale)) <= max_shift)
+        ids = [0] * len(b)
+        taken = set()
+        for _, i, j in pairs:
+            if not ids[i] and j not in taken:
+                ids[i] = j + 1
+                taken.add(j)
+        for i in range(len(b)):
+            if not ids[i]:
+                last.append(b[i])
+                ids[i] = len(last)
+            last[ids[i] - 1] = b[i]
+        out.append(ids)
+    return out
+
+
+def _box_shift(a: np.ndarray, b: np.ndarray, max_scale: float) -> float:
+    """Centre distance of two boxes over their mean side; infinity when one side is over max_scale x the other."""
+    sa, sb = (np.sqrt(max((x[2] - x[0]) * (x[3] - x[1]), 1e-9)) for x in (a, b))
+    if max(sa, sb) > max_scale * min(sa, sb):
+        return float("inf")
+    return float(np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2) / np.sqrt(sa * sb))

@@ -178,3 +178,20 @@ def test_bench_predict_finds_predict_and_evaluate_give_the_same_answers(trained,
     assert bench_predict.main(["--folder", str(tmp_path), "--checkpoint", str(trained[0])]) == 0
     out = capsys.readouterr().out
     assert "25 files in" in out and "confusion matrices equal" in out and " face crop: " not in out
+
+
+def test_bench_video_writes_two_face_videos_and_prints_both_groupings(trained, sample_dir, tmp_path, capsys):
+    """bench_video on a FER-style folder: each video holds a face of two different classes, and the bench prints
+    its count of faces and both groupings' figures."""
+    import shutil
+    import bench_video
+    table = __import__("pandas").read_csv(sample_dir / "captions.csv")
+    for r in table.groupby("label").head(2).itertuples():
+        (tmp_path / "test" / r.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(sample_dir / "images" / r.image, tmp_path / "test" / r.label / r.image)
+    assert bench_video.main(["--fer", str(tmp_path), "--n", "2", "--frames", "3", "--checkpoint",
+                             str(trained[0])]) == 0
+    out = capsys.readouterr().out
+    assert "2 videos x 3 frames, two faces each (12 faces)" in out
+    assert re.search(r"tracked persons \(sequence.track_faces\): \d+ groups", out)
+    assert re.search(r"numbered by size: \d+ groups", out)

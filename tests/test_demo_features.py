@@ -368,3 +368,20 @@ def test_prepare_detect_faces_crops_and_counts_no_face(tmp_path, capsys):
     assert Image.open(tmp_path / "kept" / "images/photos/happy/party.png").mode == "RGB"
     assert run_cli(prepare.main, [str(src), "--format", "folder", "--out", str(out), "--grayscale"]) == 2
     assert "--grayscale goes with --detect-faces" in capsys.readouterr().err
+
+
+def test_sequence_follows_the_person_seen_most_when_another_face_is_larger(monkeypatch):
+    """frame_crops keeps to one person (sequence.track_faces): the one in most frames, here the left face, even
+    in frames where the right face is the largest; a frame without them gets its largest face."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) for _ in range(4)]
+    left_big, left_small = faces.Box(20, 60, 120, 160, 0.99), faces.Box(30, 70, 110, 150, 0.98)
+    right_big, right_small = faces.Box(190, 60, 290, 160, 0.99), faces.Box(200, 70, 280, 150, 0.98)
+    listed = {0: [left_big, right_small], 1: [right_big, left_small], 2: [left_small], 3: [right_big]}
+    monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
+                        listed[next(i for i, f in enumerate(frames) if f is image)])
+    crops, found = frame_crops(frames, detect=True)
+    want = [left_big, left_small, left_small, right_big]
+    assert found == [True] * 4
+    for crop, frame, box in zip(crops, frames, want):
+        assert np.array_equal(np.asarray(crop), np.asarray(faces.crop_face(frame, box, faces.FACE_MARGIN)))

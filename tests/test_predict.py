@@ -139,16 +139,20 @@ def test_sentences_are_encoded_once_per_engine_and_threads_get_the_same_vectors(
     assert all(any(np.allclose(g, r, atol=1e-5) for r in ref.values()) for g in got)
 
 
+def _video(path: Path, n: int = 30) -> Path:
+    import cv2
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    for i in range(n):
+        out.write(np.full((240, 320, 3), 60 + 4 * i, np.uint8))              # brightness tells the frames apart
+    out.release()
+    return path
+
+
 def test_a_video_gets_rows_per_frame_with_times_and_one_overall_line(trained, tmp_path, capsys, monkeypatch):
     """--max-frames frames spaced evenly, each with its index and time; the overall line is the turn-weighted
-    mean of each frame's largest face (sequence.sequence_scores), as the demo's Sequence tab computes it."""
-    import cv2
+    mean of the one person's frames (sequence.sequence_scores), as the demo's Sequence tab computes it."""
     from sequence import sequence_scores
-    path = tmp_path / "clip.avi"
-    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
-    for i in range(30):
-        out.write(np.full((240, 320, 3), 60 + 4 * i, np.uint8))
-    out.release()
+    path = _video(tmp_path / "clip.avi")
     monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
                         [Box(100, 60, 200, 160, 0.99)])
     rc = predict.main([str(path), "--checkpoint", str(trained[0]), "--max-frames", "4", "--decay", "0.5",
@@ -157,13 +161,40 @@ def test_a_video_gets_rows_per_frame_with_times_and_one_overall_line(trained, tm
     rows = pd.read_json(tmp_path / "f.json")
     assert rc == 0 and list(rows["frame"]) == [0, 10, 19, 29] and list(rows["time_s"]) == [0.0, 1.0, 1.9, 2.9]
     assert (rows["how"] == "face").all() and list(rows.loc[0, ["x0", "y0", "x1", "y1"]]) == [100, 60, 200, 160]
+    assert (rows["person"] == 1).all()
     names = [c for c in rows.columns if c not in predict.COLUMNS]
     overall, w = sequence_scores(rows[names].to_numpy(), 0.5)
     best = names[int(np.argmax(overall))]
-    said = [x for x in lines if "overall, 4 frames" in x]
+    said = [x for x in lines if "overall, person 1, in 4 of 4 frames" in x]
     assert len(said) == 1 and f"the last frame weighs {w[-1]:.2f}): {best} {overall.max():.2f}" in said[0]
     assert sum(x.startswith(f"{path}  frame ") for x in lines) == 4
     assert "1 file, 4 video frames: 4 faces found in 4 pictures" in "\n".join(lines)
+
+
+def test_two_people_in_a_video_keep_their_numbers_when_the_largest_face_changes(trained, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Person numbers follow the faces (sequence.track_faces), not their size order, and each person seen in two
+    frames or more gets an overall line of its own frames; boxes are scaled back to the video's pixels."""
+    path = _video(tmp_path / "talk.avi")
+    left_big, left_small = Box(20, 60, 120, 160, 0.99), Box(30, 70, 110, 150, 0.98)
+    right_big, right_small = Box(190, 60, 290, 160, 0.99), Box(200, 70, 280, 150, 0.98)
+
+    def detect(image, max_faces=10, min_size_frac=0.05, detector="auto"):        # largest first, as MTCNN lists
+        early = np.asarray(image).mean() < 118                                   # frames 0 and 10 of 0, 10, 19, 29
+        return [left_big, right_small] if early else [right_big, left_small]
+
+    monkeypatch.setattr(faces, "detect_faces", detect)
+    rc = predict.main([str(path), "--checkpoint", str(trained[0]), "--max-frames", "4", "--out",
+                       str(tmp_path / "t.csv")])
+    lines = capsys.readouterr().out.splitlines()
+    rows = pd.read_csv(tmp_path / "t.csv", encoding="utf-8-sig")
+    assert rc == 0 and list(rows["face"]) == [1, 2] * 4
+    left = rows["x0"] < 160
+    assert list(rows["person"][left]) == [1] * 4 and list(rows["person"][~left]) == [2] * 4
+    assert sum(f"frame 19 (1.90 s) person 2 at 190,60-290,160:" in x for x in lines) == 1
+    said = [x for x in lines if "  overall, person" in x]
+    assert [x.split("  overall, ")[1].split(" (")[0] for x in said] == ["person 1, in 4 of 4 frames",
+                                                                        "person 2, in 4 of 4 frames"]
 
 
 def test_one_odd_file_is_skipped_and_ctrl_c_keeps_the_rows_read_so_far(trained, sample_dir, tmp_path, capsys,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from sequence import frame_weights, sequence_scores, timeline_figure
+from sequence import frame_weights, sequence_scores, timeline_figure, track_faces
 from utils import UserError
 
 
@@ -52,3 +52,21 @@ def test_timeline_plots_top_classes(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
     with pytest.raises(UserError, match="names"):
         timeline_figure(scores, ["a", "b"])
+
+
+def test_a_face_keeps_its_person_number_when_the_other_outgrows_it():
+    left_big, left_small = (20, 60, 120, 160), (30, 70, 110, 150)
+    right_big, right_small = (190, 60, 290, 160), (200, 70, 280, 150)
+    frames = [[left_big, right_small], [right_big, left_small],      # detectors list faces largest first
+              [],                                                      # a frame without a face
+              [right_small],                                           # the left person looks away
+              [left_small, (600, 400, 700, 500), right_big]]           # back, and a third person far away
+    assert track_faces(frames) == [[1, 2], [2, 1], [], [2], [1, 3, 2]]
+
+
+def test_a_face_of_another_size_or_too_far_is_someone_else():
+    assert track_faces([[(0, 0, 100, 100)], [(0, 0, 300, 300)]]) == [[1], [2]]      # side 3x: not the same face
+    assert track_faces([[(0, 0, 100, 100)], [(150, 0, 250, 100)]]) == [[1], [2]]    # moved 1.5 sides
+    assert track_faces([[(0, 0, 100, 100)], [(80, 0, 180, 100)]]) == [[1], [1]]     # moved 0.8 sides
+    # two faces close to one person's last box: the nearer one continues it, never both
+    assert track_faces([[(0, 0, 100, 100)], [(60, 0, 160, 100), (10, 0, 110, 100)]]) == [[1], [2, 1]]
