@@ -4,6 +4,7 @@
     python predict.py ~/Pictures --vocab fine_grained --out faces.csv   # every image below the folder, a row per face
     python predict.py face.png --vocab korean --top 5                # the shipped Korean list (or a name: sentence file)
     python predict.py interview.mp4 --max-frames 64 --out frames.csv # a video: its faces, frame by frame
+    python predict.py interview.mp4 --plots plots/                   # and a timeline PNG per person
 
 Each image is read as the demo's *Face -> expressions* reads an upload: MTCNN finds and aligns each face (largest
 first, at most --max-faces); an image of at most 160 px is a face crop already and is read whole; with no face found
@@ -114,26 +115,49 @@ def predict_video(engine, path: Path, names: list[str], sentences: list[str], de
     return rows
 
 
-def overall_lines(rows: list[dict], names: list[str], top: int, decay: float) -> list[str]:
-    """A video's `overall` lines: sequence.sequence_scores over each person's frames (persons seen in at least two
-    frames), or, when no face was followed, over the largest face (row face 1) of each frame."""
-    from sequence import sequence_scores
+def person_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """A video's rows grouped for its overall lines and plots: (label, rows) per person seen in two frames or more,
+    or, when no one is, one group of the largest face (row face 1) of each frame."""
     frames = sum(r["face"] == 1 for r in rows)
-    persons = sorted({r["person"] for r in rows if r["person"] is not None})
     groups = []
-    for p in persons:
+    for p in sorted({r["person"] for r in rows if r["person"] is not None}):
         got = [r for r in rows if r["person"] == p]
         if len(got) > 1:
             groups.append((f"person {p}, in {len(got)} of {frames} frames", got))
-    if not groups:
-        groups = [(f"{frames} frames (largest face of each)", [r for r in rows if r["face"] == 1])]
+    return groups or [(f"{frames} frames (largest face of each)", [r for r in rows if r["face"] == 1])]
+
+
+def overall_lines(rows: list[dict], names: list[str], top: int, decay: float) -> list[str]:
+    """A video's `overall` lines: sequence.sequence_scores over each group of person_groups."""
+    from sequence import sequence_scores
     lines = []
-    for label, got in groups:
+    for label, got in person_groups(rows):
         overall, w = sequence_scores([[r[n] for n in names] for r in got], decay)          # [C], [T]
         best = np.argsort(-overall, kind="stable")[:top]
         lines.append(f"{rows[0]['file']}  overall, {label} (decay {decay:g}, the last frame weighs {w[-1]:.2f}): "
                      + "  ".join(f"{names[i]} {overall[i]:.2f}" for i in best))
     return lines
+
+
+def write_plots(rows: list[dict], names: list[str], decay: float, folder: Path, taken: set[str]) -> list[Path]:
+    """--plots: a timeline PNG (sequence.timeline_figure) per group of person_groups, named after the video and
+    the person (`clip_person2.png`; `clip-2_person2.png` for a second clip.* in one run), written atomically."""
+    from sequence import timeline_figure
+    stem = Path(rows[0]["file"]).stem
+    base, k = stem, 1
+    while base in taken:
+        k += 1
+        base = f"{stem}-{k}"
+    taken.add(base)
+    out = []
+    for label, got in person_groups(rows):
+        fig = timeline_figure([[r[n] for n in names] for r in got], names, top=5, decay=decay)
+        fig.axes[0].set_title(f"{Path(rows[0]['file']).name}: {label} (decay {decay:g})", fontsize="medium")
+        who = f"person{got[0]['person']}" if label.startswith("person") else "frames"
+        path = folder / f"{base}_{who}.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        out.append(path)
+    return out
 
 
 def face_line(row: dict, names: list[str], top: int) -> str:
@@ -198,12 +222,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tta", choices=["flip", "none"], default="flip", help="flip: each face averaged with its "
                     "mirror image (the demo's default)")
     ap.add_argument("--out", help=f"write every face's probabilities for every expression here ({', '.join(OUT_FORMATS)})")
+    ap.add_argument("--plots", metavar="FOLDER", help="videos: write a timeline PNG per person here (the demo's "
+                    "Sequence plot; made if missing)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
+    a.plot_names = set()                                                # --plots file names taken in this run
     if a.top < 1 or a.max_faces < 1 or a.max_frames < 1:
         raise UserError("--top, --max-faces and --max-frames must be at least 1")
     if not 0 <= a.decay <= 1:
         raise UserError(f"--decay {a.decay}: give a number from 0 (last frame only) to 1 (plain mean)")
+    if a.plots and Path(a.plots).exists() and not Path(a.plots).is_dir():
+        raise UserError(f"--plots {a.plots}: is a file; give a folder for the timeline PNGs")
     if a.out:
         check_output_file(a.out, "--out")                                   # before the work, not after it
         if Path(a.out).suffix.lower() not in OUT_FORMATS:
@@ -229,6 +258,9 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a) -> l
         print(face_line(row, names, a.top), flush=True)
     if video and sum(r["face"] == 1 for r in got) > 1:                   # a one-frame GIF is a picture
         print("\n".join(overall_lines(got, names, a.top, a.decay)), flush=True)
+        if a.plots:
+            for p in write_plots(got, names, a.decay, Path(a.plots), a.plot_names):
+                log.info(f"wrote {p}")
     return got
 
 

@@ -87,6 +87,7 @@ def test_face_boxes_are_in_the_files_own_pixels_after_exif_rotation(trained, tmp
     (["IMAGES", "--out", "."], "is a folder"),
     (["IMAGES", "--vocab", "VOCAB"], "expression name `file` is also a column"),
     (["IMAGES", "--top", "0"], "--top, --max-faces and --max-frames must be at least 1"),
+    (["IMAGES", "--plots", "VOCAB"], "is a file; give a folder for the timeline PNGs"),
     (["EMPTY"], "no .bmp/"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, says):
@@ -184,8 +185,10 @@ def test_two_people_in_a_video_keep_their_numbers_when_the_largest_face_changes(
         return [left_big, right_small] if early else [right_big, left_small]
 
     monkeypatch.setattr(faces, "detect_faces", detect)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "talk_person1.png").write_bytes(b"an older plot")   # replaced whole
     rc = predict.main([str(path), "--checkpoint", str(trained[0]), "--max-frames", "4", "--out",
-                       str(tmp_path / "t.csv")])
+                       str(tmp_path / "t.csv"), "--plots", str(tmp_path / "plots")])
     lines = capsys.readouterr().out.splitlines()
     rows = pd.read_csv(tmp_path / "t.csv", encoding="utf-8-sig")
     assert rc == 0 and list(rows["face"]) == [1, 2] * 4
@@ -195,6 +198,17 @@ def test_two_people_in_a_video_keep_their_numbers_when_the_largest_face_changes(
     said = [x for x in lines if "  overall, person" in x]
     assert [x.split("  overall, ")[1].split(" (")[0] for x in said] == ["person 1, in 4 of 4 frames",
                                                                         "person 2, in 4 of 4 frames"]
+    plots = sorted((tmp_path / "plots").iterdir())                      # a timeline per person, nothing else
+    assert [p.name for p in plots] == ["talk_person1.png", "talk_person2.png"]
+    assert all(Image.open(p).format == "PNG" for p in plots)
+
+
+def test_plots_of_two_videos_with_one_name_do_not_overwrite_each_other(tmp_path):
+    rows = [dict(file=f"{d}/clip.mp4", face=1, person=1, happy=0.8, sad=0.2) for d in ("a", "a", "b", "b")]
+    taken = set()
+    first = predict.write_plots(rows[:2], ["happy", "sad"], 0.5, tmp_path, taken)
+    second = predict.write_plots(rows[2:], ["happy", "sad"], 0.5, tmp_path, taken)
+    assert [p.name for p in first + second] == ["clip_person1.png", "clip-2_person1.png"]
 
 
 def test_one_odd_file_is_skipped_and_ctrl_c_keeps_the_rows_read_so_far(trained, sample_dir, tmp_path, capsys,
