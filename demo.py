@@ -119,13 +119,15 @@ def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: 
         raise UserError("upload several images (frames) or a short video first")
     decay = float(number_in(decay, "decay", 0, 1))
     frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
-    crops, found = frame_crops(frames, bool(detect), engine.cfg.grayscale)
+    crops, found, people, followed = frame_crops(frames, bool(detect), engine.cfg.grayscale)
     names = [name for name, _ in items]
     scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
     overall, w = sequence_scores(scores, decay)                       # [C], [T]
     fig = timeline_figure(scores, names, top=5, decay=decay)
     msg = [f"**{len(frames)} frame{'' if len(frames) == 1 else 's'}** (decay {decay:g}: the last frame weighs "
            f"{w[-1]:.0%})."]
+    if people > 1:
+        msg.append(f"{people} people in view: followed the one in the most frames ({followed} of {len(frames)}).")
     missing = [str(t) for t, f in enumerate(found, 1) if not f]
     if detect and missing:
         msg.append(f"No face found in frame(s) {', '.join(missing)}: the whole frame was scored.")

@@ -226,7 +226,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "Sequence plot; made if missing)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
-    a.plot_names = set()                                                # --plots file names taken in this run
     if a.top < 1 or a.max_faces < 1 or a.max_frames < 1:
         raise UserError("--top, --max-faces and --max-frames must be at least 1")
     if not 0 <= a.decay <= 1:
@@ -240,7 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def read_one(engine, path: Path, names: list[str], sentences: list[str], a) -> list[dict] | None:
+def read_one(engine, path: Path, names: list[str], sentences: list[str], a,
+             plot_names: set[str]) -> list[dict] | None:
     """One file's rows, printed as they come (None: skipped, with one line saying why). An unexpected error in one
     file skips that file with its type named, so a long run over a big folder never loses the rest."""
     from retrieval import VIDEO_EXTS
@@ -259,8 +259,11 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a) -> l
     if video and sum(r["face"] == 1 for r in got) > 1:                   # a one-frame GIF is a picture
         print("\n".join(overall_lines(got, names, a.top, a.decay)), flush=True)
         if a.plots:
-            for p in write_plots(got, names, a.decay, Path(a.plots), a.plot_names):
-                log.info(f"wrote {p}")
+            try:
+                for p in write_plots(got, names, a.decay, Path(a.plots), plot_names):
+                    log.info(f"wrote {p}")
+            except (OSError, UserError) as e:                           # the rows and --out are still kept
+                log.warning(f"--plots {a.plots}: could not write {path.name}'s timeline ({first_line(e, 120)})")
     return got
 
 
@@ -280,10 +283,10 @@ def main(argv=None) -> int:
     log.info(f"model: {checkpoint} ({why}); {_n(len(paths), 'file', 'files')}; expressions: {a.vocab} "
              f"({len(names)})")
     engine = Engine.load(checkpoint, None, a.device, tta=a.tta == "flip")
-    rows, skipped = [], 0
+    rows, skipped, plot_names = [], 0, set()                         # plot_names: --plots names taken so far
     try:
         for path in paths:
-            got = read_one(engine, path, names, sentences, a)
+            got = read_one(engine, path, names, sentences, a, plot_names)
             skipped += got is None
             rows += got or []
     except KeyboardInterrupt:                                      # what was read so far is kept, then exit 130

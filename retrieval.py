@@ -345,19 +345,27 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
     return frames, skipped
 
 
+class FrameCrops(NamedTuple):
+    crops: list[Image.Image]   # what to encode, one per frame
+    found: list[bool]          # a face was found in that frame (or the frame is a face crop)
+    people: int                # persons seen in two frames or more (sequence.track_faces)
+    followed: int              # frames holding the person followed
+
+
 def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False, detector: str = "auto",
-                max_faces: int = 5) -> tuple[list[Image.Image], list[bool]]:
+                max_faces: int = 5) -> FrameCrops:
     """One person's face in each frame (detect on; aligned crops with MTCNN): the person seen in the most frames
     (sequence.track_faces numbers the faces; ties go to the one seen first), the largest face in a frame without
-    them, the whole frame when none is found (the centre square) or detection is off; and whether a face was found
-    per frame. A face-crop sized frame (faces.CROP_MAX_SIDE) is its face: whole, found."""
+    them, the whole frame when none is found (the centre square) or detection is off. A face-crop sized frame
+    (faces.CROP_MAX_SIDE) is its face: whole, found."""
     from sequence import track_faces
     per = [_frame_faces(f, detect, grayscale, detector, max_faces) for f in frames]     # (crops, boxes, how)
     ids = track_faces([[(b.x0, b.y0, b.x1, b.y1) for b in boxes] if how == "face" else [] for _, boxes, how in per])
     seen = [p for got in ids for p in got]
     main = max(set(seen), key=lambda p: (seen.count(p), -p)) if seen else None
     crops = [crops[got.index(main) if main in got else 0] for (crops, _, _), got in zip(per, ids)]
-    return crops, [how in ("face", "crop") for _, _, how in per]
+    return FrameCrops(crops, [how in ("face", "crop") for _, _, how in per],
+                      sum(seen.count(p) > 1 for p in set(seen)), seen.count(main))
 
 
 def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str,

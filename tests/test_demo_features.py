@@ -218,7 +218,7 @@ def test_score_frames_matches_single_image_ranking(engine, sample_dir):
     assert scores.shape == (3, 3) and np.allclose(scores.sum(1), 1)
     single = {s: p for s, p, _ in rank_expressions(engine, images[1], sentences)}
     assert np.allclose(scores[1], [single[s] for s in sentences], atol=1e-5)
-    crops, found = frame_crops(images, detect=False)
+    crops, found, _, _ = frame_crops(images, detect=False)
     assert crops == images and found == [False] * 3
 
 
@@ -371,8 +371,9 @@ def test_prepare_detect_faces_crops_and_counts_no_face(tmp_path, capsys):
 
 
 def test_sequence_follows_the_person_seen_most_when_another_face_is_larger(monkeypatch):
-    """frame_crops keeps to one person (sequence.track_faces): the one in most frames, here the left face, even
-    in frames where the right face is the largest; a frame without them gets its largest face."""
+    """frame_crops keeps to one person (sequence.track_faces): the one in most frames (here a tie, so the one seen
+    first: the left face), even in frames where the right face is the largest; a frame without them gets its
+    largest face."""
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) for _ in range(4)]
     left_big, left_small = faces.Box(20, 60, 120, 160, 0.99), faces.Box(30, 70, 110, 150, 0.98)
@@ -380,8 +381,23 @@ def test_sequence_follows_the_person_seen_most_when_another_face_is_larger(monke
     listed = {0: [left_big, right_small], 1: [right_big, left_small], 2: [left_small], 3: [right_big]}
     monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
                         listed[next(i for i, f in enumerate(frames) if f is image)])
-    crops, found = frame_crops(frames, detect=True)
+    crops, found, people, followed = frame_crops(frames, detect=True)
     want = [left_big, left_small, left_small, right_big]
-    assert found == [True] * 4
+    assert found == [True] * 4 and (people, followed) == (2, 3)
     for crop, frame, box in zip(crops, frames, want):
         assert np.array_equal(np.asarray(crop), np.asarray(faces.crop_face(frame, box, faces.FACE_MARGIN)))
+
+
+def test_sequence_page_says_how_many_people_were_in_view_and_whom_it_followed(h, tmp_path, monkeypatch):
+    files = []
+    for i in range(3):
+        Image.new("RGB", (320, 240), (60 + 40 * i,) * 3).save(tmp_path / f"frame{i}.png")
+        files.append(str(tmp_path / f"frame{i}.png"))
+    two = [faces.Box(20, 60, 120, 160, 0.99), faces.Box(190, 60, 290, 160, 0.99)]
+    monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
+                        two if np.asarray(image).mean() < 120 else two[1:])
+    _, _, msg = h["sequence"](files, VOCAB, True, 1.0)
+    assert "**3 frames**" in msg and "2 people in view: followed the one in the most frames (3 of 3)" in msg
+    monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
+                        two[1:])
+    assert "people in view" not in h["sequence"](files, VOCAB, True, 1.0)[2]
