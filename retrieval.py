@@ -363,8 +363,8 @@ def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False
     ids = track_faces([[(b.x0, b.y0, b.x1, b.y1) for b in boxes] if how == "face" else [] for _, boxes, how in per])
     seen = [p for got in ids for p in got]
     main = max(set(seen), key=lambda p: (seen.count(p), -p)) if seen else None
-    crops = [crops[got.index(main) if main in got else 0] for (crops, _, _), got in zip(per, ids)]
-    return FrameCrops(crops, [how in ("face", "crop") for _, _, how in per],
+    chosen = [found[got.index(main) if main in got else 0] for (found, _, _), got in zip(per, ids)]
+    return FrameCrops(chosen, [how in ("face", "crop") for _, _, how in per],
                       sum(seen.count(p) > 1 for p in set(seen)), seen.count(main))
 
 
