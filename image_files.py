@@ -72,7 +72,8 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
     except UnidentifiedImageError:
         if os.path.splitext(name)[1].lower() in HEIF_EXTS and not HEIF_READABLE:
             raise UserError(f"{name}: a HEIC/HEIF photo; reading it needs the optional package pillow-heif "
-                            "(pip install pillow-heif==1.1.1, the tested one; its wheels are GPLv2), or save it as JPEG") from None
+                            "(pip install pillow-heif==1.1.1, the tested one; its wheels are GPLv2), or save it as "
+                            "JPEG") from None
         raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF, HEIC with "
                         "pillow-heif)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

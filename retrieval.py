@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -361,11 +362,11 @@ def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False
     from sequence import track_faces
     per = [_frame_faces(f, detect, grayscale, detector, max_faces) for f in frames]     # (crops, boxes, how)
     ids = track_faces([[(b.x0, b.y0, b.x1, b.y1) for b in boxes] if how == "face" else [] for _, boxes, how in per])
-    seen = [p for got in ids for p in got]
-    main = max(set(seen), key=lambda p: (seen.count(p), -p)) if seen else None
+    frames_of = Counter(p for got in ids for p in got)                # person -> frames it is in
+    main = max(frames_of, key=lambda p: (frames_of[p], -p)) if frames_of else None
     chosen = [found[got.index(main) if main in got else 0] for (found, _, _), got in zip(per, ids)]
     return FrameCrops(chosen, [how in ("face", "crop") for _, _, how in per],
-                      sum(seen.count(p) > 1 for p in set(seen)), seen.count(main))
+                      sum(n > 1 for n in frames_of.values()), frames_of[main] if main else 0)
 
 
 def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str,

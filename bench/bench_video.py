@@ -3,8 +3,8 @@ read that person's expression?
 
     python bench/bench_video.py [--n 40] [--frames 16] [--checkpoint models/exprclip-ferplus.pth]
 
-Each video pastes two FER-2013 PublicTest faces (`test/`) of different classes into a 640x360 textured scene, left and right,
-sharpened and put through bench_detect.camera (sensor noise, JPEG) frame by frame. The left face shrinks from 190 to
+Each video pastes two FER-2013 PublicTest faces (`test/`) of different classes into a 640x360 textured scene, left
+and right, sharpened and put through bench_detect.camera (sensor noise, JPEG) frame by frame. The left face shrinks from 190 to
 100 px while the right one grows from 100 to 190, so "the largest face" changes hands halfway, and both jitter by a
 few pixels. predict.predict_video reads --frames frames (the paper's sentence per class, flip), as predict.py does.
 
