@@ -123,7 +123,7 @@ def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: 
     names = [name for name, _ in items]
     scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
     overall, w = sequence_scores(scores, decay)                       # [C], [T]
-    fig = timeline_figure(scores, names, top=5, decay=decay)
+    fig = timeline_figure(scores, names, top=5, decay=decay, times=[f.info.get("time_s") for f in frames])
     msg = [f"**{len(frames)} frame{'' if len(frames) == 1 else 's'}** (decay {decay:g}: the last frame weighs "
            f"{w[-1]:.0%})."]
     if people > 1:

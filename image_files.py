@@ -33,7 +33,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = None) -> Image.Image:
     """A fully decoded RGB image from a path, bytes or PIL image; refuses bombs and non-images with a UserError.
     max_side: JPEGs may decode at 1/2, 1/4 or 1/8 scale while the longest side stays >= max_side (fast; for
-    detection and crops); other formats and PIL images keep their size."""
+    detection and crops); other formats and PIL images keep their size. From a file, .info["file_size"] is its
+    (W, H) in the file's own pixels as displayed (after an EXIF rotation), whatever scale it decoded at."""
     if isinstance(src, np.ndarray):
         src = Image.fromarray(src)
     if isinstance(src, Image.Image):
@@ -58,15 +59,19 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
                 if im.width * im.height > max_pixels:
                     raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; "
                                     "resize it first")
+                stored = im.size                                          # the file's own pixels
                 if max_side and im.format == "JPEG" and max(im.size) > max_side:
                     r = max_side / max(im.size)
                     im.draft(im.mode, (math.ceil(im.width * r), math.ceil(im.height * r)))
                 im.load()
+                decoded = im.size
                 try:
                     im = ImageOps.exif_transpose(im)
                 except Exception:                                     # broken EXIF: keep the pixels as stored
                     pass
-                return to_rgb(im).copy()
+                out = to_rgb(im).copy()
+                out.info["file_size"] = stored if out.size == decoded else stored[::-1]    # as displayed
+                return out
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{name}: refused as a possible decompression bomb ({e}); resize it first") from None
     except UnidentifiedImageError:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from logs import get_logger
 from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_output_file, first_line, run_cli
@@ -54,17 +53,6 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def file_size(path: Path) -> tuple[int, int]:
-    """(W, H) of the file as displayed: its header's size, swapped by an EXIF rotation of 90 or 270 degrees."""
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
-        except Exception:  # noqa: BLE001 -- a broken EXIF block: safe_open_image keeps the pixels as stored too
-            turned = False
-    return (h, w) if turned else (w, h)
-
-
 def face_rows(res, file: Path, scale: float, names: list[str], detect: bool, frame=None, time_s=None) -> list[dict]:
     """retrieval.FaceScores -> one dict per face read (see predict_image); `scale`: decoded -> file pixels."""
     how = "crop" if res.crop else "face" if res.found else "no face" if detect else "whole"
@@ -89,7 +77,7 @@ def predict_image(engine, path: Path, names: list[str], sentences: list[str], de
     from retrieval import MAX_PIXELS, rank_faces
     photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
     res = rank_faces(engine, photo, sentences, detect=detect, max_faces=max_faces)
-    return face_rows(res, path, file_size(path)[0] / photo.width, names, detect)
+    return face_rows(res, path, photo.info["file_size"][0] / photo.width, names, detect)   # decoded -> file
 
 
 def predict_video(engine, path: Path, names: list[str], sentences: list[str], detect: bool = True,
@@ -151,7 +139,8 @@ def write_plots(rows: list[dict], names: list[str], decay: float, folder: Path, 
     taken.add(base)
     out = []
     for label, got in person_groups(rows):
-        fig = timeline_figure([[r[n] for n in names] for r in got], names, top=5, decay=decay)
+        fig = timeline_figure([[r[n] for n in names] for r in got], names, top=5, decay=decay,
+                              times=[r["time_s"] for r in got])                  # seconds when the file has a rate
         fig.axes[0].set_title(f"{Path(rows[0]['file']).name}: {label} (decay {decay:g})", fontsize="medium")
         who = f"person{got[0]['person']}" if label.startswith("person") else "frames"
         path = folder / f"{base}_{who}.png"
@@ -187,12 +176,13 @@ def _n(k: int, one: str, many: str) -> str:
     return f"{k} {one if k == 1 else many}"
 
 
-def summary_line(rows: list[dict], skipped: int, files: int) -> str:
+def summary_line(rows: list[dict], skipped: int, files: int, videos: int = 0) -> str:
     """`12 images: 9 faces found in 7 photos, 2 photos without a face, 1 face crop read whole, 2 skipped`; with
-    videos, each frame read counts as a picture (`3 files, 64 video frames: ... in 60 pictures`)."""
+    videos among the files (`videos` of them), each frame read counts as a picture (`2 images and 1 video, 64 video
+    frames: ... in 60 pictures`), and an unreadable video is still counted as a video."""
     firsts = [r["how"] for r in rows if r["face"] == 1]                   # one per image or video frame
     frames = sum(r["frame"] is not None for r in rows if r["face"] == 1)
-    one, many = ("picture", "pictures") if frames else ("photo", "photos")
+    one, many = ("picture", "pictures") if videos else ("photo", "photos")
     faces = sum(r["how"] == "face" for r in rows)
     parts = [f"{_n(faces, 'face', 'faces')} found in {_n(firsts.count('face'), one, many)}"]
     for how, o, m in (("no face", f"{one} without a face", f"{many} without a face"),
@@ -202,8 +192,10 @@ def summary_line(rows: list[dict], skipped: int, files: int) -> str:
             parts.append(_n(firsts.count(how), o, m))
     if skipped:
         parts.append(f"{skipped} skipped (unreadable)")
-    head = _n(files, "file", "files") + f", {_n(frames, 'video frame', 'video frames')}" if frames \
-        else _n(files, "image", "images")
+    head = " and ".join(_n(k, one, many) for k, one, many in ((files - videos, "image", "images"),
+                                                               (videos, "video", "videos")) if k)
+    if videos:
+        head += f", {_n(frames, 'video frame', 'video frames')}"
     return f"{head}: " + ", ".join(parts)
 
 
@@ -269,7 +261,7 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a,
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from retrieval import Engine
+    from retrieval import VIDEO_EXTS, Engine
     from served_model import choose_checkpoint
     from vocab import load_vocab
     items = load_vocab(a.vocab)
@@ -294,9 +286,12 @@ def main(argv=None) -> int:
             write_table(rows, Path(a.out))
             log.error(f"interrupted: wrote the {len(rows)} rows read so far to {a.out}")
         raise
-    log.info(summary_line(rows, skipped, len(paths)))
+    videos = sum(p.suffix.lower() in VIDEO_EXTS for p in paths)
+    log.info(summary_line(rows, skipped, len(paths), videos))
     if not rows:
-        raise UserError(f"none of the {len(paths)} images could be read (each is named above); nothing written")
+        what = ("video" if videos else "image") if len(paths) == 1 else "files" if videos else "images"
+        raise UserError(f"the {what} could not be read (the reason is above); nothing written" if len(paths) == 1
+                        else f"none of the {len(paths)} {what} could be read (each is named above); nothing written")
     if a.out:
         write_table(rows, Path(a.out))
         log.info(f"wrote {len(rows)} rows to {a.out}")

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -289,9 +290,20 @@ class VideoFrame(NamedTuple):
     size: tuple[int, int]      # (W, H) as decoded, before shrinking: boxes on .image scale by size[0] / image.width
 
 
+@functools.cache
+def _quiet_opencv() -> None:
+    """FFmpeg's and OpenCV's own stderr lines ("moov atom not found", "can't be used to capture by name") off: an
+    unreadable video is our one line. Set before the first capture opens; a user's own setting is kept."""
+    import cv2
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")                  # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[VideoFrame]:
     """Up to max_frames frames spaced evenly over the video, in order; unreadable videos -> UserError."""
     import cv2
+    _quiet_opencv()
     name = Path(path).name
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
@@ -316,7 +328,9 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int 
                 if ok:
                     t = round(i / fps, 3) if fps and np.isfinite(fps) and fps > 0 else None
                     rgb = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                    frames.append(VideoFrame(i, t, _shrink(rgb), rgb.size))
+                    image = _shrink(rgb)
+                    image.info["time_s"] = t                          # load_frames' frames carry their time
+                    frames.append(VideoFrame(i, t, image, rgb.size))
     finally:
         cap.release()
     if not frames:
@@ -337,6 +351,7 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
                 frames += read_video(p, max_frames, max_pixels)
             else:
                 frames.append(_shrink(safe_open_image(p, max_pixels)))
+                frames[-1].info.pop("time_s", None)                   # a still has no time (a PNG chunk may name one)
         except UserError as e:
             skipped.append(str(e).replace(str(p), Path(p).name))
     if not frames:

@@ -46,29 +46,36 @@ def sequence_scores(frame_scores, decay: float = 0.5) -> tuple[np.ndarray, np.nd
     return w @ s, w                                                   # [C], [T]
 
 
-def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float = 0.5) -> Figure:
-    """Per-frame scores of the `top` expressions by turn-weighted score, with the frame weights as grey bars."""
+def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float = 0.5,
+                    times: list[float] | None = None) -> Figure:
+    """Per-frame scores of the `top` expressions by turn-weighted score, with the frame weights as grey bars; x is
+    each frame's time in seconds when `times` gives one per frame, increasing (a video), else the frame number."""
     s = _as_scores(frame_scores)                                      # [T,C]
     if len(names) != s.shape[1]:
         raise UserError(f"timeline: {len(names)} names for {s.shape[1]} score columns; give one name per column")
     overall, w = sequence_scores(s, decay)
     order = np.argsort(-overall, kind="stable")[:max(1, top)]
     T = s.shape[0]
-    x = np.arange(1, T + 1)
+    timed = times is not None and len(times) == T and \
+        all(isinstance(t, (int, float, np.floating)) and np.isfinite(t) for t in times) and \
+        bool(np.all(np.diff(np.asarray(times, dtype=np.float64)) > 0))
+    x = np.asarray(times, dtype=np.float64) if timed else np.arange(1, T + 1)       # [T]
     fig = Figure(figsize=(7, 3.5), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.twinx()
-    bars.bar(x, w, color="0.85", width=0.6, zorder=0)
+    bars.bar(x, w, color="0.85", width=0.6 * (float(np.diff(x).min()) if T > 1 else 1.0), zorder=0)
     bars.set_ylabel("frame weight", color="0.5")
     bars.set_ylim(0, max(1.0, float(w.max())))
     ax.set_zorder(bars.get_zorder() + 1)
     ax.patch.set_visible(False)
     for c in order:
         ax.plot(x, s[:, c], marker="o", label=f"{names[c]} ({overall[c]:.2f})")
-    ax.set_xlabel("frame")
+    ax.set_xlabel("time (s)" if timed else "frame")
     ax.set_ylabel("score")
-    ax.set_xticks(x if T <= 20 else np.linspace(1, T, 11).round().astype(int))
-    ax.set_title(f"top {len(order)} expressions over {T} frames (decay {decay:g})")
+    if not timed:
+        ax.set_xticks(x if T <= 20 else np.linspace(1, T, 11).round().astype(int))
+    span = f", {x[0]:g}-{x[-1]:g} s" if timed else ""
+    ax.set_title(f"top {len(order)} expressions over {T} frames{span} (decay {decay:g})")
     ax.legend(fontsize="small", loc="best")
     return fig
 

@@ -231,6 +231,9 @@ def test_sequence_handler_label_plot_and_message(engine, h, sample_dir, tmp_path
     assert bars == pytest.approx(dict(zip(["happy", "sad", "surprised"], want)))
     assert fig is not None and len(fig.axes[0].lines) == 3
     assert "**4 frames**" in msg and "Skipped 1 file(s): broken.png" in msg and f"{w[-1]:.0%}" in msg
+    assert fig.axes[0].get_xlabel() == "frame"                        # stills: numbered
+    fig = h["sequence"]([str(_video(tmp_path / "clip.avi"))], VOCAB, False, 0.5)[1]
+    assert fig.axes[0].get_xlabel() == "time (s)" and fig.axes[0].lines[0].get_xdata()[-1] == pytest.approx(4.9)
     for i in (1, 2):
         Image.new("L", (320, 240), 100 * i).save(tmp_path / f"blank{i}.png")
     _, _, msg = h["sequence"]([str(tmp_path / "blank1.png"), str(tmp_path / "blank2.png")], VOCAB, True, 1.0)

@@ -17,6 +17,7 @@ import faces
 import predict
 import retrieval
 from faces import Box
+from image_files import safe_open_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_face_boxes_are_in_the_files_own_pixels_after_exif_rotation(trained, tmp
     exif = Image.Exif()
     exif[0x0112] = 6                                          # stored 3200x2400, displayed 2400x3200
     Image.new("RGB", (3200, 2400), (128, 128, 128)).save(tmp_path / "turned.jpg", exif=exif)
-    assert predict.file_size(tmp_path / "turned.jpg") == (2400, 3200)
+    assert safe_open_image(tmp_path / "turned.jpg", max_side=1600).info["file_size"] == (2400, 3200)
     rows = predict.predict_image(engine, tmp_path / "turned.jpg", ["happy"], ["a smile"], max_faces=1)
     assert seen[-1] == (1200, 1600) and (rows[0]["x0"], rows[0]["x1"]) == (200, 600) and len(rows) == 1
     assert rows[0]["more_faces"]                              # two found, --max-faces 1 kept the larger
@@ -111,8 +112,19 @@ def test_nothing_readable_is_an_error_not_an_empty_table(trained, tmp_path, caps
     (tmp_path / "a.jpg").write_bytes(b"junk")
     rc = predict.run_cli(predict.main, [str(tmp_path / "a.jpg"), "--checkpoint", str(trained[0]),
                                         "--out", str(tmp_path / "o.csv")])
-    assert rc == 2 and "none of the 1 images could be read" in capsys.readouterr().err
+    assert rc == 2 and "the image could not be read (the reason is above)" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_an_unreadable_video_is_one_line_without_ffmpegs_own_and_counted_as_a_video(trained, tmp_path):
+    clip = tmp_path / "clip.mp4"                              # an MP4 header without its moov atom
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(4000))
+    r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(clip), "--checkpoint", str(trained[0]),
+                        "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    said = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and said == ["skipped clip.mp4: not a video OpenCV can read (use MP4, AVI, MOV, WebM)",
+                                          "error: the video could not be read (the reason is above); nothing written"]
+    assert "1 video, 0 video frames: 0 faces found in 0 pictures, 1 skipped (unreadable)" in r.stdout
 
 
 def test_sentences_are_encoded_once_per_engine_and_threads_get_the_same_vectors(trained, monkeypatch):
@@ -169,7 +181,7 @@ def test_a_video_gets_rows_per_frame_with_times_and_one_overall_line(trained, tm
     said = [x for x in lines if "overall, person 1, in 4 of 4 frames" in x]
     assert len(said) == 1 and f"the last frame weighs {w[-1]:.2f}): {best} {overall.max():.2f}" in said[0]
     assert sum(x.startswith(f"{path}  frame ") for x in lines) == 4
-    assert "1 file, 4 video frames: 4 faces found in 4 pictures" in "\n".join(lines)
+    assert "1 video, 4 video frames: 4 faces found in 4 pictures" in "\n".join(lines)
 
 
 def test_two_people_in_a_video_keep_their_numbers_when_the_largest_face_changes(trained, tmp_path, capsys,
@@ -235,3 +247,11 @@ def test_one_odd_file_is_skipped_and_ctrl_c_keeps_the_rows_read_so_far(trained, 
     assert predict.run_cli(predict.main, argv) == 130
     assert "interrupted: wrote the 2 rows read so far" in capsys.readouterr().err
     assert list(pd.read_csv(tmp_path / "o.csv", encoding="utf-8-sig")["file"]) == [str(a), str(b)]
+
+
+def test_the_summary_counts_images_and_videos_apart():
+    rows = [dict(face=1, frame=None, how="face"), dict(face=1, frame=0, how="face"),
+            dict(face=2, frame=0, how="face"), dict(face=1, frame=5, how="no face")]
+    assert predict.summary_line(rows, 1, 3, 1) == ("2 images and 1 video, 2 video frames: 3 faces found in 2 pictures, "
+                                                   "1 picture without a face, 1 skipped (unreadable)")
+    assert predict.summary_line(rows[:1], 0, 1) == "1 image: 1 face found in 1 photo"

@@ -54,6 +54,17 @@ def test_timeline_plots_top_classes(tmp_path):
         timeline_figure(scores, ["a", "b"])
 
 
+def test_timeline_x_axis_is_seconds_for_a_video_and_frame_numbers_otherwise():
+    scores = np.array([[0.1, 0.9], [0.5, 0.5], [0.8, 0.2]])
+    fig = timeline_figure(scores, ["a", "b"], times=[0.0, 1.5, 3.0])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "time (s)" and list(ax.get_lines()[0].get_xdata()) == [0.0, 1.5, 3.0]
+    assert "0-3 s" in ax.get_title()
+    for times in (None, [0.0, None, 3.0], [0.0, 3.0, 1.5], ["0", "1", "2"], [0.0, float("nan"), 2.0], [0.0, 1.0]):
+        ax = timeline_figure(scores, ["a", "b"], times=times).axes[0]           # two videos, a still, junk
+        assert ax.get_xlabel() == "frame" and list(ax.get_lines()[0].get_xdata()) == [1, 2, 3], times
+
+
 def test_a_face_keeps_its_person_number_when_the_other_outgrows_it():
     left_big, left_small = (20, 60, 120, 160), (30, 70, 110, 150)
     right_big, right_small = (190, 60, 290, 160), (200, 70, 280, 150)
