@@ -140,7 +140,7 @@ def write_plots(rows: list[dict], names: list[str], decay: float, folder: Path, 
     out = []
     for label, got in person_groups(rows):
         fig = timeline_figure([[r[n] for n in names] for r in got], names, top=5, decay=decay,
-                              times=[r["time_s"] for r in got])                  # seconds when the file has a rate
+                              times=[r.get("time_s") for r in got])              # seconds when the file has a rate
         fig.axes[0].set_title(f"{Path(rows[0]['file']).name}: {label} (decay {decay:g})", fontsize="medium")
         who = f"person{got[0]['person']}" if label.startswith("person") else "frames"
         path = folder / f"{base}_{who}.png"
