@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from retrieval import (Engine, clean_query, frame_crops, largest_face, load_fram
 from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
                           shown_path)
 from utils import UserError, run_cli
-from webguard import (MAX_UPLOAD_PIXELS, keep_text, lenient, named, number_in, one_or_many_files, open_upload,
-                      read_vocab_upload, upload_path, vocab_items, with_fallback)
+from webguard import (MAX_UPLOAD_PIXELS, download_path, keep_text, lenient, named, number_in, one_or_many_files,
+                      open_upload, read_vocab_upload, upload_path, vocab_items, with_fallback)
 
 log = get_logger(__name__)
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
@@ -107,7 +106,8 @@ def similar_gallery_view(engine: Engine, paths, index, k):
     if engine.index is None or Path(str(paths[i])) not in set(engine.index.paths):
         raise UserError("search first, then click one of the results (only gallery images can be clicked)")
     hits = similar_to_gallery_image(engine, paths[i], top_k(k))
-    return result_items(engine, hits), f"{len(hits)} faces closest to {Path(paths[i]).name} (itself first)"
+    items = result_items(engine, hits)
+    return items, f"{len(items)} faces closest to {Path(paths[i]).name} (itself first)"
 
 
 def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: int = 32):
@@ -143,7 +143,7 @@ def vocab_handlers() -> dict:
     @with_fallback(lambda msg, *_: (None, msg))
     def on_save_vocab(vocab_text):
         items = vocab_items(vocab_text)
-        path = Path(tempfile.mkdtemp(prefix="exprclip-vocab-")) / "expressions.txt"
+        path = download_path("expressions.txt")
         save_vocab(items, path)
         return str(path), f"saved {len(items)} expressions: download expressions.txt"
 
@@ -170,13 +170,15 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
     def on_search(query, k):
         text = clean_query(query)
         hits = search_text(engine, text, top_k(k))
-        return result_items(engine, hits), search_message(text, len(hits), engine.query_warnings(query))
+        items = result_items(engine, hits)
+        return items, search_message(text, len(items), engine.query_warnings(query))
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k, detect=True):
         face, how = largest_face(open_upload(image), bool(detect), engine.cfg.grayscale)
         hits = similar_images(engine, face, top_k(k))
-        return result_items(engine, hits), f"{len(hits)} faces with the closest expression to {QUERY_FACE[how]}"
+        items = result_items(engine, hits)
+        return items, f"{len(items)} faces with the closest expression to {QUERY_FACE[how]}"
 
     return named(dict(search=on_search, similar=on_similar, **vocab_handlers(),
                 pick=with_fallback(lambda msg, *_: (None, [], msg))(partial(picked_view, engine)),

@@ -24,6 +24,8 @@ OWN_PHOTOS_HINT = ("To search your own photos: `python demo.py --gallery ~/Pictu
 def _tile(engine: Engine, path: Path, score: float):
     """(image, caption) of one result: the face crop and 'score  photo.jpg · face 2', or the face-crop file."""
     e = engine.index.entry(path)
+    if e.face is None and not e.photo.is_file():
+        raise FileNotFoundError(e.photo.name)
     if e.face is None and not _added(engine, e.photo):
         return str(e.photo), f"{score:.3f}  {e.photo.name}"
     if e.face is None:                      # added from the page: inside the cache, which Gradio does not serve
@@ -43,7 +45,14 @@ def _added(engine: Engine, photo: Path) -> bool:
 
 
 def result_items(engine: Engine, hits) -> list[tuple]:
-    return [_tile(engine, p, s) for p, s in hits]
+    """The tiles of `hits`; a photo moved, deleted or damaged since it was indexed is left out (one log line)."""
+    out = []
+    for p, s in hits:
+        try:
+            out.append(_tile(engine, p, s))
+        except (OSError, UserError) as e:
+            log.warning(f"result left out: {Path(p).name} cannot be shown now ({type(e).__name__})")
+    return out
 
 
 def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
@@ -73,7 +82,8 @@ def picked_view(engine: Engine, paths, index, k):
         shown = face_on_photo(engine, path)
     except UserError as err:                 # the photo was moved or damaged since indexing
         shown, what = None, f"{what} (photo not readable now: {err})"
-    return shown, result_items(engine, hits), f"{len(hits)} faces closest to {what} (itself first)"
+    items = result_items(engine, hits)
+    return shown, items, f"{len(items)} faces closest to {what} (itself first)"
 
 
 def header(engine: Engine, drawn_sample: bool) -> str:
@@ -103,19 +113,24 @@ _adding = threading.Lock()
 
 
 def add_photos(engine: Engine, files) -> str:
-    """Copy uploads (images, zips) into the gallery's uploads folder (inside the cache) and index them."""
+    """Copy uploads (images, zips) into the gallery's uploads folder (inside the cache) and index them. Files of
+    this request that cannot be read are named (by their own name) and removed, so no later request meets them."""
     if engine.index is None or engine.upload_dir is None:
         raise UserError("this demo has no gallery to add photos to")
     with _adding:
         saved, skipped = save_uploads(files, engine.upload_dir)
-        before = engine.index.n_photos()
-        stats = engine.reindex(progress=False) if saved else {"failed_paths": [], "faces": 0}
-    from photos import failure_lines
+        stats = engine.reindex(progress=False) if saved else {"failed_paths": [], "faces": 0, "reasons": {}}
+        mine = {p.resolve() for p in saved}
+        bad = [p for p in stats.get("failed_paths", []) if Path(p).resolve() in mine]     # this request's only
+        for p in bad:
+            Path(p).unlink(missing_ok=True)
     if skipped:                                           # the server log's one line for what was refused
         log.info(f"add_photos request: skipped {'; '.join(skipped)}")
-    bad = [s for s in failure_lines(stats)] + [f"skipped: {s}" for s in skipped]
-    return "\n\n".join([f"Added {engine.index.n_photos() - before} photo(s) ({stats.get('faces', 0)} faces found); "
-                        f"the gallery now has {engine.index.n_photos()} photos, {len(engine.index)} faces."] + bad)
+    reasons = stats.get("reasons", {})
+    lines = [f"skipped (unreadable): {Path(p).name}: {reasons.get(str(p), 'unreadable')}" for p in bad]
+    return "\n\n".join([f"Added {len(saved) - len(bad)} photo(s) ({stats.get('faces', 0)} faces found); "
+                         f"the gallery now has {engine.index.n_photos()} photos, {len(engine.index)} faces."]
+                        + lines + [f"skipped: {s}" for s in skipped])
 
 
 def add_photos_steps(engine: Engine, files, every: float = 0.5):

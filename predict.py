@@ -192,8 +192,8 @@ def summary_line(rows: list[dict], skipped: int, files: int, videos: int = 0) ->
             parts.append(_n(firsts.count(how), o, m))
     if skipped:
         parts.append(f"{skipped} skipped (unreadable)")
-    head = " and ".join(_n(k, one, many) for k, one, many in ((files - videos, "image", "images"),
-                                                               (videos, "video", "videos")) if k)
+    head = " and ".join(_n(k, o, m) for k, o, m in ((files - videos, "image", "images"), (videos, "video", "videos"))
+                        if k)
     if videos:
         head += f", {_n(frames, 'video frame', 'video frames')}"
     return f"{head}: " + ", ".join(parts)

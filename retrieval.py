@@ -160,8 +160,11 @@ def query_warnings(tokenizer, query: str, max_length: int, unreadable_share: flo
     text = (query if isinstance(query, str) else "").strip()
     cut = text[:MAX_QUERY_CHARS]
     words = cut.split()
-    if not words or getattr(tokenizer, "reads_all_scripts", False):   # a multilingual sentence tower
+    if not words:
         return []
+    if getattr(tokenizer, "reads_all_scripts", False):               # a multilingual sentence tower, any length
+        return [f"The query is {len(text):,} characters long: only the first {MAX_QUERY_CHARS} were read. Shorten "
+                "it to the expression."] if len(text) > len(cut) else []
     unk = tokenizer.unk_token_id
     per_word = tokenizer(words, add_special_tokens=False)["input_ids"]       # word pieces of each word
     total = sum(len(ids) for ids in per_word)
@@ -308,7 +311,7 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int 
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not cap.isOpened():
-            raise UserError(f"{name}: not a video OpenCV can read (use MP4, AVI, MOV, WebM)")
+            raise UserError(_not_a_video(path, "not a video OpenCV can read"))
         w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
         if w * h > max_pixels:
             raise UserError(f"{name}: {w:.0f}x{h:.0f} frames are over the {max_pixels:,}-pixel limit; resize it first")
@@ -334,8 +337,20 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int 
     finally:
         cap.release()
     if not frames:
-        raise UserError(f"{name}: no frames could be decoded (use MP4, AVI, MOV, WebM)")
+        raise UserError(_not_a_video(path, "no frames could be decoded"))
     return frames
+
+
+def _not_a_video(path, why: str) -> str:
+    """Why a video could not be read; a still image under a video's name is named as one."""
+    try:
+        with Image.open(path) as im:
+            kind = im.format
+    except Exception:  # noqa: BLE001 -- not an image either: the video's own reason
+        kind = None
+    if kind:
+        return f"{Path(path).name}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
+    return f"{Path(path).name}: {why} (use MP4, AVI, MOV, WebM)"
 
 
 def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tuple[list[Image.Image], list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -82,14 +83,15 @@ def _from_zip(zpath: Path, dest: Path, saved: list, skipped: list) -> None:
 
 
 def save_uploads(files, dest: Path) -> tuple[list[Path], list[str]]:
-    """Uploaded paths (images or zips) -> (files written into a new folder under dest, one line per refusal)."""
+    """Uploaded paths (images or zips) -> (files written into a new folder under dest, one line per refusal). The
+    folder is this request's alone (removed again when nothing was taken): concurrent requests never share one."""
     files = [files] if isinstance(files, (str, os.PathLike)) else files
     if not isinstance(files, (list, tuple)) or not files:
         raise UserError("choose photos (JPEG, PNG, ...) or a zip of photos to add")
     if len(files) > MAX_FILES:
         raise UserError(f"{len(files)} files: at most {MAX_FILES} at once (or put them in a zip)")
-    dest = Path(dest) / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=dest))   # this request's own folder
     saved, skipped = [], []
     for f in files:
         p = Path(str(f)[:4096]) if isinstance(f, (str, os.PathLike)) else None

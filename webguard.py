@@ -10,10 +10,12 @@ traceback for each refusal; `lenient` hands such values to the handler instead, 
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
 import re
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -26,6 +28,7 @@ MAX_MESSAGE_CHARS = 600        # a message echoing a huge request stays readable
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_VOCAB_BYTES = 256_000
 MAX_EXPRESSIONS = 200          # sentences ranked per request
+MAX_SENTENCE_CHARS = 500       # one expression's sentence (retrieval.MAX_QUERY_CHARS for a query)
 
 
 def _upload_dir_pattern() -> re.Pattern:
@@ -168,6 +171,19 @@ def open_upload(image):
     return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
 
 
+@functools.cache
+def _downloads_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="exprclip-downloads-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def download_path(name: str) -> Path:
+    """A new path named `name` for a file the page offers to download: in its own folder (so concurrent requests
+    never share one) under one temporary folder per server, removed when the server exits (Gradio serves a copy)."""
+    return Path(tempfile.mkdtemp(dir=_downloads_root())) / name
+
+
 def read_vocab_upload(path) -> str:
     """Text of an uploaded vocabulary file, checked with vocab.parse_vocab (errors name the file and line)."""
     from vocab import parse_vocab
@@ -182,20 +198,28 @@ def read_vocab_upload(path) -> str:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{path.name}: not UTF-8 text; save it as UTF-8 with one `name: sentence` per line") from None
-    parse_vocab(text, source=path.name)
+    _checked_items(text, path.name)                     # refused when loaded, not at the next ranking
     return text
+
+
+def _checked_items(text: str, source: str) -> list[tuple[str, str]]:
+    """parse_vocab, then the limits of one request: MAX_EXPRESSIONS lines, MAX_SENTENCE_CHARS per sentence."""
+    from vocab import parse_vocab
+    items = parse_vocab(text, source=source)
+    if len(items) > MAX_EXPRESSIONS:
+        raise UserError(f"{source} has {len(items)} expressions; at most {MAX_EXPRESSIONS} are ranked at once")
+    for name, sentence in items:
+        if len(sentence) > MAX_SENTENCE_CHARS:
+            raise UserError(f"{source}: the sentence of `{name[:40]}` is {len(sentence):,} characters long; at most "
+                            f"{MAX_SENTENCE_CHARS} (a sentence or two describing the expression)")
+    return items
 
 
 def vocab_items(vocab_text) -> list[tuple[str, str]]:
     """The expression list of a request -> (name, sentence) pairs; empty, huge or malformed -> UserError."""
-    from vocab import parse_vocab
     if not isinstance(vocab_text, str) or not vocab_text.strip():
         raise UserError("the expression list is empty: one `name: sentence` per line")
     if len(vocab_text) > MAX_VOCAB_BYTES:
         raise UserError(f"the expression list is over {MAX_VOCAB_BYTES // 1000} k characters: one short line per "
                         "expression")
-    items = parse_vocab(vocab_text, source="expression list")
-    if len(items) > MAX_EXPRESSIONS:
-        raise UserError(f"the expression list has {len(items)} expressions; at most {MAX_EXPRESSIONS} are ranked "
-                        "at once")
-    return items
+    return _checked_items(vocab_text, "the expression list")

@@ -252,3 +252,11 @@ def test_long_queries_say_how_many_tokens_were_ignored(engine):
     gallery, msg = demo.make_handlers(engine)["search"](huge, 5)
     assert len(gallery) == 5 and "only the first 500 were read" in msg
     assert msg.startswith("5 best matches for “a wide smile a wide") and len(msg) < 1000   # the echo is shortened
+
+
+def test_a_multilingual_tower_still_says_a_long_query_was_cut():
+    from sentence_towers import SentenceTokenizer
+    tok = SentenceTokenizer()                                        # reads every script, any number of tokens
+    assert query_warnings(tok, "행복한 얼굴", 32) == [] and query_warnings(tok, "smile " * 80, 32) == []
+    notes = query_warnings(tok, "a calm neutral face. " * 24 + "actually laughing", 32)
+    assert len(notes) == 1 and "characters long: only the first 500 were read" in notes[0]

@@ -18,7 +18,7 @@ from photoviews import result_items
 from retrieval import (Engine, frame_crops, largest_face, load_frames, rank_expressions, rank_faces, read_video,
                        score_frames, search_text, similar_images, similar_to_gallery_image)
 from sequence import sequence_scores
-from utils import run_cli
+from utils import UserError, run_cli
 from vocab import load_vocab, parse_vocab
 from webguard import public_message
 
@@ -76,6 +76,13 @@ def test_bad_vocab_files_get_a_message_with_the_line_and_keep_the_list(h, tmp_pa
     text, msg = h["load_vocab"](str(tmp_path / "latin1.txt"), VOCAB)
     assert text == VOCAB and "not UTF-8" in msg
     assert "choose a text file" in h["load_vocab"](None, VOCAB)[1]
+    (tmp_path / "many.txt").write_text("".join(f"e{i}: sentence number {i}\n" for i in range(201)))
+    text, msg = h["load_vocab"](str(tmp_path / "many.txt"), VOCAB)              # refused when loaded, as ranked
+    assert text == VOCAB and msg == "many.txt has 201 expressions; at most 200 are ranked at once"
+    (tmp_path / "long.txt").write_text("calm: a calm face\nwordy: " + "a smile " * 80 + "\n")
+    text, msg = h["load_vocab"](str(tmp_path / "long.txt"), VOCAB)
+    assert text == VOCAB and "the sentence of `wordy` is 639 characters long; at most 500" in msg
+    assert "at most 500" in h["rank"](None, "wordy: " + "a smile " * 80, True)[-1]
     assert h["save_vocab"]("   ") == (None, "the expression list is empty: one `name: sentence` per line")
     path, msg = h["save_vocab"]("happy: a smile\nHappy: a grin")
     assert path is None and "line 2" in msg and "already used" in msg
@@ -196,6 +203,15 @@ def test_video_frames_sampled_evenly(tmp_path):
     assert len(frames) == 8 and frames[0].size == (64, 48) and frames[0].mode == "RGB"
     assert np.allclose([np.asarray(f).mean() for f in frames], want, atol=4)
     assert len(read_video(tmp_path / "clip.avi", max_frames=100)) == 50
+
+
+def test_a_photo_named_like_a_video_is_told_to_be_renamed(tmp_path):
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / "holiday.avi", format="JPEG")
+    with pytest.raises(UserError, match=r"holiday.avi: a JPEG image, not a video; rename it .jpeg"):
+        read_video(tmp_path / "holiday.avi")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match=r"junk.mp4: not a video OpenCV can read \(use MP4"):
+        read_video(tmp_path / "junk.mp4")
 
 
 def test_load_frames_orders_by_name_caps_and_reports_bad_files(tmp_path):

@@ -158,6 +158,47 @@ def test_zip_uploads_stay_in_their_folder_and_bombs_are_refused(tmp_path):
     assert not list(dest.rglob("bomb.png")) and all("\n" not in s for s in skipped)
 
 
+def test_requests_in_the_same_second_get_their_own_folders(tmp_path):
+    good = tmp_path / "face.png"
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(good)
+    (tmp_path / "notes.txt").write_text("hello")
+    dest = tmp_path / "uploads"
+    first, _ = save_uploads([str(good)], dest)
+    second, _ = save_uploads([str(good)], dest)
+    nothing, skipped = save_uploads([str(tmp_path / "notes.txt")], dest)     # its empty folder is removed, only it
+    assert first[0].parent != second[0].parent and nothing == [] and "not an image" in skipped[0]
+    assert first[0].is_file() and second[0].is_file() and len(list(dest.iterdir())) == 2
+
+
+def test_added_photos_unreadable_ones_are_named_once_and_removed_and_a_vanished_result_is_left_out(
+        trained, sample_dir, tmp_path):
+    import shutil
+
+    from photoviews import add_photos, result_items
+    from retrieval import Engine, search_text
+    crops = sorted((sample_dir / "images").glob("*.png"))[:3]
+    (tmp_path / "g").mkdir()
+    shutil.copy2(crops[0], tmp_path / "g" / "first.png")
+    engine = Engine.load(trained[0], tmp_path / "g", "cpu", tmp_path / "cache", progress=False)
+    up = tmp_path / "up"
+    up.mkdir()
+    shutil.copy2(crops[1], up / "mine.png")
+    shutil.copy2(crops[2], up / "third.png")
+    (up / "fake.png").write_bytes(b"not a png")
+    (up / "notes.txt").write_text("hello")
+    said = add_photos(engine, [str(up / "mine.png"), str(up / "fake.png")])
+    assert said.startswith("Added 1 photo(s)") and "skipped (unreadable): fake.png: " in said
+    assert str(tmp_path) not in said and not list(engine.upload_dir.rglob("fake.png"))   # not kept for later
+    said = add_photos(engine, [str(up / "notes.txt")])                 # saves nothing, within the same second
+    assert said.startswith("Added 0 photo(s)") and "fake.png" not in said
+    assert len(list(engine.upload_dir.rglob("mine.png"))) == 1         # the first request's photo is kept
+    said = add_photos(engine, [str(up / "third.png")])
+    assert said.startswith("Added 1 photo(s)") and engine.index.n_photos() == 3 and "unreadable" not in said
+    (tmp_path / "g" / "first.png").unlink()                           # gone since it was indexed
+    tiles = result_items(engine, search_text(engine, "a smile", 3))
+    assert len(tiles) == 2 and all("first.png" not in caption for _, caption in tiles)
+
+
 def test_hard_kill_during_indexing_loses_only_the_photo_in_progress(tmp_path):
     """os._exit in the middle of the 3rd photo (no finally, no flush): the first two photos survive."""
     import subprocess
