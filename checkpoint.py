@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -309,6 +310,15 @@ def init_from_config(args) -> tuple[Config, dict]:
     return init_config(ck["config"], args), ck
 
 
+def _finite(x):
+    """JSON has no NaN or infinity: such a value (an untrusted file's metric) is printed as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return [_finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="ExprCLIP checkpoint tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -326,7 +336,7 @@ def main(argv=None) -> int:
     if a.cmd == "info":
         from served_model import checkpoint_info, info_text
         info = checkpoint_info(a.path)
-        print(json.dumps(info, indent=1, ensure_ascii=False) if a.json else info_text(info))
+        print(json.dumps(_finite(info), indent=1, ensure_ascii=False, allow_nan=False) if a.json else info_text(info))
         return 0
     before, after = export(a.src, a.dst, a.half, a.source_side)
     print(f"{a.dst}: {after / 1e6:.1f} MB (from {a.src}: {before / 1e6:.1f} MB)")

@@ -64,6 +64,18 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
     return df[df["label"] != ""].reset_index(drop=True), skipped
 
 
+def refuse_overwriting_inputs(outputs: dict, data, table: pd.DataFrame, checkpoint) -> None:
+    """An output naming a file this evaluation reads (the captions CSV, an image of any split, the checkpoint) ->
+    UserError, before any work: `--json data/captions.csv` would replace the data with the report."""
+    p = Path(data)
+    reads = {Path(x).resolve() for x in table["path"]}
+    reads |= {q.resolve() for q in (p if p.is_file() else p / "captions.csv", Path(checkpoint)) if q.is_file()}
+    for flag, out in outputs.items():
+        if out and Path(out).resolve() in reads:
+            raise UserError(f"{flag} {out}: is a file this evaluation reads (its data or checkpoint); give another "
+                            f"{flag} (nothing was written)")
+
+
 def pick_split(df: pd.DataFrame, split: str | None) -> tuple[pd.DataFrame, str]:
     """Rows of `split` ('all' = every row); default: test if present, else val, else all. -> (rows, description)."""
     have = [s for s in dict.fromkeys(df["split"]) if s]
@@ -185,8 +197,10 @@ def parse_list(text: str | None) -> list[str]:
 
 def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper", unseen=(), compare=None,
              batch_size: int = 64, device: str = "auto", all_classes: bool = False, confusion=None,
-             amp: str | None = None, tta: bool = False, prior: bool = False, faces: str | None = None) -> dict:
-    """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring)."""
+             amp: str | None = None, tta: bool = False, prior: bool = False, faces: str | None = None,
+             outputs: dict | None = None) -> dict:
+    """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring).
+    outputs: {flag: path} the caller will write (with `confusion`), refused when they name a file this run reads."""
     from checkpoint import create_model_and_transforms, read_checkpoint
     dev, ck = pick_device(device), read_checkpoint(checkpoint)
     model, _, preprocess = create_model_and_transforms(ck, dev, path=checkpoint)
@@ -194,6 +208,7 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     faces = faces or default_faces(data)
     reader = FaceReader(preprocess, faces, cfg.grayscale)       # the face each file gives, as the demo reads it
     table, skipped = read_data(str(data))
+    refuse_overwriting_inputs({"--confusion": confusion, **(outputs or {})}, data, table, checkpoint)
     df, split_how = pick_split(table, split)
     ce = cfg.objective == "ce"
     if ce and prior:
@@ -342,16 +357,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    for flag, out in (("--json", a.json), ("--confusion", a.confusion)):
+    for flag, out, ext in (("--json", a.json, ".json"), ("--confusion", a.confusion, ".png")):
         if out:
             check_output_file(out, flag)        # before the evaluation, not after it
+            if Path(out).suffix.lower() != ext:
+                raise UserError(f"{flag} {out}: name a {ext} file")
     compare = [s.strip() for s in (a.compare_prompts or "").split(",") if s.strip()]
     checkpoint, why = choose_checkpoint(a.checkpoint)
     if not a.checkpoint:
         log.info(f"no --checkpoint: {checkpoint.name}, {why}")
     res = evaluate(checkpoint, a.data, a.split, a.prompts, parse_list(a.unseen), compare, a.batch_size,
                    a.device, a.all_classes, a.confusion, a.amp, a.tta == "flip",
-                   a.prior == "train", a.faces)
+                   a.prior == "train", a.faces, outputs={"--json": a.json})
+    if a.confusion:
+        log.info(f"wrote {a.confusion}")
     print(report_text(res))
     if a.json:
         atomic_write_text(a.json, json.dumps(res, indent=1))

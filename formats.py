@@ -27,6 +27,7 @@ RAFDB_NAMES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "
 FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown", "NF")
 FERPLUS_DIRS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
 USAGE_SPLITS = {"training": "train", "publictest": "val", "privatetest": "test"}
+FER2013_BAD_USAGE = "Usage not Training, PublicTest, PrivateTest or empty"
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
 
@@ -70,15 +71,19 @@ def collect(items, row_fn, skipped: Counter, columns) -> pd.DataFrame:
 # DIR/images/<prefix>/ if written), label (the dataset's own name), split, and optionally pixels, box, soft_labels.
 
 def read_fer2013_csv(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
-    """Kaggle fer2013.csv: emotion 0..6, pixels (2304 ints), optional Usage -> train/val/test."""
+    """Kaggle fer2013.csv: emotion 0..6, pixels (2304 ints), optional Usage Training/PublicTest/PrivateTest ->
+    train/val/test. No Usage column or an empty Usage: no split (split '', image under all/); any other Usage:
+    the row is skipped and counted."""
     df = read_csv_checked(source, ["emotion", "pixels"], hint=FORMAT_HINT)
     emotion = pd.to_numeric(df["emotion"], errors="coerce")
     ok = emotion.isin(range(7))
     usage = df["Usage"].str.strip().str.lower() if "Usage" in df else pd.Series("", index=df.index)
-    split = usage.map(USAGE_SPLITS).fillna(usage)
+    split = usage.map({**USAGE_SPLITS, "": ""})
+    known = ok & split.notna()
     rows = pd.DataFrame({"src": "", "name": [f"{s or 'all'}/fer{i:05d}.png" for i, s in zip(df.index, split)],
                          "label": emotion.map(dict(enumerate(FER2013_NAMES))), "split": split, "pixels": df["pixels"]})
-    return rows[ok].reset_index(drop=True), Counter({"emotion not in 0..6": int((~ok).sum())})
+    return rows[known].reset_index(drop=True), Counter({"emotion not in 0..6": int((~ok).sum()),
+                                                        FER2013_BAD_USAGE: int((ok & split.isna()).sum())})
 
 
 FOLDER_WANTS = "--format folder wants SPLIT/CLASS/*.png or CLASS/*.png"

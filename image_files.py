@@ -15,9 +15,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from utils import HEIF_EXTS, HEIF_READABLE, UserError, first_line
 
 
+def float_to_8bit(a: np.ndarray) -> Image.Image:
+    """Float grey -> 8-bit L: 0..1 scaled by 255, 0..255 kept, 0..65535 divided by 257, else stretched; NaN/inf 0."""
+    a = np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = a.min(initial=0.0), a.max(initial=0.0)
+    if lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo < 0 or hi > 65535:
+        a = (a - lo) / (hi - lo + 1e-12) * 255
+    elif hi > 255:
+        a = a / 257.0
+    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any mode: 16-bit/float scaled to 8 bits, transparency flattened onto white, CMYK/P converted."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+    if im.mode == "F":
+        return float_to_8bit(np.asarray(im)).convert("RGB")
+    if im.mode == "I" or im.mode.startswith("I;"):
         a = np.asarray(im, dtype=np.float64)
         hi = a.max(initial=0)
         a = a if hi <= 255 else a / 257.0 if hi <= 65535 else (a - a.min()) / (hi - a.min() + 1e-12) * 255

@@ -353,6 +353,8 @@ def cmd_build(args) -> int:
 
 def cmd_search(args) -> int:
     from embed import embed_texts
+    if not args.query.strip():
+        raise UserError('--query is empty: describe an expression, e.g. --query "a wide smile"')
     model, _, autocast, index = _open_model(args)
     if len(index) == 0:
         raise UserError(f"{index.entries.dir}: no index for this checkpoint; run `python index.py build --images "

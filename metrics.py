@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils import UserError
+from utils import UserError, atomic_write
 
 
 def _np(x) -> np.ndarray:
@@ -241,8 +241,7 @@ def save_confusion_png(cm, class_names: Sequence[str], path, normalize: bool = T
             txt = ("-" if rows[i, 0] == 0 else f"{val[i, j]:.2f}") if normalize else f"{int(cm[i, j])}"
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white" if val[i, j] > vmax / 2 else "black")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return Path(path)
 
 

@@ -30,13 +30,15 @@ from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_
 log = get_logger(__name__)
 OUT_FORMATS = (".csv", ".json")
 COLUMNS = ("file", "frame", "time_s", "face", "person", "how", "more_faces", "x0", "y0", "x1", "y1", "detector_score")
+INT_COLUMNS = ("frame", "face", "person", "x0", "y0", "x1", "y1")
 HOW = {"face": "face", "crop": "face crop", "no face": "no face (centre square scored)",
        "whole": "whole image (detection off)"}
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
     """Files as given (any name: a non-image is skipped later with its reason) and the images and videos below
-    each folder (recursive, sorted); a path that does not exist, or folders without any, -> UserError."""
+    each folder (recursive, sorted), each file once however it is named (the first name given is kept); a path that
+    does not exist, or folders without any, -> UserError."""
     from index import list_images
     from retrieval import VIDEO_EXTS
     out = []
@@ -50,7 +52,10 @@ def image_paths(inputs: list[str]) -> list[Path]:
             raise UserError(f"{given}: no such file or folder; pass image files or folders of images")
     if not out:
         raise UserError(f"no {'/'.join(sorted(IMAGE_EXTS))} images (or videos) in {', '.join(inputs)}")
-    return list(dict.fromkeys(out))
+    once: dict[Path, Path] = {}
+    for p in out:
+        once.setdefault(p.resolve(), p)                                  # one file named two ways: read once
+    return list(once.values())
 
 
 def face_rows(res, file: Path, scale: float, names: list[str], detect: bool, frame=None, time_s=None) -> list[dict]:
@@ -169,6 +174,8 @@ def write_table(rows: list[dict], out: Path) -> None:
         atomic_write_text(out, json.dumps(rows, indent=1, ensure_ascii=False))
     else:
         table = pd.DataFrame(rows)
+        for c in INT_COLUMNS:                                             # 12, not 12.0, beside empty cells
+            table[c] = table[c].astype("Int64")
         atomic_write(out, lambda tmp: table.to_csv(tmp, index=False, encoding="utf-8-sig"))
 
 

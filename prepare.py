@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
-from captions import CANONICAL, SYNONYMS, caption_for, clean_name, load_caption_bank
+from captions import CANONICAL, SYNONYMS, canonical_name, caption_for, clean_name, load_caption_bank
 from formats import FERPLUS_DIRS, FERPLUS_VOTES, READERS, USAGE_SPLITS, Skip, read_folder  # noqa: F401 (re-exported)
+from image_files import float_to_8bit
 from logs import get_logger
 from utils import UserError, atomic_write, read_csv_checked, run_cli
 
@@ -33,8 +34,17 @@ log = get_logger(__name__)
 
 # ----------------------------------------------------------------------------- labels
 
+def check_label_map(label_map: dict[str, str] | None, known=CANONICAL) -> None:
+    """UserError naming the first --label-map pair whose NEW name is not a class (after synonyms)."""
+    for old, new in (label_map or {}).items():
+        if str(new).strip() and canonical_name(new) not in known:
+            raise UserError(f"--label-map {old}={new}: {new} is not a class; use one of {', '.join(known)} "
+                            f"(or {old}= to drop the class)")
+
+
 def harmonise_label(name, label_map: dict[str, str] | None = None, known=CANONICAL) -> str | None:
     """Dataset class name -> canonical name (--label-map first, then synonyms); None when mapped to ''."""
+    check_label_map(label_map, known)
     key = clean_name(name)
     mapped = {clean_name(k): v for k, v in (label_map or {}).items()}
     if key in mapped:
@@ -48,7 +58,8 @@ def harmonise_label(name, label_map: dict[str, str] | None = None, known=CANONIC
 
 
 def harmonise_labels(labels: pd.Series, label_map=None, known=CANONICAL, where: str = "") -> pd.Series:
-    """harmonise_label over a column; one UserError listing every unknown name."""
+    """harmonise_label over a column; one UserError listing every unknown name (a bad NEW name first)."""
+    check_label_map(label_map, known)
     mapping, unknown = {}, []
     for name in pd.unique(labels):
         try:
@@ -67,11 +78,14 @@ def to_8bit(im: Image.Image) -> tuple[Image.Image, str | None]:
     """8-bit L or RGB image, and a note naming the conversion (None when none was needed)."""
     if im.mode in ("L", "RGB"):
         return im, None
-    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey: scale 0..65535 to 0..255
+    if im.mode == "F":
+        return float_to_8bit(np.asarray(im, dtype=np.float64)), "converted F (32-bit float) to L"
+    if im.mode.startswith("I"):  # 16/32-bit integer grey: scale 0..65535 to 0..255
         a = np.asarray(im).astype(np.float64)
         if im.mode.startswith("I;16") or a.max() > 255:
             a = a / 257.0
-        return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L"), f"converted {im.mode} (16-bit) to L"
+        bits = "16-bit" if im.mode.startswith("I;16") else "32-bit integer"
+        return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L"), f"converted {im.mode} ({bits}) to L"
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:  # as faces.py: onto white
         flat = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
         return flat.convert("L" if im.mode.startswith("L") else "RGB"), f"flattened {im.mode} onto white"
@@ -80,8 +94,18 @@ def to_8bit(im: Image.Image) -> tuple[Image.Image, str | None]:
     return im.convert("RGB"), "converted palette to RGB" if im.mode == "P" else f"converted {im.mode} to RGB"
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """The pixels as displayed: rotated/flipped by the EXIF Orientation (as image_files.safe_open_image does);
+    a broken EXIF block keeps them as stored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        return im
+
+
 def load_image(path) -> tuple[Image.Image, str | None]:
-    """Fully decoded 8-bit L/RGB image (see to_8bit); Skip for unreadable or truncated files."""
+    """Fully decoded 8-bit L/RGB image, upright by its EXIF Orientation (see to_8bit); Skip for unreadable or
+    truncated files."""
     try:
         im = Image.open(path)
     except Exception:
@@ -89,7 +113,7 @@ def load_image(path) -> tuple[Image.Image, str | None]:
     try:
         with im:
             im.load()
-            return to_8bit(im)
+            return to_8bit(upright(im))
     except Exception:
         raise Skip("unreadable image (truncated or corrupt)")
 
@@ -239,11 +263,20 @@ def format_report(table: pd.DataFrame) -> str:
 
 
 def parse_label_map(items) -> dict[str, str]:
-    """['old=new', ...] -> {old: new}; 'old=' drops the class."""
-    bad = [s for s in items or [] if "=" not in s or not s.split("=", 1)[0].strip()]
+    """['old=new', ...] -> {old: new}; 'old=' drops the class. Malformed pairs and two NEW names for one OLD
+    name (case and spacing ignored, synonyms alike) are refused."""
+    bad = [s for s in items or [] if s.count("=") != 1 or not s.split("=", 1)[0].strip()]
     if bad:
-        raise UserError(f"--label-map {bad[0]!r}: expected OLD=NEW, e.g. --label-map angry=anger (OLD= drops a class)")
-    return dict(s.split("=", 1) for s in items or [])
+        raise UserError(f"--label-map {bad[0]!r}: expected one OLD=NEW pair with a single '=', e.g. "
+                        "--label-map angry=anger (OLD= drops a class)")
+    pairs, seen = {}, {}
+    for s in items or []:
+        old, new = s.split("=", 1)
+        first = seen.setdefault(clean_name(old), s)
+        if canonical_name(first.split("=", 1)[1]) != canonical_name(new):
+            raise UserError(f"--label-map {first} {s}: two new names for {old.strip()}; keep one of them")
+        pairs[old] = new
+    return pairs
 
 
 def main(argv=None) -> int:

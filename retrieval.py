@@ -307,7 +307,7 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int 
     """Up to max_frames frames spaced evenly over the video, in order; unreadable videos -> UserError."""
     import cv2
     _quiet_opencv()
-    name = Path(path).name
+    name = str(path)                                                  # load_frames shortens it to the file's name
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not cap.isOpened():
@@ -349,8 +349,8 @@ def _not_a_video(path, why: str) -> str:
     except Exception:  # noqa: BLE001 -- not an image either: the video's own reason
         kind = None
     if kind:
-        return f"{Path(path).name}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
-    return f"{Path(path).name}: {why} (use MP4, AVI, MOV, WebM)"
+        return f"{path}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
+    return f"{path}: {why} (use MP4, AVI, MOV, WebM)"
 
 
 def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tuple[list[Image.Image], list[str]]:

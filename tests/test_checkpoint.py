@@ -356,6 +356,12 @@ def test_info_describes_a_run_file_and_a_shipped_file_without_building_either(tr
     atomic_save(ck, tmp_path / "odd.pth")
     assert checkpoint.main(["info", str(tmp_path / "odd.pth"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == {"val_top1": "tensor(0.5000)", "notes": str(["a"] * 20)[:80]}
+    ck["metrics"] = {"val_top1": float("nan"), "best": float("inf")}                    # JSON has no NaN
+    atomic_save(ck, tmp_path / "nan.pth")
+    assert checkpoint.main(["info", str(tmp_path / "nan.pth"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    assert json.loads(out)["metrics"] == {"val_top1": None, "best": None}
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     assert run_cli(checkpoint.main, ["info", str(tmp_path / "notes.pth")]) == 2
     err = capsys.readouterr().err

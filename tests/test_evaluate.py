@@ -125,10 +125,25 @@ def test_bad_inputs(trained, sample_dir, tmp_path, capsys):
              (["--checkpoint", trained[0], "--data", sample_dir, "--split", "test"], "the data has: "),
              (["--checkpoint", trained[0], "--data", tmp_path / "nowhere"], "no such file or folder"),
              (["--checkpoint", trained[0], "--data", sample_dir, "--json", tmp_path], "--json"),
-             (["--checkpoint", trained[0], "--data", sample_dir, "--confusion", tmp_path], "is a folder")]
+             (["--checkpoint", trained[0], "--data", sample_dir, "--confusion", tmp_path], "is a folder"),
+             (["--checkpoint", trained[0], "--data", sample_dir, "--confusion", tmp_path / "cm.txt"], "name a .png"),
+             (["--checkpoint", trained[0], "--data", sample_dir, "--json", tmp_path / "r.txt"], "name a .json")]
     for argv, message in cases:
         rc, out, err = run(argv, capsys)
         assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_an_output_naming_the_data_is_refused_and_the_data_kept(trained, sample_dir, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "d"
+    shutil.copytree(sample_dir, data)
+    face = sorted((data / "images").glob("*.png"))[0]
+    before = {p: p.read_bytes() for p in (data / "captions.csv", face)}
+    (data / "captions.json").symlink_to(data / "captions.csv")         # another name for the same file
+    for argv in (["--json", data / "captions.json"], ["--confusion", face]):
+        rc, out, err = run(["--checkpoint", trained[0], "--data", data, *argv], capsys)
+        assert rc == 2 and "is a file this evaluation reads" in err and err.count("\n") == 1, err
+    assert all(p.read_bytes() == b for p, b in before.items())
 
 
 def test_flip_tta_averages_mirror_embeddings(trained, sample_dir, capsys):

@@ -287,6 +287,8 @@ def test_safe_open_converts_modes_and_orientation(tmp_path):
     assert cmyk.mode == "RGB" and r > 200 and g < 60 and b < 60
     pal = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P", palette=Image.Palette.ADAPTIVE)
     assert safe_open_image(_png(pal)).getpixel((0, 0)) == (0, 0, 255)
+    unit = Image.fromarray(np.full((8, 8), 0.8, dtype=np.float32), "F")           # a float TIFF in 0..1
+    assert safe_open_image(unit).getpixel((0, 0)) == (204, 204, 204)
     clear = safe_open_image(_png(Image.new("RGBA", (8, 8), (0, 0, 0, 0))))
     assert clear.mode == "RGB" and clear.getpixel((0, 0)) == (255, 255, 255)
     exif = Image.Exif()

@@ -275,3 +275,5 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     write_image(empty / "a.png", 1)
     assert ix.run_cli(ix.main, ["search", "--images", str(empty), "--checkpoint", str(ckpt), "--query", "x"]) == 2
     assert "run `python index.py build" in capsys.readouterr().err
+    assert ix.run_cli(ix.main, ["search", *common, "--query", "  "]) == 2
+    assert "--query is empty" in capsys.readouterr().err

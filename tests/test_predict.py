@@ -40,9 +40,9 @@ def _folder(sample_dir, root: Path) -> Path:
 def test_a_folder_gets_a_row_per_face_and_unreadable_files_are_one_line_each(trained, sample_dir, tmp_path):
     folder = _folder(sample_dir, tmp_path / "mine")
     out = tmp_path / "faces.csv"
-    r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(folder), "--checkpoint", str(trained[0]),
+    r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(folder), "mine", "--checkpoint", str(trained[0]),
                         "--out", str(out), "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300)                      # the folder named twice: each file read once
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "skipped " in r.stderr and "notes.png" in r.stderr
     assert "4 images: 0 faces found in 0 photos, 1 photo without a face, 2 face crops read whole, 1 skipped" \
@@ -122,7 +122,7 @@ def test_an_unreadable_video_is_one_line_without_ffmpegs_own_and_counted_as_a_vi
     r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(clip), "--checkpoint", str(trained[0]),
                         "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     said = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.returncode == 2 and said == ["skipped clip.mp4: not a video OpenCV can read (use MP4, AVI, MOV, WebM)",
+    assert r.returncode == 2 and said == [f"skipped {clip}: not a video OpenCV can read (use MP4, AVI, MOV, WebM)",
                                           "error: the video could not be read (the reason is above); nothing written"]
     assert "1 video, 0 video frames: 0 faces found in 0 pictures, 1 skipped (unreadable)" in r.stdout
 
@@ -204,6 +204,7 @@ def test_two_people_in_a_video_keep_their_numbers_when_the_largest_face_changes(
     lines = capsys.readouterr().out.splitlines()
     rows = pd.read_csv(tmp_path / "t.csv", encoding="utf-8-sig")
     assert rc == 0 and list(rows["face"]) == [1, 2] * 4
+    assert "talk.avi,0,0.0,1,1,face,False,20,60,120,160," in (tmp_path / "t.csv").read_text("utf-8-sig")   # ints as ints
     left = rows["x0"] < 160
     assert list(rows["person"][left]) == [1] * 4 and list(rows["person"][~left]) == [2] * 4
     assert sum(f"frame 19 (1.90 s) person 2 at 190,60-290,160:" in x for x in lines) == 1

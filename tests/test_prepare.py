@@ -81,6 +81,19 @@ def test_fer2013_csv_bad_rows_counted_and_missing_column(tmp_path):
         P.convert(tmp_path / "g.csv", "fer2013-csv", tmp_path / "out2")
 
 
+def test_fer2013_csv_empty_usage_has_no_split_and_unknown_usage_is_skipped(tmp_path):
+    fer_csv(tmp_path / "f.csv", n=10)
+    df = pd.read_csv(tmp_path / "f.csv")
+    df.loc[0, "Usage"], df.loc[1, "Usage"], df.loc[2, "Usage"] = "", " ", "Weird"
+    df.to_csv(tmp_path / "f.csv", index=False)
+    table = P.convert(tmp_path / "f.csv", "fer2013-csv", tmp_path / "out")
+    assert len(table) == 9 and "weird" not in set(table["split"])
+    assert table.attrs["report"]["skipped"] == {"Usage not Training, PublicTest, PrivateTest or empty": 1}
+    empty = table[table["split"] == ""]["image"].tolist()
+    assert empty == ["images/fer2013/all/fer00000.png", "images/fer2013/all/fer00001.png"]
+    assert table["image"][2].startswith("images/fer2013/train/")
+
+
 # ----------------------------------------------------------------------------- folder
 
 def test_folder_split_layout_in_place_and_copy(tmp_path):
@@ -127,6 +140,23 @@ def test_unknown_class_names_it_and_label_map_fixes_it(tmp_path, capsys):
         P.harmonise_label("x")
 
 
+def test_label_map_names_a_bad_new_name_a_malformed_pair_and_two_new_names(tmp_path, capsys):
+    for i, cls in enumerate(["happy", "Pain", "bored"]):
+        img(tmp_path / "src" / cls / f"{i}.png")
+    argv = [str(tmp_path / "src"), "--format", "folder", "--out", str(tmp_path / "out"), "--label-map"]
+    cases = {("pain=fear", "bored=xyz"): "--label-map bored=xyz: xyz is not a class; use one of neutral, ",
+             ("pain=fear", "bored=happy=x"): "--label-map 'bored=happy=x': expected one OLD=NEW pair",
+             ("pain=fear", "Pain=anger", "bored=neutral"): "--label-map pain=fear Pain=anger: two new names for Pain"}
+    for pairs, message in cases.items():
+        assert run_cli(P.main, argv + list(pairs)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "unknown class name" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert P.parse_label_map(["pain=fear", "PAIN=fear", "x=happy", "x=happiness"])["x"] == "happiness"  # same name
+    with pytest.raises(UserError, match="--label-map x=xyz: xyz is not a class"):
+        P.harmonise_label("x", {"x": "xyz"})
+
+
 def test_image_problems_converted_or_skipped(tmp_path):
     d = tmp_path / "src" / "happy"
     img(d / "rgba.png", "RGBA"), img(d / "pal.png", "P"), img(d / "deep.png", "I;16"), img(d / "cmyk.jpg", "CMYK")
@@ -151,6 +181,41 @@ def test_image_problems_converted_or_skipped(tmp_path):
     assert deep.dtype == np.uint8 and deep.max() > 200  # scaled from 0..65535, not clipped
     trusted = P.convert(tmp_path / "src", "folder", tmp_path / "out2", verify=False)
     assert len(trusted) == 8  # --no-verify opens nothing
+
+
+def test_float_tiff_in_0_to_1_is_scaled_not_black_and_named_float(tmp_path):
+    a = np.linspace(0, 1, 48 * 48, dtype=np.float32).reshape(48, 48)
+    Image.fromarray(a, "F").save(img(tmp_path / "src" / "happy" / "ok.png").parent / "float.tif")
+    table = P.convert(tmp_path / "src", "folder", tmp_path / "out")
+    assert table.attrs["report"]["converted"] == {"converted F (32-bit float) to L": 1}
+    out = np.asarray(opened(tmp_path / "out", table[table["image"].str.contains("float")]["image"].iloc[0]))
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255 and abs(int(out[24, 0]) - 128) <= 2
+
+
+def exif_rotated_jpeg(path: Path) -> Path:
+    """A 40x20 JPEG (one bright corner, top left as stored) with EXIF Orientation 6: displayed 20x40, upright."""
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:6, :12] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+def test_detect_faces_sees_an_exif_rotated_photo_upright(tmp_path, monkeypatch):
+    import faces
+    from PIL import ImageOps
+    src = exif_rotated_jpeg(tmp_path / "src" / "happy" / "phone.jpg")
+    im, note = P.load_image(src)
+    assert note is None and (np.asarray(im) == np.asarray(ImageOps.exif_transpose(Image.open(src)))).all()
+    seen = []
+    monkeypatch.setattr(faces, "detect_faces", lambda im, max_faces=1: seen.append(im.size) or [])
+    table = P.convert(tmp_path / "src", "folder", tmp_path / "out", detect_faces=True, no_face="keep")
+    kept = np.asarray(opened(tmp_path / "out", table["image"][0]).convert("L"))
+    assert seen == [(20, 40)] and kept.shape == (40, 20) and kept[:12, -6:].mean() > 200 > kept[:12, :6].mean()
+    monkeypatch.setattr(P.ImageOps, "exif_transpose", lambda im: 1 / 0)  # broken EXIF: kept as stored
+    assert P.load_image(src)[0].size == (40, 20)
 
 
 def test_merge_appends_without_duplicates(tmp_path):
