@@ -29,6 +29,7 @@ DETECT_SIDE = 1024    # longest side detectors work at (big photos are shrunk fi
 SMALL_SIDE = 160      # shortest side below which images are upscaled (tiny faces: FER is 48x48)
 CROP_MAX_SIDE = 160   # an image whose longer side is at most this is a face crop already (FER 48, RAF-DB 100 px):
                       # read whole, not searched for a face (uploads, frames and gallery files alike)
+MIN_SIDE = 16         # an image with a shorter side is refused: no face can be read in it (FER's faces are 48 px)
 DISPLAY_SIDE = 1024   # longest side of the annotated image `annotate` returns
 DECODE_SIDE = 1600    # safe_open_image(max_side=...) for photos to detect in: JPEGs decode at 1/2..1/8 scale
 CROP_SIDE = 512       # crops wider than this (in image pixels) are reduced: models take 48-224 px
@@ -324,6 +325,13 @@ def faces_or_whole(image: Image.Image, max_faces: int = 10, grayscale: bool = Fa
     W, H = image.size
     whole = Box(*_square_inside(W / 2, H / 2, min(W, H), W, H), score=0.0)
     return [crop_face(image, whole, margin=0.0, grayscale=grayscale)], [whole], False
+
+
+def check_min_side(size: tuple[int, int], name: str = "the image") -> None:
+    """UserError when an image is too small to hold a readable face (a side under MIN_SIDE px: a 1x1 upload, a strip)."""
+    if min(size) < MIN_SIDE:
+        raise UserError(f"{name}: {size[0]}x{size[1]} px is too small to read a face (at least {MIN_SIDE} px a side); "
+                        "use a larger photo or face crop")
 
 
 def is_crop_sized(size: tuple[int, int]) -> bool:

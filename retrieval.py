@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import threading
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from checkpoint import create_model_and_transforms
 from config import Config
 from transform import Preprocess
 from embed import embed_images, embed_texts
-from faces import Box, annotate, faces_or_whole, is_crop_sized
+from faces import Box, annotate, check_min_side, faces_or_whole, is_crop_sized
 from image_files import safe_open_image
 from index import GalleryIndex, make_encoder
 from model import ExprCLIP
@@ -137,9 +138,11 @@ class Engine:
 
 
 def clean_query(text: str | None) -> str:
-    """The query as searched: stripped, at most MAX_QUERY_CHARS characters; empty or not text -> UserError."""
-    text = (text if isinstance(text, str) else "").strip()
-    if not text:
+    """The query as searched: control characters (NUL, ...) as spaces, stripped, at most MAX_QUERY_CHARS characters;
+    empty, only invisible characters (zero-width, direction marks) or not text -> UserError."""
+    text = (text if isinstance(text, str) else "").lstrip()[:2 * MAX_QUERY_CHARS]     # a megabyte costs nothing
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text).strip()
+    if not "".join(c for c in text if unicodedata.category(c) != "Cf").strip():
         raise UserError("type a description of an expression first, e.g. 'a wide smile'")
     return text[:MAX_QUERY_CHARS]
 
@@ -259,7 +262,8 @@ def rank_faces(engine: Engine, photo: Image.Image, sentences: list[str], detect:
     """Score each detected face (largest first, at most max_faces; aligned crops where the detector gives
     landmarks) or, when none is found, the whole image. An image of at most faces.CROP_MAX_SIDE px is a face crop
     already (FER's 48 px faces): it is read whole, as the gallery reads such files (.crop). .shown is small
-    whatever the photo's size."""
+    whatever the photo's size. Under faces.MIN_SIDE px a side -> UserError."""
+    check_min_side(photo.size)
     if not detect or is_crop_sized(photo.size):
         return FaceScores([], False, False, score_images(engine, [photo], sentences), annotate(photo, []),
                           crop=bool(detect))
@@ -315,6 +319,8 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int 
         w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
         if w * h > max_pixels:
             raise UserError(f"{name}: {w:.0f}x{h:.0f} frames are over the {max_pixels:,}-pixel limit; resize it first")
+        if w > 0 and h > 0:                                          # 0: the container does not say
+            check_min_side((int(w), int(h)), f"{name}: its frames")
         fps, n = cap.get(cv2.CAP_PROP_FPS), int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if n <= 0:                                                   # unknown length: count by grabbing
             while cap.grab():
@@ -365,8 +371,10 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tu
             if Path(p).suffix.lower() in VIDEO_EXTS:
                 frames += read_video(p, max_frames, max_pixels)
             else:
-                frames.append(_shrink(safe_open_image(p, max_pixels)))
-                frames[-1].info.pop("time_s", None)                   # a still has no time (a PNG chunk may name one)
+                still = _shrink(safe_open_image(p, max_pixels))
+                check_min_side(still.size, str(p))
+                still.info.pop("time_s", None)                        # a still has no time (a PNG chunk may name one)
+                frames.append(still)
         except UserError as e:
             skipped.append(str(e).replace(str(p), Path(p).name))
     if not frames:
@@ -402,6 +410,7 @@ def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False
 def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str,
                  max_faces: int) -> tuple[list[Image.Image], list[Box], str]:
     """(crops largest first, their boxes, how): as largest_face, with up to max_faces faces."""
+    check_min_side(image.size)
     if not detect or is_crop_sized(image.size):
         return [image], [], "crop" if detect else "whole"
     crops, boxes, found = faces_or_whole(image, max_faces=max_faces, grayscale=grayscale, detector=detector)

@@ -63,6 +63,9 @@ def _from_zip(zpath: Path, dest: Path, saved: list, skipped: list) -> None:
     with zf:
         for info in zf.infolist():
             name = info.filename
+            if not info.is_dir() and name.lower().endswith(".zip"):
+                skipped.append(f"{safe_name(name)} in {safe_name(zpath.name)}: a zip inside a zip is not opened; add "
+                               "it on its own")
             if info.is_dir() or os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
                 continue
             if taken >= MAX_MEMBERS:

@@ -284,6 +284,20 @@ def test_every_handler_answers_garbage_with_a_message(engine, h, sample_dir, tmp
             assert "could not handle this request" not in out[-1], (name, out[-1])    # every case is foreseen
 
 
+def test_images_too_small_for_a_face_and_invisible_queries_are_refused(h, sample_dir, tmp_path):
+    Image.new("L", (1, 1), 128).save(tmp_path / "dot.png")
+    Image.new("L", (600, 8), 128).save(tmp_path / "strip.png")
+    dot, strip = str(tmp_path / "dot.png"), str(tmp_path / "strip.png")
+    assert "1x1 px is too small to read a face" in h["rank"](dot, VOCAB, True)[-1]
+    assert "600x8 px is too small to read a face" in h["similar"](strip, 3)[-1]
+    bars, _, msg = h["sequence"]([dot] + _sample_faces(sample_dir, 2), VOCAB, True, 0.5)
+    assert "**2 frames**" in msg and "Skipped 1 file(s): dot.png: 1x1 px is too small" in msg and bars
+    for query in ("\u200b\u202e", "\x00\x00", " \u2060 "):
+        assert "type a description" in h["search"](query, 3)[-1], repr(query)
+    items, msg = h["search"]("a wide\x00smile", 3)
+    assert len(items) == 3 and "\x00" not in msg
+
+
 def test_error_messages_name_the_uploaded_file_not_the_server_folder(h, tmp_path, monkeypatch):
     uploads = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))

@@ -149,6 +149,7 @@ def test_zip_uploads_stay_in_their_folder_and_bombs_are_refused(tmp_path):
         zf.write(good, "../../evil.png")
         zf.write(good, "album/nested/ok.png")
         zf.writestr("notes.txt", "hello")
+        zf.writestr("more/inner.zip", b"PK\x05\x06" + bytes(18))    # an empty zip, inside
         zf.writestr("bomb.png", b"\0" * 30_000_000)              # ~1000x compression
     dest = tmp_path / "cache" / "uploads"
     saved, skipped = save_uploads([str(z), str(good), str(tmp_path / "missing.jpg")], dest)
@@ -156,6 +157,7 @@ def test_zip_uploads_stay_in_their_folder_and_bombs_are_refused(tmp_path):
     assert all(dest in p.parents for p in saved) and not (tmp_path / "evil.png").exists()
     assert any("bomb.png" in s and "refused" in s for s in skipped) and any("missing.jpg" in s for s in skipped)
     assert not list(dest.rglob("bomb.png")) and all("\n" not in s for s in skipped)
+    assert "inner.zip in holiday.zip: a zip inside a zip is not opened; add it on its own" in skipped
 
 
 def test_requests_in_the_same_second_get_their_own_folders(tmp_path):

@@ -256,3 +256,10 @@ def test_the_summary_counts_images_and_videos_apart():
     assert predict.summary_line(rows, 1, 3, 1) == ("2 images and 1 video, 2 video frames: 3 faces found in 2 pictures, "
                                                    "1 picture without a face, 1 skipped (unreadable)")
     assert predict.summary_line(rows[:1], 0, 1) == "1 image: 1 face found in 1 photo"
+
+
+def test_an_image_too_small_for_a_face_is_skipped_with_its_path(trained, tmp_path, capsys):
+    Image.new("L", (4, 4), 128).save(tmp_path / "dot.png")
+    rc = predict.run_cli(predict.main, [str(tmp_path / "dot.png"), "--checkpoint", str(trained[0])])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"skipped {tmp_path / 'dot.png'}: 4x4 px is too small to read a face" in err
