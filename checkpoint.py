@@ -242,9 +242,9 @@ def half_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export(src, dst, half: bool = False, source_side: int | None = None) -> tuple[int, int]:
-    """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half`, its preprocessing's
-    source_side replaced when given (the resolution its training faces had: transform.reduce_to). Returns the
-    (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
+    """Write `dst`: `src` as a compact checkpoint without trainer/EMA state, fp16 with `half` (or when `src` is), its
+    preprocessing's source_side replaced when given (the resolution its training faces had: transform.reduce_to).
+    Returns the (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
     already at `dst` is kept, renamed aside (keep_aside)."""
     check_output_file(dst, "OUT", src, "IN")
     ck = read_checkpoint(src, hint="IN")
@@ -254,6 +254,9 @@ def export(src, dst, half: bool = False, source_side: int | None = None) -> tupl
         check_ranges(model.cfg)
     extra = {k: ck[k] for k in ("epoch", "metrics", "label_counts") if ck.get(k) is not None}
     payload = checkpoint_payload(model, compact=True, **extra)
+    if not half and ck.get("storage_dtype") == "float16":            # fp16 weights gain nothing stored as fp32
+        log.info(f"{src} is stored in fp16: {dst} is too (--half is implied)")
+        half = True
     if half:
         payload["state_dict"] = half_tensors(payload["state_dict"])
         payload["storage_dtype"] = "float16"
@@ -325,7 +328,8 @@ def main(argv=None) -> int:
     ex = sub.add_parser("export", help="compact shipping copy: frozen packaged towers by reference, no trainer state")
     ex.add_argument("src", metavar="IN", help="checkpoint written by train.py (last.pth, best.pth, model_final.pth)")
     ex.add_argument("dst", metavar="OUT", help="output .pth")
-    ex.add_argument("--half", action="store_true", help="store floating tensors as fp16 (cast back on load)")
+    ex.add_argument("--half", action="store_true", help="store floating tensors as fp16 (cast back on load; implied "
+                    "when IN is stored in fp16)")
     ex.add_argument("--source-side", type=int, default=None, metavar="PX", help="the side of the faces it was "
                     "trained on (FER-2013: 48): bigger inputs are reduced to it first; 0 turns that off")
     inf = sub.add_parser("info", help="what a checkpoint holds: towers, input, classes, training counts, metrics, "

@@ -31,7 +31,7 @@ from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose
                           shown_path)
 from utils import UserError, run_cli
 from webguard import (MAX_UPLOAD_PIXELS, download_path, keep_text, lenient, named, number_in, one_or_many_files,
-                      open_upload, read_vocab_upload, upload_path, vocab_items, with_fallback)
+                      open_upload, read_vocab_upload, upload_path, vocab_items, whole_number_in, with_fallback, yes_no)
 
 log = get_logger(__name__)
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
@@ -63,7 +63,7 @@ def face_table(names: list[str], probs, whole: str = "") -> str:
 # ----------------------------------------------------------------------------- handlers (no Gradio inside)
 
 def top_k(k) -> int:
-    return int(number_in(k, "Top K", 1, MAX_K))
+    return whole_number_in(k, "Top K", 1, MAX_K)
 
 
 def search_message(query: str, n_hits: int, notes: list[str]) -> str:
@@ -76,9 +76,9 @@ def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     """Face → expressions: (photo with numbered boxes, <= 1024 px; {name: probability} of face 1; markdown)."""
     from faces import DECODE_SIDE
     from image_files import safe_open_image
-    items = vocab_items(vocab_text)           # big JPEGs decode at reduced scale (draft): a 36 MP photo in ~1 s
+    items, detect = vocab_items(vocab_text), yes_no(detect, "Detect faces")
     photo = open_upload(image) if image is None else safe_open_image(image, MAX_UPLOAD_PIXELS, DECODE_SIDE)
-    res = rank_faces(engine, photo, [s for _, s in items], bool(detect), max_faces)
+    res = rank_faces(engine, photo, [s for _, s in items], detect, max_faces)   # big JPEGs decode at 1/2..1/8
     names = [name for name, _ in items]
     notes = []
     if res.crop:
@@ -117,9 +117,9 @@ def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: 
     files = [files] if isinstance(files, (str, os.PathLike)) else files
     if not isinstance(files, (list, tuple)):
         raise UserError("upload several images (frames) or a short video first")
-    decay = float(number_in(decay, "decay", 0, 1))
+    decay, detect = float(number_in(decay, "decay", 0, 1)), yes_no(detect, "Detect faces")
     frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
-    crops, found, people, followed = frame_crops(frames, bool(detect), engine.cfg.grayscale)
+    crops, found, people, followed = frame_crops(frames, detect, engine.cfg.grayscale)
     names = [name for name, _ in items]
     scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
     overall, w = sequence_scores(scores, decay)                       # [C], [T]
@@ -175,7 +175,7 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k, detect=True):
-        face, how = largest_face(open_upload(image), bool(detect), engine.cfg.grayscale)
+        face, how = largest_face(open_upload(image), yes_no(detect, "Detect faces"), engine.cfg.grayscale)
         hits = similar_images(engine, face, top_k(k))
         items = result_items(engine, hits)
         return items, f"{len(items)} faces with the closest expression to {QUERY_FACE[how]}"

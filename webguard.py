@@ -109,6 +109,24 @@ def number_in(value, what: str, lo: float, hi: float) -> float:
     return x
 
 
+def whole_number_in(value, what: str, lo: int, hi: int) -> int:
+    """number_in for a count (Top K): 2.5 is refused rather than read as 2."""
+    x = number_in(value, what, lo, hi)
+    if x != int(x):
+        raise UserError(f"{what} must be a whole number from {lo} to {hi} (got {x:g})")
+    return int(x)
+
+
+def yes_no(value, what: str) -> bool:
+    """A checkbox's value: True/False, 1/0 or "true"/"false" from an API caller; anything else -> UserError (the
+    string "no" would otherwise count as ticked)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise UserError(f"{what} must be true or false (got {_shown_value(value, math.nan)})")
+
+
 def _shown_value(value, x: float) -> str:
     """What a refused number was, briefly: the number, a short plain text, else only its type (never a path)."""
     if value is None:

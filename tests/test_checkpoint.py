@@ -257,6 +257,10 @@ def test_export_half_drops_trainer_state_and_stays_close(frozen_minilm, tmp_path
     assert loaded.image_head.proj.weight.dtype == torch.float32
     img2, txt2 = embeddings(loaded, x)
     assert torch.allclose(img2, img, atol=5e-3) and torch.allclose(txt2, txt, atol=5e-3)
+    assert checkpoint.main(["export", str(tmp_path / "ship.pth"), str(tmp_path / "again.pth")]) == 0   # no --half
+    again = read_checkpoint(tmp_path / "again.pth")
+    assert again["storage_dtype"] == "float16" and again["state_dict"]["image_head.proj.weight"].dtype == torch.float16
+    assert (tmp_path / "again.pth").stat().st_size <= 1.01 * (tmp_path / "ship.pth").stat().st_size
 
 
 def test_tokenizer_fingerprint_ignores_loading_options_but_not_the_vocabulary():

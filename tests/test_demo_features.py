@@ -298,6 +298,14 @@ def test_images_too_small_for_a_face_and_invisible_queries_are_refused(h, sample
     assert len(items) == 3 and "\x00" not in msg
 
 
+def test_api_values_a_page_cannot_send_are_refused_not_guessed(h, sample_dir):
+    face = _sample_faces(sample_dir, 1)[0]
+    assert "Top K must be a whole number from 1 to 100 (got 2.5)" in h["search"]("a smile", 2.5)[-1]
+    assert len(h["search"]("a smile", 3.0)[0]) == 3
+    assert "Detect faces must be true or false (got 'no')" in h["rank"](face, VOCAB, "no")[-1]
+    assert h["rank"](face, VOCAB, "false")[-1] == h["rank"](face, VOCAB, False)[-1]
+
+
 def test_error_messages_name_the_uploaded_file_not_the_server_folder(h, tmp_path, monkeypatch):
     uploads = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
