@@ -101,8 +101,9 @@ def read_checkpoint(path, hint: str = "--checkpoint") -> dict:
     `hint` is the flag that names the file (train.py: --resume)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; {hint} must name a file written by train.py "
-                        "(or train one: python train.py)")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "checkpoint not found"
+        raise UserError(f"{path}: {what}; {hint} must name a file written by train.py (or train one: python "
+                        "train.py)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

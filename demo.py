@@ -30,8 +30,9 @@ from retrieval import (Engine, clean_query, frame_crops, largest_face, load_fram
 from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
                           shown_path)
 from utils import UserError, run_cli
-from webguard import (MAX_UPLOAD_PIXELS, download_path, keep_text, lenient, named, number_in, one_or_many_files,
-                      open_upload, read_vocab_upload, upload_path, vocab_items, whole_number_in, with_fallback, yes_no)
+from webguard import (MAX_UPLOAD_PIXELS, check_port_free, download_path, keep_text, lenient, named, number_in,
+                      one_or_many_files, open_upload, port_in_use, read_vocab_upload, upload_path, vocab_items,
+                      whole_number_in, with_fallback, yes_no)
 
 log = get_logger(__name__)
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
@@ -345,7 +346,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tta", choices=["flip", "none"], default="flip", help="flip: each face's embedding is averaged "
                     "with its mirror image's (+2.0 top-1 on the validation faces; twice the image compute)")
-    ap.add_argument("--cache-dir", default=".cache/gallery", help="where gallery embeddings are cached")
+    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "gallery"), help="where gallery embeddings are "
+                    "cached (default: .cache/gallery in the project folder, wherever the demo is started from)")
     ap.add_argument("--quickstart", action="store_true", help="deprecated: the demo serves the bundled model at once")
     ap.add_argument("--max-faces", type=int, default=5, help="faces ranked per photo, largest first")
     ap.add_argument("--max-frames", type=int, default=32, help="frames scored per sequence (videos: sampled evenly)")
@@ -362,6 +364,7 @@ def main(argv=None) -> int:
     if a.quickstart:
         log.info(f"--quickstart is deprecated and no longer trains: the demo serves {ROOT_MODEL.name} from the "
                  f"project root or the bundled {shown_path(BUNDLED_MODEL, ROOT)}; to train your own: `{TRAIN_COMMAND}`")
+    check_port_free(a.host, a.port)                                  # before minutes of loading and indexing
     checkpoint, why = choose_checkpoint(a.checkpoint, ROOT_MODEL, BUNDLED_MODEL)    # demo's names (tests set them)
     log.info(f"model: {shown_path(checkpoint)} ({why})")
     info, warn = describe_model(checkpoint)
@@ -378,8 +381,7 @@ def main(argv=None) -> int:
     except OSError as e:                 # Gradio: "Cannot find empty port in range: 7860-7860. ..."
         if "port" not in str(e).lower():
             raise
-        raise UserError(f"--port {a.port} on {a.host}: in use (another demo running?) or not allowed (below 1024 "
-                        f"needs root); pass --port {a.port + 1} or stop the other server") from None
+        raise UserError(port_in_use(a.host, a.port)) from None      # taken while the gallery was indexed
     return 0
 
 

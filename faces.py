@@ -339,8 +339,9 @@ def is_crop_sized(size: tuple[int, int]) -> bool:
     return max(size) <= CROP_MAX_SIDE
 
 
-def draw_boxes(image: Image.Image, boxes: list[Box], color: str = "#00e000") -> Image.Image:
-    """A copy of `image` (RGB) with each box outlined and numbered 1, 2, ... in list order; landmarks as dots."""
+def draw_boxes(image: Image.Image, boxes: list[Box], color: str = "#00e000", first: int = 1) -> Image.Image:
+    """A copy of `image` (RGB) with each box outlined and numbered first, first + 1, ... in list order (the face
+    numbers); landmarks as dots."""
     out = image.convert("RGB")                                        # convert always copies
     draw = ImageDraw.Draw(out)
     lw = max(2, round(min(out.size) / 200))
@@ -348,7 +349,7 @@ def draw_boxes(image: Image.Image, boxes: list[Box], color: str = "#00e000") -> 
         font = ImageFont.load_default(size=max(12, round(min(out.size) / 25)))
     except (TypeError, OSError, ImportError):                         # Pillow without FreeType
         font = ImageFont.load_default()
-    for i, b in enumerate(boxes, 1):
+    for i, b in enumerate(boxes, first):
         draw.rectangle((b.x0, b.y0, b.x1 - 1, b.y1 - 1), outline=color, width=lw)
         for x, y in b.landmarks or ():
             draw.ellipse((x - lw, y - lw, x + lw, y + lw), fill=color)
@@ -359,11 +360,11 @@ def draw_boxes(image: Image.Image, boxes: list[Box], color: str = "#00e000") -> 
     return out
 
 
-def annotate(image: Image.Image, boxes: list[Box], side: int = DISPLAY_SIDE) -> Image.Image:
+def annotate(image: Image.Image, boxes: list[Box], side: int = DISPLAY_SIDE, first: int = 1) -> Image.Image:
     """draw_boxes on a copy reduced to at most `side` px on its longest side (what a browser needs to show)."""
     W, H = image.size
     f = min(1.0, side / max(W, H))
     if f < 1:
         image = image.resize((max(1, round(W * f)), max(1, round(H * f))), Image.BILINEAR, reducing_gap=2.0)
         boxes = [scale_box(b, f) for b in boxes]
-    return draw_boxes(image, boxes)
+    return draw_boxes(image, boxes, first=first)

@@ -318,7 +318,8 @@ def _open_model(args):
     print(f"checkpoint: {ckpt} ({why})", file=sys.stderr)       # stdout: the results only
     device = pick_device(args.device)
     model, _, preprocess = create_model_and_transforms(ckpt, device)
-    index = GalleryIndex.open(args.images, file_digest(ckpt), model.embed_dim, index_root=args.index_dir,
+    digest = file_digest(ckpt) + ("+flip" if args.tta == "flip" else "")     # the demo's key: its cache is this
+    index = GalleryIndex.open(args.images, digest, model.embed_dim, index_root=args.index_dir,
                               faiss_threshold=args.faiss_threshold)
     photos = PhotoIndex(index, getattr(args, "faces", "auto"), grayscale=model.cfg.grayscale)
     return model, preprocess, autocast_for(model.cfg, device)[0], photos
@@ -341,7 +342,8 @@ def cmd_build(args) -> int:
     if not images:
         raise UserError(f"{args.images}: no {'/'.join(sorted(IMAGE_EXTS))} images found")
     model, preprocess, autocast, index = _open_model(args)
-    stats = index.update(images, make_encoder(model, preprocess, autocast=autocast), batch_size=args.batch_size)
+    encode = make_encoder(model, preprocess, autocast=autocast, tta=args.tta == "flip")
+    stats = index.update(images, encode, batch_size=args.batch_size)
     lines = failure_lines(stats)
     stats = {k: v for k, v in stats.items() if k not in ("failed_paths", "reasons", "photos_total", "faces_total")}
     print(f"{index.entries.dir}: {len(index)} entries indexed (faces and face-crop files) from {index.n_photos()} "
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="auto")
         p.add_argument("--index-dir", default=None, help="where indexes live (default: IMAGES/.exprclip-index)")
         p.add_argument("--faiss-threshold", type=int, default=100_000, help="use FAISS from this many images")
+        p.add_argument("--tta", choices=["flip", "none"], default="flip", help="as the demo's --tta: each face "
+                       "averaged with its mirror image (build and search must agree)")
     sub.choices["build"].add_argument("--batch-size", type=int, default=64, help="face-crop files encoded at once")
     sub.choices["build"].add_argument("--faces", choices=("auto", "crops", "photos"), default="auto",
                                       help="auto: files of at most 160 px are face crops (one entry each), larger "

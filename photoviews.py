@@ -26,17 +26,27 @@ def _tile(engine: Engine, path: Path, score: float):
     e = engine.index.entry(path)
     if e.face is None and not e.photo.is_file():
         raise FileNotFoundError(e.photo.name)
+    name = shown_name(engine, e.photo)
     if e.face is None and not _added(engine, e.photo):
-        return str(e.photo), f"{score:.3f}  {e.photo.name}"
+        return str(e.photo), f"{score:.3f}  {name}"
     if e.face is None:                      # added from the page: inside the cache, which Gradio does not serve
         with Image.open(e.photo) as im:
-            return im.convert("RGB"), f"{score:.3f}  {e.photo.name}"
+            return im.convert("RGB"), f"{score:.3f}  {name}"
     try:
         with Image.open(e.thumb) as im:
             crop = im.convert("RGB")
     except (OSError, TypeError):            # thumbnail gone: cut it from the photo
         crop = face_on_photo(engine, path, draw=False)
-    return crop, f"{score:.3f}  {e.photo.name} · face {e.face + 1}"
+    return crop, f"{score:.3f}  {name} · face {e.face + 1}"
+
+
+def shown_name(engine: Engine, photo: Path) -> str:
+    """A result's photo as the page names it: its path inside the gallery (`2019/IMG_0001.jpg`, so same-named files
+    of different folders stay apart), or its file name alone (photos added from the page)."""
+    try:
+        return photo.relative_to(engine.index.gallery).as_posix()
+    except (AttributeError, ValueError):
+        return photo.name
 
 
 def _added(engine: Engine, photo: Path) -> bool:
@@ -66,7 +76,7 @@ def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
         return annotate(photo, [])
     f = photo.width / e.size[0] if e.size and e.size[0] else 1.0    # the file was decoded at another scale
     box = Box(*(round(v * f) for v in e.box), score=1.0)
-    return annotate(photo, [box]) if draw else photo.crop((box.x0, box.y0, box.x1, box.y1))
+    return annotate(photo, [box], first=e.face + 1) if draw else photo.crop((box.x0, box.y0, box.x1, box.y1))
 
 
 def picked_view(engine: Engine, paths, index, k):
@@ -77,7 +87,8 @@ def picked_view(engine: Engine, paths, index, k):
     path = Path(str(paths[i]))
     hits = similar_to_gallery_image(engine, path, int(number_in(k, "Top K", 1, 100)))
     e = engine.index.entry(path)
-    what = f"face {e.face + 1} of {e.photo.name}" if e.face is not None else e.photo.name
+    name = shown_name(engine, e.photo)
+    what = f"face {e.face + 1} of {name}" if e.face is not None else name
     try:
         shown = face_on_photo(engine, path)
     except UserError as err:                 # the photo was moved or damaged since indexing

@@ -85,7 +85,8 @@ class Engine:
         from photos import PhotoIndex
         gallery = Path(gallery)
         if not gallery.is_dir():
-            raise UserError(f"{gallery}: gallery folder not found (pass --gallery DIR)")
+            what = "is a file, not a folder" if gallery.exists() else "gallery folder not found"
+            raise UserError(f"{gallery}: {what} (pass --gallery DIR, a folder of photos)")
         key = hashlib.sha256(str(gallery.resolve()).encode()).hexdigest()[:12]
         self.upload_dir = Path(cache_root) / key / "uploads"
         digest = digest + ("+flip" if self.tta else "")                 # flip and plain embeddings never mix

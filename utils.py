@@ -55,9 +55,11 @@ def run_cli(main, argv=None) -> int:
     except UserError as e:
         log.error(f"error: {e}")
         return 2
-    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        log.error(f"error: {e.filename or ''}: {e.strerror or first_line(e)} ({type(e).__name__}); pass another "
-                  "path (a folder flag needs a folder, a file flag a file) or fix its permissions")
+    except OSError as e:                  # a path the system refuses: a file for a folder, /proc/x, read-only, full
+        if e.filename is None:
+            raise
+        log.error(f"error: {e.filename}: {e.strerror or first_line(e)} ({type(e).__name__}); pass another path (a "
+                  "folder flag needs a folder, a file flag a file) or fix its permissions")
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

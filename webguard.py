@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -187,6 +188,20 @@ def open_upload(image):
         raise UserError("upload a face image first")
     from image_files import safe_open_image
     return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
+
+
+def port_in_use(host: str, port: int) -> str:
+    return (f"--port {port} on {host}: in use (another demo running?) or not allowed (below 1024 needs root); pass "
+            f"--port {port + 1} or stop the other server")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """UserError when `port` cannot be listened on, before minutes of model loading and gallery indexing."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError:
+        raise UserError(port_in_use(host, port)) from None
 
 
 @functools.cache

@@ -162,6 +162,24 @@ def test_a_busy_or_impossible_port_is_one_line(trained, sample_dir, tmp_path, mo
     assert "1-65535" in capsys.readouterr().err
 
 
+def test_a_port_already_listened_on_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import socket
+    monkeypatch.setattr(demo.Engine, "load", lambda *a, **k: pytest.fail("loaded before the port was checked"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert run_cli(demo.main, ["--port", str(port), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --port {port} on 127.0.0.1: in use" in err and f"--port {port + 1}" in err
+
+
+def test_an_unusable_cache_folder_is_one_line_naming_it(trained, sample_dir, tmp_path, monkeypatch, capsys):
+    _models(monkeypatch, tmp_path / "model_final.pth", trained[0])
+    args = _serve_args(_gallery(sample_dir, tmp_path / "gal", n=2), tmp_path)
+    assert run_cli(demo.main, args + ["--cache-dir", "/proc/no/such/cache"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: /proc/no" in err and err.count("\n") == 1, err
+
+
 def test_model_final_in_the_project_root_wins_over_the_bundled_one(trained, sample_dir, tmp_path, monkeypatch,
                                                                   launched, capsys):
     root_model = tmp_path / "model_final.pth"

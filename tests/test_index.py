@@ -262,7 +262,7 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
         create_model_and_transforms=lambda p, d: (FakeModel(), None, preprocess)))
     ckpt = tmp_path / "model_final.pth"
     ckpt.write_bytes(b"weights")
-    common = ["--images", str(tmp_path / "gallery"), "--checkpoint", str(ckpt), "--device", "cpu"]
+    common = ["--images", str(tmp_path / "gallery"), "--checkpoint", str(ckpt), "--device", "cpu", "--tta", "none"]
     assert ix.main(["build", *common, "--batch-size", "1"]) == 0  # bad.png alone in a batch: no rows at all
     out = capsys.readouterr().out
     assert "6 entries indexed" in out and "failed 1" in out and "bad.png" in out
@@ -277,3 +277,6 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     assert "run `python index.py build" in capsys.readouterr().err
     assert ix.run_cli(ix.main, ["search", *common, "--query", "  "]) == 2
     assert "--query is empty" in capsys.readouterr().err
+    assert ix.main(["build", *common[:-2]]) == 0                      # the demo's default: flip-averaged, kept apart
+    assert [p.name.endswith("+flip") for p in sorted((tmp_path / "gallery" / ".exprclip-index").iterdir())] == \
+        [False, True]

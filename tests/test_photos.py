@@ -201,6 +201,22 @@ def test_added_photos_unreadable_ones_are_named_once_and_removed_and_a_vanished_
     assert len(tiles) == 2 and all("first.png" not in caption for _, caption in tiles)
 
 
+def test_results_name_their_photo_by_its_folder_and_label_its_box_with_its_face_number(tmp_path):
+    from types import SimpleNamespace
+
+    from faces import annotate
+    from photoviews import shown_name
+    engine = SimpleNamespace(index=SimpleNamespace(gallery=tmp_path / "g"))
+    assert shown_name(engine, tmp_path / "g" / "2019" / "IMG_0001.jpg") == "2019/IMG_0001.jpg"
+    assert shown_name(engine, tmp_path / "cache" / "uploads" / "x" / "mine.jpg") == "mine.jpg"   # added on the page
+    photo, box = Image.new("RGB", (200, 200), (90, 90, 90)), Box(40, 60, 120, 140, 0.9)
+    near = np.s_[20:150, 30:130]                                     # the box and its label, nothing else
+    three = np.asarray(annotate(photo, [box], first=3))[near]
+    assert not np.array_equal(three, np.asarray(annotate(photo, [box]))[near])      # labelled "3", not "1"
+    others = [Box(150, 150, 190, 190, 0.9), Box(150, 160, 195, 198, 0.9)]          # faces 1 and 2, far away
+    assert np.array_equal(three, np.asarray(annotate(photo, others + [box]))[near])  # as drawn among all faces
+
+
 def test_hard_kill_during_indexing_loses_only_the_photo_in_progress(tmp_path):
     """os._exit in the middle of the 3rd photo (no finally, no flush): the first two photos survive."""
     import subprocess
