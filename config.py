@@ -239,6 +239,7 @@ def check_ranges(cfg: Config) -> None:
              ("image_size", cfg.image_size >= 16, ">= 16"), ("embed_dim", cfg.embed_dim >= 1, ">= 1"),
              ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1) (0 = no EMA; 0.999 is typical)"),
              ("epochs", cfg.epochs >= 1, ">= 1"), ("accum_steps", cfg.accum_steps >= 1, ">= 1"),
+             ("seed", 0 <= cfg.seed < 2**32, "in [0, 2**32 - 1]"),
              ("log_every", cfg.log_every >= 1, ">= 1"),
              ("max_length", cfg.max_length >= 1, ">= 1 (text tokens)"),
              ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),

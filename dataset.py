@@ -43,12 +43,17 @@ def read_captions(cfg: Config, quiet: bool = False) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python synth.py`)")
     df = read_csv_checked(path, REQUIRED, hint="expected image,caption[,label,split]")
-    df = df[(df["image"] != "") & (df["caption"] != "")].copy()
+    empty = ((df["image"] == "") | ((df["caption"] == "") & (not cfg.caption_bank))).to_numpy()   # a bank: by label
+    if not quiet:
+        report_rows(path, df, empty, "rows have no image" + ("" if cfg.caption_bank else " or no caption (or pass "
+                                     "--caption-bank to take sentences by label)") + " and are skipped")
+    df = df[~empty].copy()
     resolved = [resolve_image(cfg, p) for p in df["image"]]
     inside = np.array([p is not None for p in resolved], dtype=bool)
     df["path"] = [str(p) if p is not None else "" for p in resolved]
     exists = inside & np.array([p is not None and p.is_file() for p in resolved], dtype=bool)
-    skipped = {"outside the data folder": int((~inside).sum()), "missing file": int((inside & ~exists).sum())}
+    skipped = {"outside the data folder": int((~inside).sum()), "missing file": int((inside & ~exists).sum()),
+               "no image or caption": int(empty.sum())}
     if not quiet:
         report_rows(path, df, ~inside, f"relative image paths outside {cfg.data} are refused (absolute paths "
                                        "are allowed)")
@@ -317,13 +322,15 @@ def build_train_data(cfg: Config) -> TrainData:
     """captions.csv -> the split, vocabularies, class sentences and datasets of a training run. Only trained labels
     reach the loss: an excluded class's votes and sentences never do."""
     df = read_captions(cfg)
+    bank = None
+    if cfg.caption_bank:
+        from captions import canonical_name, load_caption_bank
+        bank = load_caption_bank(cfg.caption_bank)
+        df["label"] = [canonical_name(x) if str(x).strip() else "" for x in df["label"]]    # Happy, FEAR -> the bank's
+        report_unbanked(df, bank, cfg.caption_bank)
     train_df, val_df = split_table(df, cfg)
     if len(train_df) < 2:
         raise UserError(f"only {len(train_df)} training rows after the split; add data or lower --val-fraction")
-    bank = None
-    if cfg.caption_bank:
-        from captions import load_caption_bank
-        bank = load_caption_bank(cfg.caption_bank)
     cap_vocab, label_vocab = build_vocabs(df, bank)
     excluded = {c.strip() for c in cfg.exclude_classes.split(",") if c.strip()}
     texts = {l: t for l, t in class_texts(df, bank).items() if l not in excluded}
@@ -336,3 +343,14 @@ def build_train_data(cfg: Config) -> TrainData:
                      class_lookup(label_vocab, classes) if soft_loss else None,
                      PairDataset(train_df, cfg, True, cap_vocab, label_vocab, bank, classes),
                      PairDataset(val_df, cfg, False, cap_vocab, label_vocab, bank, classes))
+
+
+def report_unbanked(df: pd.DataFrame, bank: dict, name: str) -> None:
+    """One warning when labels have no sentence in the caption bank: those rows fall back to their caption column
+    and are left out of validation (which scores the bank's classes)."""
+    missing = df["label"].ne("") & ~df["label"].isin(list(bank))
+    if missing.any():
+        labels = list(dict.fromkeys(df.loc[missing, "label"]))
+        log.warning(f"{int(missing.sum())} rows have labels with no sentence in --caption-bank {name} "
+                    f"({', '.join(repr(x) for x in labels[:5])}{', ...' if len(labels) > 5 else ''}): they train on "
+                    "their own caption and are left out of validation; rename them or add them to a bank CSV")

@@ -267,17 +267,22 @@ class ExprCLIP(nn.Module):
     @torch.no_grad()
     def frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """A frozen tower's pooled features never change: compute each caption once, then reuse (keyed by tokens).
-        The same whole batch again (--contrast classes sends every class sentence each step) returns the last
-        result at once: rebuilding it from 4,433 per-sentence keys was a quarter of a Lite0 training step."""
+        Each is computed alone, unpadded, so a resumed run (or another order) gets the same bits. The same whole
+        batch again (--contrast classes sends every class sentence each step) returns the last result at once:
+        rebuilding it from 4,433 per-sentence keys was a quarter of a Lite0 training step."""
         whole = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
         last = self.__dict__.get("_frozen_last")
         if self.reuse_frozen_batch and last is not None and last[0] == whole:
             return last[1].to(input_ids.device)
         keys = [ids[m.bool()].cpu().numpy().tobytes() for ids, m in zip(input_ids, attention_mask)]
         cache = self.__dict__.setdefault("_frozen_cache", {})
-        todo = [i for i, k in enumerate(keys) if k not in cache]
+        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in cache}.values())   # first of each
         if todo:
-            feats = self.pool(input_ids[todo], attention_mask[todo]).float()        # [T, H]
+            if isinstance(self.text_encoder, SentenceTower):                     # no padding: batch-independent
+                feats = list(self.pool(input_ids[todo], attention_mask[todo]).float())
+            else:       # one caption at a time, unpadded: its features never depend on the batch it first came in
+                feats = [self.pool(*(t[i][attention_mask[i].bool()][None] for t in (input_ids, attention_mask)))[0]
+                         .float() for i in todo]                                     # T x [H]
             if len(cache) + len(todo) > 100_000:
                 cache.clear()
             cache.update({keys[i]: f for i, f in zip(todo, feats)})

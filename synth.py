@@ -204,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--identities", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if not 0 <= a.seed < 2**32:
+        raise UserError(f"--seed {a.seed}: give a whole number from 0 to 2**32 - 1")
     if a.per_class < 1 or a.identities < 1 or not 16 <= a.size <= 1024:    # 0 faces would empty captions.csv
         raise UserError(f"--per-class {a.per_class} --identities {a.identities} --size {a.size}: give at least 1 "
                         "face per class and 1 identity, and a size of 16-1024 px (the sample: 75, 8, 64)")

@@ -35,7 +35,7 @@ from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
 from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, param_groups,
-                       write_logs)
+                       start_line, write_logs)
 from utils import UserError, atomic_save, check_output_file, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
@@ -348,9 +348,8 @@ class Trainer:
             log.info(skipped)
 
     def fit(self) -> list[dict]:
-        side = f"; images over {s} px reduced to it first (--source-side {s})" if (s := self.cfg.source_side) else ""
-        log.info(f"training on {self.device}: {len(self.data.train_ds)} train / {len(self.data.val_ds)} val pairs, "
-                 f"{self.steps_per_epoch} steps/epoch x {self.world} process(es), {self.total_steps} steps{side}")
+        log.info(f"training on {self.device}: " + start_line(self.cfg, self.data, self.steps_per_epoch, self.world,
+                                                             self.total_steps))
         if self.is_main and len(self.data.val_ds) == 0:
             log.warning("no validation pairs (too few faces per class to carve --val-fraction out of, and no `val` "
                         "rows in the split column): best.pth will be the latest epoch, not the best one")

@@ -192,3 +192,14 @@ class TrainableEma(ModelEmaV3):
             if not e.is_floating_point():
                 e.copy_(m)                                     # e.g. BatchNorm's num_batches_tracked
         self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
+
+
+def start_line(cfg, data, steps_per_epoch: int, world: int, total_steps: int) -> str:
+    """What a run is about to do: '480 train (60 without a label) / 120 val pairs, 15 steps/epoch x 1 process(es),
+    90 steps', with the source side and what validation scores under --exclude-classes."""
+    bare = f" ({k} without a label)" if (k := int((data.train_df["label"] == "").sum())) else ""
+    side = f"; images over {s} px reduced to it first (--source-side {s})" if (s := cfg.source_side) else ""
+    unseen = "; val scores the trained classes only (evaluate.py --unseen: the excluded ones)" \
+        if cfg.exclude_classes else ""
+    return (f"{len(data.train_ds)} train{bare} / {len(data.val_ds)} val pairs, {steps_per_epoch} steps/epoch x "
+            f"{world} process(es), {total_steps} steps{side}{unseen}")

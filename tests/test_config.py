@@ -79,7 +79,7 @@ def test_every_flag_has_help_text():
 @pytest.mark.parametrize("field, value, rule", [
     ("epochs", 0, ">= 1"), ("accum_steps", 0, ">= 1"), ("num_workers", -1, ">= 0"), ("lr_image", -1e-4, ">= 0"),
     ("warmup_steps", -5, ">= 0"), ("val_fraction", 1.0, "in [0, 1)"), ("max_length", 0, ">= 1"),
-    ("source_side", -48, ">= 0")])
+    ("source_side", -48, ">= 0"), ("seed", -1, "in [0, 2**32 - 1]"), ("seed", 2**32, "in [0, 2**32 - 1]")])
 def test_numbers_no_run_can_use_are_refused_in_one_line_naming_the_flag(field, value, rule):
     with pytest.raises(UserError) as e:
         make_config({field: value})

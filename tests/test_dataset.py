@@ -39,6 +39,21 @@ def test_missing_files_skipped_with_a_count_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "2 of 5 listed images are missing" in err and "3.png" in err
 
 
+def test_rows_without_a_caption_are_counted_and_a_bank_keeps_them_under_its_own_label_spelling(tmp_path, capsys):
+    from dataclasses import replace
+
+    from dataset import build_train_data
+    labels = ["Happy", "sad ", "FEAR", "happiness", "pain", "sadness"] * 4
+    rows = [dict(image=f"{i}.png", caption="" if i % 2 else "a face", label=l) for i, l in enumerate(labels)]
+    cfg = write_set(tmp_path, rows)
+    df = read_captions(cfg)                                       # no bank: a row needs its caption
+    assert len(df) == 12 and df.attrs["skipped"]["no image or caption"] == 12
+    assert "12 of 24 rows have no image or no caption (or pass --caption-bank" in capsys.readouterr().err
+    data = build_train_data(replace(cfg, caption_bank="paper", val_fraction=0.0))
+    assert len(data.train_df) == 24 and set(data.train_df["label"]) == {"happiness", "sadness", "fear", "pain"}
+    assert "4 rows have labels with no sentence in --caption-bank paper ('pain')" in capsys.readouterr().err
+
+
 def test_relative_paths_climbing_out_of_the_data_folder_are_refused(tmp_path, capsys):
     """A row `../secret.png` is never opened: refused, counted in one line; absolute paths stay allowed (prepare.py
     lists datasets referenced in place that way); `images/../x.png` staying inside is fine."""
@@ -52,7 +67,7 @@ def test_relative_paths_climbing_out_of_the_data_folder_are_refused(tmp_path, ca
     df = read_captions(cfg)
     assert [Path(p).name for p in df["path"]] == ["0.png", "0.png", "secret.png"]
     assert all(Path(p).resolve().parent == (data / "images").resolve() for p in df["path"][:2])
-    assert df.attrs["skipped"] == {"outside the data folder": 2, "missing file": 0}
+    assert df.attrs["skipped"] == {"outside the data folder": 2, "missing file": 0, "no image or caption": 0}
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 of 5 relative image paths outside" in err and "line 3: ../secret.png" in err
     import evaluate                                   # evaluate reads through read_captions: counted, not printed

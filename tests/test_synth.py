@@ -43,9 +43,10 @@ def test_captions_describe_the_drawn_parameters():
         assert "drawn together" in angry and "narrowed eyes" in angry
 
 
-@pytest.mark.parametrize("flags", [["--per-class", "0"], ["--size", "100000"], ["--identities", "0"]])
+@pytest.mark.parametrize("flags", [["--per-class", "0"], ["--size", "100000"], ["--identities", "0"], ["--seed", "-1"]])
 def test_sizes_that_would_empty_the_sample_or_exhaust_memory_are_refused_before_writing(tmp_path, capsys, flags):
     from utils import run_cli
     (tmp_path / "captions.csv").write_text("the user's table")
     assert run_cli(synth.main, ["--out", str(tmp_path)] + flags) == 2
     assert flags[0] in capsys.readouterr().err and (tmp_path / "captions.csv").read_text() == "the user's table"
+    assert not (tmp_path / "images").exists()

@@ -312,3 +312,19 @@ def test_a_file_where_a_folder_goes_or_an_empty_weights_file_is_one_line(sample_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'afile'}: ") and "\n" not in err and "Traceback" not in err
     assert (tmp_path / "afile").read_bytes() == b""
+
+
+def test_the_start_line_counts_unlabelled_rows_and_says_what_validation_scores_under_exclusion():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from config import make_config
+    from trainloop import start_line
+    data = SimpleNamespace(train_df=pd.DataFrame({"label": ["happiness", "", "", "fear"]}), train_ds=[0] * 4,
+                           val_ds=[0] * 2)
+    line = start_line(make_config(dict(exclude_classes="fear")), data, 2, 1, 12)
+    assert line.startswith("4 train (2 without a label) / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps")
+    assert "val scores the trained classes only" in line
+    data.train_df = pd.DataFrame({"label": ["happiness"] * 4})
+    assert start_line(make_config(), data, 2, 1, 12) == "4 train / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps"
