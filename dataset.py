@@ -90,8 +90,13 @@ def resolve_image(cfg: Config, name: str) -> Path | None:
 def split_table(df: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, val). Uses the `split` column when present; else carves val_fraction out, stratified by label."""
     if "split" in df.columns and (df["split"] != "").any():
-        s = df["split"].str.lower()
+        s = df["split"].str.strip().str.lower()
         train, val = df[s == "train"], df[s.isin(["val", "valid", "validation"])]
+        odd = list(dict.fromkeys(x for x in s if x not in ("train", "val", "valid", "validation", "test")))
+        if odd:
+            shown = ", ".join(repr(x) if x else "empty" for x in odd[:5])
+            log.warning(f"{int(s.isin(odd).sum())} rows have a split train.py does not use ({shown}) and are left "
+                        "out: use train, val or test")
         if len(val) == 0:   # train/test only: carve validation out of train
             train, val = stratified_split(train, cfg.val_fraction, cfg.seed)
     else:

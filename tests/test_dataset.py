@@ -92,6 +92,14 @@ def test_split_column_is_used_and_val_carved_when_absent(tmp_path):
     assert set(tr.index).isdisjoint(va.index)
 
 
+def test_split_values_train_does_not_use_are_named_not_dropped_silently(tmp_path, capsys):
+    rows = [dict(image=f"{i}.png", caption="c", label="happiness", split=sp)
+            for i, sp in enumerate(["train", "train", "Val ", "tst", "test", "tst", ""])]
+    train, val = split_table(read_captions(write_set(tmp_path, rows)), make_config(dict(data=str(tmp_path))))
+    assert len(train) == 2 and len(val) == 1
+    assert "3 rows have a split train.py does not use ('tst', empty) and are left out" in capsys.readouterr().err
+
+
 def test_exclude_classes_drops_them_from_training_only(tmp_path):
     rows = [dict(image=f"{i}.png", caption="c", label=["happiness", "surprise"][i % 2],
                  split="train" if i < 8 else "val") for i in range(10)]
