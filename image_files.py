@@ -28,6 +28,14 @@ def float_to_8bit(a: np.ndarray) -> Image.Image:
     return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """The pixels as displayed: rotated/flipped by the EXIF Orientation; a broken EXIF block keeps them as stored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 -- any error inside an untrusted EXIF block
+        return im
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any mode: 16-bit/float scaled to 8 bits, transparency flattened onto white, CMYK/P converted."""
     if im.mode == "F":
@@ -56,7 +64,7 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
         name, im = "image", src
         if im.width * im.height > max_pixels:
             raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; resize it first")
-        return to_rgb(ImageOps.exif_transpose(im))
+        return to_rgb(upright(im))
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, fp = "image data", io.BytesIO(bytes(src))
     elif hasattr(src, "read"):                                        # an open file / upload stream
@@ -80,11 +88,7 @@ def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = No
                     im.draft(im.mode, (math.ceil(im.width * r), math.ceil(im.height * r)))
                 im.load()
                 decoded = im.size
-                try:
-                    im = ImageOps.exif_transpose(im)
-                except Exception:                                     # broken EXIF: keep the pixels as stored
-                    pass
-                out = to_rgb(im).copy()
+                out = to_rgb(upright(im)).copy()
                 out.info["file_size"] = stored if out.size == decoded else stored[::-1]    # as displayed
                 return out
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

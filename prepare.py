@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
 from captions import CANONICAL, SYNONYMS, canonical_name, caption_for, clean_name, load_caption_bank
 from formats import FERPLUS_DIRS, FERPLUS_VOTES, READERS, USAGE_SPLITS, Skip, read_folder  # noqa: F401 (re-exported)
-from image_files import float_to_8bit
+from image_files import float_to_8bit, upright
 from logs import get_logger
 from utils import UserError, atomic_write, read_csv_checked, run_cli
 
@@ -92,15 +92,6 @@ def to_8bit(im: Image.Image) -> tuple[Image.Image, str | None]:
     if im.mode == "1":
         return im.convert("L"), "converted 1-bit to L"
     return im.convert("RGB"), "converted palette to RGB" if im.mode == "P" else f"converted {im.mode} to RGB"
-
-
-def upright(im: Image.Image) -> Image.Image:
-    """The pixels as displayed: rotated/flipped by the EXIF Orientation (as image_files.safe_open_image does);
-    a broken EXIF block keeps them as stored."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception:
-        return im
 
 
 def load_image(path) -> tuple[Image.Image, str | None]:

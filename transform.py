@@ -8,10 +8,10 @@ import albumentations as A
 import numpy as np
 import timm
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from config import Config
-from image_files import to_rgb
+from image_files import to_rgb, upright
 
 
 class BadImage(Exception):
@@ -59,7 +59,7 @@ def open_image(image, grayscale: bool) -> np.ndarray:
         return np.asarray(im.convert("L").convert("RGB") if grayscale else im)
     try:
         with Image.open(image) as im:
-            return open_image(ImageOps.exif_transpose(im), grayscale)
+            return open_image(upright(im), grayscale)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{image}: {type(e).__name__}")
 

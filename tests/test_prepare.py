@@ -214,7 +214,7 @@ def test_detect_faces_sees_an_exif_rotated_photo_upright(tmp_path, monkeypatch):
     table = P.convert(tmp_path / "src", "folder", tmp_path / "out", detect_faces=True, no_face="keep")
     kept = np.asarray(opened(tmp_path / "out", table["image"][0]).convert("L"))
     assert seen == [(20, 40)] and kept.shape == (40, 20) and kept[:12, -6:].mean() > 200 > kept[:12, :6].mean()
-    monkeypatch.setattr(P.ImageOps, "exif_transpose", lambda im: 1 / 0)  # broken EXIF: kept as stored
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda im: 1 / 0)  # broken EXIF: kept as stored
     assert P.load_image(src)[0].size == (40, 20)
 
 
