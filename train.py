@@ -348,8 +348,9 @@ class Trainer:
             log.info(skipped)
 
     def fit(self) -> list[dict]:
-        log.info(f"training on {self.device}: " + start_line(self.cfg, self.data, self.steps_per_epoch, self.world,
-                                                             self.total_steps))
+        if self.epoch < self.cfg.epochs and self.step < self.total_steps:     # else "nothing left to train" was said
+            log.info(f"training on {self.device}: " + start_line(self.cfg, self.data, self.steps_per_epoch,
+                                                                 self.world, self.total_steps))
         if self.is_main and len(self.data.val_ds) == 0:
             log.warning("no validation pairs (too few faces per class to carve --val-fraction out of, and no `val` "
                         "rows in the split column): best.pth will be the latest epoch, not the best one")

@@ -37,6 +37,7 @@ def test_resume_with_no_other_flag_takes_the_runs_own_config_and_more_epochs_go_
     assert train.main(["--resume", str(last)]) == 0                        # not the paper preset: no hub download
     out = capsys.readouterr()
     assert "nothing left to train" in out.err and "written" not in out.out    # and the final model untouched
+    assert "training on" not in out.out                                        # no start line for no training
     assert train.main(["--resume", str(last), "--epochs", "2", "--final-path", ""]) == 0
     out = capsys.readouterr().out
     assert "resume: --epochs 1 -> 2" in out and "epoch 2:" in out
