@@ -67,6 +67,8 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
 def refuse_overwriting_inputs(outputs: dict, data, table: pd.DataFrame, checkpoint) -> None:
     """An output naming a file this evaluation reads (the captions CSV, an image of any split, the checkpoint) ->
     UserError, before any work: `--json data/captions.csv` would replace the data with the report."""
+    if not any(outputs.values()):
+        return
     p = Path(data)
     reads = {Path(x).resolve() for x in table["path"]}
     reads |= {q.resolve() for q in (p if p.is_file() else p / "captions.csv", Path(checkpoint)) if q.is_file()}

@@ -77,12 +77,11 @@ def predict_image(engine, path: Path, names: list[str], sentences: list[str], de
     """One dict per face read in the image at `path` (largest first; one row when none is found or the file is a
     face crop): file, face (1, 2, ...), how, the box in file pixels (None when the whole image or its centre
     square was read without a face), a probability per expression name. Unreadable -> UserError."""
-    from faces import DECODE_SIDE, check_min_side
+    from faces import DECODE_SIDE
     from image_files import safe_open_image
     from retrieval import MAX_PIXELS, rank_faces
     photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
-    check_min_side(photo.size, str(path))
-    res = rank_faces(engine, photo, sentences, detect=detect, max_faces=max_faces)
+    res = rank_faces(engine, photo, sentences, detect=detect, max_faces=max_faces, name=str(path))
     return face_rows(res, path, photo.info["file_size"][0] / photo.width, names, detect)   # decoded -> file
 
 

@@ -259,20 +259,15 @@ class FaceScores:
 
 
 def rank_faces(engine: Engine, photo: Image.Image, sentences: list[str], detect: bool = True,
-               max_faces: int = 5, detector: str = "auto") -> FaceScores:
+               max_faces: int = 5, detector: str = "auto", name: str = "the image") -> FaceScores:
     """Score each detected face (largest first, at most max_faces; aligned crops where the detector gives
     landmarks) or, when none is found, the whole image. An image of at most faces.CROP_MAX_SIDE px is a face crop
     already (FER's 48 px faces): it is read whole, as the gallery reads such files (.crop). .shown is small
-    whatever the photo's size. Under faces.MIN_SIDE px a side -> UserError."""
-    check_min_side(photo.size)
-    if not detect or is_crop_sized(photo.size):
-        return FaceScores([], False, False, score_images(engine, [photo], sentences), annotate(photo, []),
-                          crop=bool(detect))
-    crops, boxes, found = faces_or_whole(photo, max_faces=max_faces + 1, grayscale=engine.cfg.grayscale,
-                                         detector=detector)
-    more, boxes = len(crops) > max_faces, boxes[:max_faces]
-    return FaceScores(boxes, found, more, score_images(engine, crops[:max_faces], sentences),
-                      annotate(photo, boxes if found else []))
+    whatever the photo's size. Under faces.MIN_SIDE px a side -> UserError naming `name`."""
+    crops, boxes, how = _frame_faces(photo, detect, engine.cfg.grayscale, detector, max_faces + 1, name)
+    found, more = how == "face", len(crops) > max_faces
+    return FaceScores(boxes[:max_faces], found, more, score_images(engine, crops[:max_faces], sentences),
+                      annotate(photo, boxes[:max_faces] if found else []), crop=how == "crop")
 
 
 def _natural_key(path) -> list:
@@ -408,10 +403,10 @@ def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False
                       sum(n > 1 for n in frames_of.values()), frames_of[main] if main else 0)
 
 
-def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str,
-                 max_faces: int) -> tuple[list[Image.Image], list[Box], str]:
+def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str, max_faces: int,
+                 name: str = "the image") -> tuple[list[Image.Image], list[Box], str]:
     """(crops largest first, their boxes, how): as largest_face, with up to max_faces faces."""
-    check_min_side(image.size)
+    check_min_side(image.size, name)
     if not detect or is_crop_sized(image.size):
         return [image], [], "crop" if detect else "whole"
     crops, boxes, found = faces_or_whole(image, max_faces=max_faces, grayscale=grayscale, detector=detector)
