@@ -25,11 +25,12 @@ from index import describe_update
 from logs import get_logger
 from photos import FACES_MODES, failure_lines
 from photoviews import add_photos, add_photos_steps, header, picked_view, result_items
-from retrieval import (Engine, clean_query, frame_crops, largest_face, load_frames, rank_faces, score_frames,
-                       search_text, similar_images, similar_to_gallery_image)
+from retrieval import (Engine, clean_query, frame_crops, largest_face, rank_faces, score_frames, search_text,
+                       similar_images, similar_to_gallery_image)
 from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
                           shown_path)
 from utils import UserError, run_cli
+from video import load_frames
 from webguard import (MAX_UPLOAD_PIXELS, check_port_free, download_path, keep_text, lenient, named, number_in,
                       one_or_many_files, open_upload, port_in_use, read_vocab_upload, upload_path, vocab_items,
                       whole_number_in, with_fallback, yes_no)

@@ -14,6 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils import HEIF_EXTS, HEIF_READABLE, UserError, first_line
 
+MAX_PIXELS = 40_000_000      # per file or video frame: a 36 MP photo passes, a decompression bomb does not
+
 
 def float_to_8bit(a: np.ndarray) -> Image.Image:
     """Float grey -> 8-bit L: 0..1 scaled by 255, 0..255 kept, 0..65535 divided by 257, else stretched; NaN/inf 0."""
@@ -53,7 +55,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def safe_open_image(src, max_pixels: int = 40_000_000, max_side: int | None = None) -> Image.Image:
+def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> Image.Image:
     """A fully decoded RGB image from a path, bytes or PIL image; refuses bombs and non-images with a UserError.
     max_side: JPEGs may decode at 1/2, 1/4 or 1/8 scale while the longest side stays >= max_side (fast; for
     detection and crops); other formats and PIL images keep their size. From a file, .info["file_size"] is its

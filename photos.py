@@ -35,7 +35,6 @@ from utils import UserError, atomic_write_text, first_line
 
 FACES_MODES = ("auto", "crops", "photos")
 MAX_FACES = 20               # faces kept per photo, largest first
-MAX_PIXELS = 40_000_000      # bigger files are refused (as uploads are): a 36 MP photo passes, a bomb does not
 THUMB_SIDE = 160             # stored face crops (display only; the embedding is of the full aligned crop)
 LOG_NAME = "photos.jsonl"
 
@@ -77,7 +76,7 @@ def photo_faces(path: Path, grayscale: bool, detector: str = "auto", max_faces: 
     """(aligned crops, boxes, decoded size) of a photo, exactly as an uploaded photo is cropped; UserError if bad."""
     from faces import DECODE_SIDE, faces_or_whole
     from image_files import safe_open_image
-    photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
+    photo = safe_open_image(path, max_side=DECODE_SIDE)
     crops, boxes, found = faces_or_whole(photo, max_faces=max_faces, grayscale=grayscale, detector=detector)
     return (crops, boxes, photo.size) if found else ([], [], photo.size)
 
@@ -103,7 +102,7 @@ class FaceReader:
             image, how = path, "crop"
         else:
             try:
-                photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
+                photo = safe_open_image(path, max_side=DECODE_SIDE)
             except UserError as e:
                 raise BadImage(str(e)) from None
             crops, _, found = faces_or_whole(photo, 1, self.grayscale, detector=self.detector)

@@ -69,9 +69,8 @@ def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
     """The photo of a result with that face's box (<= 1024 px), or (draw=False) just the face's region."""
     from faces import DECODE_SIDE, Box, annotate
     from image_files import safe_open_image
-    from photos import MAX_PIXELS
     e = engine.index.entry(path)
-    photo = safe_open_image(e.photo, MAX_PIXELS, DECODE_SIDE if e.face is not None else None)
+    photo = safe_open_image(e.photo, max_side=DECODE_SIDE if e.face is not None else None)
     if e.box is None:
         return annotate(photo, [])
     f = photo.width / e.size[0] if e.size and e.size[0] else 1.0    # the file was decoded at another scale

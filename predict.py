@@ -40,7 +40,7 @@ def image_paths(inputs: list[str]) -> list[Path]:
     each folder (recursive, sorted), each file once however it is named (the first name given is kept); a path that
     does not exist, or folders without any, -> UserError."""
     from index import list_images
-    from retrieval import VIDEO_EXTS
+    from video import VIDEO_EXTS
     out = []
     for given in inputs:
         p = Path(given).expanduser()
@@ -79,8 +79,8 @@ def predict_image(engine, path: Path, names: list[str], sentences: list[str], de
     square was read without a face), a probability per expression name. Unreadable -> UserError."""
     from faces import DECODE_SIDE
     from image_files import safe_open_image
-    from retrieval import MAX_PIXELS, rank_faces
-    photo = safe_open_image(path, MAX_PIXELS, DECODE_SIDE)
+    from retrieval import rank_faces
+    photo = safe_open_image(path, max_side=DECODE_SIDE)
     res = rank_faces(engine, photo, sentences, detect=detect, max_faces=max_faces, name=str(path))
     return face_rows(res, path, photo.info["file_size"][0] / photo.width, names, detect)   # decoded -> file
 
@@ -91,7 +91,8 @@ def predict_video(engine, path: Path, names: list[str], sentences: list[str], de
     time, boxes in the video's pixels, and a `person` number that follows each face from frame to frame
     (sequence.track_faces; a frame read whole is person 1, a frame without a face has none). Unreadable ->
     UserError."""
-    from retrieval import rank_faces, video_frames
+    from retrieval import rank_faces
+    from video import video_frames
     from sequence import track_faces
     rows = []
     for f in video_frames(path, max_frames):
@@ -242,7 +243,7 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a,
              plot_names: set[str]) -> list[dict] | None:
     """One file's rows, printed as they come (None: skipped, with one line saying why). An unexpected error in one
     file skips that file with its type named, so a long run over a big folder never loses the rest."""
-    from retrieval import VIDEO_EXTS
+    from video import VIDEO_EXTS
     video = path.suffix.lower() in VIDEO_EXTS
     try:
         got = (predict_video(engine, path, names, sentences, not a.no_detect, a.max_faces, a.max_frames)
@@ -268,7 +269,8 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a,
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from retrieval import VIDEO_EXTS, Engine
+    from retrieval import Engine
+    from video import VIDEO_EXTS
     from served_model import choose_checkpoint
     from vocab import load_vocab
     items = load_vocab(a.vocab)

@@ -21,12 +21,13 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from image_files import MAX_PIXELS
 from logs import get_logger
 from utils import UserError
 
 log = get_logger(__name__)
 MAX_MESSAGE_CHARS = 600        # a message echoing a huge request stays readable
-MAX_UPLOAD_PIXELS = 40_000_000
+MAX_UPLOAD_PIXELS = MAX_PIXELS             # per uploaded image or video frame
 MAX_VOCAB_BYTES = 256_000
 MAX_EXPRESSIONS = 200          # sentences ranked per request
 MAX_SENTENCE_CHARS = 500       # one expression's sentence (retrieval.MAX_QUERY_CHARS for a query)

@@ -15,11 +15,12 @@ import demo
 import prepare
 import faces
 from photoviews import result_items
-from retrieval import (Engine, frame_crops, largest_face, load_frames, rank_expressions, rank_faces, read_video,
-                       score_frames, search_text, similar_images, similar_to_gallery_image)
+from retrieval import (Engine, frame_crops, largest_face, rank_expressions, rank_faces, score_frames, search_text,
+                       similar_images, similar_to_gallery_image)
 from sequence import sequence_scores
 from utils import UserError, run_cli
 from vocab import load_vocab, parse_vocab
+from video import load_frames, read_video
 from webguard import public_message
 
 FER_FACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013" / "test" / "happy"

@@ -1,0 +1,133 @@
+"""Frames for the sequence views: stills and evenly sampled video frames (OpenCV), shrunk for memory.
+
+    load_frames(paths, max_frames=32)       -> (frames, skipped): images and videos ordered by name, one line per
+                                               file that could not be read
+    video_frames(path, max_frames=32)       -> [VideoFrame(index, time_s, image, size), ...]
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from faces import check_min_side
+from image_files import MAX_PIXELS, safe_open_image
+from utils import UserError
+
+MAX_FRAME_SIDE = 1280          # sequence frames are shrunk to this longest side (memory; detection works at 1024)
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".gif"}
+
+
+def _natural_key(path) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def _shrink(im: Image.Image, side: int = MAX_FRAME_SIDE) -> Image.Image:
+    if max(im.size) > side:
+        im = im.copy()
+        im.thumbnail((side, side), Image.BILINEAR)
+    return im
+
+
+def read_video(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[Image.Image]:
+    """Up to max_frames RGB frames spaced evenly over the video (OpenCV); unreadable videos -> UserError."""
+    return [f.image for f in video_frames(path, max_frames, max_pixels)]
+
+
+class VideoFrame(NamedTuple):
+    index: int                 # frame number in the file, from 0
+    time_s: float | None       # None when the file gives no frame rate
+    image: Image.Image         # RGB, shrunk to at most MAX_FRAME_SIDE px
+    size: tuple[int, int]      # (W, H) as decoded, before shrinking: boxes on .image scale by size[0] / image.width
+
+
+@functools.cache
+def _quiet_opencv() -> None:
+    """FFmpeg's and OpenCV's own stderr lines ("moov atom not found", "can't be used to capture by name") off: an
+    unreadable video is our one line. Set before the first capture opens; a user's own setting is kept."""
+    import cv2
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")                  # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[VideoFrame]:
+    """Up to max_frames frames spaced evenly over the video, in order; unreadable videos -> UserError."""
+    import cv2
+    _quiet_opencv()
+    name = str(path)                                                  # load_frames shortens it to the file's name
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    try:
+        if not cap.isOpened():
+            raise UserError(_not_a_video(path, "not a video OpenCV can read"))
+        w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        if w * h > max_pixels:
+            raise UserError(f"{name}: {w:.0f}x{h:.0f} frames are over the {max_pixels:,}-pixel limit; resize it first")
+        if w > 0 and h > 0:                                          # 0: the container does not say
+            check_min_side((int(w), int(h)), f"{name}: its frames")
+        fps, n = cap.get(cv2.CAP_PROP_FPS), int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if n <= 0:                                                   # unknown length: count by grabbing
+            while cap.grab():
+                n += 1
+            cap.release()
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        wanted = set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()) if n > 0 else set()
+        frames = []
+        for i in range(max(wanted, default=-1) + 1):                  # sequential: exact frames, any codec
+            if not cap.grab():
+                break
+            if i in wanted:
+                ok, bgr = cap.retrieve()
+                if ok:
+                    t = round(i / fps, 3) if fps and np.isfinite(fps) and fps > 0 else None
+                    rgb = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                    image = _shrink(rgb)
+                    image.info["time_s"] = t                          # load_frames' frames carry their time
+                    frames.append(VideoFrame(i, t, image, rgb.size))
+    finally:
+        cap.release()
+    if not frames:
+        raise UserError(_not_a_video(path, "no frames could be decoded"))
+    return frames
+
+
+def _not_a_video(path, why: str) -> str:
+    """Why a video could not be read; a still image under a video's name is named as one."""
+    try:
+        with Image.open(path) as im:
+            kind = im.format
+    except Exception:  # noqa: BLE001 -- not an image either: the video's own reason
+        kind = None
+    if kind:
+        return f"{path}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
+    return f"{path}: {why} (use MP4, AVI, MOV, WebM)"
+
+
+def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tuple[list[Image.Image], list[str]]:
+    """Images and videos, ordered by file name (frame2 before frame10) -> (up to max_frames frames spaced evenly,
+    one message per file that could not be read). No readable frame at all -> UserError."""
+    paths = sorted((str(p) for p in paths or [] if p), key=_natural_key)
+    if not paths:
+        raise UserError("upload several images (frames) or a short video first")
+    frames, skipped = [], []
+    for p in paths:
+        try:
+            if Path(p).suffix.lower() in VIDEO_EXTS:
+                frames += read_video(p, max_frames, max_pixels)
+            else:
+                still = _shrink(safe_open_image(p, max_pixels))
+                check_min_side(still.size, str(p))
+                still.info.pop("time_s", None)                        # a still has no time (a PNG chunk may name one)
+                frames.append(still)
+        except UserError as e:
+            skipped.append(str(e).replace(str(p), Path(p).name))
+    if not frames:
+        raise UserError("no readable frame: " + "; ".join(skipped))
+    if len(frames) > max_frames:
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    return frames, skipped
