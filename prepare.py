@@ -158,6 +158,14 @@ def face_cropper(margin: float = 0.25, grayscale: bool = False, no_face: str = "
     return crop
 
 
+def listed_before(r, out: Path, prefix: str, old_images: set, crop=None) -> bool:
+    """The row's file is already in captions.csv as a reference or as a copy (a run with --copy after one without,
+    or the other way round): the same face, not listed again. Decoded pixels and crops are keyed by path as usual."""
+    if isinstance(getattr(r, "pixels", None), str) or isinstance(getattr(r, "box", None), tuple) or crop is not None:
+        return False
+    return bool({listed_path(Path(r.src), out), listed_path(out / "images" / prefix / r.name, out)} & old_images)
+
+
 def place(r, out: Path, prefix: str, copy: bool, verify: bool, notes: Counter, crop=None) -> str:
     """Write or reference one row's image (face-cropped by `crop` when given); its captions.csv path. Raises Skip."""
     dst = out / "images" / prefix / r.name
@@ -222,8 +230,12 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
     if lacking:
         raise UserError(f"caption bank {bank!r} has no sentence for {', '.join(lacking)}; add rows to the bank CSV")
     prefix = source.name if fmt == "folder" else {"fer2013-csv": "fer2013"}.get(fmt, fmt)
-    notes, images = Counter(), []
+    notes, images, old_images, aliases = Counter(), [], set(old["image"]) if old is not None else set(), 0
     for r in rows.itertuples(index=False):
+        if listed_before(r, out, prefix, old_images, crop):
+            aliases += 1
+            images.append(None)
+            continue
         try:
             images.append(place(r, out, prefix, copy, verify, notes, crop))
         except Skip as e:
@@ -236,7 +248,7 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
         new["soft_labels"] = rows["soft_labels"]
     new = new[new["image"].notna()]
     table, already = merge_captions(listed, old, new)
-    table.attrs["report"] = {"path": str(listed), "added": len(new) - already, "already": already,
+    table.attrs["report"] = {"path": str(listed), "added": len(new) - already, "already": already + aliases,
                              "skipped": {k: v for k, v in skipped.items() if v}, "converted": dict(notes)}
     return table
 

@@ -111,6 +111,8 @@ def test_folder_split_layout_in_place_and_copy(tmp_path):
     assert inside["image"].str.startswith("train/").sum() == 4 and not any(Path(p).is_absolute() for p in inside["image"])
     copied = P.convert(src, "folder", tmp_path / "copy", copy=True)
     assert all(p.startswith("images/src/") and (tmp_path / "copy" / p).is_file() for p in copied["image"])
+    again = P.convert(src, "folder", tmp_path / "copy")                # referenced after copied: not listed twice
+    assert again["image"].tolist() == copied["image"].tolist() and again.attrs["report"]["already"] == 6
 
 
 def test_folder_flat_layout_and_cli_report(tmp_path, capsys):
@@ -224,6 +226,8 @@ def test_merge_appends_without_duplicates(tmp_path):
     P.convert(tmp_path / "a", "folder", tmp_path / "out")
     again = P.convert(tmp_path / "a", "folder", tmp_path / "out", bank="rich")
     assert len(again) == 2 and again.attrs["report"]["already"] == 2 and again.attrs["report"]["added"] == 0
+    copied = P.convert(tmp_path / "a", "folder", tmp_path / "out", copy=True)     # the same files, as copies
+    assert len(copied) == 2 and copied.attrs["report"]["already"] == 2 and not (tmp_path / "out" / "images").exists()
     both = P.convert(tmp_path / "b", "folder", tmp_path / "out")
     assert len(read(tmp_path / "out")) == 3 == len(both) and not both["image"].duplicated().any()
     assert sorted(both["label"]) == ["fear", "happiness", "sadness"]
