@@ -201,5 +201,8 @@ def start_line(cfg, data, steps_per_epoch: int, world: int, total_steps: int) ->
     side = f"; images over {s} px reduced to it first (--source-side {s})" if (s := cfg.source_side) else ""
     unseen = "; val scores the trained classes only (evaluate.py --unseen: the excluded ones)" \
         if cfg.exclude_classes else ""
+    step = cfg.batch_size * cfg.accum_steps
+    small = f"; a step takes {step} pairs (--batch-size x --accum-steps), more than there are: each step sees " \
+        "all of them" if step > len(data.train_ds) else ""
     return (f"{len(data.train_ds)} train{bare} / {len(data.val_ds)} val pairs, {steps_per_epoch} steps/epoch x "
-            f"{world} process(es), {total_steps} steps{side}{unseen}")
+            f"{world} process(es), {total_steps} steps{side}{unseen}{small}")

@@ -314,7 +314,7 @@ def test_a_file_where_a_folder_goes_or_an_empty_weights_file_is_one_line(sample_
     assert (tmp_path / "afile").read_bytes() == b""
 
 
-def test_the_start_line_counts_unlabelled_rows_and_says_what_validation_scores_under_exclusion():
+def test_the_start_line_counts_unlabelled_rows_says_what_validation_scores_and_notes_a_batch_over_the_data():
     from types import SimpleNamespace
 
     import pandas as pd
@@ -327,4 +327,7 @@ def test_the_start_line_counts_unlabelled_rows_and_says_what_validation_scores_u
     assert line.startswith("4 train (2 without a label) / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps")
     assert "val scores the trained classes only" in line
     data.train_df = pd.DataFrame({"label": ["happiness"] * 4})
-    assert start_line(make_config(), data, 2, 1, 12) == "4 train / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps"
+    assert start_line(make_config(dict(batch_size=2)), data, 2, 1, 12) == \
+        "4 train / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps"
+    assert start_line(make_config(dict(batch_size=16)), data, 1, 1, 6).endswith(
+        "; a step takes 16 pairs (--batch-size x --accum-steps), more than there are: each step sees all of them")
