@@ -18,15 +18,14 @@ MAX_PIXELS = 40_000_000      # per file or video frame: a 36 MP photo passes, a 
 
 
 def float_to_8bit(a: np.ndarray) -> Image.Image:
-    """Float grey -> 8-bit L: 0..1 scaled by 255, 0..255 kept, 0..65535 divided by 257, else stretched; NaN/inf 0."""
+    """Float grey -> 8-bit L: 0..1 scaled by 255, 0..255 kept, any other range stretched to 0..255 (a float has no
+    bit depth to divide by: 0..1000 is not a dark 16-bit image); NaN/inf 0."""
     a = np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = a.min(initial=0.0), a.max(initial=0.0)
     if lo >= 0 and hi <= 1:
         a = a * 255
-    elif lo < 0 or hi > 65535:
+    elif lo < 0 or hi > 255:
         a = (a - lo) / (hi - lo + 1e-12) * 255
-    elif hi > 255:
-        a = a / 257.0
     return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
 
 

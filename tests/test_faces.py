@@ -289,6 +289,8 @@ def test_safe_open_converts_modes_and_orientation(tmp_path):
     assert safe_open_image(_png(pal)).getpixel((0, 0)) == (0, 0, 255)
     unit = Image.fromarray(np.full((8, 8), 0.8, dtype=np.float32), "F")           # a float TIFF in 0..1
     assert safe_open_image(unit).getpixel((0, 0)) == (204, 204, 204)
+    wide = Image.fromarray(np.linspace(0, 1000, 64, dtype=np.float32).reshape(8, 8), "F")   # 0..1000: stretched
+    assert safe_open_image(wide).getpixel((7, 7)) == (255, 255, 255) and safe_open_image(wide).getpixel((0, 0))[0] == 0
     clear = safe_open_image(_png(Image.new("RGBA", (8, 8), (0, 0, 0, 0))))
     assert clear.mode == "RGB" and clear.getpixel((0, 0)) == (255, 255, 255)
     exif = Image.Exif()
