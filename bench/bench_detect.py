@@ -281,7 +281,7 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers, e.g. 0,48") from None
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", default=str(FER))
     ap.add_argument("--n", type=int, default=200, help="test faces for recall / false boxes (0: skip them and latency)")
@@ -306,7 +306,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     fer = Path(a.fer)
     if not (fer / "test").is_dir() or not (fer / "train").is_dir():
         print(f"skipped: FER-2013 not found at {fer} (expected train/ and test/; pass --fer DIR)")
