@@ -31,6 +31,17 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every process (one one-element all_reduce under torchrun; `flag` itself otherwise).
+    For decisions every rank must take together, such as skipping a step: a rank that skips alone leaves the others
+    waiting in the step's collectives until the process group times out."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def cleanup(wait: bool = True) -> None:
     """Leave the process group (call at the end of training). With `wait`, every rank waits for the others first:
     a rank that closed its gloo connections while another still used them aborted that one at exit (SIGABRT, 1 run

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,7 @@ class SentenceTower(nn.Module):
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        texts = [str(t) for t in texts]
+        texts = [unicodedata.normalize("NFC", str(t)) for t in texts]   # macOS pastes decomposed Hangul; one key
         with self._lock:
             todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
             if len(todo) >= DISK_MIN and self._disk is None:       # a bank: what an earlier run embedded

@@ -5,8 +5,8 @@ an atomic checkpoint (out_dir/last.pth), metrics.csv and curves.png. When the ru
 (out_dir/best.pth) is copied to --final-path (model_final.pth); a model already there is kept, renamed aside
 (model_final.YYYYmmdd-HHMMSS.pth), and the log names it. A killed run never touches --final-path.
 last.pth is also saved mid-epoch every --save-every-min minutes, so a kill loses at most that much. `--resume
-out_dir/last.pth` continues exactly (bit-identical weights and BatchNorm statistics); Ctrl-C stops after the current
-step and saves first. Without a terminal, a plain progress line is printed every --log-every steps / --log-seconds.
+out_dir/last.pth` continues exactly (bit-identical weights and BatchNorm statistics); Ctrl-C or SIGTERM stops after
+the current step and saves first. Without a terminal, a plain progress line every --log-every steps / --log-seconds.
 Multi-GPU: torchrun --nproc_per_node N train.py ...
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import validation
 from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
-from distributed import cleanup, gather_for_loss, init_distributed, sync_grads
+from distributed import all_ranks, cleanup, gather_for_loss, init_distributed, sync_grads
 from logs import get_logger, setup_logging
 from loss import make_loss
 from mixup import mix_batch
@@ -34,8 +34,8 @@ from checkpoint import (checkpoint_payload, init_from_config, load_weights_into,
 from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
-from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, param_groups,
-                       start_line, write_logs)
+from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma,
+                       check_same_world, param_groups, start_line, write_logs)
 from utils import UserError, atomic_save, check_output_file, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
@@ -73,11 +73,11 @@ class Trainer:
         self.data = build_train_data(cfg)
         if self.world > 1 and self.data.train_classes is not None:
             raise UserError("--targets soft / --contrast classes run in one process for now (not under torchrun)")
+        self.steps_per_epoch = len(self.train_batches(0))      # too few batches for the processes: said before the model
         self.build_model(local_rank, checkpoint if cfg.init_from and not cfg.resume else None)
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
         self.epoch_batches = EpochBatches()          # one loader for the run: its workers persist across epochs
         self.train_loader = self.loader(self.data.train_ds, self.epoch_batches, persistent=True)
-        self.steps_per_epoch = len(self.train_batches(0))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -89,7 +89,7 @@ class Trainer:
         self.autocast, self.scaler = amp_setup(cfg, self.device)
         self.step, self.epoch, self.batch_in_epoch, self.best, self.history = 0, 0, 0, -math.inf, []
         self.epoch_losses, self.skips = [], SkipCount()      # this epoch so far (saved: a resumed epoch reports all)
-        self.guard = DeferredInterrupt(enabled=self.world == 1)   # torchrun: ranks must not stop at different steps
+        self.guard = DeferredInterrupt(deferred=self.world == 1)   # torchrun: ranks must not stop at different steps
         self.buffers = BufferSnapshot(self.model)
         self.autosave = Every(cfg.save_every_steps, 60 * cfg.save_every_min)
         if cfg.resume:
@@ -114,8 +114,7 @@ class Trainer:
         # weight EMA (open_clip/timm style): validated, selected and saved instead of the raw weights
         self.ema = TrainableEma(self.model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
         if cfg.compile:
-            self.model.image_encoder.compile()
-            self.model.text_encoder.compile()
+            self.model.image_encoder.compile(), self.model.text_encoder.compile()
         self.net = self.model
         if self.world > 1:      # accumulation (accum.py) calls self.model and syncs gradients itself; BatchNorm
                                 # statistics then stay per rank (rank 0's are saved)
@@ -238,11 +237,11 @@ class Trainer:
         return float(np.mean(self.epoch_losses)) if self.epoch_losses else float("nan")
 
     def guarded_step(self, batch, indices: list[int]) -> float | None:
-        """train_step plus the epoch's bookkeeping. Interrupted before its optimizer update, the step is undone (its
-        forward pass already moved the BatchNorm statistics), so a save holds the state of the last whole step.
-        None when every image of the batch was unreadable."""
-        if batch is None:
-            self.skips.add([self.data.train_ds.df["path"].iloc[i] for i in indices])
+        """train_step plus the epoch's bookkeeping; interrupted before its optimizer update, the step is undone (its
+        forward pass already moved the BatchNorm statistics). None (skipped) when fewer than two of the batch's images
+        could be read, on any rank: all skip together (one alone would leave the others waiting in its collectives)."""
+        if not all_ranks(batch is not None and len(batch["labels"]) > 1, self.device):
+            self.skips.add(batch["unreadable"] if batch else [self.data.train_ds.df["path"].iloc[i] for i in indices])
             self.batch_in_epoch += 1
             return None
         step = self.step
@@ -285,7 +284,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return dict(optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
-                    step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
+                    step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best, world=self.world,
                     history=self.history, epoch_losses=list(self.epoch_losses),
                     skipped=[self.skips.count, self.skips.first],
                     ema={k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None)
@@ -307,6 +306,7 @@ class Trainer:
             raise UserError(f"{path}: was trained with another config ({first_line(e)}); "
                             "resume with the same flags")
         t = ck["trainer"]
+        check_same_world(path, t.get("world", self.world), self.world)
         if self.scaler and t["scaler"]:
             self.scaler.load_state_dict(t["scaler"])
         if self.ema is not None:    # a run that had no EMA yet starts it from the resumed weights
@@ -362,10 +362,10 @@ class Trainer:
                     loss = self.train_epoch()
                     self.end_epoch(loss, time.time() - t0)
         except KeyboardInterrupt:
-            if self.is_main:
+            if self.is_main:                        # the one line under torchrun too (rank 0 saves)
                 self.save_last()
-            log.warning(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
-                        f"continue with --resume {self.out / 'last.pth'}")
+                log.warning(f"\ninterrupted: saved {self.out / 'last.pth'} (step {self.step}); "
+                            f"continue with --resume {self.out / 'last.pth'}")
             raise
         if self.cfg.final_path and self.is_main and len(self.history) > trained_before:
             publish_final(self.out / "best.pth", Path(self.cfg.final_path))

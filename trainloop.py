@@ -15,33 +15,39 @@ import torch
 from timm.utils import ModelEmaV3
 
 from logs import get_logger
+from utils import UserError
 
 log = get_logger(__name__)
 
 
 class DeferredInterrupt:
-    """While installed (`with DeferredInterrupt():`), a Ctrl-C that arrives inside a `with guard.step():` block only
-    sets a flag; the block's end raises KeyboardInterrupt, so training stops between whole steps. A second Ctrl-C,
-    or one outside a block (waiting for data, validating), raises at once as usual. A no-op outside the main thread
-    or when disabled (torchrun: ranks must not stop at different steps)."""
+    """While installed (`with DeferredInterrupt():`), a Ctrl-C or SIGTERM (a scheduler, `timeout`, torchrun stopping
+    its workers) that arrives inside a `with guard.step():` block only sets a flag; the block's end raises
+    KeyboardInterrupt, so training stops between whole steps and saves. A second signal, or one outside a block
+    (waiting for data, validating), raises at once. deferred=False (torchrun: ranks must not stop at different
+    steps): both raise at once. Nothing is installed outside the main thread."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.inside, self.pending, self.previous = False, False, None
+    def __init__(self, deferred: bool = True):
+        self.deferred, self.installed = deferred, threading.current_thread() is threading.main_thread()
+        self.inside, self.pending, self.previous = False, False, {}
 
     def __enter__(self) -> "DeferredInterrupt":
-        if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        if self.installed:
+            self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        for s, old in self.previous.items():
+            signal.signal(s, old if old is not None else signal.default_int_handler if s == signal.SIGINT else
+                          signal.SIG_DFL)
+        self.previous = {}
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.inside and not self.pending:
+    def _on_signal(self, signum, frame) -> None:
+        if self.deferred and self.inside and not self.pending:
             self.pending = True
-            log.warning("\nCtrl-C: stopping after this step (press again to stop at once)")
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.warning(f"\n{what}: stopping after this step (press Ctrl-C again to stop at once)")
             return
         raise KeyboardInterrupt
 
@@ -192,6 +198,17 @@ class TrainableEma(ModelEmaV3):
             if not e.is_floating_point():
                 e.copy_(m)                                     # e.g. BatchNorm's num_batches_tracked
         self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
+
+
+def check_same_world(path, saved: int, now: int) -> None:
+    """A run resumes with the number of processes that wrote it: the position in an epoch is counted in each
+    process's batches (rank r takes batches r, r + world, ...) and the schedule in steps of the global batch, so
+    another count would skip or repeat data and stretch the learning-rate schedule."""
+    if saved != now:
+        how = f"python train.py --resume {path}" if saved == 1 else \
+            f"torchrun --nproc_per_node {saved} train.py --resume {path} on one machine"
+        raise UserError(f"{path}: written by {saved} process(es), resumed with {now}; resume with {saved} in all "
+                        f"({how}), or start a new run from its weights with --init-from {path}")
 
 
 def start_line(cfg, data, steps_per_epoch: int, world: int, total_steps: int) -> str:

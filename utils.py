@@ -49,20 +49,22 @@ def first_line(e: BaseException | str, n: int = 120) -> str:
 
 def run_cli(main, argv=None) -> int:
     """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr (logs.py) and an exit code. A path the
-    system refuses (a file where a folder must go or the reverse, no permission) is one line too, naming it."""
+    system refuses (a file where a folder must go or the reverse, no permission) is one line too, naming it. Under
+    torchrun only each machine's first process says it: every rank checks the same input and raises the same line."""
+    say = log.error if os.environ.get("LOCAL_RANK", "0") == "0" else log.debug
     try:
         return int(main(argv) or 0)
     except UserError as e:
-        log.error(f"error: {e}")
+        say(f"error: {e}")
         return 2
     except OSError as e:                  # a path the system refuses: a file for a folder, /proc/x, read-only, full
         if e.filename is None:
             raise
-        log.error(f"error: {e.filename}: {e.strerror or first_line(e)} ({type(e).__name__}); pass another path (a "
-                  "folder flag needs a folder, a file flag a file) or fix its permissions")
+        say(f"error: {e.filename}: {e.strerror or first_line(e)} ({type(e).__name__}); pass another path (a "
+            "folder flag needs a folder, a file flag a file) or fix its permissions")
         return 2
     except KeyboardInterrupt:
-        log.error("interrupted")
+        say("interrupted")
         return 130
 
 
@@ -105,9 +107,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    try:       # mkstemp makes 0600 files: the new one gets the old file's mode, or what open() would give
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~UMASK)
-        write(tmp)
+    try:
+        write(tmp)     # then the mode: mkstemp makes 0600, and a writer may replace the file (safetensors does)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~UMASK)   # the old one's, or open()'s
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

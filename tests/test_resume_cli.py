@@ -53,6 +53,18 @@ def test_resume_refuses_a_flag_that_changes_the_model_data_or_schedule(one_epoch
     assert flag[0] in str(e.value) and "\n" not in str(e.value)
 
 
+def test_resume_refuses_another_number_of_processes_than_wrote_the_run(one_epoch, tmp_path):
+    """The epoch position is counted in each process's batches: 2 processes -> 1 would repeat or skip data."""
+    ck = torch.load(one_epoch / "out" / "last.pth", weights_only=True)
+    assert ck["trainer"]["world"] == 1
+    ck["trainer"]["world"] = 2                                               # as torchrun --nproc_per_node 2 wrote it
+    torch.save(ck, tmp_path / "last.pth")
+    with pytest.raises(UserError, match=r"written by 2 process\(es\), resumed with 1; resume with 2 in all "
+                                        r"\(torchrun --nproc_per_node 2 train\.py --resume") as e:
+        train.main(["--resume", str(tmp_path / "last.pth")])
+    assert "\n" not in str(e.value)
+
+
 def _train(args, **kw):
     import subprocess
     import sys

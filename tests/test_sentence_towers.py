@@ -33,6 +33,21 @@ def test_korean_sentence_lands_nearer_its_english_meaning_than_another_expressio
     assert float(e[1] @ e[0]) > float(e[1] @ e[2])
 
 
+@pytest.mark.parametrize("source", [E5, "pkg:multilingual-use"])
+def test_decomposed_hangul_reads_as_the_composed_sentence(source):
+    """macOS copies Korean as decomposed jamo (NFD): the packaged engines read those as other tokens (e5 ranked a
+    surprised face first for NFD "angry face", an angry one for NFC). Both forms are one sentence."""
+    import unicodedata
+
+    from sentence_towers import SENTENCE_TOWERS, SentenceTower
+    pytest.importorskip(SENTENCE_TOWERS[source].module)
+    composed = "화난 얼굴"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed and len(decomposed) == 12
+    e = SentenceTower(source).embed([decomposed, composed])
+    assert torch.allclose(e[0], e[1])
+
+
 def test_concurrent_embedding_equals_sequential():
     from sentence_towers import SentenceTower
     t = SentenceTower(E5)

@@ -105,10 +105,10 @@ def resume(sample_dir, out) -> "train.Trainer":
     return t
 
 
-@pytest.mark.parametrize("how", ["signal", pytest.param("raise", marks=pytest.mark.slow),
+@pytest.mark.parametrize("how", ["signal", "sigterm", pytest.param("raise", marks=pytest.mark.slow),
                                  pytest.param("validate", marks=pytest.mark.slow)])
 def test_ctrl_c_mid_step_then_resume_is_bit_identical(uninterrupted, sample_dir, tmp_path, monkeypatch, how):
-    """Ctrl-C in the middle of a forward pass (a real SIGINT, or a KeyboardInterrupt raised there), or while
+    """Ctrl-C in the middle of a forward pass (a real SIGINT or SIGTERM, or a KeyboardInterrupt raised there), or while
     validating: the saved state is that of the last whole step, and the resumed run equals the uninterrupted one."""
     import signal
     calls, real_tokens, real_validate = [0], ExprCLIP.encode_tokens, train.Trainer.validate
@@ -118,7 +118,7 @@ def test_ctrl_c_mid_step_then_resume_is_bit_identical(uninterrupted, sample_dir,
         if self.training and calls[0] == uninterrupted.steps_per_epoch + 3:    # mid second epoch
             if how == "raise":
                 raise KeyboardInterrupt
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
         return real_tokens(self, *a, **k)
 
     def validate(self):
@@ -134,6 +134,7 @@ def test_ctrl_c_mid_step_then_resume_is_bit_identical(uninterrupted, sample_dir,
     monkeypatch.setattr(train.Trainer, "validate", real_validate)
     saved = torch.load(tmp_path / "last.pth", weights_only=True)["trainer"]
     expected = {"raise": uninterrupted.steps_per_epoch + 2, "signal": uninterrupted.steps_per_epoch + 3,
+                "sigterm": uninterrupted.steps_per_epoch + 3,
                 "validate": uninterrupted.steps_per_epoch}[how]    # a SIGINT lets the step it hit finish
     assert saved["step"] == expected
     assert_same_run(uninterrupted, resume(sample_dir, tmp_path))
@@ -278,6 +279,28 @@ def test_torchrun_two_processes_train_end_to_end(sample_dir, tmp_path, accum):
     assert "x 2 process(es)" in p.stdout and p.stdout.count("epoch 1:") == 1      # only rank 0 prints
     model, cfg = load_checkpoint(out / "final.pth")
     assert pd.read_csv(out / "metrics.csv")["step"].iloc[-1] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_skip_a_batch_together_when_one_ranks_faces_are_all_unreadable(tmp_path):
+    """Two faces a process, half the files garbage: at some steps one rank has fewer than two faces to train on. It
+    used to skip alone and leave the other waiting in the step's collectives (a hang until gloo's 30-minute
+    timeout), or fail in BatchNorm on a single face."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from synth import make_sample
+    make_sample(tmp_path / "data", per_class=4, size=32, seed=1)
+    for f in sorted((tmp_path / "data" / "images").iterdir())[::2]:
+        f.write_text("garbage")
+    root, out = Path(__file__).resolve().parents[1], tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "train.py"), "--preset", "tiny", "--data", str(tmp_path / "data"), "--image-size", "32",
+           "--batch-size", "2", "--epochs", "1", "--out-dir", str(out), "--final-path", "", "--num-workers", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "unreadable images skipped" in p.stdout and torch.load(out / "last.pth", weights_only=True)["trainer"]["epoch"] == 1
 
 
 def test_too_few_faces_for_a_validation_split_still_publishes_the_latest_epoch(tmp_path, capfd):
