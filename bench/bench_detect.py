@@ -33,11 +33,19 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 import faces  # noqa: E402
+from cli_types import int_list, nonneg_int, positive_int  # noqa: E402,F401  (int_list: bench_detect.int_list)
 from faces import Box, annotate, detect_faces, faces_or_whole  # noqa: E402
 from image_files import safe_open_image  # noqa: E402
 
 FER = ROOT.parent / "shared" / "data" / "fer2013"
 CANVAS = (480, 360)
+
+
+def fer_skip(fer: Path, splits: tuple[str, ...] = ("train", "test")) -> str | None:
+    """The one skip line when the FER-2013 folder layout lacks one of `splits`, else None."""
+    if all((fer / s).is_dir() for s in splits):
+        return None
+    return f"skipped: FER-2013 not found at {fer} (expected {' and '.join(s + '/' for s in splits)}; pass --fer DIR)"
 
 
 def pick_faces(fer: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
@@ -273,23 +281,16 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
         report(f"mtcnn crops, --source-side {side}", score(crops).argmax(1), f"  (the file's own: {own})")
 
 
-def int_list(text: str) -> list[int]:
-    """--source-sides "0,48" -> [0, 48]; anything else is argparse's one-line error."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers, e.g. 0,48") from None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fer", default=str(FER))
-    ap.add_argument("--n", type=int, default=200, help="test faces for recall / false boxes (0: skip them and latency)")
+    ap.add_argument("--n", type=nonneg_int, default=200,
+                    help="test faces for recall / false boxes (0: skip them and latency)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backgrounds", default="grey,texture")
-    ap.add_argument("--repeat", type=int, default=5, help="latency: median of this many calls")
+    ap.add_argument("--repeat", type=positive_int, default=5, help="latency: median of this many calls")
     ap.add_argument("--checkpoint", default=None, help="also measure accuracy on aligned crops vs 48x48 originals")
-    ap.add_argument("--n-acc", type=int, default=500, help="test faces for --checkpoint")
+    ap.add_argument("--n-acc", type=positive_int, default=500, help="test faces for --checkpoint")
     ap.add_argument("--acc-data", help="--checkpoint accuracy on this captions.csv folder's --acc-split rows instead "
                     "of FER-2013 test faces (a validation split, to choose a model by the photo path)")
     ap.add_argument("--acc-split", default="val")
@@ -299,21 +300,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "this many degrees either way (a tilted head; alignment levels it)")
     ap.add_argument("--source-sides", type=int_list, default=[], help="e.g. 0,48: also score the MTCNN crops with each "
                     "--source-side (0: off), side by side")
-    ap.add_argument("--tight", type=int, default=224, help="--checkpoint: also score the faces upscaled to this "
-                    "many px (tight crops over 160 px), read whole and searched by MTCNN (0: skip)")
+    ap.add_argument("--tight", type=nonneg_int, default=224, help="--checkpoint: also score the faces upscaled to "
+                    "this many px (tight crops over 160 px), read whole and searched by MTCNN (0: skip)")
     ap.add_argument("--write-folder", metavar="DIR", help="write --n-acc test faces as DIR/photos/CLASS/*.jpg "
                     "(photo-like scenes) and DIR/crops/CLASS/*.png (originals) for evaluate.py, then stop")
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--threads", type=nonneg_int, default=0, help="torch.set_num_threads (0: leave as is)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     fer = Path(a.fer)
-    if not (fer / "test").is_dir() or not (fer / "train").is_dir():
-        print(f"skipped: FER-2013 not found at {fer} (expected train/ and test/; pass --fer DIR)")
+    if skip := fer_skip(fer):
+        print(skip)
         return 0
     if a.threads:
         import torch

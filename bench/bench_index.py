@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_types import nonneg_int, positive_int, positive_int_list  # noqa: E402
 from knn import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: E402
 
 
@@ -67,22 +68,29 @@ def row(n: int, name: str, build, lat: np.ndarray, recall: float) -> None:
           f"{recall:>9.3f}", flush=True)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10000,100000,1000000")
-    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--sizes", type=positive_int_list, default=[10000, 100000, 1000000], help="gallery sizes")
+    ap.add_argument("--dim", type=positive_int, default=256)
     ap.add_argument("--query-noise", type=float, default=0.8, help="queries: noisier than the gallery (0.5)")
     ap.add_argument("--gap", type=float, default=1.0, help="norm of a fixed offset added to every query "
                     "(text embeddings sit apart from image embeddings: the modality gap)")
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--exact-queries", type=int, default=30, help="single queries timed for exact search")
-    ap.add_argument("--nprobe", default="16,32,64,128", help="FAISS nprobe values to try")
-    ap.add_argument("--chunk-rows", type=int, default=4096)
-    return ap.parse_args()
+    ap.add_argument("--queries", type=positive_int, default=200)
+    ap.add_argument("--exact-queries", type=nonneg_int, default=30, help="single queries timed for exact search "
+                    "(0: skip exact search)")
+    ap.add_argument("--nprobe", type=positive_int_list, default=[16, 32, 64, 128], help="FAISS nprobe values to try "
+                    "(each capped at the index's nlist; a value capped to one already timed is not timed again)")
+    ap.add_argument("--chunk-rows", type=positive_int, default=4096)
+    return ap.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def nprobes(asked: list[int], nlist: int) -> list[int]:
+    """The --nprobe values capped at nlist, each once, in the order asked."""
+    return list(dict.fromkeys(min(p, nlist) for p in asked))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     import faiss
 
     gen, rng = FaceLikeVectors(args.dim), np.random.default_rng(1)
@@ -95,7 +103,7 @@ def main() -> None:
           f"gap {args.gap}); "
           f"{os.cpu_count()} CPU threads visible, shared with other jobs; faiss threads {faiss.omp_get_max_threads()}")
     print(f"{'N':>9} {'method':<26} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} {'recall@10':>9}")
-    for n in (int(s) for s in args.sizes.split(",")):
+    for n in args.sizes:
         gallery = make_gallery(n, gen, seed=n)
         blocks = lambda: (gallery[i:i + args.chunk_rows] for i in range(0, n, args.chunk_rows))  # noqa: E731
         _, truth = exact_search(blocks(), queries, 10)  # all queries at once: ground truth
@@ -109,8 +117,8 @@ def main() -> None:
         t = time.perf_counter()
         index = build_faiss(blocks, n, args.dim)
         build = time.perf_counter() - t
-        for nprobe in (int(p) for p in args.nprobe.split(",")):
-            index.nprobe = min(nprobe, index.nlist)
+        for nprobe in nprobes(args.nprobe, index.nlist):
+            index.nprobe = nprobe
             _, ids = index.search(queries, 10)
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
             row(n, f"IVF{index.nlist},SQfp16 nprobe={index.nprobe}", build,

@@ -22,19 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from config import make_config  # noqa: E402
 from captions import load_caption_bank  # noqa: E402
+from cli_types import nonneg_int, positive_int  # noqa: E402
+from config import make_config  # noqa: E402
 from loss import clip_loss  # noqa: E402
 from model import ExprCLIP, resolve_source  # noqa: E402
 from precision import amp_dtype, amp_setup  # noqa: E402
 from train import param_groups  # noqa: E402
 
 
-def distilbert_folder(tokenizer_dir: str, dest: Path | None = None) -> str:
-    """A local folder (dest, or a new temporary one) with DistilBERT's default config and an uncased WordPiece
-    tokenizer (no download)."""
+def distilbert_folder(tokenizer_dir: str, dest: Path) -> str:
+    """dest, filled with DistilBERT's default config and an uncased WordPiece tokenizer (no download)."""
     import transformers
-    d = str(dest) if dest is not None else tempfile.mkdtemp(prefix="distilbert-")
+    d = str(dest)
     transformers.DistilBertConfig().save_pretrained(d)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(d)
     return d
@@ -79,27 +79,39 @@ def time_steps(model, cfg, device, batch, mode: str, steps: int, warmup: int, fu
     return steps * len(caps) / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-model", default="resnet50")
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--image-size", type=positive_int, default=224)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per mode")
+    ap.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps before them")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokenizer", default="pkg:all-minilm-l6-v2", help="folder with an uncased WordPiece tokenizer")
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-length", type=positive_int, default=64)
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     ap.add_argument("--fused", action="store_true", help="fused AdamW kernel (torch >= 2.4 on CPU and CUDA)")
     ap.add_argument("--vs-plain", action="store_true",
                     help="also time the plain step of the simple CLIP tutorials: fp32, NCHW, every caption encoded")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def build_model(a: argparse.Namespace, device: torch.device):
+    """(cfg, model): random-init image tower and DistilBERT-sized text tower, built from a temporary folder that
+    is removed once the model holds its tokenizer and weights."""
+    with tempfile.TemporaryDirectory(prefix="distilbert-") as tmp:
+        cfg = make_config(dict(image_model=a.image_model, image_weights="none", image_size=a.image_size,
+                               text_model=distilbert_folder(resolve_source(a.tokenizer), Path(tmp)),
+                               text_weights="none", batch_size=a.batch_size, max_length=a.max_length,
+                               device=a.device, amp=a.amp))
+        return cfg, ExprCLIP(cfg).to(device)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     torch.manual_seed(0)
     device = torch.device(a.device)
-    cfg = make_config(dict(image_model=a.image_model, image_weights="none", image_size=a.image_size,
-                           text_model=distilbert_folder(resolve_source(a.tokenizer)), text_weights="none",
-                           batch_size=a.batch_size, max_length=a.max_length, device=a.device, amp=a.amp))
-    model = ExprCLIP(cfg).to(device)
+    cfg, model = build_model(a, device)
     dtype = amp_dtype(cfg, device)
     if dtype is not None:
         model = model.to(memory_format=torch.channels_last)

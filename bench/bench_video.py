@@ -28,8 +28,9 @@ from PIL import Image, ImageFilter  # noqa: E402
 
 import evaluate  # noqa: E402
 import predict  # noqa: E402
-from bench_detect import FER, background, camera, pick_faces  # noqa: E402
+from bench_detect import FER, background, camera, fer_skip, pick_faces  # noqa: E402
 from captions import canonical_name  # noqa: E402
+from cli_types import positive_int  # noqa: E402
 from sequence import sequence_scores  # noqa: E402
 
 W, H = 640, 360
@@ -67,17 +68,23 @@ def score(group: list[dict], names: list[str], truth: dict[str, str]) -> tuple[i
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=40, help="videos")
-    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--n", type=positive_int, default=40, help="videos")
+    ap.add_argument("--frames", type=positive_int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fer", default=str(FER), help="a FER-2013 folder layout: its test/CLASS/*.png faces are used")
     ap.add_argument("--checkpoint", default=None, help="default: the bundled model")
     a = ap.parse_args(argv)
+    if skip := fer_skip(Path(a.fer), ("test",)):
+        print(skip)
+        return 0
     from retrieval import Engine
     from served_model import choose_checkpoint
     items = pick_faces(Path(a.fer), "test", 4 * a.n, a.seed)                # sorted by class folder: shuffled to pair
     items = [items[i] for i in np.random.default_rng(a.seed).permutation(len(items))]
     pairs = [(x, y) for x, y in zip(items[::2], items[1::2]) if x[1] != y[1]][:a.n]
+    if not pairs:
+        print(f"skipped: no two faces of different classes under {a.fer}/test/CLASS/*.png (pass --fer DIR)")
+        return 0
     classes = evaluate.class_order(canonical_name(c) for c in {c for _, c in items})
     folder = {canonical_name(c): c for _, c in items}
     bank = evaluate.get_bank("paper", None)
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
                     tally[key] += (same, n, right, 1)
     print(f"{len(pairs)} videos x {a.frames} frames, two faces each ({expected} faces): {found} face boxes")
     for key, label in (("person", "tracked persons (sequence.track_faces)"), ("face", "numbered by size")):
-        same, n, right, g = np.maximum(tally[key], 1e-9)             # no face found at all: zeros, not an error
+        same, n, right, g = tally[key]
+        if not g:                                                    # no face found at all: no percentage over 0
+            print(f"{label}: 0 groups (no face box found)")
+            continue
         print(f"{label}: {int(g)} groups, rows on the group's own side {100 * same / n:.1f}%, "
               f"overall top-1 right {100 * right / g:.1f}% ({int(right)}/{int(g)})")
     return 0

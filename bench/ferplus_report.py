@@ -3,11 +3,15 @@ dicts, and replacing that section inside an existing file. Pure string formattin
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
-import pandas as pd
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                    # run as a script from anywhere: the repo's modules import
 
-from captions import CANONICAL
+import pandas as pd  # noqa: E402
+
+from captions import CANONICAL  # noqa: E402
 
 CLASSES = list(CANONICAL)
 HEADING = "## FER+"
@@ -137,3 +141,8 @@ def upsert_section(text: str, body: str, heading: str = HEADING) -> str:
     end = next((i for i in range(start + 1, len(lines)) if re.match(r"#{1,2} ", lines[i])), len(lines))
     rest = lines[end:]
     return "\n".join(lines[:start] + body.rstrip("\n").splitlines() + ([""] + rest if rest else [])) + "\n"
+
+
+if __name__ == "__main__":
+    from cli_types import library_only
+    raise SystemExit(library_only("ferplus_report.py"))

@@ -3,14 +3,17 @@ expressions (captions/compound.csv), and the check that none of their sentences 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
-import pandas as pd
-
-from captions import CANONICAL, canonical_name, load_caption_bank
-from utils import UserError, read_csv_checked
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                    # run as a script from anywhere: the repo's modules import
+
+import pandas as pd  # noqa: E402
+
+from captions import CANONICAL, canonical_name, load_caption_bank  # noqa: E402
+from utils import UserError, read_csv_checked  # noqa: E402
+
 CLASSES = list(CANONICAL)                        # the eight FER+ emotions, paper order
 COMPOUND = ROOT / "captions" / "compound.csv"    # evaluation only: pair,caption
 
@@ -66,3 +69,8 @@ def training_banks(cfg_bank: str, data: Path) -> dict[str, dict]:
         df = pd.read_csv(data / "captions.csv", dtype=str, keep_default_na=False)
         banks["captions.csv"] = {"": list(dict.fromkeys(df["caption"]))}
     return banks
+
+
+if __name__ == "__main__":
+    from cli_types import library_only
+    raise SystemExit(library_only("ferplus_sentences.py"))

@@ -195,3 +195,87 @@ def test_bench_video_writes_two_face_videos_and_prints_both_groupings(trained, s
     assert "2 videos x 3 frames, two faces each (12 faces)" in out
     assert re.search(r"tracked persons \(sequence.track_faces\): \d+ groups", out)
     assert re.search(r"numbered by size: \d+ groups", out)
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("bench_index", ["--sizes", "0"]), ("bench_index", ["--sizes", "abc"]), ("bench_index", ["--nprobe", ","]),
+    ("bench_query", ["--n", "0"]), ("bench_detect", ["--n", "-5", "--fer", "/nonexistent", "--repeat", "1"]),
+    ("bench_train", ["--steps", "0"]), ("bench_video", ["--frames", "0", "--fer", "/nonexistent"])])
+def test_bench_bad_numbers_are_argparse_one_line_errors(module, argv, capsys):
+    """A zero, negative or non-numeric count is argparse's usage error (exit 2), before any model or data."""
+    main = __import__(module).main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.startswith("usage: ") and err.count("error:") == 1
+    assert re.search(rf"^\S+: error: argument {argv[0]}: '{re.escape(argv[1])}': expected .+\n\Z", err, re.M)
+
+
+def test_bench_video_without_fer_prints_one_skip_line_and_no_percentage(tmp_path, capsys):
+    import bench_video
+    assert bench_video.main(["--fer", str(tmp_path / "none"), "--n", "2", "--frames", "4"]) == 0
+    assert capsys.readouterr().out == f"skipped: FER-2013 not found at {tmp_path / 'none'} (expected test/; pass --fer DIR)\n"
+    from PIL import Image
+    (tmp_path / "test" / "happy").mkdir(parents=True)                  # one class: no pair of different classes
+    for i in range(4):
+        Image.new("L", (48, 48), 50 * i).save(tmp_path / "test" / "happy" / f"{i}.png")
+    assert bench_video.main(["--fer", str(tmp_path), "--n", "2", "--frames", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("skipped: no two faces of different classes") and "%" not in out
+
+
+def test_bench_query_times_only_sentences_no_earlier_row_encoded(monkeypatch, capsys):
+    """Rows sharing a tower share its in-process sentence cache: every row's sentences (warm-up too) are its own,
+    and each row warms up before its first timed call."""
+    import bench_query
+    calls = []
+
+    class Fake:
+        def __init__(self, *a, **k):
+            self.row = None
+
+        def eval(self):
+            return self
+
+        def encode_text(self, texts):
+            calls.append(texts[0])
+
+    monkeypatch.setattr(bench_query, "load_checkpoint", lambda p: (Fake(),))
+    monkeypatch.setattr(bench_query, "ExprCLIP", Fake)
+    monkeypatch.setattr(bench_query, "make_config", lambda *a, **k: None)
+    assert bench_query.main(["--n", "2"]) == 0
+    assert capsys.readouterr().out.count("\n| ") == 4                  # the bundled model and three towers
+    assert len(calls) == len(set(calls)) == 4 * 2 * (4 + 2)            # rows x languages x (warm-up + timed)
+    assert calls[:4] == bench_query.queries(bench_query.EN, 4, -1)     # warm-up first, untimed
+
+
+def test_bench_index_times_each_capped_nprobe_once(capsys):
+    import bench_index
+    assert bench_index.nprobes([32, 64, 128], 32) == [32] and bench_index.nprobes([16, 64, 8], 32) == [16, 32, 8]
+    bench_index.main(["--sizes", "300", "--queries", "4", "--exact-queries", "0", "--nprobe", "1,64,128"])
+    probes = re.findall(r"IVF\d+,SQfp16 nprobe=(\d+)", capsys.readouterr().out)
+    assert len(probes) == len(set(probes)) == 2
+
+
+@pytest.mark.parametrize("script", ["ferplus_report.py", "ferplus_sentences.py"])
+def test_ferplus_helpers_run_as_scripts_say_they_are_libraries(script):
+    import subprocess
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == f"bench/{script} is a library used by bench/ferplus.py; run `python bench/ferplus.py --help` instead\n"
+
+
+def test_bench_train_removes_its_temporary_text_tower_folder(monkeypatch):
+    """The DistilBERT-sized tower is built from a temporary folder that is gone once the model is built."""
+    import torch
+    seen = []
+
+    def fake_model(cfg):                  # what ExprCLIP reads at construction: the folder's config and tokenizer
+        seen.append((Path(cfg.text_model), sorted(p.name for p in Path(cfg.text_model).iterdir())))
+        return torch.nn.Identity()
+    monkeypatch.setattr(bench_train, "ExprCLIP", fake_model)
+    bench_train.build_model(bench_train.parse_args(["--image-model", "resnet10t"]), torch.device("cpu"))
+    (folder, files), = seen
+    assert {"config.json", "tokenizer_config.json"} <= set(files) and not folder.exists()
