@@ -156,6 +156,16 @@ def file_digest(path: str | os.PathLike, n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
+def _first_non_utf8_line(path) -> int:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return 1
+
+
 def read_csv_checked(path, required, hint: str = ""):
     """A CSV as strings (no NaN), columns stripped; one-line UserErrors naming the file and any missing column."""
     import pandas as pd
@@ -163,7 +173,10 @@ def read_csv_checked(path, required, hint: str = ""):
         raise UserError(f"{path}: no such file{'; ' + hint if hint else ''}")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: line {_first_non_utf8_line(path)} is not UTF-8 text; save the file as UTF-8 "
+                        "(a spreadsheet's 'CSV UTF-8' option) and run again") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(f"{path}: not a readable CSV ({type(e).__name__}: {first_line(e, 100)})")
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]

@@ -52,6 +52,9 @@ def test_user_bank_csv_synonyms_and_errors(tmp_path):
         load_caption_bank(str(tmp_path / "gap.csv"))
     with pytest.raises(UserError, match="no such file"):
         load_caption_bank("fancy")
+    (tmp_path / "ko.csv").write_bytes("label,caption\nhappy,a smile\nanger,화난 얼굴\n".encode("cp949"))  # Windows
+    with pytest.raises(UserError, match=r"ko\.csv: line 3 is not UTF-8 text; save the file as UTF-8"):
+        load_caption_bank(str(tmp_path / "ko.csv"))
 
 
 def test_caption_for_first_random_seeded():
