@@ -9,6 +9,7 @@ harmonises labels, writes images and captions.csv.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -28,7 +29,7 @@ FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgus
 FERPLUS_DIRS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
 USAGE_SPLITS = {"training": "train", "publictest": "val", "privatetest": "test"}
 FER2013_BAD_USAGE = "Usage not Training, PublicTest, PrivateTest or empty"
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+SPLIT_NAMES = {**USAGE_SPLITS, "train": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
 
 
@@ -45,6 +46,19 @@ def safe_join(root: Path, rel: str) -> Path | None:
         return None
     path = Path(os.path.normpath(root / rel))
     return path if path.is_relative_to(root) and path != root else None
+
+
+def whole(text) -> int:
+    """'5', '5.0', ' 5.0000000e+00' -> 5; NaN, inf and non-numbers -> ValueError (a row's Skip, not a traceback)."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text!r} is not a finite number")
+    return int(v)
+
+
+def read_label_text(path: Path) -> str:
+    """A plain-text label file as text: a byte-order mark (Windows Notepad) dropped, undecodable bytes replaced."""
+    return path.read_text(encoding="utf-8-sig", errors="replace")
 
 
 def first_existing(paths) -> Path | None:
@@ -89,19 +103,29 @@ def read_fer2013_csv(source: Path, image_root=None) -> tuple[pd.DataFrame, Count
 FOLDER_WANTS = "--format folder wants SPLIT/CLASS/*.png or CLASS/*.png"
 
 
+def _not_data(d: Path) -> bool:
+    """Folders a dataset layout never means: hidden ones, a Mac zip's __MACOSX, and prepare.py's own output (a folder
+    holding a captions.csv, or the images/ beside one), so --out inside SOURCE can be prepared again."""
+    return (d.name.startswith(".") or d.name == "__MACOSX" or (d / "captions.csv").is_file()
+            or (d.name == "images" and (d.parent / "captions.csv").is_file()))
+
+
 def read_folder(source: Path, image_root=None, wants: str = FOLDER_WANTS) -> tuple[pd.DataFrame, Counter]:
     """SPLIT/CLASS/*.png|jpg (split folders train/val/test) or flat CLASS/*.png; class = folder name. `wants`
     ends the error line: what the calling tool accepts."""
     if not source.is_dir():
         raise UserError(f"{source}: not a folder; {wants}")
-    subdirs = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
-    by_split = bool(subdirs) and all(d.name.lower() in SPLIT_NAMES for d in subdirs)
-    groups = [(SPLIT_NAMES[d.name.lower()], d) for d in subdirs] if by_split else [("", source)]
+    subdirs = sorted(d for d in source.iterdir() if d.is_dir() and not _not_data(d))
+    by_split = any(d.name.lower() in SPLIT_NAMES for d in subdirs)      # other folders beside them: skipped, counted
+    groups = [(SPLIT_NAMES[d.name.lower()], d) for d in subdirs if d.name.lower() in SPLIT_NAMES] if by_split \
+        else [("", source)]
     records, skipped = [], Counter()
+    skipped["folder beside the split folders, not a split"] += sum(by_split and d.name.lower() not in SPLIT_NAMES
+                                                                  for d in subdirs)
     for split, top in groups:
         for entry in sorted(os.scandir(top), key=lambda e: e.name):
             is_image = Path(entry.name).suffix.lower() in IMAGE_EXTS
-            if entry.is_dir() and not entry.name.startswith("."):
+            if entry.is_dir() and not _not_data(Path(entry.path)):
                 files = sorted(f.path for f in os.scandir(entry.path)
                                if f.is_file() and Path(f.name).suffix.lower() in IMAGE_EXTS)
                 records += [(p, posix_rel(p, source), entry.name, split) for p in files]
@@ -155,7 +179,7 @@ def _affectnet_folder(set_dirs: list[Path], skipped: Counter) -> pd.DataFrame:
         if not ann.is_file():
             raise Skip("missing annotation")
         try:
-            exp = int(float(np.load(ann, allow_pickle=False).reshape(-1)[0]))
+            exp = whole(np.load(ann, allow_pickle=False).reshape(-1)[0])
         except (ValueError, OSError, IndexError):
             raise Skip("unreadable annotation")
         if not 0 <= exp < len(AFFECTNET_NAMES):
@@ -171,7 +195,7 @@ def _affectnet_csv(csvs: list[Path], image_root, skipped: Counter) -> pd.DataFra
     """training.csv/validation.csv (subDirectory_filePath, face box, expression) + Manually_Annotated_Images/."""
     def row(rel: str, x: str, y: str, w: str, h: str, exp: str, root: Path, split: str):
         try:
-            exp_i, box = int(float(exp)), tuple(int(float(v)) for v in (x, y, w, h))
+            exp_i, box = whole(exp), tuple(whole(v) for v in (x, y, w, h))
         except ValueError:
             raise Skip("bad expression or face box value")
         if not 0 <= exp_i < len(AFFECTNET_NAMES):
@@ -235,7 +259,7 @@ def read_rafdb(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
         return str(path), posix_rel(path, d.parent), RAFDB_NAMES[int(parts[1]) - 1], split
 
     skipped = Counter()
-    lines = [(ln,) for ln in lst.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [(ln,) for ln in read_label_text(lst).splitlines() if ln.strip()]
     return collect(lines, row, skipped, ["src", "name", "label", "split"]), skipped
 
 
@@ -253,10 +277,10 @@ def read_ckplus(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
 
     def row(label_file: Path):
         try:
-            code = float(label_file.read_text(errors="replace").split()[0])
+            code = float(read_label_text(label_file).split()[0])
         except (ValueError, IndexError, OSError):
             raise Skip("malformed emotion file") from None
-        if code != int(code) or not 1 <= code <= 7:
+        if not math.isfinite(code) or code != int(code) or not 1 <= code <= 7:
             raise Skip("emotion code not 1..7")
         rel = label_file.relative_to(emo).parent / label_file.name.replace("_emotion.txt", "")
         frame = first_existing(images / rel.with_suffix(ext) for ext in (".png", ".jpg"))

@@ -12,6 +12,8 @@ The per-dataset readers live in formats.py.
 from __future__ import annotations
 
 import argparse
+import filecmp
+import io
 import os
 import shutil
 import sys
@@ -135,9 +137,26 @@ def listed_path(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix() if path.is_relative_to(out) else path.as_posix()
 
 
-def save(im: Image.Image, dst: Path, out: Path) -> str:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    im.save(dst, quality=95)
+def unclaimed(dst: Path, out: Path, taken: set, same) -> Path:
+    """dst, or dst-1, dst-2, ...: the first name that no listed face (`taken`: captions.csv's and this run's) holds,
+    or that holds this very face (same(path)). A second source's fer00000.png, or face1.jpg converted beside a
+    face1.png, never replaces a face already listed under that name; a rerun finds its own files again."""
+    cand, k = dst, 0
+    while listed_path(cand, out) in taken and cand.is_file() and not same(cand):
+        k += 1
+        cand = dst.with_name(f"{dst.stem}-{k}{dst.suffix}")
+    return cand
+
+
+def save(im: Image.Image, dst: Path, out: Path, taken: set) -> str:
+    """Encode `im` for dst's extension and write it under the first unclaimed name; its captions.csv path."""
+    buf = io.BytesIO()
+    im.save(buf, format=Image.registered_extensions().get(dst.suffix.lower(), "PNG"), quality=95)
+    data = buf.getvalue()
+    dst = unclaimed(dst, out, taken, lambda p: p.read_bytes() == data)
+    if not (dst.is_file() and dst.read_bytes() == data):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
     return listed_path(dst, out)
 
 
@@ -159,31 +178,35 @@ def face_cropper(margin: float = 0.25, grayscale: bool = False, no_face: str = "
 
 
 def listed_before(r, out: Path, prefix: str, old_images: set, crop=None) -> bool:
-    """The row's file is already in captions.csv as a reference or as a copy (a run with --copy after one without,
-    or the other way round): the same face, not listed again. Decoded pixels and crops are keyed by path as usual."""
+    """The row's file is already in captions.csv as a reference, or as a copy with the same bytes (a run with --copy
+    after one without, or the other way round): the same face, not listed again. Pixels and crops: see save."""
     if isinstance(getattr(r, "pixels", None), str) or isinstance(getattr(r, "box", None), tuple) or crop is not None:
         return False
-    return bool({listed_path(Path(r.src), out), listed_path(out / "images" / prefix / r.name, out)} & old_images)
+    copied = out / "images" / prefix / r.name
+    return listed_path(Path(r.src), out) in old_images or (
+        listed_path(copied, out) in old_images and copied.is_file() and filecmp.cmp(r.src, copied, shallow=False))
 
 
-def place(r, out: Path, prefix: str, copy: bool, verify: bool, notes: Counter, crop=None) -> str:
-    """Write or reference one row's image (face-cropped by `crop` when given); its captions.csv path. Raises Skip."""
+def place(r, out: Path, prefix: str, copy: bool, verify: bool, notes: Counter, taken: set, crop=None) -> str:
+    """Write or reference one row's image (face-cropped by `crop` when given); its captions.csv path. Raises Skip.
+    taken: the paths captions.csv and this run list (what is written never replaces one of those faces)."""
     dst = out / "images" / prefix / r.name
     if isinstance(getattr(r, "pixels", None), str):
         im = Image.fromarray(decode_pixels(r.pixels), "L")
-        return save(crop(im, notes) if crop else im, dst, out)
+        return save(crop(im, notes) if crop else im, dst, out, taken)
     if isinstance(getattr(r, "box", None), tuple) or crop is not None:
         im, note = load_image(r.src)
         if note:
             notes[note] += 1
         im = crop_box(im, r.box) if isinstance(getattr(r, "box", None), tuple) else im
-        return save(crop(im, notes) if crop else im, dst, out)
+        return save(crop(im, notes) if crop else im, dst, out, taken)
     if verify:
         im, note = load_image(r.src)
         if note:
             notes[note] += 1
-            return save(im, dst.with_suffix(".png"), out)
+            return save(im, dst.with_suffix(".png"), out, taken)
     if copy:
+        dst = unclaimed(dst, out, taken, lambda p: filecmp.cmp(r.src, p, shallow=False))
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(r.src, dst)
         return listed_path(dst, out)
@@ -202,6 +225,25 @@ def merge_captions(path: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> t
     return table, int(already.sum())
 
 
+def existing_table(out: Path) -> pd.DataFrame | None:
+    """OUT's captions.csv, when there is one; OUT a file, or captions.csv a folder: one line, before any image."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder (captions.csv and images/ go inside it)")
+    listed = out / "captions.csv"
+    if listed.is_dir():
+        raise UserError(f"{listed}: is a folder; move it out of the way (prepare.py writes captions.csv there)")
+    return read_csv_checked(listed, ["image", "caption"]) if listed.is_file() else None
+
+
+def nothing_listed(source: Path, fmt: str, skipped: Counter) -> UserError:
+    """Every row skipped: the main reason, and the likely cause (a wrong --format, images elsewhere)."""
+    n, why = sum(skipped.values()), max(skipped, key=skipped.get) if any(skipped.values()) else "none found"
+    hint = "pass --image-root DIR (the folder holding the images)" if why == "missing image" else \
+        f"is --format {fmt} right for it? (see --help)"
+    return UserError(f"{source}: no face could be listed ({n} rows skipped, {skipped[why]} for: {why}); {hint}; "
+                     "nothing written")
+
+
 def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str] | None = None,
             bank: str = "paper", sampling: str = "random", seed: int = 0, verify: bool = True,
             image_root=None, detect_faces: bool = False, no_face: str = "skip", grayscale: bool = False,
@@ -217,8 +259,7 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
     sentences = load_caption_bank(bank)
-    listed = out / "captions.csv"
-    old = read_csv_checked(listed, ["image", "caption"]) if listed.is_file() else None  # fail before writing images
+    listed, old = out / "captions.csv", existing_table(out)                       # fail before writing images
     rows, skipped = READERS[fmt](source, image_root and Path(os.path.abspath(image_root)))
     known = tuple(dict.fromkeys([*CANONICAL, *sentences]))
     rows["label"] = harmonise_labels(rows["label"], label_map, known, where=str(source))
@@ -231,13 +272,15 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
         raise UserError(f"caption bank {bank!r} has no sentence for {', '.join(lacking)}; add rows to the bank CSV")
     prefix = source.name if fmt == "folder" else {"fer2013-csv": "fer2013"}.get(fmt, fmt)
     notes, images, old_images, aliases = Counter(), [], set(old["image"]) if old is not None else set(), 0
+    taken = set(old_images)
     for r in rows.itertuples(index=False):
         if listed_before(r, out, prefix, old_images, crop):
             aliases += 1
             images.append(None)
             continue
         try:
-            images.append(place(r, out, prefix, copy, verify, notes, crop))
+            images.append(place(r, out, prefix, copy, verify, notes, taken, crop))
+            taken.add(images[-1])
         except Skip as e:
             skipped[str(e)] += 1
             images.append(None)
@@ -247,6 +290,8 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
     if "soft_labels" in rows:
         new["soft_labels"] = rows["soft_labels"]
     new = new[new["image"].notna()]
+    if new.empty and not aliases:
+        raise nothing_listed(source, fmt, skipped)
     table, already = merge_captions(listed, old, new)
     table.attrs["report"] = {"path": str(listed), "added": len(new) - already, "already": already + aliases,
                              "skipped": {k: v for k, v in skipped.items() if v}, "converted": dict(notes)}

@@ -296,6 +296,7 @@ def test_affectnet_csv_release_crops_face_box(tmp_path):
             ["689/b.jpg", 0, 0, 60, 60, "1;2", 3, 0.1, 0.2],
             ["689/b.jpg", 0, 0, 60, 60, "1;2", 3, 0.1, 0.2],  # listed twice
             ["689/a.png", 0, 0, 10, 10, "", 9, 0, 0],  # uncertain -> dropped
+            ["689/a.png", 0, 0, "inf", 10, "", 1, 0, 0],  # not a finite box: skipped, not an OverflowError
             ["../../../etc/passwd", 0, 0, 10, 10, "", 1, 0, 0],
             ["689/missing.jpg", 0, 0, 10, 10, "", 1, 0, 0]]
     (root / "Manually_Annotated_file_lists").mkdir()
@@ -307,7 +308,8 @@ def test_affectnet_csv_release_crops_face_box(tmp_path):
     assert (np.asarray(crop) == big[20:60, 10:40]).all()
     assert table.attrs["report"]["skipped"] == {"duplicate (same file listed twice; first kept)": 1,
                                                 "expression not 0..7 (none/uncertain/no face)": 1,
-                                                "path outside the dataset root": 1, "missing image": 1}
+                                                "path outside the dataset root": 1, "missing image": 1,
+                                                "bad expression or face box value": 1}
     with pytest.raises(UserError, match="missing required column"):
         pd.DataFrame(rows, columns=cols).drop(columns="face_x").to_csv(tmp_path / "bad.csv", index=False)
         P.convert(tmp_path / "bad.csv", "affectnet", tmp_path / "out2")
@@ -323,7 +325,8 @@ def test_rafdb_aligned_original_names_traversal_duplicates(tmp_path):
     lines = ["train_00001.jpg 4", "test_0001.jpg 1", "train_00002.jpg 7", "train_00002.jpg 7",
              "../../../../etc/passwd 3", "train_00009.jpg 2", "garbage", "train_00003.jpg 8", ""]
     (basic / "EmoLabel").mkdir()
-    (basic / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines))
+    (basic / "EmoLabel" / "list_patition_label.txt").write_bytes(   # Notepad: a BOM and CRLF; the first row kept
+        b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
     table = P.convert(basic, "rafdb", tmp_path / "out", copy=True)
     assert table[["label", "split"]].values.tolist() == [["happiness", "train"], ["surprise", "test"],
                                                         ["neutral", "train"]]
@@ -357,14 +360,74 @@ def test_ckplus_peak_frames_get_their_sequence_label_and_bad_label_files_are_cou
             img(ck / "cohn-kanade-images" / subj / seq / f"{subj}_{seq}_{k:08d}.png", "L", size=(64, 49))
     emo = ck / "Emotion"
     for subj, seq, last, text in (("S005", "001", 11, "   3.0000000e+00\n"), ("S010", "002", 14, "   7.0000000e+00"),
-                                  ("S011", "001", 3, "garbage"), ("S014", "003", 5, "   9.0000000e+00"),
+                                  ("S011", "001", 3, "nan"), ("S014", "003", 5, "\ufeff   9.0000000e+00\r\n"),
                                   ("S099", "001", 4, "   1.0000000e+00")):                    # S099: no frames
         (emo / subj / seq).mkdir(parents=True)
         (emo / subj / seq / f"{subj}_{seq}_{last:08d}_emotion.txt").write_text(text)
     table = P.convert(ck, "ckplus", tmp_path / "out")
     assert table["label"].tolist() == ["disgust", "surprise"] and set(table["split"].fillna("")) == {""}
     assert [Path(x).name for x in table["image"]] == ["S005_001_00000011.png", "S010_002_00000014.png"]
-    assert table.attrs["report"]["skipped"] == {"malformed emotion file": 1, "emotion code not 1..7": 1,
-                                                "missing image": 1}
+    assert table.attrs["report"]["skipped"] == {"emotion code not 1..7": 2, "missing image": 1}   # nan: not 1..7
+    (emo / "S005" / "001" / "S005_001_00000011_emotion.txt").write_text("\ufeff   3.0000000e+00\r\n")   # BOM
+    assert P.convert(ck, "ckplus", tmp_path / "bom")["label"].tolist() == ["disgust", "surprise"]
     with pytest.raises(UserError, match="no Emotion/ and cohn-kanade-images/"):
         P.convert(tmp_path / "out", "ckplus", tmp_path / "out2")
+
+
+# ----------------------------------------------------------------------------- reruns never replace a listed face
+
+def test_a_second_csv_into_the_same_folder_never_replaces_a_listed_face(tmp_path):
+    """Two CSVs without Usage both name their faces all/fer0000N.png: the second's go beside the first's."""
+    fer_csv(tmp_path / "a.csv", n=4, usage=False)
+    P.convert(tmp_path / "a.csv", "fer2013-csv", tmp_path / "out")
+    first = {p: (tmp_path / "out" / p).read_bytes() for p in read(tmp_path / "out")["image"]}
+    df = pd.read_csv(tmp_path / "a.csv")
+    df["pixels"] = df["pixels"].map(lambda s: " ".join(str(255 - int(v)) for v in s.split()))   # other faces
+    df.to_csv(tmp_path / "b.csv", index=False)
+    second = P.convert(tmp_path / "b.csv", "fer2013-csv", tmp_path / "out")
+    assert second.attrs["report"]["added"] == 4 and len(second) == 8 and not second["image"].duplicated().any()
+    assert all((tmp_path / "out" / p).read_bytes() == b for p, b in first.items())          # untouched
+    again = P.convert(tmp_path / "b.csv", "fer2013-csv", tmp_path / "out")                  # a rerun finds its own
+    assert again.attrs["report"]["added"] == 0 and again.attrs["report"]["already"] == 4 and len(again) == 8
+
+
+def test_same_named_files_from_other_sources_or_one_stem_are_all_listed(tmp_path):
+    img(tmp_path / "a" / "faces" / "happy" / "001.png", seed=1)
+    img(tmp_path / "b" / "faces" / "happy" / "001.png", seed=2)              # another face, the same names
+    P.convert(tmp_path / "a" / "faces", "folder", tmp_path / "out", copy=True)
+    both = P.convert(tmp_path / "b" / "faces", "folder", tmp_path / "out", copy=True)
+    assert both.attrs["report"]["added"] == 1 and len(both) == 2 and not both["image"].duplicated().any()
+    img(tmp_path / "stem" / "happy" / "face1.png", "RGBA", seed=3)         # both converted to face1.png
+    img(tmp_path / "stem" / "happy" / "face1.jpg", "CMYK", seed=4)
+    stem = P.convert(tmp_path / "stem", "folder", tmp_path / "out2")
+    files = {(tmp_path / "out2" / p).read_bytes() for p in stem["image"]}
+    assert len(stem) == 2 and len(files) == 2
+
+
+def test_folder_layouts_users_hand_over(tmp_path, capsys):
+    """__MACOSX beside the splits, FER's Usage names as folders, and --out inside SOURCE prepared twice."""
+    src = tmp_path / "src"
+    img(src / "Training" / "happy" / "1.png", seed=1), img(src / "PublicTest" / "sad" / "2.png", seed=2)
+    img(src / "PrivateTest" / "sad" / "3.png", seed=3), img(src / "__MACOSX" / "Training" / "happy" / "._1.png")
+    (src / "notes").mkdir()
+    table = P.convert(src, "folder", tmp_path / "out")
+    assert sorted(table["split"]) == ["test", "train", "val"]
+    assert table.attrs["report"]["skipped"] == {"folder beside the split folders, not a split": 1}
+    img(src / "Training" / "happy" / "cmyk.jpg", "CMYK")                    # converted: written under src/images
+    assert len(P.convert(src, "folder", src)) == 4 and (src / "images").is_dir()
+    again = P.convert(src, "folder", src)
+    assert again.attrs["report"]["added"] == 0 and again.attrs["report"]["already"] == 4
+
+
+def test_a_run_that_lists_nothing_or_cannot_write_says_so_and_writes_nothing(tmp_path):
+    fer_csv(tmp_path / "fer2013.csv", n=8)
+    with pytest.raises(UserError, match=r"fer2013\.csv: no face could be listed \(9 rows skipped, 9 for: malformed "
+                                        r"line or label not 1\.\.7\); is --format rafdb right for it\?"):
+        P.convert(tmp_path / "fer2013.csv", "rafdb", tmp_path / "out")
+    assert not (tmp_path / "out" / "captions.csv").exists()
+    (tmp_path / "busy" / "captions.csv").mkdir(parents=True)
+    with pytest.raises(UserError, match="captions.csv: is a folder"):
+        P.convert(tmp_path / "fer2013.csv", "fer2013-csv", tmp_path / "busy")
+    assert not (tmp_path / "busy" / "images").exists()                       # refused before any image was written
+    with pytest.raises(UserError, match=r"--out .*fer2013\.csv: is a file; give a folder"):
+        P.convert(tmp_path / "fer2013.csv", "fer2013-csv", tmp_path / "fer2013.csv")
