@@ -185,12 +185,21 @@ def test_logit_adjusted_alignment_recalls_a_rare_class_more_often():
 @pytest.mark.parametrize("flag,value", [("--balance", "-1"), ("--feature-dropout", "1"), ("--anchor-weight", "1"),
                                         ("--anchor-balance", "-1"), ("--epochs", "-1"), ("--lr", "-1"),
                                         ("--out", "tests")])
-def test_align_text_refuses_an_out_of_range_option_in_one_line(tmp_path, flag, value):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), "--checkpoint", "x.pth", "--data", ".",
-                        "--out", str(tmp_path / "x.pth"), flag, value], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=env)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and flag in r.stderr
+def test_align_text_refuses_an_out_of_range_option_in_one_line(tmp_path, flag, value, capfd, monkeypatch):
+    """The command line as a user runs it for the first case (a subprocess); the others in-process (the same
+    main and run_cli, without a second's interpreter start each)."""
+    argv = ["--checkpoint", "x.pth", "--data", ".", "--out", str(tmp_path / "x.pth"), flag, value]
+    if flag == "--balance":
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+        r = subprocess.run([sys.executable, str(ROOT / "align_text.py"), *argv], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env=env)
+        rc, err = r.returncode, r.stderr
+    else:
+        import align_text
+        from utils import run_cli
+        monkeypatch.chdir(ROOT)
+        rc, err = run_cli(align_text.main, argv), capfd.readouterr().err
+    assert rc != 0 and "Traceback" not in err and flag in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.pth").exists()
 
 
