@@ -42,6 +42,15 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(n: int, device: torch.device) -> int:
+    """n summed over every process (an all_reduce under torchrun; n itself otherwise)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def cleanup(wait: bool = True) -> None:
     """Leave the process group (call at the end of training). With `wait`, every rank waits for the others first:
     a rank that closed its gloo connections while another still used them aborted that one at exit (SIGABRT, 1 run

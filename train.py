@@ -25,7 +25,7 @@ import validation
 from config import Config, add_config_args, config_from_args
 from dataset import Collate, EpochBatches, build_train_data, class_sentences
 from accum import accumulated_backward
-from distributed import all_ranks, cleanup, gather_for_loss, init_distributed, sync_grads
+from distributed import all_ranks, cleanup, gather_for_loss, init_distributed, sum_over_ranks, sync_grads
 from logs import get_logger, setup_logging
 from loss import make_loss
 from mixup import mix_batch
@@ -323,12 +323,12 @@ class Trainer:
         """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved). The state
         moves on to the next epoch in one Ctrl-C-deferred block: interrupted before it (say while validating), a
         resumed run repeats just this epoch's end, with the same numbers."""
+        skipped = self.skips.summary(self.epoch + 1, sum_over_ranks(self.skips.count, self.device))   # every rank's
         val = self.validate() if self.is_main else {}
         row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **val,
                    lr_image=self.opt.param_groups[0]["lr"], temperature=1 / self.model.scale().item(),
                    seconds=round(seconds, 1), images_per_s=round(
                        self.batch_in_epoch * self.cfg.batch_size * self.world / max(seconds, 1e-3), 1))
-        skipped = self.skips.summary(row["epoch"])
         with self.guard.step():
             self.epoch, self.batch_in_epoch, self.epoch_losses, self.skips = self.epoch + 1, 0, [], SkipCount()
             if not self.is_main:

@@ -139,11 +139,13 @@ class SkipCount:
             self.first = str(paths[0])
         self.count += len(paths)
 
-    def summary(self, epoch: int) -> str | None:
-        if not self.count:
+    def summary(self, epoch: int, count: int | None = None) -> str | None:
+        """The end-of-epoch line; count: all processes' (torchrun), else this one's."""
+        count = self.count if count is None else count
+        if not count:
             return None
-        noun = "image" if self.count == 1 else "images"
-        return f"epoch {epoch}: {self.count} unreadable {noun} skipped (first: {self.first})"
+        noun = "image" if count == 1 else "images"
+        return f"epoch {epoch}: {count} unreadable {noun} skipped" + (f" (first: {self.first})" if self.first else "")
 
 
 def param_groups(model, cfg) -> list[dict]:

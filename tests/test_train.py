@@ -300,7 +300,12 @@ def test_torchrun_ranks_skip_a_batch_together_when_one_ranks_faces_are_all_unrea
            "--batch-size", "2", "--epochs", "1", "--out-dir", str(out), "--final-path", "", "--num-workers", "0"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "unreadable images skipped" in p.stdout and torch.load(out / "last.pth", weights_only=True)["trainer"]["epoch"] == 1
+    assert torch.load(out / "last.pth", weights_only=True)["trainer"]["epoch"] == 1
+    rows = pd.read_csv(tmp_path / "data" / "captions.csv")
+    bad = sum((tmp_path / "data" / "images" / Path(p).name).read_bytes() == b"garbage"
+              for p in rows[rows["split"] == "train"]["image"])
+    assert len(rows[rows["split"] == "train"]) == 24 and f"epoch 1: {bad} unreadable images skipped" in p.stdout  # both ranks'
+
 
 
 def test_too_few_faces_for_a_validation_split_still_publishes_the_latest_epoch(tmp_path, capfd):
