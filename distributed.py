@@ -32,14 +32,10 @@ def is_main() -> bool:
 
 
 def all_ranks(flag: bool, device: torch.device) -> bool:
-    """True when `flag` holds on every process (one one-element all_reduce under torchrun; `flag` itself otherwise).
-    For decisions every rank must take together, such as skipping a step: a rank that skips alone leaves the others
-    waiting in the step's collectives until the process group times out."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    """True when `flag` holds on every process (`flag` itself without torchrun). For decisions every rank must take
+    together, such as skipping a step: a rank that skips alone leaves the others waiting in the step's collectives
+    until the process group times out."""
+    return sum_over_ranks(int(not flag), device) == 0
 
 
 def sum_over_ranks(n: int, device: torch.device) -> int:
