@@ -21,9 +21,8 @@ from pathlib import Path
 
 from captions import load_caption_bank
 from faces import CROP_MAX_SIDE
-from index import describe_update
 from logs import get_logger
-from photos import FACES_MODES, failure_lines
+from photos import FACES_MODES, describe_update, failure_lines
 from photoviews import add_photos, add_photos_steps, header, picked_view, result_items
 from retrieval import (Engine, clean_query, frame_crops, largest_face, rank_faces, score_frames, search_text,
                        similar_images, similar_to_gallery_image)

@@ -5,11 +5,11 @@ Layout of <gallery>/.exprclip-index/<checkpoint digest>/:
   chunk-000007.npy      float16 [rows, dim] L2-normalised embeddings
   chunk-000007.csv      manifest of that chunk: path,size,mtime_ns,chunk,row for each *live* row
   faiss-<stamp>.index   IVF index over the live rows (only when len >= faiss_threshold)
-Every file is written to a temp name then renamed, a chunk's .npy before its .csv, so Ctrl-C or a crash leaves
-all finished chunks usable and a re-run encodes only what is missing. A path listed by two chunks (a crash while
-merging) is read from the newer chunk. One writer at a time per index folder.
-`build` and `search` work on photo galleries (photos.PhotoIndex: one row per face, keyed `photo#i`, face-crop files
-one row each, plus photos.jsonl with each photo's record and face boxes).
+Every file is written to a temp name then renamed, a chunk's .npy before its .csv, so Ctrl-C or a crash leaves all
+finished chunks usable and a re-run encodes only what is missing. A path listed by two chunks (a crash while merging)
+is read from the newer chunk. One writer at a time per index folder (a lock file: a second process is refused).
+`build`/`search` work on photo galleries (photos.PhotoIndex: a row per face, keyed `photo#i`, face-crop files a row
+each; photos.jsonl holds each photo's record and face boxes).
 """
 from __future__ import annotations
 
@@ -32,15 +32,16 @@ COLUMNS = ["path", "size", "mtime_ns", "chunk", "row"]
 Encoder = Callable[[list[Path]], tuple[np.ndarray, list[bool]]]
 
 
-def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS) -> list[Path]:
+def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = None) -> list[Path]:
     """Image files (or other `exts`) under folder (recursive, sorted; links to folders are not followed), skipping
-    the index folder."""
-    folder = Path(folder)
+    index folders (the default one, and `skip`: an --index-dir inside the gallery, whose face thumbnails are no
+    photos)."""
+    folder, skip = Path(folder), skip and os.path.abspath(skip)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
     out = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != INDEX_DIRNAME]
+        dirs[:] = [d for d in dirs if d != INDEX_DIRNAME and os.path.abspath(os.path.join(root, d)) != skip]
         out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts]
     return sorted(out)
 
@@ -199,7 +200,7 @@ class GalleryIndex:
             if len(keep):
                 atomic_write(base.with_suffix(".csv"), lambda t: keep.to_csv(t, index=False))
             else:
-                base.with_suffix(".csv").unlink()
+                base.with_suffix(".csv").unlink(missing_ok=True)     # the cache folder may have been removed
                 base.with_suffix(".npy").unlink(missing_ok=True)
         self._raw = self._raw[~mask].reset_index(drop=True)
 
@@ -325,23 +326,12 @@ def _open_model(args):
     return model, preprocess, autocast_for(model.cfg, device)[0], photos
 
 
-def describe_update(stats: dict, total: int) -> str:
-    """One line from update()'s counts: '600 images: 598 reused from the cache, 2 encoded (1 new, 1 changed)'."""
-    encoded = stats.get("added", 0) + stats.get("changed", 0)
-    total = stats.get("photos_total", total)          # photo galleries (photos.py): counts are of photos
-    line = (f"{total} images: {stats.get('unchanged', 0)} reused from the cache, {encoded} encoded "
-            f"({stats.get('added', 0)} new, {stats.get('changed', 0)} changed)")
-    extra = [f", {stats[k]} {word}" for k, word in (("removed", "removed"), ("failed", "unreadable")) if stats.get(k)]
-    faces = f"; {stats['faces_total']} searchable entries (faces and face crops)" if "faces_total" in stats else ""
-    return line + "".join(extra) + faces
-
-
 def cmd_build(args) -> int:
     from photos import failure_lines
-    images = list_images(args.images)
+    model, preprocess, autocast, index = _open_model(args)
+    images = index.sources()
     if not images:
         raise UserError(f"{args.images}: no {'/'.join(sorted(IMAGE_EXTS))} images found")
-    model, preprocess, autocast, index = _open_model(args)
     encode = make_encoder(model, preprocess, autocast=autocast, tta=args.tta == "flip")
     stats = index.update(images, encode, batch_size=args.batch_size)
     lines = failure_lines(stats)
@@ -359,13 +349,17 @@ def cmd_search(args) -> int:
         raise UserError('--query is empty: describe an expression, e.g. --query "a wide smile"')
     model, _, autocast, index = _open_model(args)
     if len(index) == 0:
+        flags = "".join(f" --{f.replace('_', '-')} {v}" for f in ("checkpoint", "index_dir", "tta")
+                        if (v := getattr(args, f)) and v != "flip")
         raise UserError(f"{index.entries.dir}: no index for this checkpoint; run `python index.py build --images "
-                        f"{args.images}{f' --checkpoint {args.checkpoint}' if args.checkpoint else ''}` first")
+                        f"{args.images}{flags}` first")
     q = embed_texts(model, [args.query], autocast)  # [1, D]
     scores, paths = index.search(q, args.k, exact=args.exact)
-    for rank, (s, p) in enumerate(zip(scores[0], paths[0]), 1):
-        e = index.entry(p)
+    hits = [(s, index.entry(p)) for s, p in zip(scores[0], paths[0])]
+    for rank, (s, e) in enumerate([(s, e) for s, e in hits if e.is_current()], 1):    # boxes in decoded pixels
         print(f"{rank:3d}  {s:+.4f}  {e.photo}" + (f"  face {e.face + 1} at {e.box}" if e.face is not None else ""))
+    if stale := sum(not e.is_current() for _, e in hits):
+        print(f"{stale} result(s) left out: moved, deleted or changed since the build; run build again", file=sys.stderr)
     return 0
 
 

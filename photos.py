@@ -31,7 +31,7 @@ from PIL import Image
 
 from faces import CROP_MAX_SIDE, is_crop_sized  # noqa: F401 -- CROP_MAX_SIDE: the rule above
 from index import GalleryIndex, list_images
-from utils import UserError, atomic_write_text, first_line
+from utils import UserError, atomic_write_text, first_line, folder_lock
 
 FACES_MODES = ("auto", "crops", "photos")
 MAX_FACES = 20               # faces kept per photo, largest first
@@ -48,6 +48,15 @@ class Entry:
     box: tuple[int, int, int, int] | None
     size: tuple[int, int] | None         # the decoded photo's size the box refers to
     thumb: Path | None
+    stat: tuple[int, int] | None = None  # the photo's (size, mtime_ns) when it was indexed
+
+    def is_current(self) -> bool:
+        """The photo is still the file that was indexed (not moved, deleted or replaced since)."""
+        try:
+            st = self.photo.stat()
+        except OSError:
+            return False
+        return self.stat is None or (st.st_size, st.st_mtime_ns) == self.stat
 
 
 def split_key(key: str) -> tuple[str, int | None]:
@@ -157,7 +166,8 @@ class PhotoIndex:
 
     def sources(self) -> list[Path]:
         """Every photo of the gallery (recursive) and of the extra folders."""
-        return list_images(self.gallery) + [p for d in self.extra_dirs if d.is_dir() for p in list_images(d)]
+        return list_images(self.gallery, skip=self.entries.dir.parent) + [
+            p for d in self.extra_dirs if d.is_dir() for p in list_images(d)]
 
     def n_photos(self) -> int:
         return len(self.records)
@@ -171,10 +181,11 @@ class PhotoIndex:
         photo_key, face = split_key(key)
         rec = self.records.get(photo_key)
         photo = Path(photo_key) if os.path.isabs(photo_key) else self.gallery / photo_key
+        stat = (rec["s"], rec["m"]) if rec and "s" in rec and "m" in rec else None
         if face is None or rec is None or rec.get("faces") is None or face >= len(rec["faces"]):
-            return Entry(key, photo, None, None, None, None)
+            return Entry(key, photo, None, None, None, None, stat)
         box = tuple(int(v) for v in rec["faces"][face][:4])
-        return Entry(key, photo, face, box, tuple(rec["wh"]), self._thumb(key))
+        return Entry(key, photo, face, box, tuple(rec["wh"]), self._thumb(key), stat)
 
     def _thumb(self, key: str) -> Path:
         return self.crops_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.jpg"
@@ -201,7 +212,9 @@ class PhotoIndex:
                on_progress: Callable[[dict], None] | None = None, batch_size: int = 64) -> dict:
         """Index new/changed photos, drop removed ones -> photo counts added/changed/removed/unchanged/failed,
         faces (entries written), failed_paths and reasons {path: one line}. encode: index.make_encoder's."""
-        with self._writing:
+        busy = "another process is updating this index (index.py build, or a demo indexing or adding photos); " \
+            "wait for it to finish and run again"
+        with self._writing, folder_lock(self.entries.dir, busy):
             stats = dict(added=0, changed=0, removed=0, unchanged=0, failed=0, faces=0, failed_paths=[], reasons={})
             known = self._read_log()
             valid = self._valid(known)
@@ -338,6 +351,17 @@ class PhotoIndex:
         stats["failed_paths"].append(Path(p))
         stats["reasons"][str(p)] = first_line(reason, 160)
         return None
+
+
+def describe_update(stats: dict, total: int) -> str:
+    """One line from update()'s counts: '600 images: 598 reused from the cache, 2 encoded (1 new, 1 changed)'."""
+    encoded = stats.get("added", 0) + stats.get("changed", 0)
+    total = stats.get("photos_total", total)          # photo galleries (photos.py): counts are of photos
+    line = (f"{total} images: {stats.get('unchanged', 0)} reused from the cache, {encoded} encoded "
+            f"({stats.get('added', 0)} new, {stats.get('changed', 0)} changed)")
+    extra = [f", {stats[k]} {word}" for k, word in (("removed", "removed"), ("failed", "unreadable")) if stats.get(k)]
+    faces = f"; {stats['faces_total']} searchable entries (faces and face crops)" if "faces_total" in stats else ""
+    return line + "".join(extra) + faces
 
 
 def failure_lines(stats: dict) -> list[str]:

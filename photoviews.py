@@ -24,7 +24,7 @@ OWN_PHOTOS_HINT = ("To search your own photos: `python demo.py --gallery ~/Pictu
 def _tile(engine: Engine, path: Path, score: float):
     """(image, caption) of one result: the face crop and 'score  photo.jpg · face 2', or the face-crop file."""
     e = engine.index.entry(path)
-    if e.face is None and not e.photo.is_file():
+    if not e.is_current():                  # moved, deleted or replaced since it was indexed: its box is not here
         raise FileNotFoundError(e.photo.name)
     name = shown_name(engine, e.photo)
     if e.face is None and not _added(engine, e.photo):
@@ -70,6 +70,9 @@ def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
     from faces import DECODE_SIDE, Box, annotate
     from image_files import safe_open_image
     e = engine.index.entry(path)
+    if not e.is_current():
+        raise UserError(f"{e.photo.name}: moved, deleted or changed since the gallery was indexed; relaunch the demo "
+                        "(or add it again) to index it anew")
     photo = safe_open_image(e.photo, max_side=DECODE_SIDE if e.face is not None else None)
     if e.box is None:
         return annotate(photo, [])

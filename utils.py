@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -96,6 +97,33 @@ def check_output_file(path, flag: str, source=None, source_flag: str = "the inpu
     if source is not None and path.exists() and path.resolve() == Path(source).resolve():
         raise UserError(f"{flag} {path} is {source_flag}: this writes a new file and keeps its input; give another "
                         f"{flag}")
+
+
+@contextmanager
+def folder_lock(folder: Path, busy: str):
+    """One writer at a time across processes: an exclusive, non-blocking lock on folder/.lock (released when the
+    process ends, however it ends). Held elsewhere: UserError(f"{folder}: {busy}"). An unwritable folder is one line
+    too. Where fcntl is missing (Windows) it only makes the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a")
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write there ({e.strerror or e}); give a writable folder for the index "
+                        "(index.py --index-dir DIR, demo.py --cache-dir DIR)") from None
+    with f:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder}: {busy}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

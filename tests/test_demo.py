@@ -14,7 +14,8 @@ from PIL import Image
 
 import demo
 from embed import embed_images
-from index import describe_update, list_images
+from index import list_images
+from photos import describe_update
 from retrieval import Engine, clean_query, query_warnings, rank_expressions, search_text, similar_images
 from utils import UserError, run_cli
 

@@ -18,6 +18,7 @@ from faces import Box
 from index import GalleryIndex
 from photos import PhotoIndex, failure_lines, split_key
 from uploads import save_uploads
+from utils import UserError
 
 DIM = 8
 
@@ -254,3 +255,51 @@ def test_decompression_bomb_is_one_skipped_line(tmp_path):
     stats = ix.update(ix.sources(), Encoder(), progress=False)
     (line,) = failure_lines(stats)
     assert "bomb.png" in line and "pixel limit" in line and len(ix) == 2
+
+
+def test_a_second_process_updating_the_same_index_is_refused_in_one_line(tmp_path):
+    """Two builds of one gallery used to delete each other's temporary chunks and both fail, with entries lost."""
+    import subprocess
+    import sys
+    root = make_folder(tmp_path / "photos")
+    ix = open_index(root, tmp_path / "cache")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(ix.entries.dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        ix.entries.dir.mkdir(parents=True, exist_ok=True)
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match="another process is updating this index") as e:
+            ix.update(ix.sources(), Encoder(), progress=False)
+        assert "\n" not in str(e.value) and len(ix) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ix.update(ix.sources(), Encoder(), progress=False)["added"] == 6          # free again
+
+
+def test_an_index_folder_inside_the_gallery_is_not_read_as_photos(tmp_path):
+    root = make_folder(tmp_path / "photos")
+    ix = PhotoIndex(GalleryIndex(root, root / "idx" / "ck", "ck", DIM), "auto")
+    ix.update(ix.sources(), Encoder(), progress=False)
+    again = PhotoIndex(GalleryIndex(root, root / "idx" / "ck", "ck", DIM), "auto")
+    assert list((root / "idx" / "ck" / "crops").glob("*.jpg"))                       # thumbnails there
+    assert again.update(again.sources(), Encoder(), progress=False)["added"] == 0 and len(again) == 8
+
+
+def test_results_of_photos_deleted_or_replaced_since_indexing_are_not_shown(tmp_path):
+    """A replaced photo's old box was drawn on the new picture; a deleted one's thumbnail was still served."""
+    from types import SimpleNamespace
+
+    from photoviews import face_on_photo, result_items
+    root = make_folder(tmp_path / "photos")
+    ix = open_index(root, tmp_path / "cache")
+    ix.update(ix.sources(), Encoder(), progress=False)
+    engine = SimpleNamespace(index=ix, upload_dir=None)
+    hits = [(root / "trip0/day/IMG_0.jpg#0", 0.9), (root / "trip1/day/IMG_1.jpg#1", 0.8), (root / "fer_0.png", 0.7)]
+    assert len(result_items(engine, hits)) == 3
+    (root / "trip1/day/IMG_1.jpg").unlink()
+    Image.new("RGB", (500, 500), (1, 2, 3)).save(root / "trip0/day/IMG_0.jpg")          # replaced
+    assert [c.split()[-1] for _, c in result_items(engine, hits)] == ["fer_0.png"]
+    with pytest.raises(UserError, match="IMG_0.jpg: moved, deleted or changed since the gallery was indexed"):
+        face_on_photo(engine, hits[0][0])
