@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_checks import TOKENIZER_FILES, validate_checkpoint
+from checkpoint_checks import CONFIG_CAPS, TOKENIZER_FILES, validate_checkpoint
 from config import Config, check_ranges, config_from_dict, config_to_dict, init_config, resumed_config
 from transform import Preprocess
 from logs import get_logger
@@ -248,6 +248,10 @@ def export(src, dst, half: bool = False, source_side: int | None = None) -> tupl
     Returns the (src, dst) sizes in bytes. The model is rebuilt first, so a file that does not load is never exported; a file
     already at `dst` is kept, renamed aside (keep_aside)."""
     check_output_file(dst, "OUT", src, "IN")
+    if Path(dst).suffix.lower() not in (".pth", ".pt"):
+        raise UserError(f"OUT {dst}: give a .pth file name (it is written as a checkpoint)")
+    if source_side is not None and not 0 <= source_side <= CONFIG_CAPS["source_side"][1]:
+        raise UserError(f"--source-side {source_side}: give 0 (off) to {CONFIG_CAPS['source_side'][1]} px")
     ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
     if source_side is not None:

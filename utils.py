@@ -94,6 +94,11 @@ def check_output_file(path, flag: str, source=None, source_flag: str = "the inpu
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file path (the folder is left as it is)")
+    above = next((p for p in path.absolute().parents if p.exists()), None)     # the folder it will be written in
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag} {path}: {above} is a file, not a folder; give a path in a folder")
+    if above is not None and not os.access(above, os.W_OK):
+        raise UserError(f"{flag} {path}: {above} cannot be written; give a path in a writable folder")
     if source is not None and path.exists() and path.resolve() == Path(source).resolve():
         raise UserError(f"{flag} {path} is {source_flag}: this writes a new file and keeps its input; give another "
                         f"{flag}")
