@@ -250,8 +250,8 @@ def export(src, dst, half: bool = False, source_side: int | None = None) -> tupl
     check_output_file(dst, "OUT", src, "IN")
     if Path(dst).suffix.lower() not in (".pth", ".pt"):
         raise UserError(f"OUT {dst}: give a .pth file name (it is written as a checkpoint)")
-    if source_side is not None and not 0 <= source_side <= CONFIG_CAPS["source_side"][1]:
-        raise UserError(f"--source-side {source_side}: give 0 (off) to {CONFIG_CAPS['source_side'][1]} px")
+    if source_side is not None and source_side > CONFIG_CAPS["source_side"][1]:      # below 0: check_ranges says it
+        raise UserError(f"--source-side {source_side}: give at most {CONFIG_CAPS['source_side'][1]} px (0: off)")
     ck = read_checkpoint(src, hint="IN")
     model = model_from_checkpoint(ck, src)
     if source_side is not None:

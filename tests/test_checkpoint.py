@@ -289,7 +289,7 @@ def test_export_refuses_to_overwrite_its_own_input_and_keeps_it(frozen_minilm, t
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "afile").write_text("x")
     for out, extra, why in [("notes.txt", [], "give a .pth file name"), ("s.pth", ["--source-side", "65537"],
-                            "--source-side 65537: give 0"), ("afile/x.pth", [], "is a file, not a folder")]:
+                            "--source-side 65537: give at most 65536"), ("afile/x.pth", [], "is a file, not a folder")]:
         assert run_cli(checkpoint.main, ["export", str(tmp_path / "m.pth"), str(tmp_path / out), *extra]) == 2
         assert why in capsys.readouterr().err                   # refused before anything is read or renamed
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "s.pth").exists()
