@@ -154,7 +154,7 @@ def save(im: Image.Image, dst: Path, out: Path, taken: set) -> str:
     im.save(buf, format=Image.registered_extensions().get(dst.suffix.lower(), "PNG"), quality=95)
     data = buf.getvalue()
     dst = unclaimed(dst, out, taken, lambda p: p.read_bytes() == data)
-    if not (dst.is_file() and dst.read_bytes() == data):
+    if listed_path(dst, out) not in taken or not dst.is_file():     # else unclaimed found this very face there
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(data)
     return listed_path(dst, out)
