@@ -174,17 +174,27 @@ def load_weights_into(model: ExprCLIP, ck: dict, state_dict: dict | None = None,
         e = f"{len(missing)} missing, e.g. {missing[0]}" if missing else f"{len(unexpected)} unexpected, " \
             f"e.g. {unexpected[0]}"
         raise UserError(f"{path}: weights do not match its own config ({e[:150]})")
-    try:
-        model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()},
-                              strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its own config ({str(e).splitlines()[-1].strip()[:150]})")
+    check_tensors(sd, own, path)
+    model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()},
+                          strict=False)
     for tower in sorted(by_ref):
         if tensor_digest(getattr(model, tower).state_dict()) != refs[tower]["tensors"]:
             ref = refs[tower]
             raise UserError(f"{path}: the {tower} rebuilt from {ref['distribution']} {ref['version']} differs from "
                             f"the one it was saved with although its package files match (a reinstall will not "
                             f"help); load it with the torch/timm/transformers versions it was saved with")
+
+
+def check_tensors(sd: dict, own: dict, path) -> None:
+    """Every stored tensor has the model's shape and only finite values; else one line naming the first that does not."""
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"{path}: weights do not match its own config ({k} is {list(v.shape)} in the file, "
+                            f"{list(own[k].shape)} in the model its config builds); the file is damaged or was "
+                            f"edited: use another checkpoint")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{path}: {k} holds NaN or infinite values (the run that saved it diverged); use an "
+                            f"earlier checkpoint, or train again with lower --lr-image / --lr-head")
 
 
 # What a fine-tuning run (--init-from) must share with its checkpoint: the fields that shape the towers and heads.

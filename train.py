@@ -35,7 +35,7 @@ from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
 from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma,
-                       check_same_world, param_groups, start_line, write_logs)
+                       check_finite_loss, check_same_world, param_groups, start_line, write_logs)
 from utils import UserError, atomic_save, check_output_file, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
@@ -202,6 +202,7 @@ class Trainer:
                 batch = dict(batch, pixels=pixels, dist=dist)
             loss = self.forward_loss(batch)
             backward(loss)
+        check_finite_loss(loss, self.step, self.epoch, self.out, self.device)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         if self.cfg.grad_clip > 0:

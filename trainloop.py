@@ -1,6 +1,6 @@
 """Training-loop machinery for train.py: Ctrl-C only between whole steps, an undo for a step interrupted half-way
 (BatchNorm statistics), a step/time trigger for mid-epoch checkpoints, plain progress lines for logs, counts of
-skipped images, metrics.csv and curves.png, the weight EMA over trainable tensors, and the optimizer's parameter
+skipped images, a stop when the loss turns NaN, metrics.csv and curves.png, the weight EMA over trainable tensors, and the optimizer's parameter
 groups."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 
+from distributed import all_ranks
 from logs import get_logger
 from utils import UserError
 
@@ -200,6 +201,16 @@ class TrainableEma(ModelEmaV3):
             if not e.is_floating_point():
                 e.copy_(m)                                     # e.g. BatchNorm's num_batches_tracked
         self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, epoch: int, out: Path, device) -> None:
+    """Stop a diverged run before its optimizer step writes NaN into the weights (and later into best.pth): one line
+    on every rank together (all_ranks), naming what is still good and what to change."""
+    if not all_ranks(bool(torch.isfinite(loss.detach()).all()), device):
+        raise UserError(f"epoch {epoch + 1}, step {step + 1}: the loss is {float(loss.detach()):.4g} (training diverged); the "
+                        f"weights before this step were kept, and the checkpoints in {out} hold earlier ones. Train "
+                        f"again with lower --lr-image / --lr-head (or --amp off), or fine-tune from "
+                        f"{out / 'best.pth'} with --init-from")
 
 
 def check_same_world(path, saved: int, now: int) -> None:

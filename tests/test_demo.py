@@ -111,6 +111,14 @@ def test_foreign_checkpoint_is_one_line(tmp_path, capsys):
     assert "not an ExprCLIP checkpoint" in err and "\n" not in err
 
 
+@pytest.fixture(autouse=True)
+def any_port(monkeypatch):
+    """demo.main called in-process does not check the default port (a server on 7860 must not fail these tests)."""
+    import webguard
+    monkeypatch.setattr(demo, "check_port_free", lambda host, port: None if port == 7860 else
+                        webguard.check_port_free(host, port))
+
+
 # ----------------------------------------------------------------------------- which model `python demo.py` serves
 
 @pytest.fixture

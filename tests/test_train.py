@@ -359,3 +359,19 @@ def test_the_start_line_counts_unlabelled_rows_says_what_validation_scores_and_n
         "4 train / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps"
     assert start_line(make_config(dict(batch_size=16)), data, 1, 1, 6).endswith(
         "; a step takes 16 pairs (--batch-size x --accum-steps), more than there are: each step sees all of them")
+
+
+def test_a_loss_that_turns_nan_stops_the_run_in_one_line_and_keeps_finite_weights(sample_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    real = train.Trainer.forward_loss
+    monkeypatch.setattr(train.Trainer, "forward_loss",              # diverges in the second epoch (7 steps each)
+                        lambda self, batch, net=None: real(self, batch, net) * (float("nan") if self.step >= 9 else 1))
+    out, final = tmp_path / "run", tmp_path / "final.pth"
+    argv = ["--preset", "tiny", "--caption-bank", "paper", "--image-size", "32", "--epochs", "2", "--augment", "false",
+            "--batch-size", "64", "--data", str(sample_dir), "--out-dir", str(out), "--final-path", str(final), "--num-workers", "0"]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: epoch 2, step 10: the loss is nan (training diverged)") and "--lr-image" in err
+    assert not final.exists()                                     # nothing published from a diverged run
+    ck = torch.load(out / "best.pth", weights_only=True)
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
