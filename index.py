@@ -33,7 +33,8 @@ Encoder = Callable[[list[Path]], tuple[np.ndarray, list[bool]]]
 
 
 def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = None) -> list[Path]:
-    """Image files (or other `exts`) under folder (recursive, sorted; links to folders are not followed), skipping
+    """Image files (or other `exts`) under folder (recursive, sorted; links to folders are not followed, FIFOs and
+    devices left out), skipping
     index folders (the default one, and `skip`: an --index-dir inside the gallery, whose face thumbnails are no
     photos)."""
     folder, skip = Path(folder), skip and os.path.abspath(skip)
@@ -42,8 +43,15 @@ def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = 
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != INDEX_DIRNAME and os.path.abspath(os.path.join(root, d)) != skip]
-        out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts]
+        out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts and regular_or_broken(root, f)]
     return sorted(out)
+
+
+def regular_or_broken(root: str, name: str) -> bool:
+    """A file to read, or a broken link (reported unreadable later); never a FIFO, socket or device named like an
+    image (opening one blocks forever)."""
+    p = os.path.join(root, name)
+    return os.path.isfile(p) or not os.path.exists(p)
 
 
 class GalleryIndex:

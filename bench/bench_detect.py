@@ -33,9 +33,11 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 import faces  # noqa: E402
-from cli_types import int_list, nonneg_int, positive_int  # noqa: E402,F401  (int_list: bench_detect.int_list)
+from cli_types import choice_list, int_list, nonneg_int, positive_int  # noqa: E402,F401  (bench_detect.int_list)
 from faces import Box, annotate, detect_faces, faces_or_whole  # noqa: E402
+from checkpoint import read_checkpoint  # noqa: E402
 from image_files import safe_open_image  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
 
 FER = ROOT.parent / "shared" / "data" / "fer2013"
 CANVAS = (480, 360)
@@ -58,14 +60,13 @@ def pick_faces(fer: Path, split: str, n: int, seed: int) -> list[tuple[Path, str
 def labelled_split(data: Path, split: str, n: int, seed: int) -> list[tuple[Path, str]]:
     """n (path, label) pairs of one split of a captions.csv folder (e.g. the FER+ validation carve-out), seeded."""
     import evaluate
-    from utils import UserError
     try:
         table, _ = evaluate.read_data(str(data))
     except UserError as e:
-        raise SystemExit(f"error: --acc-data {e}")
-    rows = table[(table["split"] == split) & (table["label"] != "")]
+        raise UserError(f"--acc-data {e}") from None
+    rows = table[((table["split"] == split) | (split == "all")) & (table["label"] != "")]
     if rows.empty:
-        raise SystemExit(f"error: {data}: no labelled `{split}` rows")
+        raise UserError(f"{data}: no labelled `{split}` rows (--acc-split train, val, test or all)")
     idx = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
     return [(Path(rows["path"].iloc[i]), rows["label"].iloc[i]) for i in sorted(idx)]
 
@@ -246,7 +247,7 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
     if engine.cfg.objective == "ce":
         known = [canonical_name(c) for c in engine.model.class_names]
         if missing := [c for c in classes if c not in known]:
-            raise SystemExit(f"error: {ckpt}: a classifier checkpoint without class(es) {', '.join(missing)}")
+            raise UserError(f"{ckpt}: a classifier checkpoint without class(es) {', '.join(missing)}")
         score = lambda ims: classifier_logits(engine.model, engine.embed_images(ims))[:, [known.index(c) for c in classes]]  # noqa: E731
     else:
         protos = text_prototypes(engine.model, evaluate.get_bank("paper", None), classes)   # [C,D]
@@ -283,17 +284,18 @@ def alignment_accuracy(ckpt: str, items, kind: str, seed: int, photo: bool = Fal
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fer", default=str(FER))
+    ap.add_argument("--fer", default=str(FER), help="FER-2013 folder layout (the benchmark is skipped without it)")
     ap.add_argument("--n", type=nonneg_int, default=200,
                     help="test faces for recall / false boxes (0: skip them and latency)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backgrounds", default="grey,texture")
+    ap.add_argument("--seed", type=nonneg_int, default=0)
+    ap.add_argument("--backgrounds", type=choice_list("grey", "texture"), default=["grey", "texture"],
+                    help="comma-separated scene backgrounds: grey, texture")
     ap.add_argument("--repeat", type=positive_int, default=5, help="latency: median of this many calls")
     ap.add_argument("--checkpoint", default=None, help="also measure accuracy on aligned crops vs 48x48 originals")
     ap.add_argument("--n-acc", type=positive_int, default=500, help="test faces for --checkpoint")
     ap.add_argument("--acc-data", help="--checkpoint accuracy on this captions.csv folder's --acc-split rows instead "
                     "of FER-2013 test faces (a validation split, to choose a model by the photo path)")
-    ap.add_argument("--acc-split", default="val")
+    ap.add_argument("--acc-split", default="val", help="split of --acc-data (train, val, test or all)")
     ap.add_argument("--photo", action="store_true", help="--checkpoint accuracy on photo-like scenes: each face "
                     "sharpened at its pasted size, sensor noise and JPEG 80 on the scene")
     ap.add_argument("--roll", type=float, default=0.0, help="scenes: each face turned in the image plane by up to "
@@ -307,7 +309,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tune", action="store_true", help="MIN_PROB sweep on --n train faces (validation)")
     ap.add_argument("--template", action="store_true", help="median landmarks of --n train faces")
     ap.add_argument("--threads", type=nonneg_int, default=0, help="torch.set_num_threads (0: leave as is)")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    needs = [f for f, on in (("--acc-data", a.acc_data), ("--source-sides", a.source_sides),
+                             ("--acc-split", a.acc_split != "val")) if on]
+    if needs and not a.checkpoint:
+        ap.error(f"{', '.join(needs)}: only with --checkpoint (they choose what its accuracy is measured on)")
+    if a.n == 0 and (a.tune or a.template or not (a.checkpoint or a.write_folder)):
+        ap.error("--n 0 leaves nothing to measure here: pass --n >= 1, or --checkpoint for accuracy only")
+    return a
 
 
 def main(argv=None) -> int:
@@ -316,10 +325,12 @@ def main(argv=None) -> int:
     if skip := fer_skip(fer):
         print(skip)
         return 0
+    if a.checkpoint:                  # a wrong file fails now, not after minutes of detection
+        read_checkpoint(a.checkpoint)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    kinds = [k.strip() for k in a.backgrounds.split(",") if k.strip()]
+    kinds = a.backgrounds
     if a.template or a.tune:
         train = pick_faces(fer, "train", a.n, a.seed)
         if a.template:
@@ -333,7 +344,7 @@ def main(argv=None) -> int:
         try:
             write_folder(pick_faces(fer, "test", a.n_acc, a.seed + 1), Path(a.write_folder), a.seed + 1)
         except OSError as e:
-            raise SystemExit(f"error: --write-folder {a.write_folder}: {e.strerror or e}") from None
+            raise UserError(f"--write-folder {a.write_folder}: {e.strerror or e}") from None
         return 0
     acc_items = None
     if a.checkpoint:                  # read first: a bad --acc-data fails before the minutes of detection below
@@ -361,4 +372,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -33,6 +33,16 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers, e.g. 0,48") from None
 
 
+def choice_list(*choices: str):
+    """choice_list("grey", "texture") -> a type for "grey,texture": at least one, each one of the choices."""
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values or any(v not in choices for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated names from {', '.join(choices)}")
+        return values
+    return parse
+
+
 def positive_int_list(text: str) -> list[int]:
     """--sizes "2000,10000" -> [2000, 10000]: at least one value, each >= 1."""
     try:

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from utils import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -118,9 +120,10 @@ def test_photo_path_scorer_draws_only_the_asked_split(tmp_path):
     assert sorted(p.name for p, _ in items) == [f"f{i}.png" for i in range(5)]
     assert bench_detect.labelled_split(tmp_path, "val", 3, 0) == bench_detect.labelled_split(tmp_path, "val", 3, 0)
     assert len(bench_detect.labelled_split(tmp_path, "val", 3, 0)) == 3
-    with pytest.raises(SystemExit, match="no labelled `train` rows"):
+    assert len(bench_detect.labelled_split(tmp_path, "all", 100, 0)) == 12
+    with pytest.raises(UserError, match="no labelled `train` rows"):
         bench_detect.labelled_split(tmp_path, "train", 3, 0)
-    with pytest.raises(SystemExit, match="^error: --acc-data .*no such file"):
+    with pytest.raises(UserError, match="^--acc-data .*no such file"):
         bench_detect.labelled_split(tmp_path / "missing", "val", 3, 0)
 
 
@@ -210,6 +213,33 @@ def test_bench_bad_numbers_are_argparse_one_line_errors(module, argv, capsys):
     assert e.value.code == 2 and "Traceback" not in err
     assert err.startswith("usage: ") and err.count("error:") == 1
     assert re.search(rf"^\S+: error: argument {argv[0]}: '{re.escape(argv[1])}': expected .+\n\Z", err, re.M)
+
+
+@pytest.mark.parametrize("argv, err", [
+    (["--backgrounds", ""], "argument --backgrounds: '': expected comma-separated names from grey, texture"),
+    (["--backgrounds", "grey,foo"], "expected comma-separated names from grey, texture"),
+    (["--seed", "-1"], "argument --seed: '-1': expected a whole number >= 0"),
+    (["--acc-data", "x"], "--acc-data: only with --checkpoint"),
+    (["--source-sides", "0,48"], "--source-sides: only with --checkpoint"),
+    (["--n", "0"], "--n 0 leaves nothing to measure"),
+    (["--tune", "--n", "0", "--checkpoint", "m.pth"], "--n 0 leaves nothing to measure"),
+])
+def test_bench_detect_refuses_flags_that_would_be_ignored_or_fail_late(argv, err, capsys):
+    import bench_detect
+    with pytest.raises(SystemExit) as e:
+        bench_detect.main(argv + ["--fer", "/nonexistent"])
+    assert e.value.code == 2 and err in capsys.readouterr().err
+
+
+def test_bench_detect_names_a_missing_checkpoint_before_any_detection(tmp_path, monkeypatch, capsys):
+    import bench_detect
+    from utils import run_cli
+    (tmp_path / "train" / "happy").mkdir(parents=True)
+    (tmp_path / "test" / "happy").mkdir(parents=True)
+    monkeypatch.setattr(bench_detect, "pick_faces", lambda *a: pytest.fail("detection ran before the check"))
+    assert run_cli(bench_detect.main, ["--fer", str(tmp_path), "--checkpoint", str(tmp_path / "no.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'no.pth'}" in err and err.count("\n") == 1
 
 
 def test_bench_video_without_fer_prints_one_skip_line_and_no_percentage(tmp_path, capsys):

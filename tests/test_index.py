@@ -164,6 +164,14 @@ def test_unreadable_images_are_failed(tmp_path):
     assert stats["added"] == 3 and sorted(idx.paths) == sorted(imgs)
 
 
+def test_a_fifo_named_like_a_photo_is_not_listed_but_a_broken_link_is_reported(tmp_path):
+    import os
+    imgs = make_gallery(tmp_path, 2)
+    os.mkfifo(tmp_path / "pipe.jpg")                              # opening it would block forever
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    assert list_images(tmp_path) == sorted(imgs + [tmp_path / "dangling.png"])
+
+
 def test_faiss_agrees_with_exact(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(20, DIM))
