@@ -225,6 +225,21 @@ def merge_captions(path: Path, old: pd.DataFrame | None, new: pd.DataFrame) -> t
     return table, int(already.sum())
 
 
+def kept_labels(rows: pd.DataFrame, out: Path, prefix: str, old: pd.DataFrame | None) -> tuple[int, str]:
+    """Files this run reads that captions.csv already lists under ANOTHER label (a rerun with a new --label-map):
+    how many, and the first as 'path: old there, new now'. They keep their row; merge never relabels."""
+    if old is None or "label" not in old or "src" not in rows:
+        return 0, ""
+    before = dict(zip(old["image"], old["label"]))
+    n, first = 0, ""
+    for src, name, label in zip(rows["src"], rows["name"], rows["label"]):
+        for key in (listed_path(Path(src), out), listed_path(out / "images" / prefix / name, out)):
+            if key in before and before[key] != label:
+                n, first = n + 1, first or f"{key}: {before[key]} there, {label} now"
+                break
+    return n, first
+
+
 def existing_table(out: Path) -> pd.DataFrame | None:
     """OUT's captions.csv, when there is one; OUT a file, or captions.csv a folder: one line, before any image."""
     if out.exists() and not out.is_dir():
@@ -294,7 +309,8 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
         raise nothing_listed(source, fmt, skipped)
     table, already = merge_captions(listed, old, new)
     table.attrs["report"] = {"path": str(listed), "added": len(new) - already, "already": already + aliases,
-                             "skipped": {k: v for k, v in skipped.items() if v}, "converted": dict(notes)}
+                             "skipped": {k: v for k, v in skipped.items() if v}, "converted": dict(notes),
+                             "kept_labels": kept_labels(rows, out, prefix, old)}
     return table
 
 
@@ -304,6 +320,9 @@ def format_report(table: pd.DataFrame) -> str:
     lines = [f"{rep['path']}: added {rep['added']} rows ({rep['already']} already listed), {len(table)} in total"]
     lines += [f"  skipped {n}: {why}" for why, n in sorted(rep["skipped"].items())]
     lines += [f"  {why}: {n}" for why, n in sorted(rep["converted"].items())]
+    if (kept := rep.get("kept_labels", (0, "")))[0]:
+        lines.append(f"  {kept[0]} already listed under another label kept it (e.g. {kept[1]}); captions.csv is never "
+                     "relabelled: prepare into a new --out, or edit its label column")
     if len(table) and "label" in table:
         split = table["split"].replace("", "-") if "split" in table else pd.Series("-", index=table.index)
         lines.append(pd.crosstab(table["label"], split, margins=True, margins_name="total").to_string())

@@ -238,6 +238,19 @@ def test_merge_appends_without_duplicates(tmp_path):
     assert not (tmp_path / "other" / "images").exists()  # refused before any image was written
 
 
+def test_a_rerun_with_another_label_map_says_the_listed_faces_kept_their_labels(tmp_path, capsys):
+    img(tmp_path / "a" / "happy" / "1.png"), img(tmp_path / "a" / "happy" / "2.png", seed=1)
+    img(tmp_path / "a" / "sad" / "3.png", seed=2)
+    P.convert(tmp_path / "a", "folder", tmp_path / "out")
+    assert P.main([str(tmp_path / "a"), "--format", "folder", "--out", str(tmp_path / "out"),
+                   "--label-map", "happy=surprise"]) == 0
+    out = capsys.readouterr().out
+    assert "2 already listed under another label kept it (e.g. " in out and "happiness there, surprise now" in out
+    assert sorted(read(tmp_path / "out")["label"]) == ["happiness", "happiness", "sadness"]      # not relabelled
+    P.main([str(tmp_path / "a"), "--format", "folder", "--out", str(tmp_path / "out")])         # same labels: no note
+    assert "another label" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- ferplus
 
 def test_ferplus_majority_soft_labels_and_drops(tmp_path):
