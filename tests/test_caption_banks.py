@@ -30,6 +30,18 @@ def norm(s):
     return " ".join(re.sub(r"[^\w\s']", " ", s.lower()).split())
 
 
+def test_generator_help_prints_help_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    gen = _generator()
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out and not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--out", "x"])                                # an unknown option is refused, not a folder name
+    assert e.value.code == 2 and not any(tmp_path.iterdir())
+    assert gen.main([str(tmp_path / "banks")]) == 0 and (tmp_path / "banks" / "facs_ko.csv").is_file()
+
+
 def test_generator_deterministic_and_matches_committed(tmp_path):
     gen = _generator()
     a, b = tmp_path / "a", tmp_path / "b"
