@@ -267,8 +267,12 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
     detect_faces: write the largest face of each image instead (no face: `no_face` = skip or keep)."""
     if fmt not in READERS:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(READERS)}")
-    if no_face not in ("skip", "keep") or face_margin < 0 or (grayscale and not detect_faces):
-        raise UserError("--no-face is keep or skip, --face-margin >= 0, and --grayscale goes with --detect-faces")
+    for bad, why in ((no_face not in ("skip", "keep"), f"--no-face {no_face!r}: use keep or skip"),
+                     (face_margin < 0, f"--face-margin {face_margin}: must be >= 0"),
+                     (grayscale and not detect_faces, "--grayscale goes with --detect-faces (it turns the face "
+                                                      "crops grey); add --detect-faces or drop --grayscale")):
+        if bad:
+            raise UserError(why)
     crop = face_cropper(face_margin, grayscale, no_face) if detect_faces else None
     source, out = Path(os.path.abspath(source)), Path(os.path.abspath(out))
     if not source.exists():

@@ -444,3 +444,14 @@ def test_a_run_that_lists_nothing_or_cannot_write_says_so_and_writes_nothing(tmp
     assert not (tmp_path / "busy" / "images").exists()                       # refused before any image was written
     with pytest.raises(UserError, match=r"--out .*fer2013\.csv: is a file; give a folder"):
         P.convert(tmp_path / "fer2013.csv", "fer2013-csv", tmp_path / "fer2013.csv")
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(grayscale=True), "--grayscale goes with --detect-faces"),
+    (dict(detect_faces=True, no_face="drop"), "--no-face 'drop': use keep or skip"),
+    (dict(detect_faces=True, face_margin=-1), "--face-margin -1: must be >= 0")])
+def test_each_face_option_mistake_is_named_alone(tmp_path, kw, says):
+    img(tmp_path / "a" / "happy" / "1.png")
+    with pytest.raises(UserError) as e:
+        P.convert(tmp_path / "a", "folder", tmp_path / "out", **kw)
+    assert str(e.value).startswith(says) and not (tmp_path / "out").exists()
