@@ -35,18 +35,21 @@ class Unreadable:
 
 # ----------------------------------------------------------------------------- table
 
-def read_captions(cfg: Config, quiet: bool = False) -> pd.DataFrame:
+def read_captions(cfg: Config, quiet: bool = False, need_caption: bool = True) -> pd.DataFrame:
     """Read and check captions.csv; resolve image paths; drop rows whose relative path climbs out of the data folder
     and rows whose file is missing, each kind counted in one line on stderr (unless quiet) and in
-    df.attrs["skipped"] ({"outside the data folder": n, "missing file": n})."""
+    df.attrs["skipped"] ({"outside the data folder": n, "missing file": n}). need_caption=False (evaluation, which
+    classifies by label): the caption column is optional and a row without one is kept."""
     path = Path(cfg.data) / cfg.captions
     if not path.is_file():
         raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python synth.py`)")
-    df = read_csv_checked(path, REQUIRED, hint="expected image,caption[,label,split]")
-    empty = ((df["image"] == "") | ((df["caption"] == "") & (not cfg.caption_bank))).to_numpy()   # a bank: by label
+    df = read_csv_checked(path, REQUIRED if need_caption else ("image",),
+                          hint="expected image,caption[,label,split]" if need_caption else "expected image,label")
+    by_caption = need_caption and not cfg.caption_bank                                  # a bank: by label
+    empty = ((df["image"] == "") | ((df["caption"] == "") if by_caption else False)).to_numpy()
     if not quiet:
-        report_rows(path, df, empty, "rows have no image" + ("" if cfg.caption_bank else " or no caption (or pass "
-                                     "--caption-bank to take sentences by label)") + " and are skipped")
+        report_rows(path, df, empty, "rows have no image" + (" or no caption (or pass --caption-bank to take "
+                                     "sentences by label)" if by_caption else "") + " and are skipped")
     df = df[~empty].copy()
     resolved = [resolve_image(cfg, p) for p in df["image"]]
     inside = np.array([p is not None for p in resolved], dtype=bool)

@@ -28,7 +28,8 @@ from faces import CROP_MAX_SIDE, is_crop_sized
 from logs import get_logger
 from photos import FACES_MODES, FaceReader
 from served_model import choose_checkpoint
-from utils import UserError, atomic_write_text, check_output_file, pick_device, run_cli
+from formats import first_row_per_file, read_folder, refuse_output_inside
+from utils import IMAGE_EXTS, UserError, atomic_write_text, check_output_file, pick_device, run_cli
 
 log = get_logger(__name__)
 DATA_WANTS = ("evaluate.py --data takes a DIR holding captions.csv (`--data .` reads ./captions.csv), a captions.csv "
@@ -45,13 +46,12 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
     p = Path(data)
     if p.is_file() or (p.is_dir() and (p / "captions.csv").is_file()):
         folder, name = (p.parent, p.name) if p.is_file() else (p, "captions.csv")
-        df = read_captions(make_config(dict(data=str(folder), captions=name)), quiet=True)
+        df = read_captions(make_config(dict(data=str(folder), captions=name)), quiet=True, need_caption=False)
         skipped = dict(df.attrs["skipped"])         # missing files, relative paths outside the folder
         if not (df["label"] != "").any():
             raise UserError(f"{folder / name}: no labels; classification needs a `label` column (a class name per "
                             "image, e.g. happiness)")
     elif p.is_dir():
-        from formats import read_folder
         df, folder_skips = read_folder(Path(os.path.abspath(p)), wants=DATA_WANTS)
         df = df.rename(columns={"src": "path"})
         skipped = {"image not inside a class folder": folder_skips.get("image not inside a class folder", 0)}
@@ -66,10 +66,14 @@ def read_data(data: str) -> tuple[pd.DataFrame, dict]:
 
 def refuse_overwriting_inputs(outputs: dict, data, table: pd.DataFrame, checkpoint) -> None:
     """An output naming a file this evaluation reads (the captions CSV, an image of any split, the checkpoint) ->
-    UserError, before any work: `--json data/captions.csv` would replace the data with the report."""
+    UserError, before any work: `--json data/captions.csv` would replace the data with the report. An image output
+    (--confusion) inside an image-folder dataset too: the next run would score it as a face."""
     if not any(outputs.values()):
         return
     p = Path(data)
+    for flag in [f for f, o in outputs.items() if o and Path(o).suffix.lower() in IMAGE_EXTS]:
+        if p.is_dir() and not (p / "captions.csv").is_file():                # an image folder: all of it is read
+            refuse_output_inside(outputs[flag], flag, [data], "as a face")
     reads = {Path(x).resolve() for x in table["path"]}
     reads |= {q.resolve() for q in (p if p.is_file() else p / "captions.csv", Path(checkpoint)) if q.is_file()}
     for flag, out in outputs.items():
@@ -102,9 +106,10 @@ def get_bank(name: str, table: pd.DataFrame) -> dict[str, list[str]]:
     """Prompt sentences per class: a caption bank (paper, rich, CSV) or `data` = the table's own captions."""
     if name != "data":
         return load_caption_bank(name)
-    if "caption" not in table:
-        raise UserError("--prompts data needs a captions.csv (an image folder has no captions); use paper or rich")
-    return class_texts(table)
+    if "caption" not in table or not (table["caption"] != "").any():
+        raise UserError("--prompts data needs captions (a captions.csv with a caption column; an image folder has "
+                        "none); use paper or rich")
+    return class_texts(table[table["caption"] != ""])
 
 
 def class_order(names) -> list[str]:
@@ -204,14 +209,19 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     """Evaluate `checkpoint` on `data`; returns every metric as a JSON-safe dict (see the module docstring).
     outputs: {flag: path} the caller will write (with `confusion`), refused when they name a file this run reads."""
     from checkpoint import create_model_and_transforms, read_checkpoint
+    table, skipped = read_data(str(data))                       # the data and outputs checked before the model loads
+    refuse_overwriting_inputs({"--confusion": confusion, **(outputs or {})}, data, table, checkpoint)
+    df, split_how = pick_split(table, split)
+    df, dup, clash = first_row_per_file(df)                   # a captions.csv may list an image once per caption
+    if dup:
+        log.warning(f"{data}: {dup} rows name an image an earlier row names and are dropped: each image is scored "
+                    f"once, under its first row's label{f'; {clash} images have rows with other labels' * bool(clash)}")
+    skipped["duplicate row of an image"] = dup
     dev, ck = pick_device(device), read_checkpoint(checkpoint)
     model, _, preprocess = create_model_and_transforms(ck, dev, path=checkpoint)
     cfg = model.cfg
     faces = faces or default_faces(data)
     reader = FaceReader(preprocess, faces, cfg.grayscale)       # the face each file gives, as the demo reads it
-    table, skipped = read_data(str(data))
-    refuse_overwriting_inputs({"--confusion": confusion, **(outputs or {})}, data, table, checkpoint)
-    df, split_how = pick_split(table, split)
     ce = cfg.objective == "ce"
     if ce and prior:
         raise UserError("--prior applies to text-prompt scoring; a CE classifier's logits already carry its "
@@ -219,6 +229,12 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
     bank = None if ce else get_bank(prompts, table)
     known = [canonical_name(c) for c in model.class_names] if ce else list(bank)
     classes = class_order((known if all_classes else []) + list(df["label"]))
+    if len(classes) < 2 and len(set(known) | set(classes)) > 1:   # one class alone scores 1.0 on every metric
+        log.warning(f"{data}: the scored images hold one class ({classes[0]}); scored against all the classes the "
+                    f"{'classifier' if ce else 'prompt set'} knows, as --all-classes does")
+        classes = class_order(known + classes)
+    elif len(classes) < 2:
+        raise UserError(f"{data}: one class ({classes[0]}), none other in --prompts {prompts}; scoring needs two")
     unseen = parse_list(unseen) if isinstance(unseen, str) else [canonical_name(u) for u in unseen]
     bad = [c for c in unseen if c not in classes]
     if bad:
@@ -341,7 +357,8 @@ def main(argv=None) -> int:
                    "table's own captions, as training's validation does)")
     p.add_argument("--compare-prompts", metavar="A,B", help="also score with these prompt sets; prints the drop")
     p.add_argument("--unseen", metavar="CLS,...", help="classes to report zero-shot AP / base rate / recall for")
-    p.add_argument("--all-classes", action="store_true", help="score every class of the prompt bank (or classifier)")
+    p.add_argument("--all-classes", action="store_true", help="score every class of the prompt bank (or classifier); "
+                   "automatic, with a note, when the data holds one class (one class would score 1.0 everywhere)")
     p.add_argument("--json", help="write the full result here")
     p.add_argument("--confusion", help="write the confusion matrix PNG here")
     p.add_argument("--batch-size", type=int, default=64)
@@ -360,6 +377,8 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     for flag, out, ext in (("--json", a.json, ".json"), ("--confusion", a.confusion, ".png")):
+        if out is not None and not out.strip():
+            raise UserError(f"{flag} '': an empty path; give a file name (e.g. {flag} result{ext}) or leave {flag} out")
         if out:
             check_output_file(out, flag)        # before the evaluation, not after it
             if Path(out).suffix.lower() != ext:

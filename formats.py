@@ -69,6 +69,15 @@ def posix_rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def first_row_per_file(df: pd.DataFrame, column: str = "path") -> tuple[pd.DataFrame, int, int]:
+    """The first row naming each file (however its path is spelled) -> (rows, rows dropped, files whose rows
+    disagree on the label)."""
+    keys = pd.Series([os.path.realpath(p) for p in df[column]], index=df.index)
+    dup = keys.duplicated().to_numpy()
+    clash = int((df.groupby(keys)["label"].nunique() > 1).sum()) if dup.any() else 0
+    return df[~dup].reset_index(drop=True), int(dup.sum()), clash
+
+
 def collect(items, row_fn, skipped: Counter, columns) -> pd.DataFrame:
     """Apply row_fn to each item; rows that raise Skip are counted under their reason."""
     rows = []
@@ -110,8 +119,38 @@ def _not_data(d: Path) -> bool:
             or (d.name == "images" and (d.parent / "captions.csv").is_file()))
 
 
+def class_images(folder: Path, wants: str) -> list[str]:
+    """Image files anywhere below a class folder (CLASS/subject/*.png too: the label is the class folder), sorted
+    folder by folder; folders _not_data skipped. A split folder inside a class folder (SOURCE one level too high,
+    which would label every image with the dataset's name) -> UserError."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not _not_data(here / n))
+        split = next((n for n in dirnames if n.lower() in SPLIT_NAMES), None)
+        if split:
+            raise UserError(f"{here / split}: a split folder inside the class folder {folder.name}; point at "
+                            f"{here} instead; {wants}")
+        out += [str(here / n) for n in sorted(filenames) if Path(n).suffix.lower() in IMAGE_EXTS]
+    return out
+
+
+def refuse_output_inside(out, flag: str, folders, reads: str) -> None:
+    """An output path inside (or equal to) one of `folders`, inputs whose every image is read -> UserError before
+    any work: the next run over that folder would read what this one wrote (`reads`: as what)."""
+    where = Path(os.path.abspath(out)).resolve()
+    for folder in folders:
+        top = Path(folder).resolve()
+        if where.is_relative_to(top):
+            name = where.name if where != top else f"{where.name}_{flag.strip('-')}"
+            raise UserError(f"{flag} {out}: inside the input folder {folder}, whose images are all read, so a "
+                            f"later run would read it {reads}; give a path outside it (e.g. "
+                            f"{Path(os.path.relpath(top.parent / name))})")
+
+
 def read_folder(source: Path, image_root=None, wants: str = FOLDER_WANTS) -> tuple[pd.DataFrame, Counter]:
-    """SPLIT/CLASS/*.png|jpg (split folders train/val/test) or flat CLASS/*.png; class = folder name. `wants`
+    """SPLIT/CLASS/*.png|jpg (split folders train/val/test) or flat CLASS/*.png, images in folders below a class
+    folder included (CLASS/subject/*.png); class = the class folder's name. `wants`
     ends the error line: what the calling tool accepts."""
     if not source.is_dir():
         raise UserError(f"{source}: not a folder; {wants}")
@@ -126,8 +165,7 @@ def read_folder(source: Path, image_root=None, wants: str = FOLDER_WANTS) -> tup
         for entry in sorted(os.scandir(top), key=lambda e: e.name):
             is_image = Path(entry.name).suffix.lower() in IMAGE_EXTS
             if entry.is_dir() and not _not_data(Path(entry.path)):
-                files = sorted(f.path for f in os.scandir(entry.path)
-                               if f.is_file() and Path(f.name).suffix.lower() in IMAGE_EXTS)
+                files = class_images(Path(entry.path), wants)
                 records += [(p, posix_rel(p, source), entry.name, split) for p in files]
             elif is_image:
                 skipped["image not inside a class folder"] += 1

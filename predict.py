@@ -13,17 +13,19 @@ model's temperature, each face averaged with its mirror image (--tta flip, the d
 file's own pixels (after its EXIF rotation). A video is read as the demo's *Sequence* reads one: --max-frames frames
 spaced evenly, each frame's faces scored and numbered by person (a face keeps its number from frame to frame), then
 an overall line per person seen in two frames or more, turn-weighted with --decay. Files that cannot be read are
-skipped, one line each; nothing is written but --out.
+skipped, one line each; nothing is written but --out and --plots.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from formats import refuse_output_inside
 from logs import get_logger
 from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_output_file, first_line, run_cli
 
@@ -184,8 +186,9 @@ def _n(k: int, one: str, many: str) -> str:
     return f"{k} {one if k == 1 else many}"
 
 
-def summary_line(rows: list[dict], skipped: int, files: int, videos: int = 0) -> str:
-    """`12 images: 9 faces found in 7 photos, 2 photos without a face, 1 face crop read whole, 2 skipped`; with
+def summary_line(rows: list[dict], skipped: int | dict, files: int, videos: int = 0) -> str:
+    """`12 images: 9 faces found in 7 photos, 2 photos without a face, 1 face crop read whole, 2 skipped
+    (unreadable), 1 refused (too small)` (skipped: a count of unreadable files or {skip_reason: count}); with
     videos among the files (`videos` of them), each frame read counts as a picture (`2 images and 1 video, 64 video
     frames: ... in 60 pictures`), and an unreadable video is still counted as a video."""
     firsts = [r["how"] for r in rows if r["face"] == 1]                   # one per image or video frame
@@ -198,8 +201,9 @@ def summary_line(rows: list[dict], skipped: int, files: int, videos: int = 0) ->
                       ("whole", f"{one} read whole (--no-detect)", f"{many} read whole (--no-detect)")):
         if firsts.count(how):
             parts.append(_n(firsts.count(how), o, m))
-    if skipped:
-        parts.append(f"{skipped} skipped (unreadable)")
+    for reason, k in ({"unreadable": skipped} if isinstance(skipped, int) else skipped).items():
+        if k:
+            parts.append(f"{k} skipped (unreadable)" if reason == "unreadable" else f"{k} {reason}")
     head = " and ".join(_n(k, o, m) for k, o, m in ((files - videos, "image", "images"), (videos, "video", "videos"))
                         if k)
     if videos:
@@ -230,8 +234,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--top, --max-faces and --max-frames must be at least 1")
     if not 0 <= a.decay <= 1:
         raise UserError(f"--decay {a.decay}: give a number from 0 (last frame only) to 1 (plain mean)")
+    for flag, given in (("--out", a.out), ("--plots", a.plots)):
+        if given is not None and not given.strip():
+            raise UserError(f"{flag} '': an empty path; give a {'file' if flag == '--out' else 'folder'} or leave "
+                            f"{flag} out")
     if a.plots and Path(a.plots).exists() and not Path(a.plots).is_dir():
         raise UserError(f"--plots {a.plots}: is a file; give a folder for the timeline PNGs")
+    if a.plots:                                   # its PNGs would be read as photos by a later run over the input
+        refuse_output_inside(a.plots, "--plots", [i for i in a.inputs if Path(i).expanduser().is_dir()], "as photos")
     if a.out:
         check_output_file(a.out, "--out")                                   # before the work, not after it
         if Path(a.out).suffix.lower() not in OUT_FORMATS:
@@ -239,10 +249,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def read_one(engine, path: Path, names: list[str], sentences: list[str], a,
-             plot_names: set[str]) -> list[dict] | None:
-    """One file's rows, printed as they come (None: skipped, with one line saying why). An unexpected error in one
-    file skips that file with its type named, so a long run over a big folder never loses the rest."""
+def skip_reason(message: str) -> str:
+    """How the summary counts a skipped file: refused for its size (faces.MIN_SIDE, image_files' pixel and
+    decompression-bomb limits), or unreadable."""
+    if "too small" in message:
+        return "refused (too small)"
+    return "refused (too large)" if "pixel limit" in message or "decompression bomb" in message else "unreadable"
+
+
+def read_one(engine, path: Path, names: list[str], sentences: list[str], a, plot_names: set[str],
+             skips: Counter) -> list[dict] | None:
+    """One file's rows, printed as they come (None: skipped, with one line saying why, its skip_reason counted in
+    `skips`). An unexpected error in one file skips that file with its type named, so a long run over a big folder
+    never loses the rest."""
     from video import VIDEO_EXTS
     video = path.suffix.lower() in VIDEO_EXTS
     try:
@@ -250,9 +269,11 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a,
                if video else predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces))
     except UserError as e:
         log.warning(f"skipped {e}")
+        skips[skip_reason(str(e))] += 1
         return None
     except Exception as e:  # noqa: BLE001 -- one odd file must not end a run over thousands
         log.warning(f"skipped {path}: unexpected {type(e).__name__} ({first_line(e, 120)}); please report it")
+        skips["unreadable"] += 1
         return None
     for row in got:
         print(face_line(row, names, a.top), flush=True)
@@ -284,12 +305,10 @@ def main(argv=None) -> int:
     log.info(f"model: {checkpoint} ({why}); {_n(len(paths), 'file', 'files')}; expressions: {a.vocab} "
              f"({len(names)})")
     engine = Engine.load(checkpoint, None, a.device, tta=a.tta == "flip")
-    rows, skipped, plot_names = [], 0, set()                         # plot_names: --plots names taken so far
+    rows, skipped, plot_names = [], Counter(), set()                 # plot_names: --plots names taken so far
     try:
         for path in paths:
-            got = read_one(engine, path, names, sentences, a, plot_names)
-            skipped += got is None
-            rows += got or []
+            rows += read_one(engine, path, names, sentences, a, plot_names, skipped) or []
     except KeyboardInterrupt:                                      # what was read so far is kept, then exit 130
         if a.out and rows:
             write_table(rows, Path(a.out))

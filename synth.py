@@ -7,6 +7,7 @@ same parameters. Deterministic from --seed. Regenerate with:  python synth.py --
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,14 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from logs import get_logger
-from utils import UserError, run_cli
+from utils import UserError, atomic_write, run_cli
 
 log = get_logger(__name__)
 
 LABELS = ["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger", "contempt"]
 S = 256  # drawing canvas; saved images are downsampled (antialiased)
+COLUMNS = ["image", "caption", "label", "split"]
+OWN_NAME = re.compile(rf"({'|'.join(LABELS)})_\d{{3,}}\.png")          # the names make_sample gives its faces
 
 # Expression parameters per class: (low, high) ranges. brow: raise (+ up); tilt: inner ends (+ up, - down, a V);
 # eye: openness; curve: mouth (+ smile, - frown); open: jaw; width: mouth width; asym: one corner up;
@@ -176,10 +179,35 @@ def describe(label: str, p: dict, rng: np.random.Generator) -> str:
     return f"A face with {body}."
 
 
+def previous_sample(out: Path) -> set[str] | None:
+    """The faces of make_sample's own earlier output in `out` (a captions.csv with its columns listing only its
+    names, and an images/ holding exactly those files); an empty set when out has neither; None when it holds
+    anything else (a user's captions.csv, other images)."""
+    csv, images = out / "captions.csv", out / "images"
+    have = {p.name for p in images.iterdir()} if images.is_dir() else set()
+    if not csv.exists() and not have:
+        return set()
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception:  # noqa: BLE001 -- missing, a folder, not a CSV: not synth's
+        return None
+    names = set(df["image"]) if list(df.columns) == COLUMNS else set()
+    return names if names and names == have and all(OWN_NAME.fullmatch(n) for n in names) else None
+
+
 def make_sample(out: str | Path, per_class: int = 75, size: int = 64, identities: int = 8, seed: int = 0,
-                val_fraction: float = 0.2) -> pd.DataFrame:
-    """Write out/images/*.png and out/captions.csv (image, caption, label, split); returns the table."""
+                val_fraction: float = 0.2, force: bool = False) -> pd.DataFrame:
+    """Write out/images/*.png and out/captions.csv (image, caption, label, split); returns the table. A folder
+    holding anything but an earlier sample's captions.csv and images -> UserError before drawing, unless force.
+    The earlier sample's faces the new table does not list are removed (with force: every synth-named file)."""
     out = Path(out)
+    old = previous_sample(out)
+    if old is None and not force:
+        raise UserError(f"--out {out}: holds a captions.csv or images/ that synth.py did not write (or that was "
+                        "changed since); give a new folder (e.g. --out sample), or --force to replace its "
+                        "captions.csv and synth-named images (nothing was written)")
+    if old is None:
+        old = {p.name for p in (out / "images").glob("*.png") if OWN_NAME.fullmatch(p.name)}
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     idents = [sample_identity(i, rng) for i in range(identities)]
@@ -191,14 +219,22 @@ def make_sample(out: str | Path, per_class: int = 75, size: int = 64, identities
             draw_face(idents[int(rng.integers(identities))], p, rng, size).save(out / "images" / name, optimize=True)
             split = "val" if k < round(per_class * val_fraction) else "train"
             rows.append(dict(image=name, caption=describe(label, p, rng), label=label, split=split))
-    df = pd.DataFrame(rows)
-    df.to_csv(out / "captions.csv", index=False)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    atomic_write(out / "captions.csv", lambda tmp: df.to_csv(tmp, index=False))
+    stale = sorted(old - set(df["image"]))
+    for name in stale:
+        (out / "images" / name).unlink(missing_ok=True)
+    if stale:
+        log.info(f"removed {len(stale)} faces of the earlier sample in {out / 'images'} that the new one does not list")
     return df
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=".", help="folder that receives images/ and captions.csv")
+    ap.add_argument("--out", default="sample", help="folder that receives images/ and captions.csv (default: "
+                    "./sample; refused when it holds a captions.csv or images/ synth.py did not write)")
+    ap.add_argument("--force", action="store_true", help="replace --out's captions.csv and synth-named images "
+                    "even when synth.py did not write them")
     ap.add_argument("--per-class", type=int, default=75)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--identities", type=int, default=8)
@@ -209,7 +245,7 @@ def main(argv=None) -> int:
     if a.per_class < 1 or a.identities < 1 or not 16 <= a.size <= 1024:    # 0 faces would empty captions.csv
         raise UserError(f"--per-class {a.per_class} --identities {a.identities} --size {a.size}: give at least 1 "
                         "face per class and 1 identity, and a size of 16-1024 px (the sample: 75, 8, 64)")
-    df = make_sample(a.out, a.per_class, a.size, a.identities, a.seed)
+    df = make_sample(a.out, a.per_class, a.size, a.identities, a.seed, force=a.force)
     log.info(f"wrote {len(df)} faces ({a.per_class} per class x {len(LABELS)}) to {Path(a.out) / 'images'} "
              f"and {Path(a.out) / 'captions.csv'}")
     return 0

@@ -243,3 +243,10 @@ def test_source_side_reduces_big_faces_to_the_training_resolution_and_leaves_sma
     assert not torch.equal(seen, off(big))                       # the big face is reduced first ...
     reduced = big.convert("RGB").resize((48, 48), Image.LANCZOS)
     assert torch.equal(seen, off(reduced))                       # ... exactly to what a 48 px face would give
+
+
+def test_evaluation_reads_a_table_without_captions_and_training_still_needs_them(tmp_path):
+    cfg = write_set(tmp_path, [dict(image="a.png", label="happiness"), dict(image="b.png", label="sadness")])
+    assert list(read_captions(cfg, need_caption=False)["label"]) == ["happiness", "sadness"]
+    with pytest.raises(UserError, match="missing required column.*caption"):
+        read_captions(cfg)

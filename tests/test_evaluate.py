@@ -297,3 +297,54 @@ def test_square_crops_bigger_than_160_px_from_a_captions_csv_draw_no_photo_warni
     rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path, "--split", "all"], capsys)
     assert rc == 0 and f"faces (--faces crops): {len(rows)} read whole as face crops" in out
     assert "most images are photos" not in err
+
+
+def test_one_class_is_scored_against_every_known_class_not_1_0_everywhere(trained, sample_dir, tmp_path, capsys):
+    (tmp_path / "one" / "happiness").mkdir(parents=True)
+    for p in sorted((sample_dir / "images").glob("happiness_*.png"))[:3]:
+        shutil.copy(p, tmp_path / "one" / "happiness" / p.name)
+    rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    assert "hold one class (happiness)" in err and "as --all-classes does" in err
+    assert "8 classes" in out and json.loads(out.strip().splitlines()[-1])["n_images"] == 3
+
+
+def test_a_confusion_png_inside_an_image_folder_dataset_is_refused_before_any_work(trained, sample_dir, tmp_path,
+                                                                                     capsys):
+    (tmp_path / "cmf" / "happiness").mkdir(parents=True)
+    shutil.copy(next((sample_dir / "images").glob("happiness_*.png")), tmp_path / "cmf" / "happiness")
+    png = tmp_path / "cmf" / "happiness" / "cm.png"
+    rc, out, err = run(["--checkpoint", tmp_path / "none.pth", "--data", tmp_path / "cmf", "--confusion", png], capsys)
+    assert rc == 2 and "--confusion" in err and "inside the input folder" in err and err.count("\n") == 1, err
+    assert not png.exists()
+
+
+def test_each_image_is_scored_once_under_its_first_label_and_the_caption_column_is_optional(trained, sample_dir,
+                                                                                            tmp_path, capsys):
+    val = pd.read_csv(sample_dir / "captions.csv").query("split == 'val'")[["image", "label"]]
+    val["image"] = [str(sample_dir / "images" / p) for p in val["image"]]
+    clash = val.head(1).assign(label="anger" if val["label"].iloc[0] != "anger" else "fear")
+    pd.concat([val, val, clash]).to_csv(tmp_path / "captions.csv", index=False)          # no caption column
+    rc, out, err = run(["--checkpoint", trained[0], "--data", tmp_path / "captions.csv"], capsys)
+    assert rc == 0, err
+    assert "97 rows name an image an earlier row names" in err and "1 images have rows with other labels" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["n_images"] == 96 and summary["skipped"] == 97
+
+
+def test_images_in_subfolders_of_a_class_folder_are_read_under_that_class(sample_dir, tmp_path):
+    for k, p in enumerate(sorted((sample_dir / "images").glob("sadness_*.png"))[:3]):
+        d = tmp_path / "data" / "sadness" / f"subject{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / p.name)
+    table, _ = evaluate.read_data(str(tmp_path / "data"))
+    assert len(table) == 3 and set(table["label"]) == {"sadness"}
+    (tmp_path / "up" / "fer" / "train" / "sadness").mkdir(parents=True)                 # pointed one level too high
+    with pytest.raises(evaluate.UserError, match="a split folder inside the class folder fer"):
+        evaluate.read_data(str(tmp_path / "up"))
+
+
+@pytest.mark.parametrize("flag", ["--json", "--confusion"])
+def test_an_empty_output_path_is_refused(trained, sample_dir, capsys, flag):
+    rc, out, err = run(["--checkpoint", trained[0], "--data", sample_dir, flag, ""], capsys)
+    assert rc == 2 and f"{flag} '': an empty path" in err

@@ -89,6 +89,8 @@ def test_face_boxes_are_in_the_files_own_pixels_after_exif_rotation(trained, tmp
     (["IMAGES", "--vocab", "VOCAB"], "expression name `file` is also a column"),
     (["IMAGES", "--top", "0"], "--top, --max-faces and --max-frames must be at least 1"),
     (["IMAGES", "--plots", "VOCAB"], "is a file; give a folder for the timeline PNGs"),
+    (["IMAGES", "--plots", "imgs/plots"], "--plots imgs/plots: inside the input folder"),
+    (["IMAGES", "--out", ""], "--out '': an empty path"),
     (["EMPTY"], "no .bmp/"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path, capsys, args, says):
@@ -263,3 +265,10 @@ def test_an_image_too_small_for_a_face_is_skipped_with_its_path(trained, tmp_pat
     rc = predict.run_cli(predict.main, [str(tmp_path / "dot.png"), "--checkpoint", str(trained[0])])
     err = capsys.readouterr().err
     assert rc == 2 and f"skipped {tmp_path / 'dot.png'}: 4x4 px is too small to read a face" in err
+
+
+def test_the_summary_says_files_refused_for_their_size_apart_from_unreadable_ones():
+    assert predict.skip_reason("a.png: 4x4 px is too small to read a face") == "refused (too small)"
+    assert predict.skip_reason("b.png: refused as a possible decompression bomb (x)") == "refused (too large)"
+    line = predict.summary_line([], {"unreadable": 1, "refused (too small)": 2, "refused (too large)": 1}, 4)
+    assert line.endswith("1 skipped (unreadable), 2 refused (too small), 1 refused (too large)")

@@ -50,3 +50,28 @@ def test_sizes_that_would_empty_the_sample_or_exhaust_memory_are_refused_before_
     assert run_cli(synth.main, ["--out", str(tmp_path)] + flags) == 2
     assert flags[0] in capsys.readouterr().err and (tmp_path / "captions.csv").read_text() == "the user's table"
     assert not (tmp_path / "images").exists()
+
+
+def test_a_folder_holding_a_captions_csv_synth_did_not_write_is_refused_before_drawing(tmp_path, capsys):
+    from utils import run_cli
+    (tmp_path / "captions.csv").write_text("image,caption\nme.png,my own face\n")
+    assert run_cli(synth.main, ["--out", str(tmp_path), "--per-class", "1", "--size", "16"]) == 2
+    assert "synth.py did not write" in capsys.readouterr().err and not (tmp_path / "images").exists()
+    assert run_cli(synth.main, ["--out", str(tmp_path), "--per-class", "1", "--size", "16", "--force"]) == 0
+    assert len(pd.read_csv(tmp_path / "captions.csv")) == 8
+
+
+def test_a_smaller_sample_over_an_earlier_one_leaves_no_unlisted_faces(tmp_path):
+    make_sample(tmp_path, per_class=2, size=16)
+    df = make_sample(tmp_path, per_class=1, size=16)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(df["image"])
+    (tmp_path / "images" / "mine.png").write_bytes(b"x")                  # no longer only synth's: refused
+    with pytest.raises(synth.UserError, match="did not write"):
+        make_sample(tmp_path, per_class=1, size=16)
+
+
+def test_the_default_out_is_a_new_folder_not_the_current_one(tmp_path, monkeypatch):
+    from utils import run_cli
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(synth.main, ["--per-class", "1", "--size", "16"]) == 0
+    assert (tmp_path / "sample" / "captions.csv").is_file() and not (tmp_path / "captions.csv").exists()
