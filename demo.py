@@ -23,7 +23,8 @@ from captions import load_caption_bank
 from faces import CROP_MAX_SIDE
 from logs import get_logger
 from photos import FACES_MODES, describe_update, failure_lines
-from photoviews import add_photos, add_photos_steps, header, picked_view, result_items
+from photoviews import (add_photos, add_photos_steps, clicked_key, gallery_warnings, header, picked_view,
+                        result_items, result_tiles)
 from retrieval import (Engine, clean_query, frame_crops, largest_face, rank_faces, score_frames, search_text,
                        similar_images, similar_to_gallery_image)
 from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose_checkpoint, describe_model,
@@ -31,8 +32,8 @@ from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose
 from utils import UserError, run_cli
 from video import load_frames
 from webguard import (MAX_UPLOAD_PIXELS, check_port_free, download_path, keep_text, lenient, named, number_in,
-                      one_or_many_files, open_upload, port_in_use, read_vocab_upload, upload_path, vocab_items,
-                      whole_number_in, with_fallback, yes_no)
+                      one_or_many_files, open_upload, port_in_use, quiet_refusals, read_vocab_upload, upload_path,
+                      vocab_items, whole_number_in, with_fallback, yes_no)
 
 log = get_logger(__name__)
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
@@ -74,18 +75,20 @@ def search_message(query: str, n_hits: int, notes: list[str]) -> str:
 
 
 def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
-    """Face → expressions: (photo with numbered boxes, <= 1024 px; {name: probability} of face 1; markdown)."""
+    """Face → expressions: (photo with numbered boxes, <= 1024 px; {name: probability} of the table's first row
+    (face 1, or the whole image); markdown)."""
     from faces import DECODE_SIDE
-    from image_files import safe_open_image
     items, detect = vocab_items(vocab_text), yes_no(detect, "Detect faces")
-    photo = open_upload(image) if image is None else safe_open_image(image, MAX_UPLOAD_PIXELS, DECODE_SIDE)
+    photo = open_upload(image, DECODE_SIDE)
     res = rank_faces(engine, photo, [s for _, s in items], detect, max_faces)   # big JPEGs decode at 1/2..1/8
     names = [name for name, _ in items]
     notes = []
     if res.crop:
         notes.append(f"Read as a face crop: the image is {photo.width}x{photo.height} px (at most {CROP_MAX_SIDE} "
                      "px on its longer side), so it was scored whole, without searching it for faces.")
-    elif detect and not res.found:
+    elif not detect:
+        notes.append("Detection off: the whole image was ranked, without searching it for faces.")
+    elif not res.found:
         notes.append("**No face found: ranked the whole image.** These scores describe the whole picture, not a "
                      "face, so they are no reading of anyone's expression: use a photo with a visible, mostly "
                      "frontal face, or untick face detection for an already cropped face.")
@@ -94,21 +97,17 @@ def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     elif res.found:
         notes.append(f"{len(res.boxes)} face(s) found, numbered largest first.")
     first = {names[i]: float(v) for i, v in enumerate(res.probs[0])}
-    whole = "face crop" if res.crop else "whole image (no face)" if detect and not res.found else ""
+    whole = ("face crop" if res.crop else "whole image (detection off)" if not detect
+             else "" if res.found else "whole image (no face)")
     table = face_table(names, res.probs, whole)
     return res.shown, first, "\n\n".join([" ".join(notes), table]).strip()
 
 
 def similar_gallery_view(engine: Engine, paths, index, k):
     """A click on result `index` of the last text search -> faces with the closest expression, itself first."""
-    if not isinstance(paths, (list, tuple)) or not paths or index is None:
-        raise UserError("search first, then click one of the results")
-    i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
-    if engine.index is None or Path(str(paths[i])) not in set(engine.index.paths):
-        raise UserError("search first, then click one of the results (only gallery images can be clicked)")
-    hits = similar_to_gallery_image(engine, paths[i], top_k(k))
-    items = result_items(engine, hits)
-    return items, f"{len(items)} faces closest to {Path(paths[i]).name} (itself first)"
+    key = clicked_key(engine, paths, index)
+    items = result_items(engine, similar_to_gallery_image(engine, key, top_k(k)))
+    return items, f"{len(items)} faces closest to {key.name} (itself first)"
 
 
 def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: int = 32):
@@ -167,12 +166,11 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
     """Every handler of the app: the functions above, each guarded (webguard.with_fallback: a bad request gets a
     message in the UI and one line in the server log, never a traceback, and the server keeps serving)."""
 
-    @with_fallback(lambda msg, *_: ([], msg))
-    def on_search(query, k):
+    @with_fallback(lambda msg, *_: ([], [], msg))
+    def on_search(query, k):      # (tiles, their keys: what a click looks up, message)
         text = clean_query(query)
-        hits = search_text(engine, text, top_k(k))
-        items = result_items(engine, hits)
-        return items, search_message(text, len(items), engine.query_warnings(query))
+        tiles, keys = result_tiles(engine, search_text(engine, text, top_k(k)))
+        return tiles, keys, search_message(text, len(tiles), engine.query_warnings(query))
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k, detect=True):
@@ -227,7 +225,7 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
             _face_tab(h, vocab, max_faces)
         with gr.Tab("Sequence"):
             _sequence_tab(h, vocab, max_frames)
-    return app
+    return quiet_refusals(app)
 
 
 def _vocab_panel(h: dict):
@@ -268,16 +266,12 @@ def _search_tab(h: dict, engine: Engine) -> None:
         similar = gr.Gallery(label="Faces with a similar expression to the clicked one", columns=4, height="auto",
                              scale=2)
 
-    def search_ui(q, top_k):
-        items, msg = h["search"](q, top_k)
-        return items, msg, [p for p, _ in items]
-
     def pick(paths, top_k, evt):
         return h["pick"](paths, evt.index, top_k)
     pick.__annotations__ = {"evt": gr.SelectData}   # a real class: the `annotations` import makes strings
 
-    go.click(search_ui, [query, k], [gallery, status, hit_paths], api_name="search")
-    query.submit(search_ui, [query, k], [gallery, status, hit_paths], api_visibility="private")
+    go.click(h["search"], [query, k], [gallery, hit_paths, status], api_name="search")    # a State: not in the API
+    query.submit(h["search"], [query, k], [gallery, hit_paths, status], api_visibility="private")
     gallery.select(pick, [hit_paths, k], [photo, similar, pick_status], api_visibility="private")
     _add_photos_panel(engine)
 
@@ -304,7 +298,7 @@ def _face_tab(h: dict, vocab, max_faces: int) -> None:
             detect = gr.Checkbox(value=True, label=f"Detect and crop faces (up to {max_faces}, largest first)",
                                  info=f"images of at most {CROP_MAX_SIDE} px are face crops already: read whole")
             rank = gr.Button("Rank expressions", variant="primary")
-            bars = gr.Label(num_top_classes=5, label="Top-5 (face 1, the largest)")
+            bars = gr.Label(num_top_classes=5, label="Top-5 (the table's first row)")
     boxes = gr.Image(label="Faces found (numbered as in the table)", type="pil")
     per_face = gr.Markdown()
     rank.click(h["rank"], [image, vocab, detect], [boxes, bars, per_face], api_name="rank")
@@ -373,7 +367,7 @@ def main(argv=None) -> int:
         log.warning(f"warning: {warn}")
     engine = Engine.load(checkpoint, a.gallery, a.device, a.cache_dir, faces=a.faces, tta=a.tta == "flip")
     log.info(f"gallery {shown_path(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
-    for line in failure_lines(engine.stats):
+    for line in failure_lines(engine.stats) + gallery_warnings(engine):
         log.warning(line)
     app = build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64)
     try:

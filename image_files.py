@@ -17,8 +17,8 @@ from utils import HEIF_EXTS, HEIF_READABLE, UserError, first_line
 MAX_PIXELS = 40_000_000      # per file or video frame: a 36 MP photo passes, a decompression bomb does not
 
 
-def float_to_8bit(a: np.ndarray) -> Image.Image:
-    """Float grey -> 8-bit L: 0..1 scaled by 255, 0..255 kept, any other range stretched to 0..255 (a float has no
+def _float_to_uint8(a) -> np.ndarray:
+    """Float pixels -> uint8: 0..1 scaled by 255, 0..255 kept, any other range stretched to 0..255 (a float has no
     bit depth to divide by: 0..1000 is not a dark 16-bit image); NaN/inf 0."""
     a = np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = a.min(initial=0.0), a.max(initial=0.0)
@@ -26,7 +26,43 @@ def float_to_8bit(a: np.ndarray) -> Image.Image:
         a = a * 255
     elif lo < 0 or hi > 255:
         a = (a - lo) / (hi - lo + 1e-12) * 255
-    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
+    return a.round().clip(0, 255).astype(np.uint8)
+
+
+def _int_to_uint8(a) -> np.ndarray:
+    """Integer pixels -> uint8: 0..255 kept, 16-bit divided by 257, any other range stretched."""
+    a = np.asarray(a, dtype=np.float64)
+    lo, hi = a.min(initial=0), a.max(initial=0)
+    a = a if lo >= 0 and hi <= 255 else a / 257.0 if lo >= 0 and hi <= 65535 else (a - lo) / (hi - lo + 1e-12) * 255
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def float_to_8bit(a: np.ndarray) -> Image.Image:
+    """Float grey -> 8-bit L (_float_to_uint8's scaling)."""
+    return Image.fromarray(_float_to_uint8(a), "L")
+
+
+def is_pixels(src) -> bool:
+    """A PIL image or a numpy array (what Python callers may pass instead of a file)."""
+    return isinstance(src, (Image.Image, np.ndarray))
+
+
+def array_to_image(a: np.ndarray) -> Image.Image:
+    """A numpy image (H x W grey, H x W x 1/3/4; bool, integer of any depth or float) -> PIL, scaled to 8 bits as
+    to_rgb scales 16-bit/float files; any other shape or type -> UserError."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or a.ndim == 3 and a.shape[2] in (3, 4)) or a.size == 0:
+        raise UserError(f"an array of shape {a.shape}: give an image as H x W (grey) or H x W x 3 (RGB) pixels")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        a = _float_to_uint8(a)
+    elif np.issubdtype(a.dtype, np.integer):
+        a = _int_to_uint8(a) if a.dtype != np.uint8 else a
+    else:
+        raise UserError(f"an array of {a.dtype} values: give image pixels as integers (0-255) or floats (0-1)")
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def upright(im: Image.Image) -> Image.Image:
@@ -42,10 +78,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "F":
         return float_to_8bit(np.asarray(im)).convert("RGB")
     if im.mode == "I" or im.mode.startswith("I;"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = a.max(initial=0)
-        a = a if hi <= 255 else a / 257.0 if hi <= 65535 else (a - a.min()) / (hi - a.min() + 1e-12) * 255
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(_int_to_uint8(np.asarray(im)), "L")
     if im.mode == "P" or im.mode in ("LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
@@ -60,7 +93,7 @@ def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = No
     detection and crops); other formats and PIL images keep their size. From a file, .info["file_size"] is its
     (W, H) in the file's own pixels as displayed (after an EXIF rotation), whatever scale it decoded at."""
     if isinstance(src, np.ndarray):
-        src = Image.fromarray(src)
+        src = array_to_image(src)
     if isinstance(src, Image.Image):
         name, im = "image", src
         if im.width * im.height > max_pixels:

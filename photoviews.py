@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from PIL import Image
@@ -13,7 +14,7 @@ from logs import get_logger
 from retrieval import Engine, similar_to_gallery_image
 from uploads import save_uploads
 from utils import UserError
-from webguard import number_in, refused
+from webguard import number_in, refused, served_image
 
 log = get_logger(__name__)
 
@@ -22,7 +23,9 @@ OWN_PHOTOS_HINT = ("To search your own photos: `python demo.py --gallery ~/Pictu
 
 
 def _tile(engine: Engine, path: Path, score: float):
-    """(image, caption) of one result: the face crop and 'score  photo.jpg · face 2', or the face-crop file."""
+    """(image, caption) of one result: a file of the face crop and 'score  photo.jpg · face 2', or the face-crop
+    file. Crops are files (webguard.served_image), not PIL images: Gradio rewrote its cached copy of a PIL image in
+    place while another client was fetching it (a truncated tile)."""
     e = engine.index.entry(path)
     if not e.is_current():                  # moved, deleted or replaced since it was indexed: its box is not here
         raise FileNotFoundError(e.photo.name)
@@ -31,13 +34,13 @@ def _tile(engine: Engine, path: Path, score: float):
         return str(e.photo), f"{score:.3f}  {name}"
     if e.face is None:                      # added from the page: inside the cache, which Gradio does not serve
         with Image.open(e.photo) as im:
-            return im.convert("RGB"), f"{score:.3f}  {name}"
+            return served_image(im.convert("RGB")), f"{score:.3f}  {name}"
     try:
         with Image.open(e.thumb) as im:
             crop = im.convert("RGB")
     except (OSError, TypeError):            # thumbnail gone: cut it from the photo
         crop = face_on_photo(engine, path, draw=False)
-    return crop, f"{score:.3f}  {name} · face {e.face + 1}"
+    return served_image(crop), f"{score:.3f}  {name} · face {e.face + 1}"
 
 
 def shown_name(engine: Engine, photo: Path) -> str:
@@ -54,15 +57,34 @@ def _added(engine: Engine, photo: Path) -> bool:
     return up is not None and str(photo.resolve()).startswith(str(up.resolve()) + os.sep)
 
 
-def result_items(engine: Engine, hits) -> list[tuple]:
-    """The tiles of `hits`; a photo moved, deleted or damaged since it was indexed is left out (one log line)."""
-    out = []
+def result_tiles(engine: Engine, hits) -> tuple[list[tuple], list[str]]:
+    """(tiles, keys): the tiles of `hits` and each one's entry key (what a click on it looks up: a photo face's tile
+    is a crop, not its key); a photo moved, deleted or damaged since it was indexed is left out (one log line)."""
+    tiles, keys = [], []
     for p, s in hits:
         try:
-            out.append(_tile(engine, p, s))
+            tiles.append(_tile(engine, p, s))
         except (OSError, UserError) as e:
             log.warning(f"result left out: {Path(p).name} cannot be shown now ({type(e).__name__})")
-    return out
+            continue
+        keys.append(str(p))
+    return tiles, keys
+
+
+def result_items(engine: Engine, hits) -> list[tuple]:
+    """The tiles of `hits` (result_tiles)."""
+    return result_tiles(engine, hits)[0]
+
+
+def clicked_key(engine: Engine, keys, index) -> Path:
+    """The entry of result `index` among the keys of the last search; anything else -> UserError (a message that
+    never shows what was sent in place of a key)."""
+    if not isinstance(keys, (list, tuple)) or not keys or index is None or engine.index is None:
+        raise UserError("search first, then click one of the results")
+    key = keys[int(number_in(index, "the clicked result", 0, len(keys) - 1))]
+    if not isinstance(key, (str, os.PathLike)):
+        raise UserError("search first, then click one of the results (only gallery results can be clicked)")
+    return Path(key)                        # not in the gallery: similar_to_gallery_image says so
 
 
 def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
@@ -81,18 +103,16 @@ def face_on_photo(engine: Engine, path, draw: bool = True) -> Image.Image:
     return annotate(photo, [box], first=e.face + 1) if draw else photo.crop((box.x0, box.y0, box.x1, box.y1))
 
 
-def picked_view(engine: Engine, paths, index, k):
-    """A click on result `index`: (its photo with the face's box, faces with a similar expression, message)."""
-    if not isinstance(paths, (list, tuple)) or not paths or index is None or engine.index is None:
-        raise UserError("search first, then click one of the results")
-    i = int(number_in(index, "the clicked result", 0, len(paths) - 1))
-    path = Path(str(paths[i]))
+def picked_view(engine: Engine, keys, index, k):
+    """A click on result `index` (`keys`: result_tiles' keys of the last search): (a file of its photo with the
+    face's box, faces with a similar expression, message)."""
+    path = clicked_key(engine, keys, index)
     hits = similar_to_gallery_image(engine, path, int(number_in(k, "Top K", 1, 100)))
     e = engine.index.entry(path)
     name = shown_name(engine, e.photo)
     what = f"face {e.face + 1} of {name}" if e.face is not None else name
     try:
-        shown = face_on_photo(engine, path)
+        shown = served_image(face_on_photo(engine, path))
     except UserError as err:                 # the photo was moved or damaged since indexing
         shown, what = None, f"{what} (photo not readable now: {err})"
     items = result_items(engine, hits)
@@ -113,6 +133,16 @@ def header(engine: Engine, drawn_sample: bool) -> str:
     if engine.failed:
         line += f" {len(engine.failed)} unreadable file(s) skipped: " + ", ".join(p.name for p in engine.failed[:10])
     return line
+
+
+def gallery_warnings(engine: Engine) -> list[str]:
+    """The launch log's warning for a gallery with nothing to search (an empty --gallery started silently)."""
+    ix = engine.index
+    if ix is None or len(ix):
+        return []
+    what = "has no images" if not ix.n_photos() else f"has no face in its {ix.n_photos()} image(s)"
+    return [f"warning: the gallery {ix.gallery} {what}, so searches find nothing: put photos (JPEG, PNG, ...) in it "
+            "and relaunch, or add them on the page (Add photos to the gallery)"]
 
 
 def progress_line(p: dict) -> str:
@@ -137,6 +167,9 @@ def add_photos(engine: Engine, files) -> str:
         bad = [p for p in stats.get("failed_paths", []) if Path(p).resolve() in mine]     # this request's only
         for p in bad:
             Path(p).unlink(missing_ok=True)
+        for folder in {p.parent for p in saved}:            # this request's folder: removed when left empty
+            with suppress(OSError):
+                folder.rmdir()
     if skipped:                                           # the server log's one line for what was refused
         log.info(f"add_photos request: skipped {'; '.join(skipped)}")
     reasons = stats.get("reasons", {})

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
+import io
 import math
 import os
 import re
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from image_files import MAX_PIXELS
 from logs import get_logger
-from utils import UserError
+from utils import UserError, atomic_write
 
 log = get_logger(__name__)
 MAX_MESSAGE_CHARS = 600        # a message echoing a huge request stays readable
@@ -176,6 +178,29 @@ def one_or_many_files():
     return OneOrManyFiles
 
 
+def quiet_refusals(app):
+    """The Blocks `app`, whose requests Gradio refuses before any handler or `lenient` runs (a file path outside its
+    upload folder; a plain string where an upload is expected) get a short error in the caller's client and one
+    `refused` log line: Gradio printed a traceback for each (it prints one for any error but a quiet gr.Error)."""
+    import gradio as gr
+    from gradio.exceptions import InvalidPathError
+    from pydantic import ValidationError
+    strict = app.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, state, explicit_call=False):
+        try:
+            return await strict(block_fn, inputs, state, explicit_call)
+        except InvalidPathError:
+            msg = "a file the server did not receive as an upload: send files with gradio_client.handle_file(path)"
+        except ValidationError as e:
+            msg = (f"an input is not what this endpoint takes ({e.title} expected; send files with "
+                   "gradio_client.handle_file(path))")
+        refused(block_fn.api_name or block_fn.name, msg)
+        raise gr.Error(msg, print_exception=False)
+    app.preprocess_data = preprocess_data
+    return app
+
+
 def upload_path(payload):
     """The file path of an upload's payload (Gradio's FileData), for `lenient`; None when there is none."""
     return getattr(payload, "path", None)
@@ -183,12 +208,13 @@ def upload_path(payload):
 
 # ----------------------------------------------------------------------------- what a request may contain
 
-def open_upload(image):
-    """Gradio upload (a file path) -> RGB PIL image; bombs and non-images -> UserError."""
-    if not image or not isinstance(image, (str, os.PathLike)):
+def open_upload(image, max_side: int | None = None):
+    """A request's image (an upload's file path; from Python also a PIL image or a numpy array) -> RGB PIL image
+    (max_side: see safe_open_image); nothing, bombs and non-images -> UserError."""
+    from image_files import is_pixels, safe_open_image
+    if not is_pixels(image) and (not isinstance(image, (str, os.PathLike)) or not os.fspath(image)):
         raise UserError("upload a face image first")
-    from image_files import safe_open_image
-    return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS)
+    return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS, max_side=max_side)
 
 
 def port_in_use(host: str, port: int) -> str:
@@ -206,8 +232,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 @functools.cache
-def _downloads_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="exprclip-downloads-"))
+def _server_folder(kind: str) -> Path:
+    """One temporary folder per server and kind (downloads, images), removed when the server exits; under the
+    system temp folder, which Gradio serves from."""
+    root = Path(tempfile.mkdtemp(prefix=f"exprclip-{kind}-"))
     atexit.register(shutil.rmtree, root, True)
     return root
 
@@ -215,7 +243,20 @@ def _downloads_root() -> Path:
 def download_path(name: str) -> Path:
     """A new path named `name` for a file the page offers to download: in its own folder (so concurrent requests
     never share one) under one temporary folder per server, removed when the server exits (Gradio serves a copy)."""
-    return Path(tempfile.mkdtemp(dir=_downloads_root())) / name
+    return Path(tempfile.mkdtemp(dir=_server_folder("downloads"))) / name
+
+
+def served_image(im) -> str:
+    """A JPEG file of the PIL image `im` for the page, named by its content under one folder per server: the same
+    image is written once, atomically (a temp file renamed into place), so no client ever reads a partial file
+    (Gradio's cache of a returned PIL image rewrote one file in place while another client fetched it)."""
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=92)
+    data = buf.getvalue()
+    path = _server_folder("images") / f"{hashlib.sha256(data).hexdigest()[:32]}.jpg"
+    if not path.exists():
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return str(path)
 
 
 def read_vocab_upload(path) -> str:

@@ -53,7 +53,7 @@ def test_known_model_ranks_the_described_class_first(engine):
 def test_empty_query_is_a_message_not_a_search(engine):
     with pytest.raises(UserError, match="type a description"):
         clean_query("   ")
-    gallery, msg = demo.make_handlers(engine)["search"]("", 5)
+    gallery, _, msg = demo.make_handlers(engine)["search"]("", 5)
     assert gallery == [] and "type a description" in msg
 
 
@@ -95,7 +95,7 @@ def test_rank_handler_whole_image_when_no_face(engine, sample_dir):
     h = demo.make_handlers(engine)
     face = str(sorted((sample_dir / "images").glob("happiness_*.png"))[0])
     img, bars, msg = h["rank"](face, "happy: a smile\nsad: a frown", False)
-    assert set(bars) == {"happy", "sad"} and "face 1" in msg
+    assert set(bars) == {"happy", "sad"} and "| whole image (detection off) |" in msg and "face 1" not in msg
 
 
 def test_blocks_app_builds(engine):
@@ -253,6 +253,14 @@ def test_launch_log_says_how_many_images_were_reused_and_encoded(trained, sample
     assert line == "5 images: 5 reused from the cache, 0 encoded (0 new, 0 changed), 3 removed"
 
 
+def test_an_empty_gallery_starts_with_one_warning_saying_how_to_add_photos(trained, tmp_path, launched, capsys):
+    (tmp_path / "empty").mkdir()
+    args = ["--checkpoint", str(trained[0])] + _serve_args(tmp_path / "empty", tmp_path)
+    assert run_cli(demo.main, args) == 0 and len(launched) == 1
+    warned = [ln for ln in "".join(capsys.readouterr()).splitlines() if "has no images" in ln]
+    assert len(warned) == 1 and "put photos" in warned[0] and "Add photos" in warned[0], warned
+
+
 # ----------------------------------------------------------------------------- queries the text tower cannot read
 
 def test_foreign_script_queries_get_a_warning(engine):
@@ -262,9 +270,9 @@ def test_foreign_script_queries_get_a_warning(engine):
         assert len(notes) == 1 and "does not know most of this query" in notes[0], q
     assert query_warnings(tok, "a wide smile", 32) == []
     assert query_warnings(tok, "a 😀 face", 32) == []                  # one unknown piece of three: still readable
-    gallery, msg = demo.make_handlers(engine)["search"]("행복한 얼굴", 5)
+    gallery, _, msg = demo.make_handlers(engine)["search"]("행복한 얼굴", 5)
     assert len(gallery) == 5 and "**Warning:**" in msg and "in English" in msg
-    gallery, msg = demo.make_handlers(engine)["search"]("a wide smile", 5)
+    gallery, _, msg = demo.make_handlers(engine)["search"]("a wide smile", 5)
     assert len(gallery) == 5 and "Warning" not in msg
 
 
@@ -276,7 +284,7 @@ def test_long_queries_say_how_many_tokens_were_ignored(engine):
     huge = "a wide smile " * 1000
     notes = query_warnings(tok, huge, 32)
     assert len(notes) == 1 and f"{len(huge.strip()):,} characters long: only the first 500 were read" in notes[0]
-    gallery, msg = demo.make_handlers(engine)["search"](huge, 5)
+    gallery, _, msg = demo.make_handlers(engine)["search"](huge, 5)
     assert len(gallery) == 5 and "only the first 500 were read" in msg
     assert msg.startswith("5 best matches for “a wide smile a wide") and len(msg) < 1000   # the echo is shortened
 

@@ -115,6 +115,12 @@ def test_rank_says_when_no_face_is_found(h, tmp_path):
     assert "No face found" not in md
 
 
+def test_rank_with_detection_off_names_the_row_the_whole_image_not_face_1(h, tmp_path):
+    _, bars, md = h["rank"](_two_faces(tmp_path / "two.png"), VOCAB, False)
+    assert "| whole image (detection off) |" in md and "| face 1 |" not in md and "face(s) found" not in md
+    assert "Detection off: the whole image was ranked" in md and len(bars) == 3
+
+
 def test_a_face_crop_sized_upload_is_read_whole_not_searched_for_faces(engine, h, sample_dir, tmp_path):
     face = _sample_faces(sample_dir, 1)[0]                          # the tests' sample: 48 px, <= CROP_MAX_SIDE
     _, bars, md = h["rank"](face, VOCAB, True)
@@ -178,7 +184,7 @@ def test_gallery_select_event_reaches_the_handler(engine):
     from gradio.helpers import special_args
     app = demo.build_app(engine)
     search = next(f.fn for f in app.fns.values() if f.api_name == "search")
-    items, msg, paths = search("a wide smile", 5)
+    items, paths, msg = search("a wide smile", 5)
     assert len(paths) == 5 and paths == [p for p, _ in items]
     pick = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "pick")
     click = gr.SelectData(None, {"index": 1, "value": None})
@@ -285,6 +291,27 @@ def test_every_handler_answers_garbage_with_a_message(engine, h, sample_dir, tmp
             assert "could not handle this request" not in out[-1], (name, out[-1])    # every case is foreseen
 
 
+def test_numpy_images_from_python_float_and_16_bit_are_read_like_8_bit(h, sample_dir):
+    face = np.asarray(Image.open(_sample_faces(sample_dir, 1)[0]).convert("RGB"))
+    want = h["rank"](face, VOCAB, False)[1]
+    for a in (face / 255.0, face.astype(np.float32) / 255, face.astype(np.uint16) * 257):
+        _, bars, md = h["rank"](a, VOCAB, False)
+        assert bars == pytest.approx(want, abs=0.02), (a.dtype, md)
+    items, msg = h["similar"](face / 255.0, 3)
+    assert len(items) == 3 and "closest expression" in msg
+    assert "shape (3,)" in h["rank"](np.zeros(3), VOCAB, False)[-1]
+    assert "complex128 values" in h["similar"](face.astype(complex), 3)[-1]
+    assert h["similar"](None, 3)[-1] == "upload a face image first"
+
+
+def test_an_add_request_whose_every_file_is_unreadable_leaves_no_folder_behind(engine, h, tmp_path):
+    (tmp_path / "fake.png").write_bytes(b"not a png")
+    before = set(engine.upload_dir.iterdir()) if engine.upload_dir.is_dir() else set()
+    (msg,) = h["add_photos"]([str(tmp_path / "fake.png")])
+    assert msg.startswith("Added 0 photo(s)") and "skipped (unreadable): fake.png" in msg
+    assert set(engine.upload_dir.iterdir()) == before
+
+
 def test_images_too_small_for_a_face_and_invisible_queries_are_refused(h, sample_dir, tmp_path):
     Image.new("L", (1, 1), 128).save(tmp_path / "dot.png")
     Image.new("L", (600, 8), 128).save(tmp_path / "strip.png")
@@ -295,7 +322,7 @@ def test_images_too_small_for_a_face_and_invisible_queries_are_refused(h, sample
     assert "**2 frames**" in msg and "Skipped 1 file(s): dot.png: 1x1 px is too small" in msg and bars
     for query in ("\u200b\u202e", "\x00\x00", " \u2060 "):
         assert "type a description" in h["search"](query, 3)[-1], repr(query)
-    items, msg = h["search"]("a wide\x00smile", 3)
+    items, _, msg = h["search"]("a wide\x00smile", 3)
     assert len(items) == 3 and "\x00" not in msg
 
 

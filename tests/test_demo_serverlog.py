@@ -68,6 +68,30 @@ def test_refused_inputs_are_one_log_line_each_not_a_traceback(app_url, capfd):
     assert sum("add_photos request: skipped notes.txt: not an image or a zip" in ln for ln in lines) == 1
 
 
+def _raw_call(url: str, name: str, data: list) -> str:
+    """One request as sent over HTTP (gradio_client would upload a local path first): the event stream's text."""
+    import httpx
+    event = httpx.post(f"{url}gradio_api/call/{name}", json={"data": data}, timeout=60).json()["event_id"]
+    return httpx.get(f"{url}gradio_api/call/{name}/{event}", timeout=60).text
+
+
+def test_inputs_gradio_refuses_before_any_handler_are_one_log_line_and_a_short_error(app_url, capfd):
+    url, tmp, face = app_url
+    outside = {"path": str(face), "meta": {"_type": "gradio.FileData"}}       # not in Gradio's upload folder
+    cases = [("rank", [outside, VOCAB, True]), ("load_vocab", [outside, VOCAB]), ("similar", [outside, 3, True]),
+             ("sequence", [[outside], VOCAB, False, 0.5]), ("add_photos", [[outside]]),
+             ("rank", ["just a string", VOCAB, True])]                          # a string where an image goes
+    capfd.readouterr()
+    answers = [_raw_call(url, name, data) for name, data in cases]
+    assert all(a.startswith("event: error") and "handle_file(path)" in a and str(tmp) not in a for a in answers), \
+        answers
+    log = "".join(capfd.readouterr())
+    assert "Traceback" not in log and "InvalidPathError" not in log and "ValidationError" not in log, log[-3000:]
+    lines = [ln for ln in log.splitlines() if ln.startswith("refused ")]
+    assert [ln.split()[1] for ln in lines] == [name for name, _ in cases], log[-3000:]
+    assert "did not receive as an upload" in lines[0] and "an input is not what this endpoint takes" in lines[-1]
+
+
 def test_a_bug_in_a_handler_still_prints_its_traceback(capsys):
     @with_fallback(lambda msg, *_: (msg,))
     def buggy(x):

@@ -62,14 +62,77 @@ def test_index_build_cli_finds_two_faces_per_photo_and_skips_bad_files(photos, t
     assert len(lines) == 3 and all("IMG_" in line and " face " in line for line in lines), found.stdout
 
 
-def test_demo_results_name_their_photo_show_its_box_and_find_similar_faces(photos, tmp_path):
+@pytest.fixture(scope="module")
+def engine(photos, tmp_path_factory):
+    from retrieval import Engine
+    return Engine.load(MODEL, photos, "cpu", tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def _page(engine):
+    """The app's search and click functions, called as Gradio calls them (a click's gr.SelectData)."""
+    import gradio as gr
+    from gradio.helpers import special_args
+
     import demo
-    from retrieval import Engine, search_text
-    engine = Engine.load(MODEL, photos, "cpu", tmp_path / "cache", progress=False)
+    app = demo.build_app(engine)
+    search = next(f.fn for f in app.fns.values() if f.api_name == "search")
+    pick = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "pick")
+
+    def click(keys, i, k):
+        args, *_ = special_args(pick, [keys, k], event_data=gr.SelectData(None, {"index": i, "value": None}))
+        return pick(*args)
+    return search, click
+
+
+def test_clicking_a_photo_result_shows_its_photo_with_the_box_and_similar_faces(engine):
+    search, click = _page(engine)
+    tiles, keys, msg = search(HAPPY, 4)
+    assert len(tiles) == len(keys) == 4 and all("#" in k for k in keys)          # entry keys, not the crops
+    shown, similar, note = click(keys, 1, 3)
+    e = engine.index.entry(keys[1])
+    assert f"face {e.face + 1} of {e.photo.parent.name}/{e.photo.name}" in note and "itself first" in note, note
+    with Image.open(shown) as im:
+        assert max(im.size) <= 1024 and im.size[0] > 400                           # the photo, not the crop
+    assert len(similar) == 3 and similar[0][1].split()[1:] == tiles[1][1].split()[1:]     # itself first
+    _, _, bad = click([Image.new("RGB", (9, 9))] * 2, 1, 3)                          # not a key: a message only
+    assert bad.startswith("search first, then click") and "PIL" not in bad, bad
+
+
+def test_photo_tiles_are_complete_files_written_once_and_atomically(engine, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import demo
+    import webguard
+    writes, real = [], webguard.atomic_write
+
+    def watched(path, write):
+        def checked(tmp):
+            assert Path(tmp).parent == Path(path).parent and not Path(path).exists()    # a temp name, then rename
+            write(tmp)
+        writes.append(Path(path).name)
+        real(path, checked)
+    monkeypatch.setattr(webguard, "_server_folder", lambda kind: tmp_path)
+    monkeypatch.setattr(webguard, "atomic_write", watched)
     h = demo.make_handlers(engine)
-    items, msg = h["search"](HAPPY, 4)
-    assert len(items) == 4 and all(isinstance(im, Image.Image) and "IMG_" in cap and "face" in cap
-                                   for im, cap in items)
+    with ThreadPoolExecutor(2) as pool:
+        (a, _, _), (b, _, _) = pool.map(lambda _: h["search"](HAPPY, 4), range(2))
+    assert [t for t, _ in a] == [t for t, _ in b] and len(a) == 4
+    for tile, _ in a:
+        assert Path(tile).parent == tmp_path
+        with Image.open(tile) as im:
+            im.load()                                                                  # complete: decodes whole
+    assert sorted(set(writes)) == sorted(Path(t).name for t, _ in a) and not list(tmp_path.glob("*.tmp"))
+    n = len(writes)                                                # at most 8: both may write one at once
+    h["search"](HAPPY, 4)
+    assert len(writes) == n <= 8                                   # the same crops: not written again
+
+
+def test_demo_results_name_their_photo_show_its_box_and_find_similar_faces(engine, photos, tmp_path):
+    import demo
+    from retrieval import search_text
+    h = demo.make_handlers(engine)
+    items, _, msg = h["search"](HAPPY, 4)
+    assert len(items) == 4 and all(Path(im).is_file() and "IMG_" in cap and "face" in cap for im, cap in items)
     paths = [str(p) for p, _ in search_text(engine, HAPPY, 4)]
     happy = [engine.index.entry(p) for p in paths]
     # the happy face of IMG_i is face 1 or 2 by size; check it by the crop's position: happy is left on odd photos
@@ -77,8 +140,9 @@ def test_demo_results_name_their_photo_show_its_box_and_find_similar_faces(photo
     odd = [int(e.photo.stem.split("_")[1]) % 2 == 1 for e in happy]
     assert sum(a == b for a, b in zip(left, odd)) >= 3               # mostly the happy face
     shown, similar, note = h["pick"](paths, 0, 5)
-    assert shown.size[0] <= 1024 and len(similar) == 5 and "itself first" in note and happy[0].photo.name in note
-    z = tmp_path / "more.zip"
+    assert Image.open(shown).size[0] <= 1024 and len(similar) == 5 and "itself first" in note
+    assert happy[0].photo.name in note
+    z = tmp_path / "more.zip"                                   # last: the module's gallery gets a 9th photo
     with zipfile.ZipFile(z, "w") as zf:
         zf.write(photos / "album0" / "IMG_0.jpg", "trip/IMG_0_copy.jpg")
         zf.writestr("../escape.jpg", b"not a photo")
