@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -41,7 +42,9 @@ from utils import (UserError, atomic_write, check_output_file, file_digest, firs
                    run_cli)
 
 log = logging.getLogger("exprclip.align")
-DEFAULT_BANK = "paper,rich,captions/facs_en.csv,captions/facs_ko.csv"
+HERE = Path(__file__).resolve().parent         # the default banks are the repository's, from any working folder
+DEFAULT_BANK = "paper,rich," + ",".join(str(HERE / "captions" / n) for n in ("facs_en.csv", "facs_ko.csv"))
+DEFAULT_SELECT = str(HERE / "captions" / "select.csv")
 
 
 def faces_digest(paths: list[str], n: int = 16) -> str:
@@ -287,6 +290,33 @@ def check_inputs(a, old: ExprCLIP, label_counts: dict | None) -> list[str]:
     return classes
 
 
+def check_numbers(a) -> None:
+    """The numeric flags, each refused in one line before anything is loaded (NaN fails every comparison: finite
+    first)."""
+    for flag in ("lr", "balance", "feature_dropout", "anchor_weight", "anchor_balance"):
+        v = getattr(a, flag)
+        if v is not None and not math.isfinite(v):
+            raise UserError(f"--{flag.replace('_', '-')} {v}: give a finite number")
+    if a.epochs < 0 or a.lr <= 0:
+        raise UserError(f"--epochs {a.epochs} --lr {a.lr}: give epochs >= 0 (0 = the head as initialised) and a "
+                        "learning rate > 0")
+    if a.balance < 0:
+        raise UserError(f"--balance {a.balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
+    if a.anchor_weight < 0 or (a.anchor_weight and not a.anchor):
+        raise UserError(f"--anchor-weight {a.anchor_weight}: give a weight >= 0, with --anchor BANK (e.g. paper)")
+    if a.anchor_balance is not None and a.anchor_balance < 0:
+        raise UserError(f"--anchor-balance {a.anchor_balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
+    if not 0 <= a.feature_dropout < 1:
+        raise UserError(f"--feature-dropout {a.feature_dropout}: give a share in [0, 1) (0 = off)")
+
+
+def check_finite(model) -> None:
+    """An aligned model is saved only with finite weights (a diverged head would be NaN in every score)."""
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise UserError("the aligned text head has non-finite weights (training diverged); run again with a lower "
+                        "--lr (default 1e-3)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="trained model whose image side is kept")
@@ -295,7 +325,7 @@ def main(argv=None) -> int:
                     help="pkg:multilingual-e5-small | pkg:multilingual-use")
     ap.add_argument("--bank", default=DEFAULT_BANK, help="training sentences: caption banks (comma list of paper, "
                     "rich, CSV paths with label,caption)")
-    ap.add_argument("--select", default="captions/select.csv", help="selection phrasings label,caption,lang")
+    ap.add_argument("--select", default=DEFAULT_SELECT, help="selection phrasings label,caption,lang")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--keep", choices=("best", "last"), default="best", help="the epoch kept")
@@ -313,17 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="the aligned checkpoint")
     a = ap.parse_args(argv)
     check_output_file(a.out, "--out", a.checkpoint, "--checkpoint")     # before minutes of training
-    if a.epochs < 0 or a.lr <= 0:
-        raise UserError(f"--epochs {a.epochs} --lr {a.lr}: give epochs >= 0 (0 = the head as initialised) and a "
-                        "learning rate > 0")
-    if a.balance < 0:
-        raise UserError(f"--balance {a.balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
-    if a.anchor_weight < 0 or (a.anchor_weight and not a.anchor):
-        raise UserError(f"--anchor-weight {a.anchor_weight}: give a weight >= 0, with --anchor BANK (e.g. paper)")
-    if a.anchor_balance is not None and a.anchor_balance < 0:
-        raise UserError(f"--anchor-balance {a.anchor_balance}: tau must be >= 0 (0 = off, 1 = no class prior)")
-    if not 0 <= a.feature_dropout < 1:
-        raise UserError(f"--feature-dropout {a.feature_dropout}: give a share in [0, 1) (0 = off)")
+    check_numbers(a)
     ck = read_checkpoint(a.checkpoint)
     old, _, preprocess = create_model_and_transforms(ck, "cpu", path=a.checkpoint)
     classes = check_inputs(a, old, ck.get("label_counts"))      # before any face is embedded
@@ -338,6 +358,7 @@ def main(argv=None) -> int:
     if a.anchor_weight > 0:                     # the anchor fields only when an anchor trained the head
         run.update(anchor=a.anchor, anchor_weight=a.anchor_weight,
                    anchor_balance=a.balance if a.anchor_balance is None else a.anchor_balance)
+    check_finite(model)
     keep_aside(Path(a.out))                     # a model already at --out is renamed, never overwritten
     save_checkpoint(a.out, model, label_counts=ck.get("label_counts"), epoch=epoch, metrics=run)
     print(f"kept epoch {epoch}: selection top-1 " + ", ".join(f"{k[12:]} {v:.3f}" for k, v in history[epoch].items()

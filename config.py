@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -78,7 +79,7 @@ class Config:
     lr_text: float = 1e-5                     # AdamW learning rate of the text tower
     lr_head: float = 1e-3                     # projection heads and temperature
     weight_decay: float = 0.01                # never applied to 1-D params (norms, biases, logit_scale)
-    warmup_steps: int = 100                   # linear warmup, then cosine decay (train.get_lr)
+    warmup_steps: int = 100                   # linear warmup, then cosine decay (trainloop.get_lr)
     min_lr_ratio: float = 0.0                 # cosine floor as a fraction of each group's LR
     grad_clip: float = 1.0                    # max global gradient norm (0 = off)
     ema_decay: float = 0.0                    # >0: keep an exponential moving average of the weights (timm
@@ -136,7 +137,8 @@ CHOICES: dict[str, tuple[str, ...]] = dict(text_pooling=("cls", "mean"), positiv
                                            select_by=("val_top1", "val_p10", "val_loss"),
                                            targets=("hard", "soft"), contrast=("batch", "classes"),
                                            text_head=("mlp", "linear", "none"), image_bn=("train", "fold"),
-                                           log_level=("debug", "info", "warning", "error"))
+                                           log_level=("debug", "info", "warning", "error"),
+                                           text_weights=("pretrained", "none"))
 
 
 def _type_of(f: dataclasses.Field) -> type:
@@ -191,12 +193,17 @@ def read_config_file(path: str) -> dict[str, Any]:
     import yaml
     try:
         text = p.read_text(encoding="utf-8")
-        data = (yaml.safe_load(text) or {}) if p.suffix in (".yaml", ".yml") else json.loads(text)
+        is_yaml = p.suffix.lower() in (".yaml", ".yml")
+        data = (yaml.safe_load(text) or {}) if is_yaml else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'} "
+        raise UserError(f"{path}: not valid {'YAML' if is_yaml else 'JSON'} "
                         f"({' '.join(str(e).split())[:120]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config fields")
+    for key in ("resume", "init_from"):     # they pick the run's base config: read before any file is merged
+        if key in data:
+            raise UserError(f"{path}: {key} is not a config-file key; pass --{key.replace('_', '-')} on the "
+                            "command line")
     return data
 
 
@@ -226,6 +233,11 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     if is_sentence_tower(cfg.text_model) and not (cfg.freeze_text and cfg.text_weights == "pretrained"):
         raise UserError(f"{cfg.text_model} is a packaged sentence encoder used as it is: pass --freeze-text "
                         "(and --text-weights pretrained)")
+    if not cfg.image_weights.strip():
+        raise UserError("--image-weights '': give hub, none, pkg:efficientnet-lite0 or a weights file path")
+    if cfg.text_width > 0 and cfg.text_weights == "pretrained":
+        raise UserError(f"--text-width {cfg.text_width} builds a random-init text tower of that width (pretrained "
+                        "weights have their own): pass --text-weights none, or --text-width 0")
     if (cfg.mixup or cfg.cutmix) and not (cfg.targets == "soft" or cfg.contrast == "classes"):
         raise UserError("--mixup / --cutmix mix target distributions: use them with --targets soft or "
                         "--contrast classes")
@@ -250,14 +262,29 @@ def check_ranges(cfg: Config) -> None:
         "lr_image", "lr_text", "lr_head", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "num_workers",
         "text_layers", "text_width", "source_side", "freeze_image_stages", "mixup", "cutmix", "log_seconds",
         "save_every_min", "save_every_steps")]
-    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, ok, rule in rules if not ok]
+    rules += [(name, getattr(cfg, name) <= 10, "<= 10 (AdamW diverges at once above)") for name in (
+        "lr_image", "lr_text", "lr_head", "weight_decay")]
+    rules += [("source_side", cfg.source_side == 0 or cfg.source_side >= 16, "0 (off) or >= 16 px")]
+    rules = [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in fields(Config)
+             if _type_of(f) is float] + rules       # NaN fails no comparison, inf passes ">= 0"
+    failed: dict[str, str] = {}
+    for name, ok, rule in rules:        # the first broken rule of each flag (a finite number, then its range)
+        if not ok:
+            failed.setdefault(name, rule)
+    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} must be {rule}" for name, rule in failed.items()]
     if bad:
         raise UserError("; ".join(bad))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}
-    return make_config(flags, preset=args.preset, config_file=args.config)
+    return absolute_data(make_config(flags, preset=args.preset, config_file=args.config))
+
+
+def absolute_data(cfg: Config) -> Config:
+    """A new run keeps its data folder as an absolute path: its checkpoints resume from any working folder."""
+    cfg.data = str(Path(cfg.data).resolve())
+    return cfg
 
 
 def init_config(saved: dict[str, Any], args: argparse.Namespace) -> Config:
@@ -265,21 +292,57 @@ def init_config(saved: dict[str, Any], args: argparse.Namespace) -> Config:
     they were), then --preset, --config and flags on top; where it was written and how long it ran are not kept."""
     keep = {f.name for f in fields(Config)} - {"resume", "out_dir", "final_path", "max_steps", "init_from"}
     flags = {f.name: getattr(args, f.name, None) for f in fields(Config)}
-    return make_config(flags, preset=args.preset, config_file=args.config,
-                       base={k: v for k, v in saved.items() if k in keep})
+    return absolute_data(make_config(flags, preset=args.preset, config_file=args.config,
+                                     base={k: v for k, v in saved.items() if k in keep}))
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild from a checkpoint's dict: unknown keys (from newer versions) are ignored, types coerced."""
+    """Rebuild from a checkpoint's (or a config file's) dict: unknown keys (from newer versions) are ignored, each
+    value coerced to its field's type (coerce_field: a wrong one is refused in one line)."""
     cfg = Config()
     for f in fields(Config):
         if f.name in d:
-            t = _type_of(f)
-            v = d[f.name]
-            if f.name == "amp" and isinstance(v, bool):   # early checkpoints stored amp as a bool
-                v = "auto" if v else "off"
-            setattr(cfg, f.name, _parse_bool(str(v)) if t is bool and not isinstance(v, bool) else t(v))
+            setattr(cfg, f.name, coerce_field(f, d[f.name]))
     return cfg
+
+
+class ConfigTypeError(UserError, ValueError):
+    """A value that does not fit its field: one line for a config file, a ValueError to checkpoint_checks."""
+
+
+COMMA_LISTS = ("exclude_classes",)      # str fields holding a comma list: a YAML/JSON list of names is joined
+EMPTY_OK = ("final_path",)              # besides the fields whose default is "": null / empty means ""
+
+
+def coerce_field(f: dataclasses.Field, v: Any) -> Any:
+    """One config value as its field's type: YAML null -> "" where "" means off, a list of names -> a comma list,
+    "true"/1 -> True, 3.0 -> 3; anything else (a dict, 1.7 for an int, "two", null for a number) is a UserError
+    naming the key, the value and what it takes."""
+    t, name = _type_of(f), f.name
+    if name == "amp" and isinstance(v, bool):        # early checkpoints stored amp as a bool
+        v = "auto" if v else "off"
+    if name in COMMA_LISTS and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+        v = ",".join(v)
+    if v is None and t is str and (f.default == "" or name in EMPTY_OK):
+        return ""
+    number = isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    try:
+        if t is bool and (isinstance(v, bool) or (type(v) is int and v in (0, 1))):
+            return bool(v)
+        if t is bool and isinstance(v, str):
+            return _parse_bool(v)
+        if t is int and number and float(v) == int(float(v)):     # 3.0 -> 3; 1.7, "two", NaN, inf refused
+            return int(v) if isinstance(v, int) else int(float(v))
+        if t is float and number:
+            return float(v)
+        if t is str and number:
+            return str(v)
+    except (ValueError, OverflowError, argparse.ArgumentTypeError):
+        pass
+    what = dict(bool="true or false", int="a whole number", float="a number", str="text")[t.__name__]
+    if name in COMMA_LISTS:
+        what += " (a comma list, or a list of names)"
+    raise ConfigTypeError(f"config {name}: {v!r} is not {what}; give {what}")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -305,11 +368,12 @@ def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Con
     cfg = config_from_dict(saved)
     asked = {f.name: getattr(args, f.name, None) for f in fields(Config)}
     from_files = make_config(preset=args.preset, config_file=args.config) if args.preset or args.config else None
+    set_by_files = set(PRESETS.get(args.preset) or {}) | set(read_config_file(args.config) if args.config else {})
     changed = []
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         want = asked[f.name]
-        if want is None and from_files is not None and f.name not in RESUME_SAFE:
+        if want is None and f.name in set_by_files and f.name not in RESUME_SAFE:
             want, flag = getattr(from_files, f.name), f"--preset/--config ({f.name})"
         if want is None or want == getattr(cfg, f.name):
             continue

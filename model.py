@@ -110,8 +110,8 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
     try:
         if src == "hub":
             with hub_cache_only(not hub_reachable()):
-                return timm.create_model(cfg.image_model, pretrained=True, num_classes=0)
-        model = timm.create_model(cfg.image_model, pretrained=False)
+                return _timm_model(cfg, pretrained=True, num_classes=0)
+        model = _timm_model(cfg, pretrained=False)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"unknown timm model {cfg.image_model!r} (see timm.list_models())")
@@ -123,6 +123,17 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
         load_matching(model, load_state_dict(path), path)
     model.reset_classifier(0)
     return model
+
+
+def _timm_model(cfg: Config, **kw) -> nn.Module:
+    """timm.create_model at --image-size for models that take one (ViTs: their position embeddings, resampled from
+    pretrained weights by timm); models without an img_size argument (CNNs) are built as they are."""
+    try:
+        return timm.create_model(cfg.image_model, img_size=cfg.image_size, **kw)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+    return timm.create_model(cfg.image_model, **kw)
 
 
 def _hub_hint(tower: str, name: str, err: Exception) -> str:

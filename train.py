@@ -34,20 +34,12 @@ from checkpoint import (checkpoint_payload, init_from_config, load_weights_into,
 from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
-from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma,
-                       check_finite_loss, check_same_world, param_groups, start_line, write_logs)
-from utils import UserError, atomic_save, check_output_file, first_line, pick_device, run_cli, seed_everything
+from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, check_final_path,
+                       check_finite_loss, check_same_world, get_lr, param_groups, start_line, write_logs)
+from utils import UserError, atomic_save, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
 BN_CALIBRATION_FACES = 2048          # --image-bn fold: faces whose statistics are folded (~10 s at 64 px on 2 cores)
-
-
-def get_lr(step: int, cfg: Config, total_steps: int) -> float:
-    """LR multiplier: linear warmup to 1, then cosine down to min_lr_ratio at total_steps."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -62,7 +54,7 @@ class Trainer:
             raise UserError(f"--resume {cfg.resume}: no such checkpoint file; pass the last.pth an earlier run "
                             "wrote in its --out-dir")
         if cfg.final_path:
-            check_output_file(cfg.final_path, "--final-path")     # before minutes of training, not after them
+            check_final_path(cfg)                               # before minutes of training, not after them
         self.rank, self.world, local_rank = init_distributed()
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", local_rank) if self.world > 1 and torch.cuda.is_available() \
@@ -323,15 +315,20 @@ class Trainer:
     def end_epoch(self, train_loss: float, seconds: float) -> None:
         """Validate (rank 0), log, checkpoint (last.pth always; best.pth and final_path when improved). The state
         moves on to the next epoch in one Ctrl-C-deferred block: interrupted before it (say while validating), a
-        resumed run repeats just this epoch's end, with the same numbers."""
+        resumed run repeats just this epoch's end, with the same numbers. An epoch cut short by --max-steps stays
+        where it stopped (its row says partial): a resumed run trains the rest of it."""
+        total = len(self.train_batches(self.epoch))
+        partial = self.batch_in_epoch < total
         skipped = self.skips.summary(self.epoch + 1, sum_over_ranks(self.skips.count, self.device))   # every rank's
         val = self.validate() if self.is_main else {}
         row = dict(epoch=self.epoch + 1, step=self.step, train_loss=train_loss, **val,
                    lr_image=self.opt.param_groups[0]["lr"], temperature=1 / self.model.scale().item(),
                    seconds=round(seconds, 1), images_per_s=round(
                        self.batch_in_epoch * self.cfg.batch_size * self.world / max(seconds, 1e-3), 1))
+        row["partial"] = f"{self.batch_in_epoch}/{total} batches" if partial else ""
         with self.guard.step():
-            self.epoch, self.batch_in_epoch, self.epoch_losses, self.skips = self.epoch + 1, 0, [], SkipCount()
+            if not partial:
+                self.epoch, self.batch_in_epoch, self.epoch_losses, self.skips = self.epoch + 1, 0, [], SkipCount()
             if not self.is_main:
                 return
             self.history.append(row)
@@ -344,7 +341,9 @@ class Trainer:
             self.save_last()
         write_logs(self.history, self.out)
         log.info("epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_p@10 {val_p10:.3f}  "
-                 "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row))
+                 "val_top1 {val_top1:.3f}  {images_per_s} img/s".format(**row)
+                 + (f"  (partial: {row['partial']}; --resume {self.out / 'last.pth'} trains the rest)" if partial
+                    else ""))
         if skipped:
             log.info(skipped)
 

@@ -4,6 +4,7 @@ skipped images, a stop when the loss turns NaN, metrics.csv and curves.png, the 
 groups."""
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from timm.utils import ModelEmaV3
 
 from distributed import all_ranks
 from logs import get_logger
-from utils import UserError
+from utils import UserError, check_output_file
 
 log = get_logger(__name__)
 
@@ -149,6 +150,14 @@ class SkipCount:
         return f"epoch {epoch}: {count} unreadable {noun} skipped" + (f" (first: {self.first})" if self.first else "")
 
 
+def get_lr(step: int, cfg: Config, total_steps: int) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to min_lr_ratio at total_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def param_groups(model, cfg) -> list[dict]:
     """Image / text / heads+temperature groups at their own LRs; no weight decay on 1-D params."""
     towers = [("image", model.image_encoder, cfg.lr_image), ("text", model.text_encoder, cfg.lr_text)]
@@ -234,5 +243,24 @@ def start_line(cfg, data, steps_per_epoch: int, world: int, total_steps: int) ->
     step = cfg.batch_size * cfg.accum_steps
     small = f"; a step takes {step} pairs (--batch-size x --accum-steps), more than there are: each step sees " \
         "all of them" if step > len(data.train_ds) else ""
+    warm = f"; --warmup-steps {cfg.warmup_steps} is not below the run's {total_steps} steps: the learning rate " \
+        "never leaves its warmup" if cfg.warmup_steps >= total_steps else ""
     return (f"{len(data.train_ds)} train{bare} / {len(data.val_ds)} val pairs, {steps_per_epoch} steps/epoch x "
-            f"{world} process(es), {total_steps} steps{side}{unseen}{small}")
+            f"{world} process(es), {total_steps} steps{side}{unseen}{small}{warm}")
+
+
+def check_final_path(cfg) -> None:
+    """--final-path checked before training: a folder or an unwritable place (check_output_file), the run's own
+    best.pth / last.pth, a name that is no model file (captions.csv), or the data's image folder: one line each."""
+    final = Path(cfg.final_path)
+    check_output_file(final, "--final-path")
+    own = {(Path(cfg.out_dir) / n).resolve(): n for n in ("best.pth", "last.pth")}
+    if final.resolve() in own:
+        raise UserError(f"--final-path {final} is this run's own {own[final.resolve()]}; give a path outside "
+                        f"--out-dir {cfg.out_dir} (default: model_final.pth)")
+    if final.suffix.lower() not in (".pth", ".pt"):
+        raise UserError(f"--final-path {final}: a model file ends in .pth or .pt; give such a name")
+    faces = (Path(cfg.data) / cfg.images).resolve()         # a model beside captions.csv is fine; among the faces not
+    if final.resolve().is_relative_to(faces):
+        raise UserError(f"--final-path {final} is inside the image folder {faces} of --data; write the model "
+                        "elsewhere")

@@ -70,16 +70,25 @@ def run_cli(main, argv=None) -> int:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu -- decided when called, never at import time."""
-    if requested != "auto":
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {requested} asked for, but no CUDA GPU is visible; use --device cpu")
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """cuda, then mps, then cpu -- decided when called, never at import time. Anything else (a typo, `meta`, a
+    device this machine lacks) is one line naming --device and the choices."""
+    import re
+    choices = "cpu, cuda, cuda:N, mps, auto"
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested or ""):
+        raise UserError(f"--device {requested!r}: not a device; choose one of {choices}")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} asked for, but no CUDA GPU is visible; use --device cpu")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device mps asked for, but MPS (Apple GPU) is not available here; choose one of {choices}")
+    return torch.device(requested)
 
 
 def seed_everything(seed: int) -> None:

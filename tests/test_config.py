@@ -100,3 +100,61 @@ def test_a_config_file_that_does_not_parse_is_one_line(tmp_path, name, text, kin
     with pytest.raises(UserError, match=rf"c\.{name[2:]}: not valid {kind} \(") as e:
         make_config(config_file=str(tmp_path / name))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["resume", "init_from"])
+def test_resume_and_init_from_in_a_config_file_are_refused_pointing_at_the_flag(tmp_path, key):
+    f = tmp_path / "res.yaml"
+    f.write_text(f"{key}: R/last.pth\nlr_image: 0.5\n")
+    with pytest.raises(UserError, match=rf"res\.yaml: {key} is not a config-file key; pass --{key.replace('_', '-')} "
+                                        "on the command line"):
+        parse(["--config", str(f)])
+
+
+def test_yaml_null_means_off_and_a_list_of_classes_becomes_a_comma_list(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("final_path:\ncaption_bank:\nexclude_classes: [happy, sad]\n")
+    c = parse(["--config", str(f)])
+    assert (c.final_path, c.caption_bank, c.exclude_classes) == ("", "", "happy,sad")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"epochs": "two"}', "epochs"), ('{"epochs": NaN}', "epochs"), ('{"epochs": Infinity}', "epochs"),
+    ('{"epochs": [1, 2]}', "epochs"), ('{"epochs": null}', "epochs"), ('{"augment": "maybe"}', "augment"),
+    ('{"augment": 2}', "augment"), ('{"epochs": 1.7}', "epochs"), ('{"image_size": 48.9}', "image_size"),
+    ('{"max_steps": -0.5}', "max_steps"), ('{"image_model": {"name": "resnet18"}}', "image_model"),
+    ('{"image_model": null}', "image_model"), ('{"lr_image": "fast"}', "lr_image")])
+def test_a_wrong_type_in_a_config_file_is_one_line_naming_key_value_and_type(tmp_path, text, key):
+    f = tmp_path / "c.json"
+    f.write_text(text)
+    with pytest.raises(UserError, match=rf"^config {key}: .* is not (a whole number|a number|true or false|text)"):
+        parse(["--config", str(f)])
+
+
+def test_integral_floats_and_bool_words_in_a_file_are_taken(tmp_path):
+    f = tmp_path / "C.YAML"                                   # upper-case suffix: still YAML
+    f.write_text("epochs: 3.0\naugment: 'no'\ncache_images: 0\nlr_head: 2e-3\n")
+    c = parse(["--config", str(f)])
+    assert (c.epochs, c.augment, c.cache_images, c.lr_head) == (3, False, False, 2e-3)
+    assert isinstance(c.epochs, int)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--lr-image", "inf"], "--lr-image inf must be a finite number"),
+    (["--lr-image", "1e308"], "--lr-image 1e+308 must be <= 10"),
+    (["--weight-decay", "inf"], "--weight-decay inf must be a finite number"),
+    (["--ema-decay", "nan"], "--ema-decay nan must be a finite number"),
+    (["--source-side", "1"], "--source-side 1 must be 0 (off) or >= 16 px"),
+    (["--text-weights", "Pretrained"], "invalid choice"),
+    (["--preset", "tiny", "--text-weights", "pretrained"], "--text-width 64 builds a random-init text tower"),
+    (["--image-weights", ""], "--image-weights '': give hub, none")])
+def test_infinite_or_odd_values_are_refused_in_one_line(argv, msg, capsys):
+    with pytest.raises((UserError, SystemExit)) as e:
+        parse(argv)
+    said = str(e.value) if e.type is UserError else capsys.readouterr().err
+    assert msg in said
+
+
+def test_a_new_runs_data_folder_is_kept_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse(["--data", "sub"]).data == str(tmp_path.resolve() / "sub")

@@ -201,3 +201,12 @@ def test_unreachable_hub_gives_timm_the_local_cache_only_and_restores_the_settin
         with pytest.raises(UserError, match="--image-weights PATH"):
             model_mod.build_image_encoder(cfg)
     assert seen == [True, False] and hub.HF_HUB_OFFLINE is False
+
+
+def test_a_vit_is_built_at_the_configured_image_size():
+    import torch
+    from config import make_config
+    from model import build_image_encoder
+    enc = build_image_encoder(make_config(dict(image_model="vit_tiny_patch16_224", image_weights="none",
+                                               image_size=48)))
+    assert enc(torch.zeros(1, 3, 48, 48)).shape == (1, 192)

@@ -187,4 +187,20 @@ def test_resume_follows_a_moved_data_folder_but_not_a_different_one(sample_dir, 
                        "--max-steps", "4"]) == 0
     assert "resume: --data" in capsys.readouterr().out
     ck = torch.load(last, weights_only=True)
-    assert ck["trainer"]["epoch"] == 2 and ck["config"]["data"] == str((tmp_path / "moved").resolve())
+    assert ck["trainer"]["step"] == 4 and ck["config"]["data"] == str((tmp_path / "moved").resolve())
+
+
+def test_a_relative_data_folder_resumes_from_elsewhere_with_a_config_file_and_its_absolute_path(tmp_path, monkeypatch):
+    from synth import make_sample
+    make_sample(tmp_path / "data", per_class=8, size=32, seed=1)          # small: two runs well under 10 s
+    monkeypatch.chdir(tmp_path)
+    assert train.main(FLAGS + ["--data", "data", "--epochs", "1", "--max-steps", "1", "--out-dir", "out",
+                               "--final-path", ""]) == 0
+    last = tmp_path / "out" / "last.pth"
+    assert torch.load(last, weights_only=True)["config"]["data"] == str((tmp_path / "data").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.yaml").write_text("caption_bank: paper\n")       # the run's own value
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train.main(["--resume", str(last), "--config", "c.yaml", "--data", str(tmp_path / "data"),
+                       "--epochs", "2", "--max-steps", "2"]) == 0     # only the file's keys compared; the same folder
+    assert torch.load(last, weights_only=True)["trainer"]["step"] == 2

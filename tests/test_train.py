@@ -355,9 +355,9 @@ def test_the_start_line_counts_unlabelled_rows_says_what_validation_scores_and_n
     assert line.startswith("4 train (2 without a label) / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps")
     assert "val scores the trained classes only" in line
     data.train_df = pd.DataFrame({"label": ["happiness"] * 4})
-    assert start_line(make_config(dict(batch_size=2)), data, 2, 1, 12) == \
+    assert start_line(make_config(dict(batch_size=2, warmup_steps=5)), data, 2, 1, 12) == \
         "4 train / 2 val pairs, 2 steps/epoch x 1 process(es), 12 steps"
-    assert start_line(make_config(dict(batch_size=16)), data, 1, 1, 6).endswith(
+    assert start_line(make_config(dict(batch_size=16, warmup_steps=5)), data, 1, 1, 6).endswith(
         "; a step takes 16 pairs (--batch-size x --accum-steps), more than there are: each step sees all of them")
 
 
@@ -375,3 +375,47 @@ def test_a_loss_that_turns_nan_stops_the_run_in_one_line_and_keeps_finite_weight
     assert not final.exists()                                     # nothing published from a diverged run
     ck = torch.load(out / "best.pth", weights_only=True)
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+def test_max_steps_mid_epoch_saves_that_position_so_a_resume_trains_the_rest_of_the_epoch(uninterrupted, sample_dir,
+                                                                                         tmp_path, caplog):
+    cut = train.Trainer(resume_cfg(sample_dir, tmp_path, max_steps=3))      # 3 < warmup: same LRs as uninterrupted
+    with caplog.at_level("INFO"):
+        cut.fit()
+    t = torch.load(tmp_path / "last.pth", weights_only=True)["trainer"]
+    assert (t["epoch"], t["batch_in_epoch"], t["step"]) == (0, 3, 3)
+    assert cut.history[-1]["partial"] == f"3/{uninterrupted.steps_per_epoch} batches" and "(partial: 3/" in caplog.text
+    other = resume(sample_dir, tmp_path)
+    other.history = [r for r in other.history if not r["partial"]]
+    assert_same_run(uninterrupted, other)                                     # no batch lost, none repeated
+
+
+@pytest.mark.parametrize("name, why", [("run/best.pth", "this run's own best.pth"),
+                                       ("run/last.pth", "this run's own last.pth"),
+                                       ("model.csv", "a model file ends in .pth or .pt"),
+                                       ("DATA/images/m.pth", "is inside the image folder")])
+def test_a_final_path_over_the_runs_own_files_or_the_data_is_refused_before_training(sample_dir, tmp_path, capsys,
+                                                                                     name, why):
+    final = str(tmp_path / name).replace(str(tmp_path / "DATA"), str(sample_dir))
+    argv = ["--preset", "tiny", "--data", str(sample_dir), "--out-dir", str(tmp_path / "run"), "--final-path", final]
+    assert run_cli(train.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert why in err and "\n" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["banana", "", "meta", "mps", "cuda:99"])
+def test_a_device_this_machine_cannot_use_is_one_line_naming_the_flag(device):
+    from utils import UserError, pick_device
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(UserError, match=r"^--device "):
+        pick_device(device)
+
+
+def test_the_start_line_warns_when_warmup_outlasts_the_run(tiny_cfg):
+    from types import SimpleNamespace
+    from trainloop import start_line
+    df = pd.DataFrame(dict(label=["happy"] * 4))
+    data = SimpleNamespace(train_df=df, train_ds=[0] * 4, val_ds=[])
+    assert "never leaves its warmup" in start_line(tiny_cfg, data, 2, 1, 5)         # tiny: 5 warmup steps
+    assert "warmup" not in start_line(tiny_cfg, data, 2, 1, 6)
