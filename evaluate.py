@@ -269,6 +269,8 @@ def evaluate(checkpoint, data, split: str | None = None, prompts: str = "paper",
         out.update(scoring=f"text prompts ({prompts})", prompts=prompts, **score_report(scores, y, classes, unseen),
                    retrieval=metrics.retrieval_report(emb, y, protos),
                    compare_prompts=compare_prompts(model, emb, y, classes, banks, autocast) if compare else None)
+    if len(set(y.tolist())) < 2:    # one class: every image is relevant to it, and calibration removes the signal
+        out.update(retrieval=None, calibrated=None)
     if confusion:
         out["confusion_png"] = str(metrics.save_confusion_png(out["confusion"], classes, confusion))
     return out
@@ -300,7 +302,8 @@ def summary(res: dict) -> dict:
     """The one-line JSON summary: headline metrics, calibrated top1/uar, unseen AP ratios, prompt drops."""
     s = {k: res.get(k) for k in SUMMARY_KEYS[:5]}
     s.update({k: (res["retrieval"] or {}).get(k) for k in SUMMARY_KEYS[5:]})
-    s.update(calibrated_top1=res["calibrated"]["top1"], calibrated_uar=res["calibrated"]["uar"],
+    cal = res["calibrated"] or {}
+    s.update(calibrated_top1=cal.get("top1"), calibrated_uar=cal.get("uar"),
              n_images=res["n_images"], skipped=res["skipped_total"], split=res["split"].split(" ")[0],
              scoring="classifier" if res["prompts"] is None else f"text:{res['prompts']}",
              tta=res.get("tta"), prior="train" if res.get("prior") else None, faces=res.get("faces"))
@@ -323,14 +326,16 @@ def report_text(res: dict) -> str:
              f"{'; + log training label frequency (--prior train)' if res.get('prior') else ''}",
              *([faces_line(res["faces"])] if res.get("faces") else []), ""]
     rows = [dict(cls=c, n=int(np.sum(res["confusion"][j])), recall=res["per_class_recall"][c],
-                 cal_recall=res["calibrated"]["per_class_recall"][c],
+                 cal_recall=(res["calibrated"] or {}).get("per_class_recall", {}).get(c),
                  **({"t2i_AP": ret["t2i_AP_per_class"][j], "t2i_P@10": ret["t2i_precision@10_per_class"][j]}
                     if ret else {})) for j, c in enumerate(res["classes"])]
     lines += [metrics.format_table(rows, list(rows[0])), ""]
     lines.append("top-1 {top1:.4f}  top-5 {top5:.4f}  WAR {war:.4f}  UAR {uar:.4f}  macro-F1 {macro_f1:.4f}".format(
         **{k: res[k] if res[k] is not None else float("nan") for k in SUMMARY_KEYS[:5]}))
-    cal = res["calibrated"]
-    lines.append(f"calibrated (column means subtracted): top-1 {cal['top1']:.4f}  UAR {cal['uar']:.4f}")
+    if (cal := res["calibrated"]) is None:
+        lines.append("calibration and retrieval: not applicable (the images hold one class)")
+    else:
+        lines.append(f"calibrated (column means subtracted): top-1 {cal['top1']:.4f}  UAR {cal['uar']:.4f}")
     if ret:
         f = lambda v: "-" if v is None else f"{v:.4f}"
         lines.append(f"retrieval: text->image mAP {f(ret['t2i_mAP'])}  P@1 {f(ret['t2i_precision@1'])}  "

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import IMAGE_EXTS, UserError, read_csv_checked
+from utils import IMAGE_EXTS, UserError, read_csv_checked, regular_or_broken
 
 FORMAT_HINT = "is --format right?"        # appended to a CSV error of a dataset reader
 FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -131,7 +131,8 @@ def class_images(folder: Path, wants: str) -> list[str]:
         if split:
             raise UserError(f"{here / split}: a split folder inside the class folder {folder.name}; point at "
                             f"{here} instead; {wants}")
-        out += [str(here / n) for n in sorted(filenames) if Path(n).suffix.lower() in IMAGE_EXTS]
+        out += [str(here / n) for n in sorted(filenames)
+                if Path(n).suffix.lower() in IMAGE_EXTS and regular_or_broken(dirpath, n)]
     return out
 
 

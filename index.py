@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from knn import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: F401 (re-exported)
-from utils import IMAGE_EXTS, UserError, atomic_write, file_digest, pick_device, run_cli
+from utils import IMAGE_EXTS, UserError, atomic_write, file_digest, pick_device, regular_or_broken, run_cli
 
 INDEX_DIRNAME = ".exprclip-index"
 COLUMNS = ["path", "size", "mtime_ns", "chunk", "row"]
@@ -46,12 +46,6 @@ def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = 
         out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts and regular_or_broken(root, f)]
     return sorted(out)
 
-
-def regular_or_broken(root: str, name: str) -> bool:
-    """A file to read, or a broken link (reported unreadable later); never a FIFO, socket or device named like an
-    image (opening one blocks forever)."""
-    p = os.path.join(root, name)
-    return os.path.isfile(p) or not os.path.exists(p)
 
 
 class GalleryIndex:

@@ -184,7 +184,7 @@ def previous_sample(out: Path) -> set[str] | None:
     names, and an images/ holding exactly those files); an empty set when out has neither; None when it holds
     anything else (a user's captions.csv, other images)."""
     csv, images = out / "captions.csv", out / "images"
-    have = {p.name for p in images.iterdir()} if images.is_dir() else set()
+    have = {p.name for p in images.iterdir() if not p.name.startswith(".")} if images.is_dir() else set()   # .DS_Store
     if not csv.exists() and not have:
         return set()
     try:
@@ -199,15 +199,15 @@ def make_sample(out: str | Path, per_class: int = 75, size: int = 64, identities
                 val_fraction: float = 0.2, force: bool = False) -> pd.DataFrame:
     """Write out/images/*.png and out/captions.csv (image, caption, label, split); returns the table. A folder
     holding anything but an earlier sample's captions.csv and images -> UserError before drawing, unless force.
-    The earlier sample's faces the new table does not list are removed (with force: every synth-named file)."""
+    The earlier sample's faces the new table does not list are removed (with force over another folder: none; only
+    the files of the names it writes are replaced)."""
     out = Path(out)
     old = previous_sample(out)
     if old is None and not force:
-        raise UserError(f"--out {out}: holds a captions.csv or images/ that synth.py did not write (or that was "
-                        "changed since); give a new folder (e.g. --out sample), or --force to replace its "
-                        "captions.csv and synth-named images (nothing was written)")
-    if old is None:
-        old = {p.name for p in (out / "images").glob("*.png") if OWN_NAME.fullmatch(p.name)}
+        raise UserError(f"--out {out}: holds a captions.csv or images/ that synth.py did not write (other files, "
+                        "or other names listed); give a new folder (e.g. --out sample), or --force to replace its "
+                        "captions.csv and the images of the names it writes (nothing was written)")
+    old = old or set()                      # --force over another folder: only the files it writes are replaced
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     idents = [sample_identity(i, rng) for i in range(identities)]
@@ -233,8 +233,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="sample", help="folder that receives images/ and captions.csv (default: "
                     "./sample; refused when it holds a captions.csv or images/ synth.py did not write)")
-    ap.add_argument("--force", action="store_true", help="replace --out's captions.csv and synth-named images "
-                    "even when synth.py did not write them")
+    ap.add_argument("--force", action="store_true", help="replace --out's captions.csv and the images of the "
+                    "names it writes even when synth.py did not write them (no other file is touched)")
     ap.add_argument("--per-class", type=int, default=75)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--identities", type=int, default=8)
@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not 0 <= a.seed < 2**32:
         raise UserError(f"--seed {a.seed}: give a whole number from 0 to 2**32 - 1")
+    if not a.out.strip():
+        raise UserError("--out '': an empty path; give a folder (default: sample)")
     if a.per_class < 1 or a.identities < 1 or not 16 <= a.size <= 1024:    # 0 faces would empty captions.csv
         raise UserError(f"--per-class {a.per_class} --identities {a.identities} --size {a.size}: give at least 1 "
                         "face per class and 1 identity, and a size of 16-1024 px (the sample: 75, 8, 64)")

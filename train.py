@@ -34,8 +34,9 @@ from checkpoint import (checkpoint_payload, init_from_config, load_weights_into,
 from model import ExprCLIP
 from precision import amp_setup
 from samplers import epoch_batches
-from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma, check_final_path,
-                       check_finite_loss, check_same_world, get_lr, param_groups, start_line, write_logs)
+from trainloop import (BufferSnapshot, DeferredInterrupt, Every, ProgressLines, SkipCount, TrainableEma,
+                       check_final_path, check_finite_loss, check_finite_weights, check_same_world, get_lr,
+                       param_groups, start_line, write_logs)
 from utils import UserError, atomic_save, first_line, pick_device, run_cli, seed_everything
 
 log = get_logger(__name__)
@@ -283,6 +284,7 @@ class Trainer:
                     ema={k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()} if self.ema else None)
 
     def save_last(self) -> None:
+        check_finite_weights(self.model, self.step, self.epoch, self.out)
         atomic_save(checkpoint_payload(self.model, label_counts=self.data.label_counts, trainer=self.state()),
                     self.out / "last.pth")
         self.autosave.reset()
@@ -317,6 +319,7 @@ class Trainer:
         moves on to the next epoch in one Ctrl-C-deferred block: interrupted before it (say while validating), a
         resumed run repeats just this epoch's end, with the same numbers. An epoch cut short by --max-steps stays
         where it stopped (its row says partial): a resumed run trains the rest of it."""
+        check_finite_weights(self.model, self.step, self.epoch, self.out)     # on every rank: the same weights
         total = len(self.train_batches(self.epoch))
         partial = self.batch_in_epoch < total
         skipped = self.skips.summary(self.epoch + 1, sum_over_ranks(self.skips.count, self.device))   # every rank's

@@ -212,14 +212,30 @@ class TrainableEma(ModelEmaV3):
         self._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], weight=1.0 - decay)
 
 
+def diverged(what: str, step: int, epoch: int, out: Path) -> UserError:
+    """The one line of a run that diverged: where, what is still good on disk, what to change."""
+    kept = [n for n in ("best.pth", "last.pth") if (out / n).is_file()]
+    saved = f"{' and '.join(str(out / n) for n in kept)} hold earlier weights" if kept else "nothing was saved yet"
+    again = f", or fine-tune from {out / kept[0]} with --init-from" if kept else ""
+    return UserError(f"epoch {epoch + 1}, step {step}: {what} (training diverged); {saved}. Train again with lower "
+                     f"--lr-image / --lr-head (or --amp off){again}")
+
+
 def check_finite_loss(loss: torch.Tensor, step: int, epoch: int, out: Path, device) -> None:
     """Stop a diverged run before its optimizer step writes NaN into the weights (and later into best.pth): one line
-    on every rank together (all_ranks), naming what is still good and what to change."""
+    on every rank together (all_ranks)."""
     if not all_ranks(bool(torch.isfinite(loss.detach()).all()), device):
-        raise UserError(f"epoch {epoch + 1}, step {step + 1}: the loss is {float(loss.detach()):.4g} (training diverged); the "
-                        f"weights before this step were kept, and the checkpoints in {out} hold earlier ones. Train "
-                        f"again with lower --lr-image / --lr-head (or --amp off), or fine-tune from "
-                        f"{out / 'best.pth'} with --init-from")
+        raise diverged(f"the loss is {float(loss.detach()):.4g}; this step's update was not applied", step + 1,
+                       epoch, out)
+
+
+def check_finite_weights(model: torch.nn.Module, step: int, epoch: int, out: Path) -> None:
+    """Before anything is validated or saved: weights and buffers (BatchNorm statistics can overflow while the loss
+    is still finite) must be finite; no checkpoint is written from a diverged model."""
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
+               None)
+    if bad:
+        raise diverged(f"{bad} holds NaN or infinite values", step, epoch, out)
 
 
 def check_same_world(path, saved: int, now: int) -> None:

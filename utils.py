@@ -24,6 +24,13 @@ HEIF_EXTS = {".heic", ".heif"}   # phone photos: PIL reads them once the optiona
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"} | HEIF_EXTS   # what every image reader lists
 
 
+def regular_or_broken(root: str, name: str) -> bool:
+    """A file to read, or a broken link (reported unreadable later); never a FIFO, socket or device named like an
+    image (opening one blocks forever)."""
+    p = os.path.join(root, name)
+    return os.path.isfile(p) or not os.path.exists(p)
+
+
 def _register_heif() -> bool:
     """Let PIL open HEIC/HEIF files when pillow-heif is installed (optional: not in requirements.txt, its binary
     wheels are GPLv2); without it such files are listed and each is refused in one line saying what to install."""

@@ -35,7 +35,7 @@ from PIL import Image, ImageFilter  # noqa: E402
 import faces  # noqa: E402
 from cli_types import choice_list, int_list, nonneg_int, positive_int  # noqa: E402,F401  (bench_detect.int_list)
 from faces import Box, annotate, detect_faces, faces_or_whole  # noqa: E402
-from checkpoint import read_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from image_files import safe_open_image  # noqa: E402
 from utils import UserError, run_cli  # noqa: E402
 
@@ -314,6 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ("--acc-split", a.acc_split != "val")) if on]
     if needs and not a.checkpoint:
         ap.error(f"{', '.join(needs)}: only with --checkpoint (they choose what its accuracy is measured on)")
+    if a.acc_split != "val" and not a.acc_data:
+        ap.error("--acc-split: only with --acc-data (without it, accuracy is on FER-2013's test faces)")
     if a.n == 0 and (a.tune or a.template or not (a.checkpoint or a.write_folder)):
         ap.error("--n 0 leaves nothing to measure here: pass --n >= 1, or --checkpoint for accuracy only")
     return a
@@ -325,8 +327,8 @@ def main(argv=None) -> int:
     if skip := fer_skip(fer):
         print(skip)
         return 0
-    if a.checkpoint:                  # a wrong file fails now, not after minutes of detection
-        read_checkpoint(a.checkpoint)
+    if a.checkpoint:                  # a wrong or damaged file fails now, not after minutes of detection
+        load_checkpoint(a.checkpoint)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)

@@ -299,9 +299,13 @@ def main(argv=None) -> int:
                                  epilog="Writes facs_en.csv and facs_ko.csv (byte-identical on every run).")
     ap.add_argument("out_dir", nargs="?", default=str(HERE), help=f"folder to write them to (default {HERE})")
     a = ap.parse_args(argv)
-    if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
-        ap.error(f"{a.out_dir}: is a file; give a folder")
-    for p in write_banks(a.out_dir):
+    if not a.out_dir.strip() or (Path(a.out_dir).exists() and not Path(a.out_dir).is_dir()):
+        ap.error(f"{a.out_dir!r}: give a folder")
+    try:
+        paths = write_banks(a.out_dir)
+    except OSError as e:
+        ap.error(f"{a.out_dir}: {e.strerror or e}")
+    for p in paths:
         print(p)
     return 0
 

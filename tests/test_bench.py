@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from utils import UserError
 
@@ -222,6 +223,7 @@ def test_bench_bad_numbers_are_argparse_one_line_errors(module, argv, capsys):
     (["--acc-data", "x"], "--acc-data: only with --checkpoint"),
     (["--source-sides", "0,48"], "--source-sides: only with --checkpoint"),
     (["--n", "0"], "--n 0 leaves nothing to measure"),
+    (["--acc-split", "test", "--checkpoint", "m.pth"], "--acc-split: only with --acc-data"),
     (["--tune", "--n", "0", "--checkpoint", "m.pth"], "--n 0 leaves nothing to measure"),
 ])
 def test_bench_detect_refuses_flags_that_would_be_ignored_or_fail_late(argv, err, capsys):
@@ -240,6 +242,11 @@ def test_bench_detect_names_a_missing_checkpoint_before_any_detection(tmp_path, 
     assert run_cli(bench_detect.main, ["--fer", str(tmp_path), "--checkpoint", str(tmp_path / "no.pth")]) == 2
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'no.pth'}" in err and err.count("\n") == 1
+    ck = torch.load(ROOT / "tests" / "fixtures" / "legacy_v1.pth", weights_only=True)      # damaged: NaN weights
+    ck["state_dict"]["image_head.proj.weight"].fill_(float("nan"))
+    torch.save(ck, tmp_path / "nan.pth")
+    assert run_cli(bench_detect.main, ["--fer", str(tmp_path), "--checkpoint", str(tmp_path / "nan.pth")]) == 2
+    assert "image_head.proj.weight holds NaN" in capsys.readouterr().err
 
 
 def test_bench_video_without_fer_prints_one_skip_line_and_no_percentage(tmp_path, capsys):

@@ -57,8 +57,20 @@ def test_a_folder_holding_a_captions_csv_synth_did_not_write_is_refused_before_d
     (tmp_path / "captions.csv").write_text("image,caption\nme.png,my own face\n")
     assert run_cli(synth.main, ["--out", str(tmp_path), "--per-class", "1", "--size", "16"]) == 2
     assert "synth.py did not write" in capsys.readouterr().err and not (tmp_path / "images").exists()
+    (tmp_path / "images").mkdir()
+    for name in ("mine.png", "happiness_001.png", "happiness_1234.png"):    # a user's files, one named like synth's
+        (tmp_path / "images" / name).write_bytes(b"mine")
     assert run_cli(synth.main, ["--out", str(tmp_path), "--per-class", "1", "--size", "16", "--force"]) == 0
     assert len(pd.read_csv(tmp_path / "captions.csv")) == 8
+    assert all((tmp_path / "images" / n).read_bytes() == b"mine" for n in ("mine.png", "happiness_001.png",
+                                                                          "happiness_1234.png"))   # none removed
+    assert run_cli(synth.main, ["--out", "", "--per-class", "1"]) == 2 and "--out ''" in capsys.readouterr().err
+
+
+def test_a_hidden_file_beside_its_own_sample_does_not_make_synth_refuse_it(tmp_path):
+    make_sample(tmp_path, per_class=1, size=16)
+    (tmp_path / "images" / ".DS_Store").write_bytes(b"finder")
+    assert len(make_sample(tmp_path, per_class=1, size=16)) == 8
 
 
 def test_a_smaller_sample_over_an_earlier_one_leaves_no_unlisted_faces(tmp_path):

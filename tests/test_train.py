@@ -361,20 +361,41 @@ def test_the_start_line_counts_unlabelled_rows_says_what_validation_scores_and_n
         "; a step takes 16 pairs (--batch-size x --accum-steps), more than there are: each step sees all of them")
 
 
-def test_a_loss_that_turns_nan_stops_the_run_in_one_line_and_keeps_finite_weights(sample_dir, tmp_path, capsys,
-                                                                                   monkeypatch):
-    real = train.Trainer.forward_loss
-    monkeypatch.setattr(train.Trainer, "forward_loss",              # diverges in the second epoch (7 steps each)
-                        lambda self, batch, net=None: real(self, batch, net) * (float("nan") if self.step >= 9 else 1))
+@pytest.mark.parametrize("how", ["loss", "buffer"])
+def test_a_run_that_diverges_stops_in_one_line_and_publishes_nothing(sample_dir, tmp_path, capsys, monkeypatch, how):
+    """A NaN loss stops before its update; a weight or BatchNorm buffer gone non-finite while the loss still looked
+    fine stops before anything is validated or saved. Either way no checkpoint holds a NaN and nothing is published."""
+    real_loss, real_step = train.Trainer.forward_loss, train.Trainer.train_step
+    if how == "loss":                                              # diverges in the second epoch (7 steps each)
+        monkeypatch.setattr(train.Trainer, "forward_loss", lambda self, batch, net=None: real_loss(self, batch, net)
+                            * (float("nan") if self.step >= 9 else 1))
+    else:
+        def overflow(self, batch):
+            loss = real_step(self, batch)
+            if self.step == 10:
+                next(v for v in self.model.state_dict().values() if v.is_floating_point()).fill_(float("inf"))
+            return loss
+        monkeypatch.setattr(train.Trainer, "train_step", overflow)
     out, final = tmp_path / "run", tmp_path / "final.pth"
-    argv = ["--preset", "tiny", "--caption-bank", "paper", "--image-size", "32", "--epochs", "2", "--augment", "false",
-            "--batch-size", "64", "--data", str(sample_dir), "--out-dir", str(out), "--final-path", str(final), "--num-workers", "0"]
+    argv = ["--preset", "tiny", "--caption-bank", "paper", "--image-size", "32", "--epochs", "2", "--augment",
+            "false", "--batch-size", "64", "--data", str(sample_dir), "--out-dir", str(out), "--final-path",
+            str(final), "--num-workers", "0"]
     assert run_cli(train.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: epoch 2, step 10: the loss is nan (training diverged)") and "--lr-image" in err
+    what = "the loss is nan; this step's update was not applied" if how == "loss" else "holds NaN or infinite values"
+    assert err.startswith("error: epoch 2, step ") and what in err and "(training diverged)" in err, err
+    assert f"{out / 'best.pth'} and {out / 'last.pth'} hold earlier weights" in err and "--lr-image" in err
     assert not final.exists()                                     # nothing published from a diverged run
-    ck = torch.load(out / "best.pth", weights_only=True)
-    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert torch.load(out / "best.pth", weights_only=True)["epoch"] == 1
+    for name in ("best.pth", "last.pth"):
+        sd = torch.load(out / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), name
+
+
+def test_the_divergence_line_says_when_nothing_was_saved_yet(tmp_path):
+    from trainloop import diverged
+    msg = str(diverged("the loss is nan", 3, 0, tmp_path))
+    assert "nothing was saved yet" in msg and "--init-from" not in msg and "best.pth" not in msg
 
 
 def test_max_steps_mid_epoch_saves_that_position_so_a_resume_trains_the_rest_of_the_epoch(uninterrupted, sample_dir,
