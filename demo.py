@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -215,7 +216,8 @@ def build_app(engine: Engine, max_faces: int = 5, max_frames: int = 32):
     import gradio as gr
     h = make_handlers(engine, max_faces, max_frames)
     drawn = engine.index is not None and Path(engine.index.gallery).resolve() == SAMPLE_GALLERY.resolve()
-    with gr.Blocks(title="ExprCLIP: search faces by expression") as app:
+    # delete_cache: Gradio's copies of served files (crops of users' photos) older than an hour, and at restart
+    with gr.Blocks(title="ExprCLIP: search faces by expression", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# ExprCLIP\nDescribe an expression to find faces, or upload a face to name its expression. "
                     + header(engine, drawn))
         vocab = _vocab_panel(h)
@@ -353,6 +355,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def sigterm_as_ctrl_c(signum, frame):
+    """SIGTERM (systemd, `docker stop`, `kill`) closes the server as Ctrl-C does: its temporary files are removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.quickstart:
@@ -370,12 +377,15 @@ def main(argv=None) -> int:
     for line in failure_lines(engine.stats) + gallery_warnings(engine):
         log.warning(line)
     app = build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64)
+    before = signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
     try:
         app.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
     except OSError as e:                 # Gradio: "Cannot find empty port in range: 7860-7860. ..."
         if "port" not in str(e).lower():
             raise
         raise UserError(port_in_use(a.host, a.port)) from None      # taken while the gallery was indexed
+    finally:
+        signal.signal(signal.SIGTERM, before)
     return 0
 
 

@@ -383,7 +383,8 @@ def main(argv=None) -> int:
         raise UserError("--batch-size must be >= 1")
     for flag, out, ext in (("--json", a.json, ".json"), ("--confusion", a.confusion, ".png")):
         if out is not None and not out.strip():
-            raise UserError(f"{flag} '': an empty path; give a file name (e.g. {flag} result{ext}) or leave {flag} out")
+            raise UserError(f"{flag} {out!r}: an empty path; give a file name (e.g. {flag} result{ext}) or leave "
+                            f"{flag} out")
         if out:
             check_output_file(out, flag)        # before the evaluation, not after it
             if Path(out).suffix.lower() != ext:

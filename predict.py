@@ -236,8 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--decay {a.decay}: give a number from 0 (last frame only) to 1 (plain mean)")
     for flag, given in (("--out", a.out), ("--plots", a.plots)):
         if given is not None and not given.strip():
-            raise UserError(f"{flag} '': an empty path; give a {'file' if flag == '--out' else 'folder'} or leave "
-                            f"{flag} out")
+            what = "file" if flag == "--out" else "folder"
+            raise UserError(f"{flag} {given!r}: an empty path; give a {what} or leave {flag} out")
     if a.plots and Path(a.plots).exists() and not Path(a.plots).is_dir():
         raise UserError(f"--plots {a.plots}: is a file; give a folder for the timeline PNGs")
     if a.plots:                                   # its PNGs would be read as photos by a later run over the input

@@ -155,6 +155,20 @@ def test_no_arguments_serves_the_bundled_model(trained, sample_dir, tmp_path, mo
     assert len(launched) == 1 and launched[0]["server_port"] == 7860
 
 
+def test_sigterm_closes_the_server_like_ctrl_c_and_the_handler_is_put_back(trained, sample_dir, tmp_path,
+                                                                          monkeypatch):
+    import signal
+    import gradio as gr
+    seen = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.append(signal.getsignal(signal.SIGTERM)))
+    _models(monkeypatch, tmp_path / "model_final.pth", trained[0])
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli(demo.main, _serve_args(_gallery(sample_dir, tmp_path / "gal", n=2), tmp_path)) == 0
+    assert seen == [demo.sigterm_as_ctrl_c] and signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(KeyboardInterrupt):                  # what Gradio's launch() closes the server on
+        demo.sigterm_as_ctrl_c(signal.SIGTERM, None)
+
+
 def test_a_busy_or_impossible_port_is_one_line(trained, sample_dir, tmp_path, monkeypatch, capsys):
     import gradio as gr
 
