@@ -138,11 +138,12 @@ def class_images(folder: Path, wants: str) -> list[str]:
 
 def refuse_output_inside(out, flag: str, folders, reads: str) -> None:
     """An output path inside (or equal to) one of `folders`, inputs whose every image is read -> UserError before
-    any work: the next run over that folder would read what this one wrote (`reads`: as what)."""
+    any work: the next run over that folder would read what this one wrote (`reads`: as what). Hidden folders
+    inside it are never read: an output there is fine."""
     where = Path(os.path.abspath(out)).resolve()
     for folder in folders:
         top = Path(folder).resolve()
-        if where.is_relative_to(top):
+        if where.is_relative_to(top) and not any(part.startswith(".") for part in where.relative_to(top).parts):
             name = where.name if where != top else f"{where.name}_{flag.strip('-')}"
             raise UserError(f"{flag} {out}: inside the input folder {folder}, whose images are all read, so a "
                             f"later run would read it {reads}; give a path outside it (e.g. "

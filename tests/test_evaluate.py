@@ -322,6 +322,8 @@ def test_a_confusion_png_inside_an_image_folder_dataset_is_refused_before_any_wo
     rc, out, err = run(["--checkpoint", tmp_path / "none.pth", "--data", tmp_path / "cmf", "--confusion", png], capsys)
     assert rc == 2 and "--confusion" in err and "inside the input folder" in err and err.count("\n") == 1, err
     assert not png.exists()
+    from formats import refuse_output_inside
+    refuse_output_inside(tmp_path / "cmf" / ".reports" / "cm.png", "--confusion", [tmp_path / "cmf"], "as a face")
 
 
 def test_each_image_is_scored_once_under_its_first_label_and_the_caption_column_is_optional(trained, sample_dir,
