@@ -121,13 +121,13 @@ def _not_data(d: Path) -> bool:
 
 def class_images(folder: Path, wants: str) -> list[str]:
     """Image files anywhere below a class folder (CLASS/subject/*.png too: the label is the class folder), sorted
-    folder by folder; folders _not_data skipped. A split folder inside a class folder (SOURCE one level too high,
+    folder by folder; folders _not_data skipped. A split folder right inside a class folder (SOURCE one level too high,
     which would label every image with the dataset's name) -> UserError."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
         dirnames[:] = sorted(n for n in dirnames if not _not_data(here / n))
-        split = next((n for n in dirnames if n.lower() in SPLIT_NAMES), None)
+        split = next((n for n in dirnames if n.lower() in SPLIT_NAMES), None) if here == folder else None
         if split:
             raise UserError(f"{here / split}: a split folder inside the class folder {folder.name}; point at "
                             f"{here} instead; {wants}")
