@@ -186,7 +186,8 @@ def load_weights_into(model: ExprCLIP, ck: dict, state_dict: dict | None = None,
 
 
 def check_tensors(sd: dict, own: dict, path) -> None:
-    """Every stored tensor has the model's shape and only finite values; else one line naming the first that does not."""
+    """Every stored tensor has the model's shape and only finite values; else one line naming the first that does
+    not."""
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise UserError(f"{path}: weights do not match its own config ({k} is {list(v.shape)} in the file, "

@@ -1,7 +1,7 @@
 """Training-loop machinery for train.py: Ctrl-C only between whole steps, an undo for a step interrupted half-way
 (BatchNorm statistics), a step/time trigger for mid-epoch checkpoints, plain progress lines for logs, counts of
-skipped images, a stop when the loss turns NaN, metrics.csv and curves.png, the weight EMA over trainable tensors, and the optimizer's parameter
-groups."""
+skipped images, a stop when the loss or the weights turn NaN, the --final-path check, the LR schedule, metrics.csv
+and curves.png, the weight EMA over trainable tensors, and the optimizer's parameter groups."""
 from __future__ import annotations
 
 import math

@@ -68,7 +68,8 @@ def test_non_tensor_in_state_dict_is_refused(tmp_path):
 def test_a_wrong_shaped_or_nan_tensor_is_named_with_what_to_do(tmp_path, spoil, match):
     ck = legacy()
     w = ck["state_dict"]["image_head.proj.weight"]
-    ck["state_dict"]["image_head.proj.weight"] = torch.zeros(3, 7) if spoil == "shape" else w.clone().fill_(float("nan"))
+    ck["state_dict"]["image_head.proj.weight"] = torch.zeros(3, 7) if spoil == "shape" else w.clone().fill_(
+        float("nan"))
     msg = refused(ck, tmp_path, match)
     assert "use another checkpoint" in msg or "earlier checkpoint" in msg
 
