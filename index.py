@@ -25,9 +25,12 @@ import numpy as np
 import pandas as pd
 
 from knn import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: F401 (re-exported)
-from utils import IMAGE_EXTS, UserError, atomic_write, file_digest, pick_device, regular_or_broken, run_cli
+from utils import (IMAGE_EXTS, UserError, atomic_write, file_digest, folder_lock, pick_device, regular_or_broken,
+                   run_cli)
 
 INDEX_DIRNAME = ".exprclip-index"
+BUSY = ("another process is updating this index (index.py build, or a demo indexing or adding photos); wait for it "
+        "to finish and run again")
 COLUMNS = ["path", "size", "mtime_ns", "chunk", "row"]
 Encoder = Callable[[list[Path]], tuple[np.ndarray, list[bool]]]
 
@@ -232,7 +235,12 @@ class GalleryIndex:
 
     def update(self, image_paths: list[Path], encode: Encoder, batch_size: int = 64, progress: bool = True) -> dict:
         """Encode new/changed images, drop deleted ones -> counts added/changed/removed/unchanged/failed
-        (+ failed_paths). `encode(paths)` returns float32 [n, D] L2-normalised rows and an ok-mask."""
+        (+ failed_paths). `encode(paths)` returns float32 [n, D] L2-normalised rows and an ok-mask. One writer per
+        index across processes and threads (utils.folder_lock); another process updating it -> UserError."""
+        with folder_lock(self.dir, BUSY):
+            return self._update(image_paths, encode, batch_size, progress)
+
+    def _update(self, image_paths: list[Path], encode: Encoder, batch_size: int, progress: bool) -> dict:
         self._start()
         self._mmaps.clear()  # nothing open while chunks are deleted (Windows)
         self._faiss_cache = (None, None)

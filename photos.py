@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from faces import CROP_MAX_SIDE, is_crop_sized  # noqa: F401 -- CROP_MAX_SIDE: the rule above
-from index import GalleryIndex, list_images
+from index import BUSY, GalleryIndex, list_images
 from utils import UserError, atomic_write_text, first_line, folder_lock
 
 FACES_MODES = ("auto", "crops", "photos")
@@ -212,9 +212,7 @@ class PhotoIndex:
                on_progress: Callable[[dict], None] | None = None, batch_size: int = 64) -> dict:
         """Index new/changed photos, drop removed ones -> photo counts added/changed/removed/unchanged/failed,
         faces (entries written), failed_paths and reasons {path: one line}. encode: index.make_encoder's."""
-        busy = "another process is updating this index (index.py build, or a demo indexing or adding photos); " \
-            "wait for it to finish and run again"
-        with self._writing, folder_lock(self.entries.dir, busy):
+        with self._writing, folder_lock(self.entries.dir, BUSY):
             stats = dict(added=0, changed=0, removed=0, unchanged=0, failed=0, faces=0, failed_paths=[], reasons={})
             known = self._read_log()
             valid = self._valid(known)

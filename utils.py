@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -120,11 +121,42 @@ def check_output_file(path, flag: str, source=None, source_flag: str = "the inpu
                         f"{flag}")
 
 
+class _Held:
+    """A folder this process locks: one thread at a time (an RLock), and how deep the holding thread re-entered."""
+    def __init__(self):
+        self.lock, self.depth = threading.RLock(), 0
+
+
+_HELD: dict[str, _Held] = {}
+_HELD_GUARD = threading.Lock()
+
+
 @contextmanager
 def folder_lock(folder: Path, busy: str):
-    """One writer at a time across processes: an exclusive, non-blocking lock on folder/.lock (released when the
-    process ends, however it ends). Held elsewhere: UserError(f"{folder}: {busy}"). An unwritable folder is one line
-    too. Where fcntl is missing (Windows) it only makes the folder."""
+    """One writer at a time: across processes an exclusive, non-blocking lock on folder/.lock (released when the
+    process ends, however it ends; held elsewhere: UserError(f"{folder}: {busy}")); within this process other
+    threads wait their turn, and the thread holding it may take it again (PhotoIndex.update -> GalleryIndex.update).
+    An unwritable folder is one line too. Where fcntl is missing (Windows) it only makes the folder."""
+    with _HELD_GUARD:
+        held = _HELD.setdefault(os.path.abspath(folder), _Held())
+    with held.lock:
+        if held.depth:                          # the thread holding it, again: no second flock (it would refuse)
+            held.depth += 1
+            try:
+                yield
+            finally:
+                held.depth -= 1
+            return
+        with _flock(folder, busy):
+            held.depth = 1
+            try:
+                yield
+            finally:
+                held.depth = 0
+
+
+@contextmanager
+def _flock(folder: Path, busy: str):
     try:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(folder / ".lock", "a")

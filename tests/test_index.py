@@ -172,6 +172,36 @@ def test_a_fifo_named_like_a_photo_is_not_listed_but_a_broken_link_is_reported(t
     assert list_images(tmp_path) == sorted(imgs + [tmp_path / "dangling.png"])
 
 
+def test_a_second_process_updating_the_same_gallery_index_is_refused_and_threads_take_turns(tmp_path):
+    """Two processes each wrote chunk-000001 (the last silently replaced the other's rows, or paired one's manifest
+    with the other's embeddings); threads of one process wait for each other; a holder may take the lock again."""
+    import threading
+    from utils import folder_lock
+    imgs = make_gallery(tmp_path, 4)
+    idx = GalleryIndex.open(tmp_path, "ckpt", DIM)
+    idx.dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(idx.dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match="another process is updating this index"):
+            idx.update(imgs, FakeEncoder(), progress=False)
+        assert len(idx) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(idx.dir, "busy"):                                   # re-entered by its holder: no refusal
+        stats = idx.update(imgs, FakeEncoder(), progress=False)
+    assert stats["added"] == 4
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(idx.update(imgs[:3], FakeEncoder(), progress=False)))
+               for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert sorted(r["removed"] for r in results) == [0, 1] and len(idx) == 3
+
+
 def test_faiss_agrees_with_exact(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(20, DIM))
