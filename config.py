@@ -121,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(image_model="tf_efficientnet_lite0", image_weights="pkg:efficientnet-lite0",
                     text_model="pkg:all-minilm-l6-v2", text_pooling="mean", freeze_text=True,
                     image_size=64, batch_size=32, epochs=6, warmup_steps=20, lr_image=1e-3, lr_head=3e-3,
-                    proj_dropout=0.0, amp="off"),   # Lite0 64 px: CPU bf16 level on Intel, +6-12% on Zen 4 (BENCHMARKS.md)
+                    proj_dropout=0.0, amp="off"),   # Lite0 64 px: CPU bf16 level on Intel, +6-12% on Zen 5 (BENCHMARKS.md)
     # Tiny random-init model for tests and smoke runs: no weights needed at all.
     "tiny": dict(image_model="resnet10t", image_weights="none", text_model="pkg:all-minilm-l6-v2",
                  text_weights="none", text_layers=1, text_width=64, text_pooling="mean", image_size=48,
