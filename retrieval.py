@@ -30,6 +30,7 @@ from config import Config
 from transform import Preprocess
 from embed import embed_images, embed_texts
 from faces import Box, annotate, check_min_side, faces_or_whole, is_crop_sized
+from image_files import safe_open_image
 from index import GalleryIndex, make_encoder
 from model import ExprCLIP
 from precision import autocast_for
@@ -126,7 +127,9 @@ class Engine:
         return self.embed_images([image])[0]
 
     def embed_images(self, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """PIL images -> [N, D] unit vectors, encoded in batches (embed.embed_images; mirror-averaged with tta)."""
+        """PIL images (or paths, arrays, bytes: as_image) -> [N, D] unit vectors, encoded in batches
+        (embed.embed_images; mirror-averaged with tta)."""
+        images = [im if isinstance(im, Image.Image) else as_image(im) for im in images]
         emb, ok = embed_images(self.model, images, self.preprocess, self.device, batch_size, self.autocast, self.tta)
         if not ok.all():
             raise UserError(f"{int((~ok).sum())} image(s) could not be read")
@@ -185,6 +188,29 @@ def query_warnings(tokenizer, query: str, max_length: int, unreadable_share: flo
     return notes
 
 
+def as_image(image) -> Image.Image:
+    """What the Python API takes for an image: a PIL image, a path (str or Path, ~ expanded), a numpy array or the
+    file's bytes -> PIL; a URL or anything else -> UserError saying what to pass."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str) and "://" in image:
+        raise UserError(f"{image}: URLs are not fetched; download the image and pass its path")
+    if isinstance(image, (str, os.PathLike)):
+        image = os.path.expanduser(image)
+    return safe_open_image(image)
+
+
+def as_sentences(sentences) -> list[str]:
+    """The expression sentences, stripped, empty ones dropped; one string (not a list) or none left -> UserError."""
+    if isinstance(sentences, str):
+        raise UserError(f"sentences: a list of descriptions, not one string ({sentences[:40]!r}); e.g. "
+                        "['a wide smile', 'a frown']")
+    sentences = [s.strip() for s in sentences if isinstance(s, str) and s.strip()]
+    if not sentences:
+        raise UserError("the expression list is empty: add at least one description, one per line")
+    return sentences
+
+
 def search_text(engine: Engine, query: str, k: int = 8) -> list[tuple[Path, float]]:
     """Gallery images ranked by cosine similarity to a sentence, best first."""
     q = engine.embed_text([clean_query(query)])                          # [1, D]
@@ -204,6 +230,8 @@ def similar_to_gallery_image(engine: Engine, path: str | os.PathLike, k: int = 8
         q = engine.index.vector(path)
     except KeyError:
         raise UserError(f"{path.name}: not in the gallery; search first, then click one of the results") from None
+    if not engine.index.entry(path).is_current():
+        raise UserError(f"{path.name}: moved, deleted or replaced since the gallery was indexed; search again")
     hits = _search(engine, q[None], k + 1)
     is_query = [os.path.abspath(p) == os.path.abspath(path) for p, _ in hits]
     own = next((s for (_, s), q in zip(hits, is_query) if q), 1.0)     # float16 storage: ~1.0, not exactly
@@ -211,17 +239,24 @@ def similar_to_gallery_image(engine: Engine, path: str | os.PathLike, k: int = 8
 
 
 def _search(engine: Engine, q: np.ndarray, k: int) -> list[tuple[Path, float]]:
+    """The k best gallery entries still as indexed (a photo deleted or replaced since is left out: the search widens
+    to fill k); cosines clipped to 1 (float16 storage)."""
     if engine.index is None or len(engine.index) == 0:
         raise UserError("the gallery is empty: put images in the gallery folder (--gallery DIR) and restart")
-    scores, paths = engine.index.search(q, int(k))
-    return [(p, float(s)) for p, s in zip(paths[0], scores[0])]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UserError(f"k {k!r}: give a whole number >= 1 (how many results)")
+    wide = k
+    while True:
+        scores, paths = engine.index.search(q, wide)
+        hits = [(p, min(float(s), 1.0)) for p, s in zip(paths[0], scores[0]) if engine.index.entry(p).is_current()]
+        if len(hits) >= k or wide >= len(engine.index):
+            return hits[:k]
+        wide = min(4 * wide, len(engine.index))
 
 
 def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -> list[tuple[str, float, float]]:
     """Zero-shot: (sentence, softmax probability at the model's temperature, cosine), most likely first."""
-    sentences = [s.strip() for s in sentences if s and s.strip()]
-    if not sentences:
-        raise UserError("the expression list is empty: add at least one description, one per line")
+    sentences = as_sentences(sentences)
     cos = engine.embed_text(sentences) @ engine.embed_image(image)      # [S]
     prob = softmax_at_scale(engine, cos)
     order = np.argsort(-cos, kind="stable")
@@ -230,9 +265,7 @@ def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -
 
 def score_images(engine: Engine, images: list[Image.Image], sentences: list[str]) -> np.ndarray:
     """[N, C] softmax probabilities (model temperature) of each image over the sentences; texts encoded once."""
-    sentences = [s.strip() for s in sentences if s and s.strip()]
-    if not sentences:
-        raise UserError("the expression list is empty: add at least one description, one per line")
+    sentences = as_sentences(sentences)
     return softmax_at_scale(engine, engine.embed_images(images) @ engine.embed_text(sentences).T)   # [N, C]
 
 
@@ -259,6 +292,7 @@ def rank_faces(engine: Engine, photo: Image.Image, sentences: list[str], detect:
     landmarks) or, when none is found, the whole image. An image of at most faces.CROP_MAX_SIDE px is a face crop
     already (FER's 48 px faces): it is read whole, as the gallery reads such files (.crop). .shown is small
     whatever the photo's size. Under faces.MIN_SIDE px a side -> UserError naming `name`."""
+    photo = as_image(photo)
     crops, boxes, how = _frame_faces(photo, detect, engine.cfg.grayscale, detector, max_faces + 1, name)
     found, more = how == "face", len(crops) > max_faces
     return FaceScores(boxes[:max_faces], found, more, score_images(engine, crops[:max_faces], sentences),
@@ -291,6 +325,7 @@ def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False
 def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str, max_faces: int,
                  name: str = "the image") -> tuple[list[Image.Image], list[Box], str]:
     """(crops largest first, their boxes, how): as largest_face, with up to max_faces faces."""
+    image = as_image(image)
     check_min_side(image.size, name)
     if not detect or is_crop_sized(image.size):
         return [image], [], "crop" if detect else "whole"

@@ -16,7 +16,8 @@ import demo
 from embed import embed_images
 from index import list_images
 from photos import describe_update
-from retrieval import Engine, clean_query, query_warnings, rank_expressions, search_text, similar_images
+from retrieval import (Engine, clean_query, largest_face, query_warnings, rank_expressions, rank_faces, search_text,
+                       similar_images, similar_to_gallery_image)
 from utils import UserError, run_cli
 
 HAPPY = ("An expression of contentment and pleasure, with a smile and the corners of the mouth turned up, often "
@@ -48,6 +49,34 @@ def test_known_model_ranks_the_described_class_first(engine):
     assert sum(p for _, p, _ in ranked) == pytest.approx(1.0)
     similar = similar_images(engine, happy_face, k=3)
     assert similar[0][0] == hits[0][0] and similar[0][1] == pytest.approx(1.0, abs=2e-3)   # itself first
+
+
+def test_python_api_leaves_out_photos_gone_since_indexing_and_refuses_odd_arguments(trained, sample_dir, tmp_path):
+    gal = tmp_path / "gal"
+    gal.mkdir()
+    faces = sorted((sample_dir / "images").glob("*.png"))
+    for p in [f for f in faces if f.name.startswith("happiness")][:5] + [f for f in faces if "sad" in f.name][:3]:
+        shutil.copy2(p, gal / p.name)
+    eng = Engine.load(trained[0], gal, "cpu", tmp_path / "cache", progress=False)
+    first, second = [p for p, _ in search_text(eng, HAPPY, k=2)]
+    first.unlink()                                                     # deleted, and replaced by another face
+    shutil.copy(gal / sorted(p.name for p in gal.iterdir() if p.name.startswith("sadness"))[0], second)
+    hits = search_text(eng, HAPPY, k=3)
+    assert len(hits) == 3 and first not in [p for p, _ in hits] and second not in [p for p, _ in hits]
+    assert all(s <= 1.0 for _, s in similar_to_gallery_image(eng, hits[0][0], k=3))
+    with pytest.raises(UserError, match="moved, deleted or replaced"):
+        similar_to_gallery_image(eng, second)
+    face = np.asarray(Image.open(hits[0][0]))
+    for bad, says in ((-1, "k -1: give a whole number >= 1"), (True, "k True")):
+        with pytest.raises(UserError, match=says):
+            search_text(eng, HAPPY, k=bad)
+    with pytest.raises(UserError, match="not one string"):
+        rank_expressions(eng, hits[0][0], "a smile")                   # ranked its letters
+    with pytest.raises(UserError, match="URLs are not fetched"):
+        rank_expressions(eng, "http://example.com/face.png", ["a smile", "a frown"])
+    by_array = rank_faces(eng, face, demo.PAPER_SENTENCES).probs        # arrays and paths, as PIL images
+    assert np.allclose(by_array, rank_faces(eng, Image.open(hits[0][0]), demo.PAPER_SENTENCES).probs, atol=1e-5)
+    assert largest_face(str(hits[0][0]))[1] == "crop"
 
 
 def test_empty_query_is_a_message_not_a_search(engine):
