@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=positive_int_list, default=[10000, 100000, 1000000], help="gallery sizes")
     ap.add_argument("--dim", type=positive_int, default=256)
-    ap.add_argument("--query-noise", type=float, default=0.8, help="queries: noisier than the gallery (0.5)")
+    ap.add_argument("--query-noise", type=float, default=0.8, help="queries' noise (the gallery's is 0.5: queries are noisier)")
     ap.add_argument("--gap", type=float, default=1.0, help="norm of a fixed offset added to every query "
                     "(text embeddings sit apart from image embeddings: the modality gap)")
     ap.add_argument("--queries", type=positive_int, default=200)

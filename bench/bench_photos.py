@@ -23,6 +23,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cli_types import positive_int  # noqa: E402
 
 FER = ROOT.parent / "shared" / "data" / "fer2013"
 MEGAPIXELS = (1, 2, 4, 8, 12)
@@ -118,7 +121,7 @@ def launch(ckpt: Path, gallery: Path, cache: Path) -> tuple[float, dict, object]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", type=int, default=40, help="photos with faces (2 faceless, 2 bad files added)")
+    ap.add_argument("--photos", type=positive_int, default=40, help="photos with faces (2 faceless, 2 bad files added)")
     ap.add_argument("--checkpoint", default=str(ROOT / "models" / "exprclip-ferplus.pth"))
     ap.add_argument("--fer", default=str(FER))
     ap.add_argument("--entries", type=int, default=100_000, help="face entries for the query-latency figure")

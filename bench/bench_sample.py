@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 
 import train  # noqa: E402
 from retrieval import Engine, search_text  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 QUERIES = ["a wide smile", "An expression of disdain and superiority.", "wide-open eyes and a rounded open mouth",
            "a frown with eyebrows drawn together", "tears under the eyes", "a wrinkled nose", "a calm face"]
@@ -60,4 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

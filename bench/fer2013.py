@@ -25,7 +25,9 @@ import torch  # noqa: E402
 import evaluate  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
+from cli_types import choice_list, nonneg_int, positive_int  # noqa: E402
 from ferplus_report import upsert_section  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
 
 CLASSES = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
 HEADING = "# Benchmarks: FER-2013"
@@ -77,7 +79,11 @@ def run(name: str, a, data: Path, work: Path) -> dict:
     out = work / name
     result_file = out / "result.json"
     if result_file.is_file() and not (a.force or a.reeval):
-        return json.loads(result_file.read_text())
+        res = json.loads(result_file.read_text())
+        if res.get("setup", setup_of(a)) != setup_of(a):           # another setup's row would pass for this one
+            raise UserError(f"{out}: holds a {name} run trained with {res['setup']}, not these flags; pass --force "
+                            "to retrain it, or another --work")
+        return res
     if a.reeval and result_file.is_file():        # evaluate the existing checkpoint again, keep the timings
         res = {k: v for k, v in json.loads(result_file.read_text()).items() if k in ("run", "train_minutes",
                                                                                    "images_per_s", "setup")}
@@ -170,11 +176,11 @@ def table(results: list[dict], a, data: Path) -> str:
         if r["run"] == "unseen":
             lines += unseen_lines(r, a.unseen)
     lines += phrasing_line(next((r for r in results if r["run"] == "clip"), {}))
-    lines += ["", "Reproduce each row (results are cached per run in `--work`; `--reeval` re-evaluates checkpoints): " +
-              "; ".join(f"`python bench/fer2013.py --runs {r['run']} --image-size {r.get('setup', {}).get('image_size', 64)} "
-                        f"--epochs {r.get('setup', {}).get('epochs', '?')} "
-                        f"--ema-decay {r.get('setup', {}).get('ema_decay', 0)} --bank {r.get('setup', {}).get('bank', '?')}`"
-                        for r in results) + "."]
+    lines += ["", "Reproduce each row (each in its own `--work`: a run's result is cached there, and one trained "
+              "with other flags is refused; `--reeval` re-evaluates checkpoints): " + "; ".join(
+                  f"`python bench/fer2013.py --runs {r['run']} --image-size {st.get('image_size', 64)} --epochs "
+                  f"{st.get('epochs', '?')} --ema-decay {st.get('ema_decay', 0)} --bank {st.get('bank', '?')} --work "
+                  f"runs/fer2013-{k}`" for k, (r, st) in enumerate(((r, r.get("setup", {})) for r in results), 1)) + "."]
     lines += ["", "Best epoch = highest validation top-1 (3% of train, zero-shot through the training bank). "
               "`train min` is training wall time including per-epoch validation; each evaluation adds about 20 s "
               "(40 s with TTA).", "", CALIBRATION, "", ANCHORS, ""]
@@ -187,17 +193,18 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/fer2013")
     ap.add_argument("--out", help="markdown file whose `# Benchmarks: FER-2013` section is (re)written, the rest kept "
                     "(default: WORK/report.md)")
-    ap.add_argument("--runs", default="clip,ce,unseen")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--runs", type=choice_list("clip", "ce", "unseen"), default=["clip", "ce", "unseen"])
+    ap.add_argument("--epochs", type=positive_int, default=12)
+    ap.add_argument("--image-size", type=positive_int, default=64)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--lr-image", type=float, default=1e-3)
     ap.add_argument("--ema-decay", type=float, default=0.999, help="weight EMA (0 = off)")
     ap.add_argument("--sampler", default="none")
     ap.add_argument("--bank", default="paper")
     ap.add_argument("--unseen", default="surprise")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many images (smoke runs)")
+    ap.add_argument("--limit", type=nonneg_int, default=0,
+                    help="use a stratified subset of this many images (smoke runs)")
     ap.add_argument("--force", action="store_true", help="retrain runs that already have a result.json")
     ap.add_argument("--reeval", action="store_true", help="evaluate existing checkpoints again (no training)")
     ap.add_argument("--also", default="", metavar="DIR,...",
@@ -209,7 +216,7 @@ def main(argv=None) -> int:
         return 2
     work = Path(a.work)
     data = prepare_data(fer, work, a.limit)
-    results = [run(name, a, data, work) for name in a.runs.split(",")]
+    results = [run(name, a, data, work) for name in a.runs]
     for d in filter(None, a.also.split(",")):
         if not (Path(d) / "result.json").is_file():
             print(f"error: --also {d}: no result.json there (a finished run folder of this script)", file=sys.stderr)
@@ -223,4 +230,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -1,6 +1,7 @@
 """bench/ scripts: the training-step benchmark runs its three modes, and the FER-2013 table describes each run."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -64,6 +65,19 @@ def test_fer2013_table_rows_follow_each_runs_setup():
     assert md.count("Unseen phrasing") == 1                      # from the first CLIP run only
     assert "--runs clip --image-size 64 --epochs 12 --ema-decay 0.999 --bank paper" in md
     assert "top-1 66.0% -> 62.0% (-4.0 points)" in md          # trained on paper, scored with the disjoint rich set
+
+
+def test_fer2013_refuses_a_cached_row_of_another_setup_and_bad_run_names(tmp_path, capsys):
+    args = SimpleNamespace(epochs=2, image_size=48, batch_size=64, bank="paper", sampler="none", lr_image=1e-3,
+                           ema_decay=0.999, force=False, reeval=False)
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "result.json").write_text(json.dumps({"run": "clip", "setup": {**fer2013.setup_of(args),
+                                                                                        "image_size": 32}}))
+    with pytest.raises(UserError, match="trained with .* not these flags; pass --force"):
+        fer2013.run("clip", args, tmp_path, tmp_path)
+    with pytest.raises(SystemExit):
+        fer2013.main(["--runs", "clip,foo"])
+    assert "expected comma-separated names from clip, ce, unseen" in capsys.readouterr().err
 
 
 def test_bench_recipe_prints_slow_rates_with_decimals_not_as_zero():
