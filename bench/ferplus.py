@@ -352,7 +352,8 @@ def main(argv=None) -> int:
                     "WORK/report.md; BENCHMARKS.md's section also holds hand-written history, so name it only to "
                     "replace that)")
     ap.add_argument("--runs", default="main,unseen", help=f"comma list of {', '.join(RUNS)}")
-    ap.add_argument("--epochs", type=int, default=20, help="the shipped model's 20: ~50 min on 2 idle Intel cores")
+    ap.add_argument("--epochs", type=int, default=20, help="20: ~50 min on 2 idle Intel cores (the shipped model: 16, see "
+                    "models/README.md)")
     ap.add_argument("--with-sample", action="store_true",
                     help="also train on the bundled drawn sample (how the shipped model was made: the demo's gallery)")
     ap.add_argument("--recipe", help="train.py flags replacing RECIPE (quoted)")
