@@ -107,7 +107,8 @@ def test_photo_tiles_are_complete_files_written_once_and_atomically(engine, tmp_
 
     def watched(path, write):
         def checked(tmp):
-            assert Path(tmp).parent == Path(path).parent and not Path(path).exists()    # a temp name, then rename
+            assert Path(tmp).parent == Path(path).parent and Path(tmp) != Path(path)     # a temp name, then rename
+            assert not Path(path).exists() or Image.open(path).verify() is None   # an existing one: complete
             write(tmp)
         writes.append(Path(path).name)
         real(path, checked)
