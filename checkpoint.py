@@ -203,9 +203,8 @@ INIT_FIXED = ("image_model", "image_bn", "text_model", "text_layers", "text_widt
               "embed_dim", "objective")
 
 
-def init_model(ck: dict, cfg: Config, path="checkpoint", class_names: list[str] | None = None) -> ExprCLIP:
-    """train.py --init-from: a new run's model (its own `cfg`: image size, data, schedule, what is frozen) that
-    starts from the checkpoint's weights. Built offline (no hub download: the weights all come from the file)."""
+def check_init_fixed(ck: dict, cfg: Config, path) -> None:
+    """--init-from keeps the file's towers and heads (INIT_FIXED): a flag that changes one -> one line naming it."""
     saved = config_from_dict(ck["config"])
     for name in INIT_FIXED:
         if getattr(saved, name) != getattr(cfg, name):
@@ -213,6 +212,12 @@ def init_model(ck: dict, cfg: Config, path="checkpoint", class_names: list[str] 
             raise UserError(f"{path}: --init-from needs the model it was trained with, but {flag} is "
                             f"{getattr(cfg, name)!r} here and {getattr(saved, name)!r} there; pass {flag} "
                             f"{getattr(saved, name)} (or drop the flag and the preset that sets it)")
+
+
+def init_model(ck: dict, cfg: Config, path="checkpoint", class_names: list[str] | None = None) -> ExprCLIP:
+    """train.py --init-from: a new run's model (its own `cfg`: image size, data, schedule, what is frozen) that
+    starts from the checkpoint's weights. Built offline (no hub download: the weights all come from the file)."""
+    check_init_fixed(ck, cfg, path)
     source = model_from_checkpoint(ck, path)
     with tempfile.TemporaryDirectory() as d:
         write_tokenizer(d, checkpoint_tokenizer(ck, path))
@@ -326,7 +331,9 @@ def init_from_config(args) -> tuple[Config, dict]:
         raise UserError(f"--init-from {args.init_from}: no such checkpoint file; pass a model_final.pth or "
                         "best.pth (or models/exprclip-ferplus.pth)")
     ck = read_checkpoint(args.init_from, hint="--init-from")
-    return init_config(ck["config"], args), ck
+    cfg = init_config(ck["config"], args)
+    check_init_fixed(ck, cfg, args.init_from)             # before the data is read: the flag is what to fix
+    return cfg, ck
 
 
 def _finite(x):

@@ -137,9 +137,9 @@ def test_init_from_starts_a_new_run_from_a_finished_models_weights_at_another_im
                                       (["--image-model", "resnet18"], "--image-model")])
 def test_init_from_refuses_a_model_of_another_shape_in_one_line(one_epoch, sample_dir, tmp_path, flag, why):
     with pytest.raises(UserError, match="--init-from needs the model it was trained with") as e:
-        train.main(FLAGS + flag + ["--data", str(sample_dir), "--epochs", "1", "--out-dir", str(tmp_path),
+        train.main(FLAGS + flag + ["--data", str(sample_dir), "--epochs", "1", "--out-dir", str(tmp_path / "run"),
                                    "--init-from", str(one_epoch / "project" / "model_final.pth")])
-    assert why in str(e.value) and "\n" not in str(e.value)
+    assert why in str(e.value) and "\n" not in str(e.value) and not (tmp_path / "run").exists()   # before any setup
 
 
 def test_init_from_a_missing_file_is_one_line_before_any_setup(tmp_path):
