@@ -364,11 +364,11 @@ def cmd_search(args) -> int:
         raise UserError(f"{index.entries.dir}: no index for this checkpoint; run `python index.py build --images "
                         f"{args.images}{flags}` first")
     q = embed_texts(model, [args.query], autocast)  # [1, D]
-    scores, paths = index.search(q, args.k, exact=args.exact)
-    hits = [(s, index.entry(p)) for s, p in zip(scores[0], paths[0])]
-    for rank, (s, e) in enumerate([(s, e) for s, e in hits if e.is_current()], 1):    # boxes in decoded pixels
+    hits, stale = index.search_current(q, args.k, exact=args.exact)
+    for rank, (p, s) in enumerate(hits, 1):                                     # boxes in decoded pixels
+        e = index.entry(p)
         print(f"{rank:3d}  {s:+.4f}  {e.photo}" + (f"  face {e.face + 1} at {e.box}" if e.face is not None else ""))
-    if stale := sum(not e.is_current() for _, e in hits):
+    if stale:
         print(f"{stale} result(s) left out: moved, deleted or changed since the build; run build again", file=sys.stderr)
     return 0
 

@@ -159,6 +159,18 @@ class PhotoIndex:
         with self._lock:
             return self.entries.search(query, k, exact)
 
+    def search_current(self, query, k: int, exact: bool = False) -> tuple[list[tuple[Path, float]], int]:
+        """The k best entries still as indexed, best first, as (path, cosine clipped to 1: float16 storage), and how
+        many stale ones (photo deleted or replaced since indexing) were left out: the search widens to fill k."""
+        wide = k
+        while True:
+            scores, paths = self.search(query, wide, exact)
+            hits = [(p, min(float(s), 1.0)) for p, s in zip(paths[0], scores[0])]
+            current = [h for h in hits if self.entry(h[0]).is_current()]
+            if len(current) >= k or wide >= len(self):
+                return current[:k], len(hits) - len(current)
+            wide = min(4 * wide, len(self))
+
     def vector(self, path) -> np.ndarray:
         """The stored embedding [D] of an entry (a path from search)."""
         with self._lock:

@@ -245,13 +245,7 @@ def _search(engine: Engine, q: np.ndarray, k: int) -> list[tuple[Path, float]]:
         raise UserError("the gallery is empty: put images in the gallery folder (--gallery DIR) and restart")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise UserError(f"k {k!r}: give a whole number >= 1 (how many results)")
-    wide = k
-    while True:
-        scores, paths = engine.index.search(q, wide)
-        hits = [(p, min(float(s), 1.0)) for p, s in zip(paths[0], scores[0]) if engine.index.entry(p).is_current()]
-        if len(hits) >= k or wide >= len(engine.index):
-            return hits[:k]
-        wide = min(4 * wide, len(engine.index))
+    return engine.index.search_current(q, k)[0]
 
 
 def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -> list[tuple[str, float, float]]:

@@ -307,6 +307,13 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     assert ix.main(["search", *common, "--query", "sub1/img004.png", "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].endswith("img004.png") and float(lines[0].split()[1]) > 0.999
+    first_two = [line.split()[2] for line in lines[1:3]]     # (the query names the first)
+    for name in first_two:                                   # deleted since the build: left out, k still filled
+        Path(name).unlink()
+    assert ix.main(["search", *common, "--query", "sub1/img004.png", "-k", "3"]) == 0
+    out, err = capsys.readouterr()
+    got = [line.split()[2] for line in out.splitlines()]
+    assert len(got) == 3 and not set(got) & set(first_two) and "2 result(s) left out" in err
     assert ix.run_cli(ix.main, ["search", *common[:2], "--checkpoint", str(tmp_path / "nope.pth"), "--query", "x"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     empty = tmp_path / "empty"
