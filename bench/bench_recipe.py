@@ -35,12 +35,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli_types import choice_list, positive_int  # noqa: E402
 from config import add_config_args, config_from_args  # noqa: E402
 from ferplus import RECIPE  # noqa: E402
 from logs import setup_logging  # noqa: E402
 from precision import cpu_has_bf16  # noqa: E402
 from train import Trainer  # noqa: E402
-from utils import run_cli  # noqa: E402
+from utils import UserError, run_cli  # noqa: E402
 
 # Each variant states every lever it differs by (so a RECIPE that turns one on does not leak into `today`).
 OFF = ["--amp", "off", "--freeze-image-stages", "0", "--freeze-depthwise", "false", "--image-bn", "train"]
@@ -90,14 +91,17 @@ def timed_pass(tr: Trainer, batches: list[list[int]], epoch: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "runs" / "ferplus" / "data_sample"))
-    ap.add_argument("--steps", type=int, default=20, help="batches per timed pass")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=positive_int, default=20, help="batches per timed pass")
+    ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--variants", type=choice_list(*VARIANTS), default=list(VARIANTS))
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_recipe"))
     ap.add_argument("--recipe", help="train.py flags replacing bench/ferplus.py's RECIPE (quoted)")
     a = ap.parse_args(argv)
     setup_logging("warning")
-    names = [v for v in a.variants.split(",") if v]
+    if not (Path(a.data) / "captions.csv").is_file() and not Path(a.data).is_file():   # before any run folder
+        raise UserError(f"--data {a.data}: no captions.csv there; prepare FER+ first (python bench/ferplus.py "
+                        "prepares runs/ferplus/data_sample) or pass --data DIR")
+    names = list(dict.fromkeys(a.variants))
     for v in [v for v in names if "bf16" in v and not cpu_has_bf16()]:
         print(f"{v}: skipped (this CPU has no AMX/AVX512-BF16; autocast would run emulated)")
         names.remove(v)

@@ -158,9 +158,12 @@ def phrasing_line(r: dict) -> list[str]:
 
 def table(results: list[dict], a, data: Path) -> str:
     """BENCHMARKS.md: configuration, wall time, throughput, top-1/top-5/UAR, per-class recall, unseen class."""
+    n = pd.read_csv(data / "captions.csv")["split"].value_counts()
+    subset = f" (a stratified `--limit {a.limit}` subset)" if a.limit else ""
     lines = [HEADING, "",
-             "Train: `../shared/data/fer2013/train` (28,709 faces, 3% held out for model selection); test: "
-             "`../shared/data/fer2013/test` (PublicTest, 3,589 faces). Machine: 2 CPU cores, no GPU.",
+             f"Train: `../shared/data/fer2013/train`{subset} ({n.get('train', 0):,} faces, 3% held out for model "
+             f"selection); test: `../shared/data/fer2013/test` (PublicTest, {n.get('test', 0):,} faces). Machine: 2 CPU "
+             "cores, no GPU.",
              "Every run: `offline` preset (ImageNet EfficientNet-Lite0 + frozen all-MiniLM-L6-v2), "
              f"batch {a.batch_size}, AdamW lr {a.lr_image:g} (image), warmup then cosine, "
              "positives by label, a random sentence of the caption bank per image per epoch, augmentation on; "
@@ -214,14 +217,15 @@ def main(argv=None) -> int:
     if not (fer / "train").is_dir():
         print(f"error: {fer}: FER-2013 folder not found (expected train/ and test/); pass --fer DIR", file=sys.stderr)
         return 2
+    also = [Path(d) for d in filter(None, a.also.split(","))]
+    for d in also:                                                  # checked before hours of training
+        if not (d / "result.json").is_file():
+            print(f"error: --also {d}: no result.json there (a finished run folder of this script)", file=sys.stderr)
+            return 2
     work = Path(a.work)
     data = prepare_data(fer, work, a.limit)
     results = [run(name, a, data, work) for name in a.runs]
-    for d in filter(None, a.also.split(",")):
-        if not (Path(d) / "result.json").is_file():
-            print(f"error: --also {d}: no result.json there (a finished run folder of this script)", file=sys.stderr)
-            return 2
-        results.append(json.loads((Path(d) / "result.json").read_text()))
+    results += [json.loads((d / "result.json").read_text()) for d in also]
     out, body = Path(a.out) if a.out else work / "report.md", table(results, a, data)
     out.write_text(upsert_section(out.read_text() if out.is_file() else "", body, HEADING))
     print(body)

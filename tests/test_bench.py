@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def fake_eval(top1: float, unseen: bool = False) -> dict:
     return ev
 
 
-def test_fer2013_table_rows_follow_each_runs_setup():
+def test_fer2013_table_rows_follow_each_runs_setup(tmp_path):
     clip = dict(run="clip", train_minutes=41.0, images_per_s=170.0, best_epoch=12,
                 setup=dict(epochs=12, bank="paper", image_size=64, ema_decay=0.999), paper=fake_eval(0.66),
                 **{"paper+flip": fake_eval(0.67), "paper+flip+prior": fake_eval(0.68)}, rich=fake_eval(0.62))
@@ -54,8 +55,10 @@ def test_fer2013_table_rows_follow_each_runs_setup():
                  setup=dict(epochs=14, bank="paper"), paper=fake_eval(0.6), rich=fake_eval(0.5))
     unseen = dict(run="unseen", train_minutes=13.8, images_per_s=155.0, best_epoch=5, setup=dict(epochs=5, bank="rich"),
                   paper=fake_eval(0.5, True), rich=fake_eval(0.54, True))
-    a = SimpleNamespace(image_size=64, batch_size=64, lr_image=1e-3, unseen="surprise")
-    md = fer2013.table([clip, unseen, older], a, Path("."))
+    a = SimpleNamespace(image_size=64, batch_size=64, lr_image=1e-3, unseen="surprise", limit=5)
+    pd.DataFrame(dict(split=["train"] * 3 + ["test"] * 2)).to_csv(tmp_path / "captions.csv", index=False)
+    md = fer2013.table([clip, unseen, older], a, tmp_path)
+    assert "(a stratified `--limit 5` subset) (3 faces, 3% held out" in md and "(PublicTest, 2 faces)" in md
     assert "| CLIP (contrastive) | 64 | 12 | 0.999 | paper | 41.0 | 170 | 12 | paper | - | 66.0% |" in md
     assert "| CLIP (contrastive) | 64 | 12 | 0.999 | paper | 41.0 | 170 | 12 | paper | flip | 67.0% |" in md
     assert "| CLIP (contrastive) | 64 | 12 | 0.999 | paper | 41.0 | 170 | 12 | paper | flip + prior | 68.0% |" in md
@@ -78,6 +81,15 @@ def test_fer2013_refuses_a_cached_row_of_another_setup_and_bad_run_names(tmp_pat
     with pytest.raises(SystemExit):
         fer2013.main(["--runs", "clip,foo"])
     assert "expected comma-separated names from clip, ce, unseen" in capsys.readouterr().err
+    (tmp_path / "train").mkdir()
+    assert fer2013.main(["--fer", str(tmp_path), "--also", str(tmp_path / "nope"), "--work", str(tmp_path / "w")]) == 2
+    assert "--also" in capsys.readouterr().err and not (tmp_path / "w").exists()    # before any training
+
+
+def test_bench_recipe_refuses_missing_data_before_making_run_folders(tmp_path, capsys):
+    work = tmp_path / "w"
+    assert bench_recipe.run_cli(bench_recipe.main, ["--data", str(tmp_path / "none"), "--work", str(work)]) == 2
+    assert "no captions.csv there" in capsys.readouterr().err and not work.exists()
 
 
 def test_bench_recipe_prints_slow_rates_with_decimals_not_as_zero():
