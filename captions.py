@@ -4,8 +4,8 @@ A bank is a CSV with columns `label,caption`, one row per sentence; `paper` and 
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
-
 
 from utils import UserError, read_csv_checked
 
@@ -27,8 +27,9 @@ SHIPPED_BANKS = ("paper", "rich")
 
 
 def clean_name(name) -> str:
-    """Trimmed, lower-case class name with inner whitespace collapsed."""
-    return " ".join(str(name).strip().lower().split())
+    """Trimmed, lower-case class name with inner whitespace collapsed, in Unicode NFC (a macOS zip's folder names
+    come decomposed: U + combining diaeresis, not Ü)."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).strip().lower().split())
 
 
 def canonical_name(name) -> str:
@@ -51,7 +52,8 @@ def load_caption_bank(name_or_path: str = "paper") -> dict[str, list[str]]:
         raise UserError(f"caption bank {name_or_path!r}: no such file; use paper, rich or a CSV with columns label,caption")
     df = read_csv_checked(path, ("label", "caption"), hint="a caption bank needs columns label,caption")
     bank: dict[str, list[str]] = {}
-    for row, (label, caption) in enumerate(zip(df["label"], df["caption"]), start=2):
+    blank = (df.apply(lambda col: col.str.strip()) == "").all(axis=1)            # `,,` rows a spreadsheet leaves
+    for row, label, caption in zip(df.index[~blank] + 2, df["label"][~blank], df["caption"][~blank]):
         if not label.strip() or not caption.strip():
             raise UserError(f"{path}: line {row} has an empty label or caption; fill it in or delete the row")
         bank.setdefault(canonical_name(label), []).append(caption.strip())

@@ -112,28 +112,52 @@ def read_fer2013_csv(source: Path, image_root=None) -> tuple[pd.DataFrame, Count
 FOLDER_WANTS = "--format folder wants SPLIT/CLASS/*.png or CLASS/*.png"
 
 
-def _not_data(d: Path) -> bool:
+NOT_IMAGES = {".txt", ".csv", ".json", ".md", ".db", ".ini", ".xml", ".pdf", ".py", ".npy"}  # not counted as skipped
+
+
+def _not_data(d: Path, outputs: set | None = None) -> bool:
     """Folders a dataset layout never means: hidden ones, a Mac zip's __MACOSX, and prepare.py's own output (a folder
-    holding a captions.csv, or the images/ beside one), so --out inside SOURCE can be prepared again."""
+    holding a captions.csv, or the images/ beside one), so --out inside SOURCE can be prepared again. Output folders
+    are added to `outputs` (counted)."""
+    if (d / "captions.csv").is_file() and not d.name.startswith(".") and outputs is not None:
+        outputs.add(str(d))
     return (d.name.startswith(".") or d.name == "__MACOSX" or (d / "captions.csv").is_file()
             or (d.name == "images" and (d.parent / "captions.csv").is_file()))
 
 
-def class_images(folder: Path, wants: str) -> list[str]:
+def class_images(folder: Path, wants: str, outputs: set | None = None, other: Counter | None = None) -> list[str]:
     """Image files anywhere below a class folder (CLASS/subject/*.png too: the label is the class folder), sorted
-    folder by folder; folders _not_data skipped. A split folder right inside a class folder (SOURCE one level too high,
-    which would label every image with the dataset's name) -> UserError."""
+    folder by folder; folders _not_data skipped (output folders added to `outputs`), other file types counted by
+    extension in `other` (hidden files and NOT_IMAGES left out). A split folder right inside a class folder (SOURCE
+    one level too high, which would label every image with the dataset's name) -> UserError."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not _not_data(here / n))
+        dirnames[:] = sorted(n for n in dirnames if not _not_data(here / n, outputs))
         split = next((n for n in dirnames if n.lower() in SPLIT_NAMES), None) if here == folder else None
         if split:
             raise UserError(f"{here / split}: a split folder inside the class folder {folder.name}; point at "
                             f"{here} instead; {wants}")
         out += [str(here / n) for n in sorted(filenames)
                 if Path(n).suffix.lower() in IMAGE_EXTS and regular_or_broken(dirpath, n)]
+        if other is not None:
+            other.update(Path(n).suffix.lower() or "(none)" for n in filenames if not n.startswith(".")
+                         and Path(n).suffix.lower() not in IMAGE_EXTS | NOT_IMAGES)
     return out
+
+
+def refuse_out_in_class_folder(out: Path, source: Path) -> None:
+    """--out at or below a split or class folder of a folder SOURCE -> UserError: later runs would skip that whole
+    folder as prepare.py's output. SOURCE itself or a new folder in it is fine."""
+    where, top = Path(os.path.abspath(out)).resolve(), source.resolve()
+    rel = where.relative_to(top).parts if where.is_relative_to(top) else ()
+    if not rel or rel[0].startswith(".") or not (top / rel[0]).is_dir():
+        return
+    first = top / rel[0]
+    if rel[0].lower() in SPLIT_NAMES or class_images(first, FOLDER_WANTS):
+        kind = "split" if rel[0].lower() in SPLIT_NAMES else "class"
+        raise UserError(f"--out {out}: inside the {kind} folder {first}, which later runs would skip as output; "
+                        f"give {source} itself, a new folder in it (e.g. {source / 'prepared'}) or one outside it")
 
 
 def refuse_output_inside(out, flag: str, folders, reads: str) -> None:
@@ -160,20 +184,38 @@ def read_folder(source: Path, image_root=None, wants: str = FOLDER_WANTS) -> tup
     by_split = any(d.name.lower() in SPLIT_NAMES for d in subdirs)      # other folders beside them: skipped, counted
     groups = [(SPLIT_NAMES[d.name.lower()], d) for d in subdirs if d.name.lower() in SPLIT_NAMES] if by_split \
         else [("", source)]
-    records, skipped = [], Counter()
+    records, skipped, outputs, other, empty = [], Counter(), set(), Counter(), []
     skipped["folder beside the split folders, not a split"] += sum(by_split and d.name.lower() not in SPLIT_NAMES
                                                                   for d in subdirs)
     for split, top in groups:
         for entry in sorted(os.scandir(top), key=lambda e: e.name):
             is_image = Path(entry.name).suffix.lower() in IMAGE_EXTS
-            if entry.is_dir() and not _not_data(Path(entry.path)):
-                files = class_images(Path(entry.path), wants)
+            if entry.is_dir() and not _not_data(Path(entry.path), outputs):
+                files = class_images(Path(entry.path), wants, outputs, other)
                 records += [(p, posix_rel(p, source), entry.name, split) for p in files]
+                empty += [] if files else [posix_rel(Path(entry.path), source)]
             elif is_image:
                 skipped["image not inside a class folder"] += 1
+    _count_folder_skips(skipped, sorted(posix_rel(Path(d), source) for d in outputs), other, empty)
     if not records:
-        raise UserError(f"{source}: no images found; {wants}")
+        raise UserError(f"{source}: no images inside class folders ({_why_none(skipped) or 'none found'}); {wants}")
     return pd.DataFrame(records, columns=["src", "name", "label", "split"]), skipped
+
+
+def _count_folder_skips(skipped: Counter, outputs: list[str], other: Counter, empty: list[str]) -> None:
+    """One skipped line each: output folders, files of a type not read (by extension), class folders left empty."""
+    def some(names):
+        return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    if outputs:
+        skipped[f"folder holding a captions.csv (prepare.py output), not read ({some(outputs)})"] += len(outputs)
+    if other:
+        skipped[f"file type not read ({some(sorted(other))})"] += sum(other.values())
+    if empty:
+        skipped[f"class folder with no image read ({some(empty)})"] += len(empty)
+
+
+def _why_none(skipped: Counter) -> str:
+    return "; ".join(f"skipped {n}: {why}" for why, n in sorted(skipped.items()) if n)
 
 
 def read_ferplus(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
@@ -193,7 +235,7 @@ def read_ferplus(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
             raise Skip("no image name")
         if split is None:
             raise Skip("Usage not Training/PublicTest/PrivateTest")
-        if np.isnan(v).any() or (v < 0).any() or v.sum() <= 0:
+        if not np.isfinite(v.sum()) or (v < 0).any() or v.sum() <= 0:       # NaN, inf, 1e400
             raise Skip("bad vote counts")
         top = FERPLUS_VOTES[int(v.argmax())]  # ties: first column wins
         if top in ("unknown", "NF"):
@@ -286,7 +328,7 @@ def read_rafdb(source: Path, image_root=None) -> tuple[pd.DataFrame, Counter]:
 
     def row(line: str):
         parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit() or not 1 <= int(parts[1]) <= len(RAFDB_NAMES):
+        if len(parts) != 2 or not parts[1].isdecimal() or not 1 <= int(parts[1]) <= len(RAFDB_NAMES):
             raise Skip("malformed line or label not 1..7")
         stem, ext = os.path.splitext(parts[0])
         found = [(d, safe_join(d, n)) for d in dirs for n in (f"{stem}_aligned{ext}", parts[0])]

@@ -15,6 +15,7 @@ import argparse
 import filecmp
 import io
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -26,7 +27,8 @@ import pandas as pd
 from PIL import Image
 
 from captions import CANONICAL, SYNONYMS, canonical_name, caption_for, clean_name, load_caption_bank
-from formats import FERPLUS_DIRS, FERPLUS_VOTES, READERS, USAGE_SPLITS, Skip, read_folder  # noqa: F401 (re-exported)
+from formats import (FERPLUS_DIRS, FERPLUS_VOTES, READERS, USAGE_SPLITS, Skip, read_folder,  # noqa: F401 (re-exported)
+                     refuse_out_in_class_folder)
 from image_files import float_to_8bit, upright
 from logs import get_logger
 from utils import UserError, atomic_write, read_csv_checked, run_cli
@@ -55,7 +57,8 @@ def harmonise_label(name, label_map: dict[str, str] | None = None, known=CANONIC
         key = clean_name(mapped[key])
     key = SYNONYMS.get(key, key)
     if key not in known:
-        raise UserError(f"unknown class name {name!r}; known: {', '.join(known)}; pass --label-map {name}=NEW")
+        raise UserError(f"unknown class name {name!r}; known: {', '.join(known)}; pass --label-map "
+                        f"{shlex.quote(f'{name}=NEW')}")
     return key
 
 
@@ -70,7 +73,8 @@ def harmonise_labels(labels: pd.Series, label_map=None, known=CANONICAL, where: 
             unknown.append(str(name))
     if unknown:
         raise UserError(f"{where}: unknown class name(s) {', '.join(unknown)}; known: {', '.join(known)}; "
-                        f"pass --label-map OLD=NEW (e.g. --label-map {unknown[0]}={known[0]}, or {unknown[0]}= to drop)")
+                        f"pass --label-map OLD=NEW (e.g. --label-map {shlex.quote(f'{unknown[0]}={known[0]}')}, or "
+                        f"{shlex.quote(f'{unknown[0]}=')} to drop)")
     return labels.map(mapping)
 
 
@@ -269,6 +273,8 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
         raise UserError(f"--format {fmt!r}: use one of {', '.join(READERS)}")
     for bad, why in ((no_face not in ("skip", "keep"), f"--no-face {no_face!r}: use keep or skip"),
                      (face_margin < 0, f"--face-margin {face_margin}: must be >= 0"),
+                     (bool(image_root) and not Path(image_root or "").is_dir(),
+                      f"--image-root {image_root}: no such folder; give the folder holding the images"),
                      (grayscale and not detect_faces, "--grayscale goes with --detect-faces (it turns the face "
                                                       "crops grey); add --detect-faces or drop --grayscale")):
         if bad:
@@ -277,6 +283,8 @@ def convert(source, fmt: str, out, copy: bool = False, label_map: dict[str, str]
     source, out = Path(os.path.abspath(source)), Path(os.path.abspath(out))
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
+    if fmt == "folder":
+        refuse_out_in_class_folder(out, source)
     sentences = load_caption_bank(bank)
     listed, old = out / "captions.csv", existing_table(out)                       # fail before writing images
     rows, skipped = READERS[fmt](source, image_root and Path(os.path.abspath(image_root)))

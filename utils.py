@@ -247,19 +247,54 @@ def _first_non_utf8_line(path) -> int:
     return 1
 
 
+def _first_extra_field(path) -> tuple[int, int | None]:
+    """(the header's field count, the first line holding a non-empty field past it, or None)."""
+    import csv
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        rows = csv.reader(f)
+        width = next((len(r) for r in rows if r), 0)
+        for fields in rows:
+            if any(x.strip() for x in fields[width:]):
+                return width, rows.line_num
+    return width, None
+
+
+def _read_csv_strings(path):
+    """pd.read_csv as strings. Rows longer than the header: trailing empty fields (a comma ending each row) are
+    dropped, a non-empty one is a UserError (pandas would make the first column the index, shifting every value,
+    or drop it silently)."""
+    import warnings
+    import pandas as pd
+    kw = dict(dtype=str, keep_default_na=False, index_col=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, **kw)
+        except (pd.errors.ParserWarning, pd.errors.ParserError) as e:
+            if isinstance(e, pd.errors.ParserError) and "Expected" not in str(e):
+                raise
+    width, line = _first_extra_field(path)
+    if line is not None:
+        raise UserError(f"{path}: line {line} has more fields than the header's {width}; quote a value that holds "
+                        "a comma, or name the extra column in the header")
+    return pd.read_csv(path, usecols=range(width), **kw)
+
+
 def read_csv_checked(path, required, hint: str = ""):
-    """A CSV as strings (no NaN), columns stripped; one-line UserErrors naming the file and any missing column."""
+    """A CSV as strings (no NaN), columns stripped; one-line UserErrors naming the file and any missing column.
+    A comma ending each row (an empty last field) is dropped; any other field past the header is refused."""
     import pandas as pd
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file{'; ' + hint if hint else ''}")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = _read_csv_strings(path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: line {_first_non_utf8_line(path)} is not UTF-8 text; save the file as UTF-8 "
                         "(a spreadsheet's 'CSV UTF-8' option) and run again") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise UserError(f"{path}: not a readable CSV ({type(e).__name__}: {first_line(e, 100)})")
     df.columns = [str(c).strip() for c in df.columns]
+    df = df[[c for c in df.columns if not (c.startswith("Unnamed: ") and not df[c].str.strip().any())]]  # `a,b,`
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing required column(s) {', '.join(missing)} "

@@ -81,3 +81,16 @@ def test_a_comma_list_merges_banks_in_order_without_repeats():
     paper, rich = load_caption_bank("paper"), load_caption_bank("rich")
     assert merged["contempt"] == paper["contempt"] + [s for s in rich["contempt"] if s not in paper["contempt"]]
     assert set(merged) == set(paper) | set(rich)
+
+
+def test_blank_rows_a_spreadsheet_leaves_are_ignored_and_half_empty_ones_refused(tmp_path):
+    (tmp_path / "b.csv").write_text("label,caption,note\nhappy,a smile,\n,,\n , ,\nsad,a frown,x\n")
+    assert load_caption_bank(str(tmp_path / "b.csv")) == {"happiness": ["a smile"], "sadness": ["a frown"]}
+    (tmp_path / "c.csv").write_text("label,caption\nhappy,a smile\n,,\nsad,\n")
+    with pytest.raises(UserError, match=r"c\.csv: line 4 has an empty label or caption"):
+        load_caption_bank(str(tmp_path / "c.csv"))
+
+
+def test_class_names_decomposed_by_a_mac_zip_match_the_composed_spelling():
+    from captions import clean_name
+    assert clean_name("U\u0308berraschung ") == clean_name("\u00dcberraschung") == "\u00fcberraschung"

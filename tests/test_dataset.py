@@ -250,3 +250,17 @@ def test_evaluation_reads_a_table_without_captions_and_training_still_needs_them
     assert list(read_captions(cfg, need_caption=False)["label"]) == ["happiness", "sadness"]
     with pytest.raises(UserError, match="missing required column.*caption"):
         read_captions(cfg)
+
+
+def test_a_comma_ending_every_row_keeps_the_columns_and_other_extra_fields_are_refused(tmp_path):
+    cfg = write_set(tmp_path, [dict(image="a.png", caption="c", label="happiness")])
+    (tmp_path / "captions.csv").write_text("image,caption,label\na.png,a face,happiness,\n")   # spreadsheet export
+    df = read_captions(cfg)
+    assert df[["image", "caption", "label"]].values.tolist() == [["a.png", "a face", "happiness"]]
+    (tmp_path / "captions.csv").write_text("image,caption,label,\na.png,a face,happiness,\n")  # header too
+    df = read_captions(cfg)
+    assert df[["image", "caption", "label"]].values.tolist() == [["a.png", "a face", "happiness"]]
+    assert "Unnamed: 3" not in df
+    (tmp_path / "captions.csv").write_text("image,caption,label\na.png,c,happiness\na.png,a, sad face,sadness\n")
+    with pytest.raises(UserError, match=r"captions\.csv: line 3 has more fields than the header's 3; quote"):
+        read_captions(cfg)

@@ -455,3 +455,71 @@ def test_each_face_option_mistake_is_named_alone(tmp_path, kw, says):
     with pytest.raises(UserError) as e:
         P.convert(tmp_path / "a", "folder", tmp_path / "out", **kw)
     assert str(e.value).startswith(says) and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- inputs a tester handed over
+
+def test_a_comma_ending_each_row_shifts_no_column_in_a_dataset_csv_or_captions_csv(tmp_path):
+    fer_csv(tmp_path / "f.csv", n=7)
+    lines = (tmp_path / "f.csv").read_text().splitlines()
+    (tmp_path / "f.csv").write_text("\n".join([lines[0]] + [ln + "," for ln in lines[1:]]) + "\n")
+    table = P.convert(tmp_path / "f.csv", "fer2013-csv", tmp_path / "out")
+    assert table["label"].tolist()[:2] == ["anger", "disgust"] and table["split"][0] == "train"
+    listed = tmp_path / "out" / "captions.csv"
+    listed.write_text("\n".join(ln + "," for ln in listed.read_text().splitlines()) + "\n")
+    again = P.convert(tmp_path / "f.csv", "fer2013-csv", tmp_path / "out")
+    assert again["image"].tolist() == table["image"].tolist() and again.attrs["report"]["added"] == 0
+
+
+def test_out_inside_a_split_or_class_folder_is_refused_and_output_folders_are_counted(tmp_path):
+    img(tmp_path / "s" / "train" / "happy" / "1.png"), img(tmp_path / "flat" / "happy" / "1.png")
+    for src, out in (("s", "s/train"), ("s", "s/train/happy"), ("flat", "flat/happy")):
+        with pytest.raises(UserError, match=r"--out .*: inside the (split|class) folder .*later runs would skip"):
+            P.convert(tmp_path / src, "folder", tmp_path / out)
+    assert not (tmp_path / "s" / "train" / "captions.csv").exists()
+    P.convert(tmp_path / "flat", "folder", tmp_path / "flat" / "prepared")                  # a new folder: fine
+    again = P.convert(tmp_path / "flat", "folder", tmp_path / "o2")
+    assert again.attrs["report"]["skipped"] == {"folder holding a captions.csv (prepare.py output), not read "
+                                                "(prepared)": 1}
+
+
+def test_a_mac_zips_decomposed_class_name_is_mapped_by_its_composed_spelling(tmp_path):
+    img(tmp_path / "src" / "U\u0308berraschung" / "1.png"), img(tmp_path / "src" / "happy" / "2.png")
+    argv = [str(tmp_path / "src"), "--format", "folder", "--out", str(tmp_path / "out")]
+    assert P.main(argv + ["--label-map", "\u00dcberraschung=surprise"]) == 0
+    assert sorted(read(tmp_path / "out")["label"]) == ["happiness", "surprise"]
+
+
+def test_unread_file_types_and_a_class_left_without_images_are_counted(tmp_path):
+    img(tmp_path / "src" / "sad" / "0.png"), (tmp_path / "src" / "happy").mkdir()
+    for name in ("0.gif", "1.GIF", "x.jfif", "notes.txt", ".DS_Store"):
+        (tmp_path / "src" / "happy" / name).write_bytes(b"GIF89a")
+    table = P.convert(tmp_path / "src", "folder", tmp_path / "out")
+    assert table.attrs["report"]["skipped"] == {"file type not read (.gif, .jfif)": 3,
+                                                "class folder with no image read (happy)": 1}
+
+
+def test_infinite_ferplus_votes_and_a_superscript_rafdb_label_are_counted_not_a_traceback(tmp_path):
+    root = tmp_path / "fp"
+    for i in range(3):
+        img(root / "FER2013Train" / f"fer{i}.png")
+    votes = [[0, 9, 0, 0, 0, 0, 0, 0, 0, 0], ["inf", 1, 0, 0, 0, 0, 0, 0, 0, 0], [0, "1e400", 0, 0, 0, 0, 0, 0, 0, 0]]
+    pd.DataFrame([["Training", f"fer{i}.png", *v] for i, v in enumerate(votes)],
+                 columns=["Usage", "Image name", *P.FERPLUS_VOTES]).to_csv(root / "fer2013new.csv", index=False)
+    table = P.convert(root, "ferplus", tmp_path / "out")
+    assert len(table) == 1 and table.attrs["report"]["skipped"] == {"bad vote counts": 2}
+    img(tmp_path / "raf" / "Image" / "aligned" / "train_00001_aligned.jpg", "RGB")
+    (tmp_path / "raf" / "EmoLabel").mkdir()
+    (tmp_path / "raf" / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 4\ntrain_00001.jpg \u00b2\n")
+    table = P.convert(tmp_path / "raf", "rafdb", tmp_path / "out2")
+    assert len(table) == 1 and table.attrs["report"]["skipped"] == {"malformed line or label not 1..7": 1}
+
+
+def test_a_missing_image_root_loose_images_and_an_unsafe_class_name_each_get_a_line(tmp_path):
+    img(tmp_path / "src" / "happy 1" / "1.png"), img(tmp_path / "loose" / "a.png")
+    with pytest.raises(UserError, match=r"^--image-root .*nope: no such folder"):
+        P.convert(tmp_path / "src", "ferplus", tmp_path / "out", image_root=tmp_path / "nope")
+    with pytest.raises(UserError, match=r"no images inside class folders \(skipped 1: image not inside a class"):
+        P.convert(tmp_path / "loose", "folder", tmp_path / "out")
+    with pytest.raises(UserError, match=r"e\.g\. --label-map 'happy 1=neutral', or 'happy 1=' to drop"):
+        P.convert(tmp_path / "src", "folder", tmp_path / "out")
