@@ -108,7 +108,7 @@ def read_checkpoint(path, hint: str = "--checkpoint") -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: not a loadable checkpoint ({type(e).__name__}); "
-                        "only files written by train.py are accepted")
+                        "only files written by train.py or checkpoint.py export are accepted")
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not an ExprCLIP checkpoint (no '{CHECKPOINT_FORMAT}' header); "
                         "was it written by train.py?")

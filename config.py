@@ -21,7 +21,7 @@ from utils import UserError
 class Config:
     # --- model ---
     image_model: str = "resnet50"             # any timm model name (resnet50, vit_base_patch16_224, ...)
-    image_weights: str = "hub"                # hub | none | pkg:efficientnet-lite0 | PATH (.pth/.safetensors)
+    image_weights: str = "hub"                # hub | none | pkg:efficientnet-lite0|1|2 | PATH (.pth/.safetensors)
     text_model: str = "distilbert-base-uncased"  # transformers name or local folder (pkg:all-minilm-l6-v2), or a
                                               # packaged multilingual sentence encoder, used frozen:
                                               # pkg:multilingual-e5-small | pkg:multilingual-use

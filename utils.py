@@ -56,11 +56,44 @@ def first_line(e: BaseException | str, n: int = 120) -> str:
     return (lines[0] if lines else type(e).__name__ if isinstance(e, BaseException) else "")[:n]
 
 
+class _ReaderGone:
+    """sys.stdout that drops what is written once its reader has gone (`predict.py photos | head`), so the command
+    still finishes its work and its --out files instead of dying in a BrokenPipeError traceback."""
+
+    def __init__(self, stream):
+        self._stream, self.gone = stream, False
+
+    def _call(self, fn, *args):
+        if not self.gone:
+            try:
+                return fn(*args)
+            except BrokenPipeError:
+                self.gone = True
+                try:                                   # the interpreter's own flush at exit must not fail either
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+                except (OSError, ValueError, AttributeError):
+                    pass
+        return None
+
+    def write(self, text: str) -> int:
+        self._call(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._call(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def run_cli(main, argv=None) -> int:
     """Run `main(argv)`; turn UserError (and Ctrl-C) into one line on stderr (logs.py) and an exit code. A path the
     system refuses (a file where a folder must go or the reverse, no permission) is one line too, naming it. Under
-    torchrun only each machine's first process says it: every rank checks the same input and raises the same line."""
+    torchrun only each machine's first process says it: every rank checks the same input and raises the same line.
+    Output piped into a reader that quits early (`| head`) is dropped from then on; the work goes on."""
+    import sys
     say = log.error if os.environ.get("LOCAL_RANK", "0") == "0" else log.debug
+    stdout, sys.stdout = sys.stdout, _ReaderGone(sys.stdout)
     try:
         return int(main(argv) or 0)
     except UserError as e:
@@ -75,6 +108,8 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    finally:
+        sys.stdout = stdout
 
 
 def pick_device(requested: str = "auto") -> torch.device:
