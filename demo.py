@@ -112,29 +112,36 @@ def similar_gallery_view(engine: Engine, paths, index, k):
 
 
 def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: int = 32):
-    """Sequence: ({name: turn-weighted probability}, timeline figure, markdown)."""
-    from sequence import sequence_scores, timeline_figure
+    """Sequence: ({name: turn-weighted probability}, timeline figure, markdown). Frames showing others but not the
+    followed person are left out of the scores and named."""
+    from sequence import frame_list, plot_font_note, sequence_scores, timeline_figure
     items = vocab_items(vocab_text)
     files = [files] if isinstance(files, (str, os.PathLike)) else files
     if not isinstance(files, (list, tuple)):
         raise UserError("upload several images (frames) or a short video first")
     decay, detect = float(number_in(decay, "decay", 0, 1)), yes_no(detect, "Detect faces")
-    frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS)
-    crops, found, people, followed = frame_crops(frames, detect, engine.cfg.grayscale)
+    notes: list[str] = []
+    frames, skipped = load_frames(files, max_frames, MAX_UPLOAD_PIXELS, notes)
+    crops, found, people, followed, away = frame_crops(frames, detect, engine.cfg.grayscale)
+    times, kept = [f.info.get("time_s") for f in frames], [i for i, a in enumerate(away) if not a]
     names = [name for name, _ in items]
-    scores = score_frames(engine, crops, [s for _, s in items])       # [T, C]
+    scores = score_frames(engine, [crops[i] for i in kept], [s for _, s in items])       # [T, C]
     overall, w = sequence_scores(scores, decay)                       # [C], [T]
-    fig = timeline_figure(scores, names, top=5, decay=decay, times=[f.info.get("time_s") for f in frames])
-    msg = [f"**{len(frames)} frame{'' if len(frames) == 1 else 's'}** (decay {decay:g}: the last frame weighs "
+    fig = timeline_figure(scores, names, top=5, decay=decay, times=[times[i] for i in kept])
+    msg = [f"**{len(kept)} frame{'' if len(kept) == 1 else 's'}** (decay {decay:g}: the last frame weighs "
            f"{w[-1]:.0%})."]
     if people > 1:
         msg.append(f"{people} people in view: followed the one in the most frames ({followed} of {len(frames)}).")
-    missing = [str(t) for t, f in enumerate(found, 1) if not f]
+    if len(kept) < len(frames):
+        msg.append(f"{frame_list(times, [i for i in range(len(frames)) if away[i]]).capitalize()}: the followed "
+                   "person not in view, left out.")
+    missing = [i for i, f in enumerate(found) if not f]
     if detect and missing:
-        msg.append(f"No face found in frame(s) {', '.join(missing)}: the whole frame was scored.")
+        msg.append(f"No face found in {frame_list(times, missing)}: the whole frame was scored.")
     if skipped:
         msg.append(f"Skipped {len(skipped)} file(s): " + "; ".join(skipped))
-    return {n: float(v) for n, v in zip(names, overall)}, fig, " ".join(msg)
+    msg += [n + "." for n in notes] + [plot_font_note(names)]
+    return {n: float(v) for n, v in zip(names, overall)}, fig, " ".join(m for m in msg if m)
 
 
 def vocab_handlers() -> dict:

@@ -18,6 +18,7 @@ skipped, one line each; nothing is written but --out and --plots.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -96,8 +97,11 @@ def predict_video(engine, path: Path, names: list[str], sentences: list[str], de
     from retrieval import rank_faces
     from video import video_frames
     from sequence import track_faces
-    rows = []
-    for f in video_frames(path, max_frames):
+    rows, notes = [], []
+    sampled = video_frames(path, max_frames, notes=notes)
+    for note in notes:                                                # cut short: sampled from what is there
+        log.warning(note)
+    for f in sampled:
         res = rank_faces(engine, f.image, sentences, detect=detect, max_faces=max_faces)
         rows += face_rows(res, path, f.size[0] / f.image.width, names, detect, f.index, f.time_s)
     frames = sorted({r["frame"] for r in rows})
@@ -138,7 +142,7 @@ def overall_lines(rows: list[dict], names: list[str], top: int, decay: float) ->
 def write_plots(rows: list[dict], names: list[str], decay: float, folder: Path, taken: set[str]) -> list[Path]:
     """--plots: a timeline PNG (sequence.timeline_figure) per group of person_groups, named after the video and
     the person (`clip_person2.png`; `clip-2_person2.png` for a second clip.* in one run), written atomically."""
-    from sequence import timeline_figure
+    from sequence import plot_font_note, timeline_figure
     stem = Path(rows[0]["file"]).stem
     base, k = stem, 1
     while base in taken:
@@ -149,12 +153,20 @@ def write_plots(rows: list[dict], names: list[str], decay: float, folder: Path, 
     for label, got in person_groups(rows):
         fig = timeline_figure([[r[n] for n in names] for r in got], names, top=5, decay=decay,
                               times=[r.get("time_s") for r in got])              # seconds when the file has a rate
-        fig.axes[0].set_title(f"{Path(rows[0]['file']).name}: {label} (decay {decay:g})", fontsize="medium")
+        title = f"{Path(rows[0]['file']).name}: {label} (decay {decay:g})"
+        fig.axes[0].set_title(title, fontsize="medium")
+        if note := plot_font_note([*names, title]):
+            _warn_once(f"--plots: {note}")
         who = f"person{got[0]['person']}" if label.startswith("person") else "frames"
         path = folder / f"{base}_{who}.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         out.append(path)
     return out
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def face_line(row: dict, names: list[str], top: int) -> str:

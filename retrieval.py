@@ -298,14 +298,15 @@ class FrameCrops(NamedTuple):
     found: list[bool]          # a face was found in that frame (or the frame is a face crop)
     people: int                # persons seen in two frames or more (sequence.track_faces)
     followed: int              # frames holding the person followed
+    away: list[bool]           # faces found, but not the followed person's: leave the frame out of their scores
 
 
 def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False, detector: str = "auto",
                 max_faces: int = 5) -> FrameCrops:
     """One person's face in each frame (detect on; aligned crops with MTCNN): the person seen in the most frames
-    (sequence.track_faces numbers the faces; ties go to the one seen first), the largest face in a frame without
-    them, the whole frame when none is found (the centre square) or detection is off. A face-crop sized frame
-    (faces.CROP_MAX_SIDE) is its face: whole, found."""
+    (sequence.track_faces numbers the faces; ties go to the one seen first). A frame with other faces only is
+    marked .away (its crop: the largest face); the whole frame when none is found (the centre square) or detection
+    is off. A face-crop sized frame (faces.CROP_MAX_SIDE) is its face: whole, found."""
     from sequence import track_faces
     per = [_frame_faces(f, detect, grayscale, detector, max_faces) for f in frames]     # (crops, boxes, how)
     ids = track_faces([[(b.x0, b.y0, b.x1, b.y1) for b in boxes] if how == "face" else [] for _, boxes, how in per])
@@ -313,7 +314,8 @@ def frame_crops(frames: list[Image.Image], detect: bool, grayscale: bool = False
     main = max(frames_of, key=lambda p: (frames_of[p], -p)) if frames_of else None
     chosen = [found[got.index(main) if main in got else 0] for (found, _, _), got in zip(per, ids)]
     return FrameCrops(chosen, [how in ("face", "crop") for _, _, how in per],
-                      sum(n > 1 for n in frames_of.values()), frames_of[main] if main else 0)
+                      sum(n > 1 for n in frames_of.values()), frames_of[main] if main else 0,
+                      [bool(got) and main not in got for got in ids])
 
 
 def _frame_faces(image: Image.Image, detect: bool, grayscale: bool, detector: str, max_faces: int,

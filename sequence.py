@@ -11,6 +11,9 @@ work too, and a sequence that never changes returns its own scores.
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
 
@@ -46,6 +49,21 @@ def sequence_scores(frame_scores, decay: float = 0.5) -> tuple[np.ndarray, np.nd
     return w @ s, w                                                   # [C], [T]
 
 
+def is_timed(times, T: int) -> bool:
+    """One finite, increasing time per frame (a video's seconds): what timeline_figure plots against."""
+    return times is not None and len(times) == T and \
+        all(isinstance(t, (int, float, np.floating)) and np.isfinite(t) for t in times) and \
+        bool(np.all(np.diff(np.asarray(times, dtype=np.float64)) > 0))
+
+
+def frame_list(times, picks: list[int]) -> str:
+    """Frames `picks` (positions) named as the timeline's axis shows them: 'frame(s) at 0.20 s, 1.10 s' when the
+    frames are timed, else 'frame(s) 3, 5' (numbered from 1)."""
+    if is_timed(times, len(times or [])):
+        return "frame(s) at " + ", ".join(f"{times[i]:.2f} s" for i in picks)
+    return "frame(s) " + ", ".join(str(i + 1) for i in picks)
+
+
 def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float = 0.5,
                     times: list[float] | None = None) -> Figure:
     """Per-frame scores of the `top` expressions by turn-weighted score, with the frame weights as grey bars; x is
@@ -56,14 +74,15 @@ def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float =
     overall, w = sequence_scores(s, decay)
     order = np.argsort(-overall, kind="stable")[:max(1, top)]
     T = s.shape[0]
-    timed = times is not None and len(times) == T and \
-        all(isinstance(t, (int, float, np.floating)) and np.isfinite(t) for t in times) and \
-        bool(np.all(np.diff(np.asarray(times, dtype=np.float64)) > 0))
+    timed = is_timed(times, T)
     x = np.asarray(times, dtype=np.float64) if timed else np.arange(1, T + 1)       # [T]
+    _font_fallback()
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)   # plot_font_note
     fig = Figure(figsize=(7, 3.5), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.twinx()
-    bars.bar(x, w, color="0.85", width=0.6 * (float(np.diff(x).min()) if T > 1 else 1.0), zorder=0)
+    width = 0.6 * (float(np.diff(x).min()) if T > 1 else 1.0)
+    bars.bar(x, w, color="0.85", width=width, zorder=0)
     bars.set_ylabel("frame weight", color="0.5")
     bars.set_ylim(0, max(1.0, float(w.max())))
     ax.set_zorder(bars.get_zorder() + 1)
@@ -74,10 +93,51 @@ def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float =
     ax.set_ylabel("score")
     if not timed:
         ax.set_xticks(x if T <= 20 else np.linspace(1, T, 11).round().astype(int))
-    span = f", {x[0]:g}-{x[-1]:g} s" if timed else ""
-    ax.set_title(f"top {len(order)} expressions over {T} frames{span} (decay {decay:g})")
+    elif T > 1:
+        ax.set_xlim(max(0.0, x[0] - width), x[-1] + width)            # no negative seconds
+    span = f", {x[0]:g}-{x[-1]:g} s" if timed and T > 1 else f" at {x[0]:g} s" if timed else ""
+    ax.set_title(f"top {len(order)} expressions over {T} frame{'' if T == 1 else 's'}{span} (decay {decay:g})")
     ax.legend(fontsize="small", loc="best")
     return fig
+
+
+CJK_FONTS = ("Noto Sans CJK KR", "Noto Sans CJK JP", "Noto Sans KR", "NanumGothic", "UnDotum", "Source Han Sans KR",
+             "WenQuanYi Zen Hei", "Droid Sans Fallback")
+
+
+@functools.cache
+def _font_fallback() -> str | None:
+    """A CJK font installed for matplotlib, added after the default sans-serif font (glyph fallback)."""
+    import matplotlib
+    from matplotlib import font_manager
+    have = {f.name for f in font_manager.fontManager.ttflist}
+    found = next((f for f in CJK_FONTS if f in have), None)
+    if found and found not in matplotlib.rcParams["font.sans-serif"]:
+        matplotlib.rcParams["font.sans-serif"] = [*matplotlib.rcParams["font.sans-serif"], found]
+    return found
+
+
+@functools.cache
+def _plot_chars() -> frozenset[int]:
+    """Code points the plots' fonts (the default sans-serif chain) can draw."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    _font_fallback()
+    props = font_manager.FontProperties()
+    try:
+        fonts = font_manager.fontManager._find_fonts_by_props(props)      # the fallback chain (matplotlib >= 3.6)
+    except AttributeError:
+        fonts = [font_manager.findfont(props)]
+    return frozenset().union(*(FT2Font(str(f)).get_charmap() for f in fonts))
+
+
+def plot_font_note(texts) -> str:
+    """'' when the plot fonts draw every character of `texts`, else one line naming some that show as boxes."""
+    missing = list(dict.fromkeys(c for t in texts for c in str(t) if not c.isspace() and ord(c) not in _plot_chars()))
+    if not missing:
+        return ""
+    return (f"Characters such as {' '.join(missing[:3])} show as boxes in the timeline plot (no font for them): "
+            "install one, e.g. fonts-noto-cjk for Korean, and restart.")
 
 
 def track_faces(frames: list[list[tuple[float, float, float, float]]], max_shift: float = 1.0,

@@ -1,7 +1,7 @@
 """Frames for the sequence views: stills and evenly sampled video frames (OpenCV), shrunk for memory.
 
     load_frames(paths, max_frames=32)       -> (frames, skipped): images and videos ordered by name, one line per
-                                               file that could not be read
+                                               file that could not be read (notes=[...]: videos cut short)
     video_frames(path, max_frames=32)       -> [VideoFrame(index, time_s, image, size), ...]
 """
 from __future__ import annotations
@@ -56,8 +56,11 @@ def _quiet_opencv() -> None:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
-def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> list[VideoFrame]:
-    """Up to max_frames frames spaced evenly over the video, in order; unreadable videos -> UserError."""
+def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int = MAX_PIXELS,
+                 notes: list[str] | None = None) -> list[VideoFrame]:
+    """Up to max_frames frames spaced evenly over the video, in order; unreadable videos -> UserError. A video that
+    ends before the frame count its header gives (cut short, damaged) is sampled again over the frames it has,
+    and a line saying so is appended to `notes`."""
     import cv2
     _quiet_opencv()
     name = str(path)                                                  # load_frames shortens it to the file's name
@@ -74,26 +77,49 @@ def video_frames(path: str | os.PathLike, max_frames: int = 32, max_pixels: int 
         if n <= 0:                                                   # unknown length: count by grabbing
             while cap.grab():
                 n += 1
-            cap.release()
-            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-        wanted = set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()) if n > 0 else set()
-        frames = []
-        for i in range(max(wanted, default=-1) + 1):                  # sequential: exact frames, any codec
-            if not cap.grab():
-                break
-            if i in wanted:
-                ok, bgr = cap.retrieve()
-                if ok:
-                    t = round(i / fps, 3) if fps and np.isfinite(fps) and fps > 0 else None
-                    rgb = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-                    image = _shrink(rgb)
-                    image.info["time_s"] = t                          # load_frames' frames carry their time
-                    frames.append(VideoFrame(i, t, image, rgb.size))
+            cap = _reopen(cap, path)
+        frames, read = _sample(cap, n, max_frames, fps)
+        if 0 < read < n:                                             # ended early: sample what is there
+            frames, _ = _sample(_reopen(cap, path), read, max_frames, fps)
+            if notes is not None:
+                notes.append(f"{name}: the video ends at frame {read} of the {n} its header gives; sampled from those")
     finally:
         cap.release()
     if not frames:
         raise UserError(_not_a_video(path, "no frames could be decoded"))
     return frames
+
+
+def _reopen(cap, path):
+    import cv2
+    cap.release()
+    return cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+
+
+def _sample(cap, n: int, max_frames: int, fps: float) -> tuple[list[VideoFrame], int]:
+    """(up to max_frames of the first n frames, spaced evenly; how many frames could be grabbed, at most n). Times
+    are the decoder's timestamps when they increase (variable frame rates, GIF delays), else index / fps."""
+    import cv2
+    wanted = set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()) if n > 0 else set()
+    got, stamps, read = [], [], 0
+    for i in range(max(wanted, default=-1) + 1):                      # sequential: exact frames, any codec
+        if not cap.grab():
+            break
+        read += 1
+        if i in wanted:
+            ok, bgr = cap.retrieve()
+            if ok:
+                stamps.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000)
+                rgb = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                got.append((i, _shrink(rgb), rgb.size))
+    sane = all(np.isfinite(stamps)) and stamps[:1] >= [0] and bool(np.all(np.diff(stamps) > 0))
+    rate = fps and np.isfinite(fps) and fps > 0
+    frames = []
+    for (i, image, size), stamp in zip(got, stamps):
+        t = round(stamp, 3) if sane and len(got) > 1 else round(i / fps, 3) if rate else None
+        image.info["time_s"] = t                                      # load_frames' frames carry their time
+        frames.append(VideoFrame(i, t, image, size))
+    return frames, read
 
 
 def _not_a_video(path, why: str) -> str:
@@ -108,17 +134,24 @@ def _not_a_video(path, why: str) -> str:
     return f"{path}: {why} (use MP4, AVI, MOV, WebM)"
 
 
-def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS) -> tuple[list[Image.Image], list[str]]:
+def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS,
+                notes: list[str] | None = None) -> tuple[list[Image.Image], list[str]]:
     """Images and videos, ordered by file name (frame2 before frame10) -> (up to max_frames frames spaced evenly,
-    one message per file that could not be read). No readable frame at all -> UserError."""
+    one message per file that could not be read). Each video decodes only its share of max_frames (memory follows
+    max_frames, not the number of files); a video cut short adds a line to `notes`. No readable frame -> UserError."""
     paths = sorted((str(p) for p in paths or [] if p), key=_natural_key)
     if not paths:
         raise UserError("upload several images (frames) or a short video first")
+    videos = sum(Path(p).suffix.lower() in VIDEO_EXTS for p in paths)
+    share = max(1, -(-(max_frames - (len(paths) - videos)) // max(videos, 1)))     # ceil; stills take one each
     frames, skipped = [], []
     for p in paths:
         try:
             if Path(p).suffix.lower() in VIDEO_EXTS:
-                frames += read_video(p, max_frames, max_pixels)
+                said: list[str] = []
+                frames += [f.image for f in video_frames(p, share, max_pixels, said)]
+                if notes is not None:
+                    notes += [n.replace(p, Path(p).name) for n in said]
             else:
                 still = _shrink(safe_open_image(p, max_pixels))
                 check_min_side(still.size, str(p))

@@ -214,7 +214,14 @@ def open_upload(image, max_side: int | None = None):
     from image_files import is_pixels, safe_open_image
     if not is_pixels(image) and (not isinstance(image, (str, os.PathLike)) or not os.fspath(image)):
         raise UserError("upload a face image first")
-    return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS, max_side=max_side)
+    try:
+        return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS, max_side=max_side)
+    except UserError:
+        from video import VIDEO_EXTS
+        video = VIDEO_EXTS - {".gif"}                                 # a GIF's own error (PIL reads GIFs) stays
+        if isinstance(image, (str, os.PathLike)) and Path(image).suffix.lower() in video:
+            raise UserError(f"{image}: a video, not a photo; score videos in the Sequence tab") from None
+        raise
 
 
 def port_in_use(host: str, port: int) -> str:

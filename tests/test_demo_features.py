@@ -241,8 +241,8 @@ def test_score_frames_matches_single_image_ranking(engine, sample_dir):
     assert scores.shape == (3, 3) and np.allclose(scores.sum(1), 1)
     single = {s: p for s, p, _ in rank_expressions(engine, images[1], sentences)}
     assert np.allclose(scores[1], [single[s] for s in sentences], atol=1e-5)
-    crops, found, _, _ = frame_crops(images, detect=False)
-    assert crops == images and found == [False] * 3
+    crops, found, _, _, away = frame_crops(images, detect=False)
+    assert crops == images and found == away == [False] * 3
 
 
 def test_sequence_handler_label_plot_and_message(engine, h, sample_dir, tmp_path):
@@ -441,8 +441,8 @@ def test_prepare_detect_faces_crops_and_counts_no_face(tmp_path, capsys):
 
 def test_sequence_follows_the_person_seen_most_when_another_face_is_larger(monkeypatch):
     """frame_crops keeps to one person (sequence.track_faces): the one in most frames (here a tie, so the one seen
-    first: the left face), even in frames where the right face is the largest; a frame without them gets its
-    largest face."""
+    first: the left face), even in frames where the right face is the largest; a frame without them is marked away
+    (its crop: the largest face)."""
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)) for _ in range(4)]
     left_big, left_small = faces.Box(20, 60, 120, 160, 0.99), faces.Box(30, 70, 110, 150, 0.98)
@@ -450,9 +450,9 @@ def test_sequence_follows_the_person_seen_most_when_another_face_is_larger(monke
     listed = {0: [left_big, right_small], 1: [right_big, left_small], 2: [left_small], 3: [right_big]}
     monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
                         listed[next(i for i, f in enumerate(frames) if f is image)])
-    crops, found, people, followed = frame_crops(frames, detect=True)
+    crops, found, people, followed, away = frame_crops(frames, detect=True)
     want = [left_big, left_small, left_small, right_big]
-    assert found == [True] * 4 and (people, followed) == (2, 3)
+    assert found == [True] * 4 and (people, followed) == (2, 3) and away == [False, False, False, True]
     for crop, frame, box in zip(crops, frames, want):
         assert np.array_equal(np.asarray(crop), np.asarray(faces.crop_face(frame, box, faces.FACE_MARGIN)))
 
@@ -470,3 +470,33 @@ def test_sequence_page_says_how_many_people_were_in_view_and_whom_it_followed(h,
     monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
                         two[1:])
     assert "people in view" not in h["sequence"](files, VOCAB, True, 1.0)[2]
+
+
+def test_sequence_leaves_out_frames_without_the_followed_person_and_names_them_by_time(engine, h, tmp_path,
+                                                                                     monkeypatch):
+    path = tmp_path / "talk.avi"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    for i in range(4):
+        out.write(np.full((240, 320, 3), 40 + 40 * i, np.uint8))          # frame i: brightness 40 (i + 1)
+    out.release()
+    left, right = faces.Box(20, 60, 120, 160, 0.99), faces.Box(190, 60, 290, 160, 0.99)
+    shown = {1: [left, right], 2: [right], 3: [left], 4: []}             # frame 2: only the other person
+    monkeypatch.setattr(faces, "detect_faces", lambda image, max_faces=10, min_size_frac=0.05, detector="auto":
+                        shown[round(np.asarray(image).mean() / 40)])
+    bars, fig, msg = h["sequence"]([str(path)], VOCAB, True, 1.0)
+    assert "**3 frames**" in msg and "Frame(s) at 0.10 s: the followed person not in view, left out." in msg
+    assert "No face found in frame(s) at 0.30 s: the whole frame was scored." in msg
+    assert list(fig.axes[0].lines[0].get_xdata()) == [0.0, 0.2, 0.3]
+
+
+def test_a_video_uploaded_as_a_photo_is_sent_to_the_sequence_tab(h, tmp_path):
+    _video(tmp_path / "clip.avi", 3)
+    assert "clip.avi: a video, not a photo; score videos in the Sequence tab" in h["rank"](
+        str(tmp_path / "clip.avi"), VOCAB, True)[2]
+
+
+def test_a_video_cut_short_is_said_on_the_page(h, tmp_path):
+    data = _video(tmp_path / "full.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[:len(data) // 2])
+    msg = h["sequence"]([str(tmp_path / "cut.avi")], VOCAB, False, 0.5)[2]
+    assert "**8 frames**" in msg and "cut.avi: the video ends at frame " in msg and "of the 50 its header" in msg
