@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -87,6 +88,28 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _over_limit(size: str, max_pixels: int) -> str:
+    return f"{size} is over the {max_pixels:,}-pixel limit; resize it first"
+
+
+def header_size(path) -> tuple[int, int] | None:
+    """(W, H) as stored, from the file's header (no decode; PIL's bomb warning silenced: safe_open_image's limit
+    applies when it is read); None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Exception:  # noqa: BLE001 -- corrupt/not an image: reported by safe_open_image
+        return None
+
+
+def shown_path(p) -> str:
+    """A file name on one line of output: newlines and other control characters escaped (`a\\nb.jpg`)."""
+    s = str(p)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
 def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> Image.Image:
     """A fully decoded RGB image from a path, bytes or PIL image; refuses bombs and non-images with a UserError.
     max_side: JPEGs may decode at 1/2, 1/4 or 1/8 scale while the longest side stays >= max_side (fast; for
@@ -97,7 +120,7 @@ def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = No
     if isinstance(src, Image.Image):
         name, im = "image", src
         if im.width * im.height > max_pixels:
-            raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; resize it first")
+            raise UserError(f"{name}: {_over_limit(f'{im.width}x{im.height}', max_pixels)}")
         return to_rgb(upright(im))
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, fp = "image data", io.BytesIO(bytes(src))
@@ -108,14 +131,15 @@ def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = No
     else:
         name, fp = str(src), src
         if not os.path.isfile(fp):
-            raise UserError(f"{name}: no such file")
+            raise UserError(f"{name}: " + ("not a regular file (a pipe, device or socket); pass an image file"
+                                           if os.path.exists(fp) else "no such file"))
+    ours = max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf)         # the project's limit is checked below
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore" if ours else "error", Image.DecompressionBombWarning)
             with Image.open(fp) as im:
                 if im.width * im.height > max_pixels:
-                    raise UserError(f"{name}: {im.width}x{im.height} is over the {max_pixels:,}-pixel limit; "
-                                    "resize it first")
+                    raise UserError(f"{name}: {_over_limit(f'{im.width}x{im.height}', max_pixels)}")
                 stored = im.size                                          # the file's own pixels
                 if max_side and im.format == "JPEG" and max(im.size) > max_side:
                     r = max_side / max(im.size)
@@ -126,6 +150,9 @@ def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = No
                 out.info["file_size"] = stored if out.size == decoded else stored[::-1]    # as displayed
                 return out
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        n = re.search(r"\((\d+) pixels\)", str(e))                    # PIL's error names the size, not W x H
+        if ours and n:
+            raise UserError(f"{name}: {_over_limit(f'{int(n[1]):,} pixels', max_pixels)}") from None
         raise UserError(f"{name}: refused as a possible decompression bomb ({e}); resize it first") from None
     except UnidentifiedImageError:
         if os.path.splitext(name)[1].lower() in HEIF_EXTS and not HEIF_READABLE:
@@ -134,5 +161,7 @@ def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = No
                             "JPEG") from None
         raise UserError(f"{name}: not an image file PIL can read (use JPEG, PNG, WebP, BMP, TIFF, HEIC with "
                         "pillow-heif)") from None
+    except PermissionError:
+        raise UserError(f"{name}: permission denied (check its permissions)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UserError(f"{name}: damaged or truncated image ({first_line(e, 100)})") from None

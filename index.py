@@ -35,20 +35,35 @@ COLUMNS = ["path", "size", "mtime_ns", "chunk", "row"]
 Encoder = Callable[[list[Path]], tuple[np.ndarray, list[bool]]]
 
 
-def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = None) -> list[Path]:
-    """Image files (or other `exts`) under folder (recursive, sorted; links to folders are not followed, FIFOs and
-    devices left out), skipping
-    index folders (the default one, and `skip`: an --index-dir inside the gallery, whose face thumbnails are no
-    photos)."""
+def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = None,
+                unlisted: list[Path] | None = None) -> list[Path]:
+    """Image files (or other `exts`) under folder (recursive, sorted; links to folders followed, each real folder
+    once, so a loop ends; FIFOs and devices left out), skipping index folders (the default one, and `skip`: an
+    --index-dir inside the gallery, whose face thumbnails are no photos). A folder that cannot be listed is named
+    in one warning and appended to `unlisted` (its photos are not gone: photos.PhotoIndex keeps their entries)."""
+    from image_files import shown_path
+    from logs import get_logger
     folder, skip = Path(folder), skip and os.path.abspath(skip)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != INDEX_DIRNAME and os.path.abspath(os.path.join(root, d)) != skip]
-        out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts and regular_or_broken(root, f)]
-    return sorted(out)
+    out, seen, failed = [], {os.path.realpath(folder)}, []
 
+    def keep(root: str, d: str) -> bool:
+        p = os.path.join(root, d)
+        real = os.path.realpath(p)
+        if d == INDEX_DIRNAME or os.path.abspath(p) == skip or real in seen:
+            return False
+        seen.add(real)
+        return True
+    for root, dirs, files in os.walk(folder, onerror=failed.append, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if keep(root, d)]      # sorted: which link is kept is stable
+        out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts and regular_or_broken(root, f)]
+    for e in failed:
+        get_logger(__name__).warning(f"skipped folder {shown_path(e.filename)}: "
+                                     f"{(e.strerror or type(e).__name__).lower()}")
+        if unlisted is not None:
+            unlisted.append(Path(e.filename))
+    return sorted(out)
 
 
 class GalleryIndex:
@@ -355,6 +370,7 @@ def cmd_build(args) -> int:
 
 def cmd_search(args) -> int:
     from embed import embed_texts
+    from image_files import shown_path
     if not args.query.strip():
         raise UserError('--query is empty: describe an expression, e.g. --query "a wide smile"')
     model, _, autocast, index = _open_model(args)
@@ -365,9 +381,10 @@ def cmd_search(args) -> int:
                         f"{args.images}{flags}` first")
     q = embed_texts(model, [args.query], autocast)  # [1, D]
     hits, stale = index.search_current(q, args.k, exact=args.exact)
-    for rank, (p, s) in enumerate(hits, 1):                                     # boxes in decoded pixels
+    for rank, (p, s) in enumerate(hits, 1):                     # boxes in the file's pixels, as predict.py's
         e = index.entry(p)
-        print(f"{rank:3d}  {s:+.4f}  {e.photo}" + (f"  face {e.face + 1} at {e.box}" if e.face is not None else ""))
+        print(f"{rank:3d}  {s:+.4f}  {shown_path(e.photo)}"
+              + (f"  face {e.face + 1} at {e.box}" if e.face is not None else ""))
     if stale:
         print(f"{stale} result(s) left out: moved, deleted or changed since the build; run build again", file=sys.stderr)
     return 0

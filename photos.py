@@ -21,15 +21,15 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from faces import CROP_MAX_SIDE, is_crop_sized  # noqa: F401 -- CROP_MAX_SIDE: the rule above
+from faces import CROP_MAX_SIDE, MIN_SIDE, is_crop_sized  # noqa: F401 -- CROP_MAX_SIDE: the rule above
+from image_files import header_size
 from index import BUSY, GalleryIndex, list_images
 from utils import UserError, atomic_write_text, first_line, folder_lock
 
@@ -62,7 +62,7 @@ class Entry:
 def split_key(key: str) -> tuple[str, int | None]:
     """'a/b.jpg#2' -> ('a/b.jpg', 2); 'a/b.jpg' -> ('a/b.jpg', None). Photo keys end in an image extension."""
     head, _, tail = key.rpartition("#")
-    return (head, int(tail)) if head and tail.isdigit() else (key, None)
+    return (head, int(tail)) if head and tail.isdecimal() else (key, None)
 
 
 def entry_keys(rec: dict) -> list[str]:
@@ -74,20 +74,32 @@ def is_face_crop(path: Path, mode: str) -> bool:
     what is wrong)."""
     if mode != "auto":
         return mode == "crops"
+    size = header_size(path)
+    return size is not None and is_crop_sized(size)
+
+
+def too_small(path: Path) -> str | None:
+    """Why a face-crop file is refused for its size (faces.check_min_side, as an upload), or None."""
+    from faces import check_min_side
     try:
-        with Image.open(path) as im:
-            return is_crop_sized(im.size)
-    except Exception:  # noqa: BLE001 -- corrupt/not an image: reported by safe_open_image
-        return False
+        check_min_side(header_size(path) or (MIN_SIDE, MIN_SIDE), str(path))
+    except UserError as e:
+        return _reason(e, path)
+    return None
 
 
 def photo_faces(path: Path, grayscale: bool, detector: str = "auto", max_faces: int = MAX_FACES):
-    """(aligned crops, boxes, decoded size) of a photo, exactly as an uploaded photo is cropped; UserError if bad."""
-    from faces import DECODE_SIDE, faces_or_whole
+    """(aligned crops, boxes, size) of a photo, exactly as an uploaded photo is cropped, the boxes in the file's own
+    pixels after its EXIF rotation (as predict.py's) and size that file size; UserError if bad or too small."""
+    from faces import DECODE_SIDE, check_min_side, faces_or_whole
     from image_files import safe_open_image
     photo = safe_open_image(path, max_side=DECODE_SIDE)
+    size = photo.info["file_size"]
+    check_min_side(size, str(path))
     crops, boxes, found = faces_or_whole(photo, max_faces=max_faces, grayscale=grayscale, detector=detector)
-    return (crops, boxes, photo.size) if found else ([], [], photo.size)
+    f = size[0] / photo.width                                            # decoded -> file pixels
+    boxes = [replace(b, **{k: round(getattr(b, k) * f) for k in ("x0", "y0", "x1", "y1")}) for b in boxes]
+    return (crops, boxes, size) if found else ([], [], size)
 
 
 class FaceReader:
@@ -136,6 +148,7 @@ class PhotoIndex:
         self._lock, self._writing = threading.RLock(), threading.Lock()
         self.progress = dict(done=0, total=0, faces=0, running=False)
         self.records = self._valid(self._read_log())
+        self.unlisted: list[Path] = []         # set by sources()
 
     @classmethod
     def open(cls, folder, digest: str, dim: int, index_root=None, faiss_threshold: int = 100_000, **kw):
@@ -177,9 +190,11 @@ class PhotoIndex:
             return self.entries.vector(self._entry_key(path))
 
     def sources(self) -> list[Path]:
-        """Every photo of the gallery (recursive) and of the extra folders."""
-        return list_images(self.gallery, skip=self.entries.dir.parent) + [
-            p for d in self.extra_dirs if d.is_dir() for p in list_images(d)]
+        """Every photo of the gallery (recursive) and of the extra folders; .unlisted: the folders that could not be
+        listed (update keeps their photos' entries)."""
+        self.unlisted: list[Path] = []
+        return list_images(self.gallery, skip=self.entries.dir.parent, unlisted=self.unlisted) + [
+            p for d in self.extra_dirs if d.is_dir() for p in list_images(d, unlisted=self.unlisted)]
 
     def n_photos(self) -> int:
         return len(self.records)
@@ -255,13 +270,20 @@ class PhotoIndex:
                 self._fail(stats, p, f"cannot read ({e.strerror})")
                 continue
             r = valid.get(key)
-            if r and (r["s"], r["m"], r.get("mode")) == (st.st_size, st.st_mtime_ns, self.mode):
+            if r and (r["s"], r["m"], r.get("mode")) == (st.st_size, st.st_mtime_ns, self.mode) and (
+                    not r.get("faces") or r.get("px") == "file"):      # older records: boxes in decoded px
                 keep[key] = r
                 stats["unchanged"] += 1
             else:
                 todo.append((key, p, st, "changed" if key in known else "added"))
-        stats["removed"] = len(set(known) - set(current))
+        hidden = {k: valid[k] for k in set(valid) - set(current) if self._unlisted(k)}
+        keep.update(hidden)                                   # in a folder that could not be listed: not removed
+        stats["removed"] = len(set(known) - set(current) - set(hidden))
         return todo, keep
+
+    def _unlisted(self, key: str) -> bool:
+        photo = os.path.abspath(key if os.path.isabs(key) else self.gallery / key)
+        return any(photo.startswith(os.path.join(os.path.abspath(d), "")) for d in self.unlisted)
 
     def _drop_all_but(self, keep: dict) -> None:
         """Remove every entry that is not of a kept photo (removed, changed, half-written) and rewrite the log."""
@@ -300,13 +322,15 @@ class PhotoIndex:
         with open(self.log_path, "a", encoding="utf-8") as log:
             try:
                 for item in todo:
-                    if is_face_crop(item[1], self.mode):
+                    if not is_face_crop(item[1], self.mode):
+                        done([item], [self._photo(*item[:3], encode, stats, log)])
+                    elif small := too_small(item[1]):                          # refused as an upload is
+                        done([item], [self._fail(stats, item[1], small)])
+                    else:
                         crops.append(item)
                         if len(crops) >= batch_size:
                             done(crops, self._crop_files(crops, encode, stats, log))
                             crops = []
-                    else:
-                        done([item], [self._photo(*item[:3], encode, stats, log)])
                 if crops:
                     done(crops, self._crop_files(crops, encode, stats, log))
             finally:
@@ -317,7 +341,7 @@ class PhotoIndex:
         try:
             crops, boxes, wh = photo_faces(p, self.grayscale, self.detector)
         except UserError as e:
-            return self._fail(stats, p, str(e).replace(str(p), "").lstrip(": ") or "unreadable")
+            return self._fail(stats, p, _reason(e, p))
         emb, ok = encode(crops) if crops else (np.zeros((0, self.entries.dim), np.float32), [])
         keys = [f"{key}#{i}" for i in range(len(crops))]
         for k, crop in zip(keys, crops):
@@ -328,7 +352,8 @@ class PhotoIndex:
             self._write(np.asarray(emb, np.float32)[np.asarray(ok, bool)],
                         [k for k, o in zip(keys, ok) if o], [st] * sum(map(bool, ok)))
         faces = [[b.x0, b.y0, b.x1, b.y1, round(b.score, 4)] for b, o in zip(boxes, ok) if o]
-        self._append(log, [dict(k=key, s=st.st_size, m=st.st_mtime_ns, mode=self.mode, wh=list(wh), faces=faces)])
+        self._append(log, [dict(k=key, s=st.st_size, m=st.st_mtime_ns, mode=self.mode, wh=list(wh), faces=faces,
+                                px="file")])
         return len(faces)
 
     def _crop_files(self, items: list, encode, stats: dict, log) -> list:
@@ -359,8 +384,15 @@ class PhotoIndex:
     def _fail(stats: dict, p: Path, reason: str) -> None:
         stats["failed"] += 1
         stats["failed_paths"].append(Path(p))
-        stats["reasons"][str(p)] = first_line(reason, 160)
+        line = first_line(reason, 400)
+        stats["reasons"][str(p)] = line if len(line) <= 160 else line[:160].rsplit(" ", 1)[0] + " …"   # whole words
         return None
+
+
+def _reason(e: UserError, p: Path) -> str:
+    """A UserError's message without the leading path it names (the path inside an errno text stays)."""
+    msg = str(e)
+    return (msg[len(str(p)):].lstrip(": ") if msg.startswith(str(p)) else msg) or "unreadable"
 
 
 def describe_update(stats: dict, total: int) -> str:
@@ -377,4 +409,9 @@ def describe_update(stats: dict, total: int) -> str:
 def failure_lines(stats: dict) -> list[str]:
     """One line per unreadable file: 'skipped (unreadable): path: reason'."""
     reasons = stats.get("reasons", {})
-    return [f"skipped (unreadable): {p}: {reasons.get(str(p), 'unreadable')}" for p in stats.get("failed_paths", [])]
+    from image_files import shown_path
+    lines = []
+    for p in stats.get("failed_paths", []):
+        why = reasons.get(str(p), "unreadable")
+        lines.append(f"skipped ({'too small' if 'too small' in why else 'unreadable'}): {shown_path(p)}: {why}")
+    return lines

@@ -45,11 +45,12 @@ def _tile(engine: Engine, path: Path, score: float):
 
 def shown_name(engine: Engine, photo: Path) -> str:
     """A result's photo as the page names it: its path inside the gallery (`2019/IMG_0001.jpg`, so same-named files
-    of different folders stay apart), or its file name alone (photos added from the page)."""
-    try:
-        return photo.relative_to(engine.index.gallery).as_posix()
-    except (AttributeError, ValueError):
-        return photo.name
+    of different folders stay apart), or, for photos added from the page, inside the uploads folder (its request's
+    folder and name: `20240501-101500-k3j2/IMG_0001.jpg`, apart from other uploads and the gallery's own)."""
+    for root in (getattr(engine, "upload_dir", None), getattr(engine.index, "gallery", None)):
+        with suppress(TypeError, ValueError):
+            return photo.relative_to(root).as_posix()
+    return photo.name
 
 
 def _added(engine: Engine, photo: Path) -> bool:

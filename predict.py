@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from formats import refuse_output_inside
+from image_files import shown_path
 from logs import get_logger
 from utils import IMAGE_EXTS, UserError, atomic_write, atomic_write_text, check_output_file, first_line, run_cli
 
@@ -51,6 +52,8 @@ def image_paths(inputs: list[str]) -> list[Path]:
             out += list_images(p, IMAGE_EXTS | VIDEO_EXTS)
         elif p.is_file():
             out.append(p)
+        elif p.exists():                                                # a FIFO or device: opening it blocks
+            raise UserError(f"{given}: not a regular file (a pipe, device or socket); pass image files or folders")
         else:
             raise UserError(f"{given}: no such file or folder; pass image files or folders of images")
     if not out:
@@ -59,6 +62,24 @@ def image_paths(inputs: list[str]) -> list[Path]:
     for p in out:
         once.setdefault(p.resolve(), p)                                  # one file named two ways: read once
     return list(once.values())
+
+
+@functools.cache
+def is_video(path: Path) -> bool:
+    """Read as a video: a video extension, except a still GIF (one frame), which is a picture."""
+    from video import VIDEO_EXTS
+    if path.suffix.lower() != ".gif":
+        return path.suffix.lower() in VIDEO_EXTS
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)      # image_files' limit applies
+            with Image.open(path) as im:
+                return bool(getattr(im, "is_animated", False))
+    except Exception:  # noqa: BLE001 -- unreadable: the video reader says why
+        return True
 
 
 def face_rows(res, file: Path, scale: float, names: list[str], detect: bool, frame=None, time_s=None) -> list[dict]:
@@ -134,7 +155,8 @@ def overall_lines(rows: list[dict], names: list[str], top: int, decay: float) ->
     for label, got in person_groups(rows):
         overall, w = sequence_scores([[r[n] for n in names] for r in got], decay)          # [C], [T]
         best = np.argsort(-overall, kind="stable")[:top]
-        lines.append(f"{rows[0]['file']}  overall, {label} (decay {decay:g}, the last frame weighs {w[-1]:.2f}): "
+        lines.append(f"{shown_path(rows[0]['file'])}  overall, {label} (decay {decay:g}, the last frame weighs "
+                     f"{w[-1]:.2f}): "
                      + "  ".join(f"{names[i]} {overall[i]:.2f}" for i in best))
     return lines
 
@@ -179,7 +201,7 @@ def face_line(row: dict, names: list[str], top: int) -> str:
     if row["frame"] is not None:
         where = f"frame {row['frame']}" + (f" ({row['time_s']:.2f} s)" if row["time_s"] is not None else "") \
             + f" {where}"
-    return f"{row['file']}  {where}: " + "  ".join(f"{names[i]} {probs[i]:.2f}" for i in best)
+    return f"{shown_path(row['file'])}  {where}: " + "  ".join(f"{names[i]} {probs[i]:.2f}" for i in best)
 
 
 def write_table(rows: list[dict], out: Path) -> None:
@@ -274,17 +296,17 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a, plot
     """One file's rows, printed as they come (None: skipped, with one line saying why, its skip_reason counted in
     `skips`). An unexpected error in one file skips that file with its type named, so a long run over a big folder
     never loses the rest."""
-    from video import VIDEO_EXTS
-    video = path.suffix.lower() in VIDEO_EXTS
+    video = is_video(path)
     try:
         got = (predict_video(engine, path, names, sentences, not a.no_detect, a.max_faces, a.max_frames)
                if video else predict_image(engine, path, names, sentences, not a.no_detect, a.max_faces))
     except UserError as e:
-        log.warning(f"skipped {e}")
+        log.warning(f"skipped {shown_path(e)}")
         skips[skip_reason(str(e))] += 1
         return None
     except Exception as e:  # noqa: BLE001 -- one odd file must not end a run over thousands
-        log.warning(f"skipped {path}: unexpected {type(e).__name__} ({first_line(e, 120)}); please report it")
+        log.warning(f"skipped {shown_path(path)}: unexpected {type(e).__name__} ({first_line(e, 120)}); "
+                    "please report it")
         skips["unreadable"] += 1
         return None
     for row in got:
@@ -303,7 +325,6 @@ def read_one(engine, path: Path, names: list[str], sentences: list[str], a, plot
 def main(argv=None) -> int:
     a = parse_args(argv)
     from retrieval import Engine
-    from video import VIDEO_EXTS
     from served_model import choose_checkpoint
     from vocab import load_vocab
     items = load_vocab(a.vocab)
@@ -326,7 +347,7 @@ def main(argv=None) -> int:
             write_table(rows, Path(a.out))
             log.error(f"interrupted: wrote the {len(rows)} rows read so far to {a.out}")
         raise
-    videos = sum(p.suffix.lower() in VIDEO_EXTS for p in paths)
+    videos = sum(map(is_video, paths))
     log.info(summary_line(rows, skipped, len(paths), videos))
     if not rows:
         what = ("video" if videos else "image") if len(paths) == 1 else "files" if videos else "images"

@@ -20,14 +20,15 @@ DIM = 16
 
 def write_image(path: Path, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
+    px = np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(px.repeat(2, 0).repeat(2, 1)).save(path)     # 16 px: the smallest image read for a face
     return path
 
 
 def pixel_embedding(path: Path) -> np.ndarray:
-    """4x4 block means of the 8x8 image, centred and L2-normalised: [16]."""
+    """4x4 block means of the 16x16 image, centred and L2-normalised: [16]."""
     px = np.asarray(Image.open(path).convert("L"), np.float32)
-    v = px.reshape(4, 2, 4, 2).mean((1, 3)).ravel() - 127.5
+    v = px.reshape(4, 4, 4, 4).mean((1, 3)).ravel() - 127.5
     return v / np.linalg.norm(v)
 
 
@@ -285,7 +286,7 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
         def parameters(self):
             yield torch.zeros(1)
 
-        def encode_image(self, x):  # [B, 3, 8, 8] -> [B, 16]
+        def encode_image(self, x):  # [B, 3, 16, 16] -> [B, 16]
             return torch.stack([torch.from_numpy(pixel_embedding_of(im)) for im in x])
 
         def encode_text(self, texts):  # the "sentence" names an image: its embedding
@@ -293,7 +294,7 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
                                 if s.endswith(".png") else torch.ones(DIM) / 4 for s in texts])
 
     def pixel_embedding_of(im):
-        v = im[0].numpy().reshape(4, 2, 4, 2).mean((1, 3)).ravel() - 127.5
+        v = im[0].numpy().reshape(4, 4, 4, 4).mean((1, 3)).ravel() - 127.5
         return (v / np.linalg.norm(v)).astype(np.float32)
 
     monkeypatch.setitem(sys.modules, "checkpoint", types.SimpleNamespace(
@@ -325,3 +326,30 @@ def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     assert ix.main(["build", *common[:-2]]) == 0                      # the demo's default: flip-averaged, kept apart
     assert [p.name.endswith("+flip") for p in sorted((tmp_path / "gallery" / ".exprclip-index").iterdir())] == \
         [False, True]
+
+
+def test_linked_folders_are_followed_each_real_folder_once_and_a_loop_ends(tmp_path):
+    gallery, card = tmp_path / "Pictures", tmp_path / "sd" / "DCIM"
+    inside = write_image(gallery / "a.png", 0)
+    on_card = write_image(card / "b.png", 1)
+    (gallery / "Camera").symlink_to(card)                         # ~/Pictures/Camera -> /media/sd/DCIM
+    (gallery / "Camera2").symlink_to(card)                        # the same folder twice: listed once
+    (card / "loop").symlink_to(gallery)                           # back up: must not walk forever
+    got = list_images(gallery)
+    assert got == sorted([inside, gallery / "Camera" / "b.png"]) and on_card.is_file()
+
+
+def test_a_folder_that_cannot_be_listed_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    write_image(tmp_path / "ok" / "a.png", 0)
+    (tmp_path / "locked\nx").mkdir()
+    real = os.scandir
+
+    def scandir(p="."):
+        if "locked" in os.fspath(p):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p)
+    monkeypatch.setattr(os, "scandir", scandir)
+    unlisted = []
+    assert list_images(tmp_path, unlisted=unlisted) == [tmp_path / "ok" / "a.png"]
+    assert unlisted == [tmp_path / "locked\nx"]
+    assert capsys.readouterr().err == f"skipped folder {tmp_path}/locked\\nx: permission denied\n"

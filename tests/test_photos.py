@@ -303,3 +303,106 @@ def test_results_of_photos_deleted_or_replaced_since_indexing_are_not_shown(tmp_
     assert [c.split()[-1] for _, c in result_items(engine, hits)] == ["fer_0.png"]
     with pytest.raises(UserError, match="IMG_0.jpg: moved, deleted or changed since the gallery was indexed"):
         face_on_photo(engine, hits[0][0])
+
+
+def _noisy(path: Path, size: tuple[int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.effect_noise(size, 60).convert("RGB").save(path)
+    return path
+
+
+def test_a_folder_that_cannot_be_listed_is_named_once_and_its_photos_stay_indexed(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "g"
+    _noisy(root / "open" / "a.jpg", (400, 300))
+    _noisy(root / "locked" / "b.jpg", (400, 300))
+    ix = open_index(root, tmp_path / "cache")
+    ix.update(ix.sources(), Encoder(), progress=False)
+    real = os.scandir
+
+    def scandir(p="."):                                    # chmod 000 has no effect as root: refuse it here
+        if os.fspath(p).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p)
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats = ix.update(ix.sources(), Encoder(), progress=False)
+    assert capsys.readouterr().err.count(f"skipped folder {root / 'locked'}: permission denied") == 1
+    assert stats["removed"] == 0 and ix.n_photos() == 2 and len(ix) == 4
+    assert ix.entry(root / "locked/b.jpg#0").box is not None          # still searchable
+
+
+def test_tiny_images_are_refused_as_too_small_not_indexed_as_faces(tmp_path):
+    root = tmp_path / "g"
+    root.mkdir()
+    Image.new("RGB", (1, 1)).save(root / "dot.png")
+    Image.new("RGB", (10, 10)).save(root / "ten.png")
+    Image.new("RGB", (48, 48)).save(root / "ok.png")
+    for mode in ("auto", "crops", "photos"):
+        ix = open_index(root, tmp_path / mode, mode)
+        stats = ix.update(ix.sources(), Encoder(), progress=False)
+        assert stats["failed"] == 2 and ix.n_photos() == 1, mode
+        assert stats["reasons"][str(root / "dot.png")].startswith("1x1 px is too small to read a face")
+        assert all(line.startswith("skipped (too small): ") for line in failure_lines(stats))
+
+
+def test_face_boxes_are_stored_in_the_files_own_pixels_and_drawn_at_the_decoded_scale(tmp_path):
+    from types import SimpleNamespace
+
+    from photoviews import face_on_photo
+    root = tmp_path / "g"
+    _noisy(root / "big.jpg", (3400, 2400))                    # decodes at 1700x1200 for detection
+    ix = open_index(root, tmp_path / "cache")
+    ix.update(ix.sources(), Encoder(), progress=False)
+    e = ix.entry(root / "big.jpg#0")
+    assert e.size == (3400, 2400) and e.box == (424, 600, 1556, 1732)     # fake_detect's (212, 300, 778, 866) x 2
+    crop = face_on_photo(SimpleNamespace(index=ix), root / "big.jpg#0", draw=False)
+    assert crop.size == (566, 566)
+
+
+def test_an_unreadable_file_says_permission_denied_and_long_reasons_end_on_a_whole_word(tmp_path, monkeypatch):
+    import image_files
+    root = tmp_path / "g"
+    _noisy(root / "locked.jpg", (400, 300))
+    real = image_files.Image.open
+
+    def locked(fp, *a, **kw):
+        if str(fp).endswith("locked.jpg"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real(fp, *a, **kw)
+    monkeypatch.setattr(image_files.Image, "open", locked)
+    ix = open_index(root, tmp_path / "cache")
+    stats = ix.update(ix.sources(), Encoder(), progress=False)
+    assert stats["reasons"][str(root / "locked.jpg")] == "permission denied (check its permissions)"
+    stats = dict(failed=0, failed_paths=[], reasons={})
+    PhotoIndex._fail(stats, root / "x.jpg", "word " * 60)
+    assert stats["reasons"][str(root / "x.jpg")].endswith("word …")
+
+
+def test_uploads_with_one_name_are_told_apart_from_each_other_and_from_the_gallery(tmp_path):
+    from types import SimpleNamespace
+
+    from photoviews import shown_name
+    up = tmp_path / "cache" / "uploads"
+    engine = SimpleNamespace(index=SimpleNamespace(gallery=tmp_path / "g"), upload_dir=up)
+    names = {shown_name(engine, p) for p in (up / "r1" / "IMG_0001.jpg", up / "r2" / "IMG_0001.jpg",
+                                             tmp_path / "g" / "IMG_0001.jpg")}
+    assert names == {"r1/IMG_0001.jpg", "r2/IMG_0001.jpg", "IMG_0001.jpg"}
+
+
+def test_a_key_ending_in_a_non_ascii_digit_is_a_photo_key():
+    assert split_key("a.jpg#²") == ("a.jpg#²", None) and split_key("a.jpg#12") == ("a.jpg", 12)
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line():
+    stats = dict(failed_paths=[Path("a\nb.jpg")], reasons={"a\nb.jpg": "unreadable"})
+    assert failure_lines(stats) == ["skipped (unreadable): a\\nb.jpg: unreadable"]
+
+
+def test_the_readme_api_snippet_turns_a_result_key_into_its_photo_face_and_box(trained, tmp_path):
+    from retrieval import Engine, search_text
+    photo = _noisy(tmp_path / "g" / "party.jpg", (400, 300))
+    engine = Engine.load(trained[0], tmp_path / "g", "cpu", tmp_path / "cache", progress=False)
+    hits = search_text(engine, "a wide smile", k=5)                 # README's lines, as written there
+    e = engine.index.entry(hits[0][0])
+    key, cosine = hits[0]
+    assert not Path(key).is_file() and str(key).startswith(str(photo) + "#") and -1 <= cosine <= 1
+    assert e.photo == photo and e.face in (0, 1) and len(e.box) == 4

@@ -272,3 +272,58 @@ def test_the_summary_says_files_refused_for_their_size_apart_from_unreadable_one
     assert predict.skip_reason("b.png: refused as a possible decompression bomb (x)") == "refused (too large)"
     line = predict.summary_line([], {"unreadable": 1, "refused (too small)": 2, "refused (too large)": 1}, 4)
     assert line.endswith("1 skipped (unreadable), 2 refused (too small), 1 refused (too large)")
+
+
+def test_a_still_gif_is_read_as_an_image_and_an_animated_one_as_a_video(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "still.gif")
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    assert not predict.is_video(tmp_path / "still.gif") and predict.is_video(tmp_path / "moving.gif")
+    assert predict.is_video(tmp_path / "clip.mp4") and not predict.is_video(tmp_path / "a.jpg")
+
+
+def test_a_pipe_or_a_locked_file_or_folder_is_named_for_what_it_is(tmp_path, monkeypatch, capsys):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(predict.UserError, match="pipe.jpg: not a regular file"):
+        predict.image_paths([str(tmp_path / "pipe.jpg")])
+    with pytest.raises(predict.UserError, match="pipe.jpg: not a regular file"):
+        safe_open_image(tmp_path / "pipe.jpg")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "locked").mkdir()
+    real, real_open = os.scandir, Image.open
+
+    def scandir(p="."):                                        # chmod 000 has no effect as root
+        if os.fspath(p).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p)
+
+    def locked_open(fp, *a, **kw):
+        if str(fp).endswith("ok.png"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **kw)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert predict.image_paths([str(tmp_path)]) == [tmp_path / "ok.png"]
+    assert f"skipped folder {tmp_path / 'locked'}: permission denied" in capsys.readouterr().err
+    monkeypatch.setattr(Image, "open", locked_open)
+    with pytest.raises(predict.UserError, match=r"ok.png: permission denied \(check its permissions\)$"):
+        safe_open_image(tmp_path / "ok.png")
+
+
+def test_images_over_the_pixel_limit_get_one_line_and_no_pil_warning(monkeypatch):
+    import io
+    import warnings
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)      # PIL warns over 10,000 px and refuses over 20,000
+    for side, says in ((120, "120x120"), (150, "22,500 pixels")):
+        buf = io.BytesIO()
+        Image.new("L", (side, side)).save(buf, "PNG")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(predict.UserError) as e:
+                safe_open_image(buf.getvalue(), max_pixels=5_000)
+        assert str(e.value) == f"image data: {says} is over the 5,000-pixel limit; resize it first"
+
+
+def test_a_file_name_with_a_newline_is_printed_on_one_line():
+    row = dict(file="a\nb.jpg", frame=None, time_s=None, face=1, person=None, how="face", x0=1, y0=2, x1=3, y1=4,
+               happy=0.9)
+    assert predict.face_line(row, ["happy"], 1) == "a\\nb.jpg  face 1 at 1,2-3,4: happy 0.90"
