@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from utils import IMAGE_EXTS, UserError, read_csv_checked, regular_or_broken
+from utils import IMAGE_EXTS, UserError, read_csv_checked, regular_or_broken, walk_files
 
 FORMAT_HINT = "is --format right?"        # appended to a CSV error of a dataset reader
 FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -131,14 +131,13 @@ def class_images(folder: Path, wants: str, outputs: set | None = None, other: Co
     extension in `other` (hidden files and NOT_IMAGES left out). A split folder right inside a class folder (SOURCE
     one level too high, which would label every image with the dataset's name) -> UserError."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in walk_files(folder, lambda root, n: not _not_data(Path(root, n), outputs)):
         here = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not _not_data(here / n, outputs))
         split = next((n for n in dirnames if n.lower() in SPLIT_NAMES), None) if here == folder else None
         if split:
             raise UserError(f"{here / split}: a split folder inside the class folder {folder.name}; point at "
                             f"{here} instead; {wants}")
-        out += [str(here / n) for n in sorted(filenames)
+        out += [str(here / n) for n in filenames
                 if Path(n).suffix.lower() in IMAGE_EXTS and regular_or_broken(dirpath, n)]
         if other is not None:
             other.update(Path(n).suffix.lower() or "(none)" for n in filenames if not n.startswith(".")

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from utils import HEIF_EXTS, HEIF_READABLE, UserError, first_line
+from utils import HEIF_EXTS, HEIF_READABLE, UserError, first_line, shown_path  # noqa: F401 (re-exported)
 
 MAX_PIXELS = 40_000_000      # per file or video frame: a 36 MP photo passes, a decompression bomb does not
 
@@ -102,12 +102,6 @@ def header_size(path) -> tuple[int, int] | None:
                 return im.size
     except Exception:  # noqa: BLE001 -- corrupt/not an image: reported by safe_open_image
         return None
-
-
-def shown_path(p) -> str:
-    """A file name on one line of output: newlines and other control characters escaped (`a\\nb.jpg`)."""
-    s = str(p)
-    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 def safe_open_image(src, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> Image.Image:

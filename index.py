@@ -26,7 +26,7 @@ import pandas as pd
 
 from knn import build_faiss, default_nlist, default_nprobe, exact_search  # noqa: F401 (re-exported)
 from utils import (IMAGE_EXTS, UserError, atomic_write, file_digest, folder_lock, pick_device, regular_or_broken,
-                   run_cli)
+                   run_cli, walk_files)
 
 INDEX_DIRNAME = ".exprclip-index"
 BUSY = ("another process is updating this index (index.py build, or a demo indexing or adding photos); wait for it "
@@ -41,28 +41,13 @@ def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = 
     once, so a loop ends; FIFOs and devices left out), skipping index folders (the default one, and `skip`: an
     --index-dir inside the gallery, whose face thumbnails are no photos). A folder that cannot be listed is named
     in one warning and appended to `unlisted` (its photos are not gone: photos.PhotoIndex keeps their entries)."""
-    from image_files import shown_path
-    from logs import get_logger
     folder, skip = Path(folder), skip and os.path.abspath(skip)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
-    out, seen, failed = [], {os.path.realpath(folder)}, []
-
-    def keep(root: str, d: str) -> bool:
-        p = os.path.join(root, d)
-        real = os.path.realpath(p)
-        if d == INDEX_DIRNAME or os.path.abspath(p) == skip or real in seen:
-            return False
-        seen.add(real)
-        return True
-    for root, dirs, files in os.walk(folder, onerror=failed.append, followlinks=True):
-        dirs[:] = [d for d in sorted(dirs) if keep(root, d)]      # sorted: which link is kept is stable
+    out = []
+    keep = lambda root, d: d != INDEX_DIRNAME and os.path.abspath(os.path.join(root, d)) != skip    # noqa: E731
+    for root, dirs, files in walk_files(folder, keep, unlisted):
         out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts and regular_or_broken(root, f)]
-    for e in failed:
-        get_logger(__name__).warning(f"skipped folder {shown_path(e.filename)}: "
-                                     f"{(e.strerror or type(e).__name__).lower()}")
-        if unlisted is not None:
-            unlisted.append(Path(e.filename))
     return sorted(out)
 
 

@@ -32,6 +32,35 @@ def regular_or_broken(root: str, name: str) -> bool:
     return os.path.isfile(p) or not os.path.exists(p)
 
 
+def shown_path(p) -> str:
+    """A file name on one line of output: newlines and other control characters escaped (`a\\nb.jpg`)."""
+    s = str(p)
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def walk_files(folder, keep=lambda root, name: True, unlisted: list | None = None):
+    """os.walk that follows links to folders, each real folder once (a loop ends), folders sorted and filtered by
+    `keep(root, name)`; yields (root, dirs, files) (the caller may prune dirs further). A folder that cannot be
+    listed is named in one warning when the walk ends and appended to `unlisted`. The one walk under galleries and
+    datasets."""
+    seen = {os.path.realpath(folder)}
+
+    def new(root: str, d: str) -> bool:
+        real = os.path.realpath(os.path.join(root, d))
+        if real in seen or not keep(root, d):
+            return False
+        seen.add(real)
+        return True
+    failed: list[OSError] = []
+    for root, dirs, files in os.walk(folder, onerror=failed.append, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if new(root, d)]
+        yield root, dirs, sorted(files)
+    for e in failed:
+        log.warning(f"skipped folder {shown_path(e.filename)}: {(e.strerror or type(e).__name__).lower()}")
+    if unlisted is not None:
+        unlisted += [Path(e.filename) for e in failed]
+
+
 def _register_heif() -> bool:
     """Let PIL open HEIC/HEIF files when pillow-heif is installed (optional: not in requirements.txt, its binary
     wheels are GPLv2); without it such files are listed and each is refused in one line saying what to install."""

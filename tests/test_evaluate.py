@@ -345,8 +345,15 @@ def test_images_in_subfolders_of_a_class_folder_are_read_under_that_class(sample
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, d / p.name)
     os.mkfifo(tmp_path / "data" / "sadness" / "subject0" / "pipe.png")        # opening it would block forever
+    (tmp_path / "data" / "sadness" / "linked").symlink_to(tmp_path / "data" / "sadness" / "subject1")  # read once
+    (tmp_path / "data" / "sadness" / "subject1" / "loop").symlink_to(tmp_path / "data")            # a loop ends
     table, _ = evaluate.read_data(str(tmp_path / "data"))
     assert len(table) == 3 and set(table["label"]) == {"sadness"}
+    elsewhere = tmp_path / "elsewhere"                                 # a subject folder linked from another disk
+    elsewhere.mkdir()
+    shutil.copy(sorted((sample_dir / "images").glob("sadness_*.png"))[5], elsewhere / "x.png")
+    (tmp_path / "data" / "sadness" / "subject2").symlink_to(elsewhere)
+    assert len(evaluate.read_data(str(tmp_path / "data"))[0]) == 4
     (tmp_path / "up" / "fer" / "train" / "sadness").mkdir(parents=True)                 # pointed one level too high
     with pytest.raises(evaluate.UserError, match="a split folder inside the class folder fer"):
         evaluate.read_data(str(tmp_path / "up"))
