@@ -45,6 +45,8 @@ def read_captions(cfg: Config, quiet: bool = False, need_caption: bool = True) -
         raise UserError(f"{path}: captions file not found (set --data and --captions, or run `python synth.py`)")
     df = read_csv_checked(path, REQUIRED if need_caption else ("image",),
                           hint="expected image,caption[,label,split]" if need_caption else "expected image,label")
+    if df.empty:
+        raise UserError(f"{path}: no rows below the header; add one row per image (python prepare.py writes them)")
     by_caption = need_caption and not cfg.caption_bank                                  # a bank: by label
     empty = ((df["image"] == "") | ((df["caption"] == "") if by_caption else False)).to_numpy()
     if not quiet:

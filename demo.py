@@ -127,7 +127,8 @@ def sequence_view(engine: Engine, files, vocab_text, detect, decay, max_frames: 
     names = [name for name, _ in items]
     scores = score_frames(engine, [crops[i] for i in kept], [s for _, s in items])       # [T, C]
     overall, w = sequence_scores(scores, decay)                       # [C], [T]
-    fig = timeline_figure(scores, names, top=5, decay=decay, times=[times[i] for i in kept])
+    fig = timeline_figure(scores, names, top=5, decay=decay, times=[times[i] for i in kept],
+                          numbers=[i + 1 for i in kept])
     msg = [f"**{len(kept)} frame{'' if len(kept) == 1 else 's'}** (decay {decay:g}: the last frame weighs "
            f"{w[-1]:.0%})."]
     if people > 1:

@@ -45,7 +45,8 @@ def list_images(folder: str | os.PathLike, exts=IMAGE_EXTS, skip: Path | None = 
     if not folder.is_dir():
         raise UserError(f"{folder}: no such image folder")
     out = []
-    keep = lambda root, d: d != INDEX_DIRNAME and os.path.abspath(os.path.join(root, d)) != skip    # noqa: E731
+    skip = {os.path.realpath(p) for p in (folder / INDEX_DIRNAME, skip) if p}      # a link to one is skipped too
+    keep = lambda root, d: d != INDEX_DIRNAME and os.path.realpath(os.path.join(root, d)) not in skip  # noqa: E731
     for root, dirs, files in walk_files(folder, keep, unlisted):
         out += [Path(root, f) for f in files if os.path.splitext(f)[1].lower() in exts and regular_or_broken(root, f)]
     return sorted(out)
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["search"].add_argument("--exact", action="store_true", help="exact search even above the threshold")
     args = ap.parse_args(argv)
     if min(getattr(args, "batch_size", 1), getattr(args, "k", 1)) < 1:
-        raise UserError("--batch-size and -k must be at least 1")
+        raise UserError("-k must be at least 1" if args.cmd == "search" else "--batch-size must be at least 1")
     return cmd_build(args) if args.cmd == "build" else cmd_search(args)
 
 

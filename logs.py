@@ -25,6 +25,8 @@ class _StdStreams(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            if stream is None:                        # closed (`>&-`) or pythonw: nowhere to say it
+                return
             stream.write(self.format(record) + "\n")
             stream.flush()
         except Exception:  # noqa: BLE001 -- logging must never raise into the caller

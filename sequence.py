@@ -65,9 +65,10 @@ def frame_list(times, picks: list[int]) -> str:
 
 
 def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float = 0.5,
-                    times: list[float] | None = None) -> Figure:
+                    times: list[float] | None = None, numbers: list[int] | None = None) -> Figure:
     """Per-frame scores of the `top` expressions by turn-weighted score, with the frame weights as grey bars; x is
-    each frame's time in seconds when `times` gives one per frame, increasing (a video), else the frame number."""
+    each frame's time in seconds when `times` gives one per frame, increasing (a video), else the frame number
+    (`numbers`, from 1, when some frames were left out; else 1..T)."""
     s = _as_scores(frame_scores)                                      # [T,C]
     if len(names) != s.shape[1]:
         raise UserError(f"timeline: {len(names)} names for {s.shape[1]} score columns; give one name per column")
@@ -75,7 +76,8 @@ def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float =
     order = np.argsort(-overall, kind="stable")[:max(1, top)]
     T = s.shape[0]
     timed = is_timed(times, T)
-    x = np.asarray(times, dtype=np.float64) if timed else np.arange(1, T + 1)       # [T]
+    x = np.asarray(times, dtype=np.float64) if timed else \
+        np.asarray(numbers) if numbers is not None and len(numbers) == T else np.arange(1, T + 1)     # [T]
     _font_fallback()
     warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)   # plot_font_note
     fig = Figure(figsize=(7, 3.5), layout="constrained")
@@ -92,7 +94,7 @@ def timeline_figure(frame_scores, names: list[str], top: int = 5, decay: float =
     ax.set_xlabel("time (s)" if timed else "frame")
     ax.set_ylabel("score")
     if not timed:
-        ax.set_xticks(x if T <= 20 else np.linspace(1, T, 11).round().astype(int))
+        ax.set_xticks(x if T <= 20 else np.linspace(x[0], x[-1], 11).round().astype(int))
     elif T > 1:
         ax.set_xlim(max(0.0, x[0] - width), x[-1] + width)            # no negative seconds
     span = f", {x[0]:g}-{x[-1]:g} s" if timed and T > 1 else f" at {x[0]:g} s" if timed else ""

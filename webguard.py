@@ -219,7 +219,7 @@ def open_upload(image, max_side: int | None = None):
     except UserError:
         from video import VIDEO_EXTS
         video = VIDEO_EXTS - {".gif"}                                 # a GIF's own error (PIL reads GIFs) stays
-        if isinstance(image, (str, os.PathLike)) and Path(image).suffix.lower() in video:
+        if isinstance(image, (str, os.PathLike)) and Path(image).suffix.lower() in video and os.path.isfile(image):
             raise UserError(f"{image}: a video, not a photo; score videos in the Sequence tab") from None
         raise
 

@@ -75,6 +75,12 @@ def test_relative_paths_climbing_out_of_the_data_folder_are_refused(tmp_path, ca
     assert skipped["outside the data folder"] == 2 and len(table) == 3 and capsys.readouterr().err == ""
 
 
+def test_a_captions_file_with_only_its_header_says_so(tmp_path):
+    (tmp_path / "captions.csv").write_text("image,caption,label,split\n")
+    with pytest.raises(UserError, match="no rows below the header"):
+        read_captions(make_config(dict(data=str(tmp_path))))
+
+
 def test_missing_captions_file_is_explained(tmp_path):
     with pytest.raises(UserError, match="captions file not found"):
         read_captions(make_config(dict(data=str(tmp_path))))

@@ -263,6 +263,16 @@ def test_checkpoint_digest_gets_own_folder(tmp_path):
         list_images(tmp_path / "missing")
 
 
+def test_a_link_to_an_index_folder_is_not_read_as_photos(tmp_path):
+    gal = tmp_path / "gal"
+    make_gallery(gal, 2)
+    write_image(gal / ".exprclip-index" / "x" / "crops" / "t.png", 9)
+    write_image(tmp_path / "elsewhere" / "crops" / "t.png", 9)
+    (gal / "idx").symlink_to(gal / ".exprclip-index")
+    (gal / "other").symlink_to(tmp_path / "elsewhere")                        # an --index-dir outside it
+    assert len(ix.list_images(gal, skip=tmp_path / "elsewhere")) == 2
+
+
 def test_cli_build_and_search(tmp_path, monkeypatch, capsys):
     """The CLI and make_encoder, with a stand-in for checkpoint.create_model_and_transforms (model + preprocess)."""
     import types

@@ -69,6 +69,8 @@ def test_timeline_x_axis_is_seconds_for_a_video_and_frame_numbers_otherwise():
     for times in (None, [0.0, None, 3.0], [0.0, 3.0, 1.5], ["0", "1", "2"], [0.0, float("nan"), 2.0], [0.0, 1.0]):
         ax = timeline_figure(scores, ["a", "b"], times=times).axes[0]           # two videos, a still, junk
         assert ax.get_xlabel() == "frame" and list(ax.get_lines()[0].get_xdata()) == [1, 2, 3], times
+    ax = timeline_figure(scores, ["a", "b"], numbers=[1, 3, 4]).axes[0]         # frame 2 left out: not renumbered
+    assert list(ax.get_lines()[0].get_xdata()) == [1, 3, 4] and frame_list(None, [2]) == "frame(s) 3"
 
 
 def test_a_face_keeps_its_person_number_when_the_other_outgrows_it():
