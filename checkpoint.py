@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_checks import CONFIG_CAPS, TOKENIZER_FILES, validate_checkpoint
+from image_tower import depthwise_in_fp32
 from config import Config, check_ranges, config_from_dict, config_to_dict, init_config, resumed_config
 from transform import Preprocess
 from logs import get_logger
@@ -141,7 +142,17 @@ def checkpoint_tokenizer(ck: dict, path="checkpoint") -> dict[str, str]:
 
 def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
     """Rebuild the model from a read_checkpoint() dict (towers stored by reference come from their package)."""
-    cfg = config_from_dict(ck["config"])
+    model = rebuild_model(ck, path=path, class_names=ck.get("class_names"))
+    load_weights_into(model, ck, path=path)
+    return model
+
+
+def rebuild_model(ck: dict, cfg: Config | None = None, path="checkpoint",
+                  class_names: list[str] | None = None) -> ExprCLIP:
+    """The checkpoint's model (its config, or `cfg`: train.py --resume's), weights not loaded yet: the text tower
+    from its stored HF config and tokenizer, so no source weights file, folder or hub is read; towers stored by
+    reference from their package."""
+    cfg = cfg or config_from_dict(ck["config"])
     refs = ck.get("references") or {}
     for tower, ref in refs.items():
         check_package(ref, tower, path)
@@ -149,13 +160,13 @@ def model_from_checkpoint(ck: dict, path="checkpoint") -> ExprCLIP:
         write_tokenizer(d, checkpoint_tokenizer(ck, path))
         try:
             model = ExprCLIP(cfg, load_weights=False, hf_config=dict(ck["text_config"]), tokenizer_dir=d,
-                             class_names=ck.get("class_names"))
+                             class_names=class_names)
         except (ValueError, TypeError, KeyError, AttributeError, ImportError, OSError, RuntimeError) as e:
             raise UserError(f"{path}: its model could not be rebuilt ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:150]})")
     for tower in refs:
         setattr(model, tower, build_tower(cfg, tower))
-    load_weights_into(model, ck, path=path)
+    depthwise_in_fp32(model.image_encoder)         # as ExprCLIP applies it (a referenced tower is built anew)
     return model
 
 

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -224,6 +225,8 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(unknown)}")
     cfg = config_from_dict(merged)
+    for name in ("image_weights", "text_model"):      # a `~/...` path (flag or config file), as a shell expands it
+        setattr(cfg, name, os.path.expanduser(getattr(cfg, name)))
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise UserError(f"{name} = {getattr(cfg, name)!r} is not one of {', '.join(options)}")

@@ -19,11 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from safetensors import SafetensorError
 
 from config import Config
 from image_tower import depthwise_in_fp32, fold_batchnorm, freeze_depthwise, freeze_stages
 from sentence_towers import SentenceTokenizer, SentenceTower, is_sentence_tower, weights_path
 from utils import UserError, load_state_dict
+from weights import check_text_folder, is_path, load_matching, no_tokenizer, text_load_error
 
 
 # ----------------------------------------------------------------------------- weight sources
@@ -89,21 +91,6 @@ def hub_cache_only(on: bool):
             constants.HF_HUB_OFFLINE = before
 
 
-def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load by key names; if the names differ but the tensors line up one to one in order and shape (e.g. the
-    lukemelas EfficientNet-Lite0 file vs timm's tf_efficientnet_lite0), load them by position."""
-    own = module.state_dict()
-    if set(sd) >= set(own):
-        module.load_state_dict({k: sd[k] for k in own})
-        return
-    if len(sd) == len(own) and all(a.shape == b.shape for a, b in zip(sd.values(), own.values())):
-        module.load_state_dict(dict(zip(own.keys(), sd.values())))
-        return
-    missing = sorted(set(own) - set(sd))
-    raise UserError(f"{source}: weights do not fit this model ({len(missing)} missing keys, e.g. {missing[0]}); "
-                    "check --image-model matches the file")
-
-
 def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
     """timm model with pooled features (num_classes=0); weights from the hub, a packaged file, a path, or none."""
     src = cfg.image_weights if load_weights else "none"
@@ -119,8 +106,8 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
     except OSError as e:
         raise UserError(_hub_hint("image", cfg.image_model, e))
     if src != "none":
-        path = resolve_source(src)
-        load_matching(model, load_state_dict(path), path)
+        path = os.path.expanduser(resolve_source(src))
+        load_matching(model, load_state_dict(path), path)      # its classifier dropped too
     model.reset_classifier(0)
     return model
 
@@ -149,8 +136,12 @@ def build_text_encoder(cfg: Config, load_weights: bool = True, hf_config: dict |
     A packaged sentence encoder (sentence_towers.py) is returned as it is: frozen, embeddings only."""
     if is_sentence_tower(cfg.text_model):
         return SentenceTower(cfg.text_model), SentenceTokenizer()
-    src = resolve_source(cfg.text_model)
-    local = {} if os.path.isdir(src) or hub_reachable() else {"local_files_only": True}   # the cache, at once
+    src = os.path.expanduser(resolve_source(cfg.text_model))
+    local_path = is_path(src)
+    pretrained = load_weights and cfg.text_weights == "pretrained" and hf_config is None and cfg.text_width == 0
+    if local_path and (hf_config is None or tokenizer_dir is None):      # a checkpoint's rebuild reads no folder
+        check_text_folder(src, config=hf_config is None, weights=pretrained, tokenizer=tokenizer_dir is None)
+    local = {} if local_path or hub_reachable() else {"local_files_only": True}   # the cache, at once
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or src, **local)
         if hf_config is not None:
@@ -161,12 +152,19 @@ def build_text_encoder(cfg: Config, load_weights: bool = True, hf_config: dict |
                 conf.num_hidden_layers = conf.n_layers = cfg.text_layers
             if cfg.text_width > 0:
                 _set_width(conf, cfg.text_width)
-        if load_weights and cfg.text_weights == "pretrained" and hf_config is None and cfg.text_width == 0:
+        if tokenizer_dir is None and 2 * len(tokenizer) < getattr(conf, "vocab_size", 0):   # transformers' stand-in
+            raise UserError(no_tokenizer(src))                                              # (5 tokens: all [UNK])
+        if pretrained:
             model = transformers.AutoModel.from_pretrained(src, config=conf, **local)
         else:
             model = transformers.AutoModel.from_config(conf)
     except OSError as e:
-        raise UserError(_hub_hint("text", cfg.text_model, e))
+        raise UserError(text_load_error(src, e) if local_path else _hub_hint("text", cfg.text_model, e))
+    except (ValueError, RuntimeError, AttributeError, SafetensorError) as e:   # a damaged or mismatched folder
+        raise UserError(text_load_error(src, e))
+    if not hasattr(model.config, "hidden_size"):
+        raise UserError(f"{cfg.text_model}: a {type(model).__name__} has no hidden_size; pass a BERT-like text "
+                        "encoder (its text model only)")
     if getattr(model, "pooler", None) is not None:   # BERT's pooler is unused (we pool last_hidden_state):
         model.pooler = None                            # drop it, so DDP sees no parameter without a gradient
     return model, tokenizer

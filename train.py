@@ -67,7 +67,7 @@ class Trainer:
         if self.world > 1 and self.data.train_classes is not None:
             raise UserError("--targets soft / --contrast classes run in one process for now (not under torchrun)")
         self.steps_per_epoch = len(self.train_batches(0))      # too few batches for the processes: said before the model
-        self.build_model(local_rank, checkpoint if cfg.init_from and not cfg.resume else None)
+        checkpoint = self.build_model(local_rank, checkpoint)      # --resume's file: read once, for load_state too
         self.collate = Collate(self.model.tokenizer, cfg.max_length)
         self.epoch_batches = EpochBatches()          # one loader for the run: its workers persist across epochs
         self.train_loader = self.loader(self.data.train_ds, self.epoch_batches, persistent=True)
@@ -88,18 +88,22 @@ class Trainer:
         if cfg.resume:
             self.load_state(cfg.resume, checkpoint)
 
-    def build_model(self, local_rank: int, init: dict | None = None) -> None:
+    def build_model(self, local_rank: int, ck: dict | None = None) -> dict | None:
         """self.model on its device (channels-last), its weight EMA, compiled towers, and self.net: what the training
-        step calls, DDP-wrapped under torchrun. init: cfg.init_from's checkpoint dict, if already read."""
+        step calls, DDP-wrapped under torchrun. ck: cfg.resume's (or cfg.init_from's) dict if read; returned."""
         cfg = self.cfg
         class_names = list(self.data.label_vocab) if cfg.objective == "ce" else None
-        if cfg.init_from and not cfg.resume:                  # resumed: weights from last.pth
+        if cfg.resume:        # every weight comes from last.pth: the source weights file, folder or hub is not read
+            from checkpoint import rebuild_model
+            ck = ck if ck is not None else read_checkpoint(cfg.resume, hint="--resume")
+            self.model = rebuild_model(ck, cfg, cfg.resume, class_names)
+        elif cfg.init_from:
             from checkpoint import init_model
-            ck = init if init is not None else read_checkpoint(cfg.init_from, hint="--init-from")
+            ck = ck if ck is not None else read_checkpoint(cfg.init_from, hint="--init-from")
             self.model = init_model(ck, cfg, cfg.init_from, class_names)
             log.info(f"weights from {cfg.init_from} (fine-tuning)")
         else:
-            self.model = ExprCLIP(cfg, class_names=class_names, calibrate=None if cfg.resume else self.calibrate_bn)
+            self.model = ExprCLIP(cfg, class_names=class_names, calibrate=self.calibrate_bn)
         self.model = self.model.to(self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cuda", "cpu")
         if self.channels_last:
@@ -114,6 +118,7 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.objective == "ce")
+        return ck
 
     def calibrate_bn(self, encoder: torch.nn.Module) -> None:
         """--image-bn fold: BatchNorm statistics over the first BN_CALIBRATION_FACES training faces, as epoch 0

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -54,6 +56,9 @@ def walk_files(folder, keep=lambda root, name: True, unlisted: list | None = Non
     failed: list[OSError] = []
     for root, dirs, files in os.walk(folder, onerror=failed.append, followlinks=True):
         dirs[:] = [d for d in sorted(dirs) if new(root, d)]
+        gone = [f for f in files if os.path.splitext(f)[1].lower() not in IMAGE_EXTS
+                and os.path.islink(os.path.join(root, f)) and not os.path.exists(os.path.join(root, f))]
+        failed += [OSError(2, "link target missing (an unplugged disk?)", os.path.join(root, f)) for f in gone]
         yield root, dirs, sorted(files)
     for e in failed:
         log.warning(f"skipped folder {shown_path(e.filename)}: {(e.strerror or type(e).__name__).lower()}")
@@ -122,7 +127,9 @@ def run_cli(main, argv=None) -> int:
     Output piped into a reader that quits early (`| head`) is dropped from then on; the work goes on."""
     import sys
     say = log.error if os.environ.get("LOCAL_RANK", "0") == "0" else log.debug
-    stdout, sys.stdout = sys.stdout, _ReaderGone(sys.stdout)
+    stdout = sys.stdout
+    if stdout is not None:                          # None: stdout closed (`>&-`, pythonw): print writes nothing
+        sys.stdout = _ReaderGone(stdout)
     try:
         return int(main(argv) or 0)
     except UserError as e:
@@ -273,20 +280,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")   # training scripts' {key: weights} dicts
+
+
+def error_text(e: BaseException, n: int = 150) -> str:
+    """An exception's message on one line: ANSI escapes and line breaks gone, at most n characters, cut at a word."""
+    import re
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split()) or type(e).__name__
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
+
+
 def load_state_dict(path: str | os.PathLike) -> dict:
-    """Tensors from a .safetensors or a .pth/.pt/.bin file; pickles are read with weights_only=True (no code runs)."""
-    path = Path(path)
+    """Tensors from a .safetensors or a .pth/.pt/.bin file; pickles are read with weights_only=True (no code runs).
+    A training script's {"state_dict" | "model" | "state_dict_ema" | "model_ema": weights} is unwrapped."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError: truncated, or not a safetensors file
+            raise UserError(f"{path}: not a readable .safetensors file, truncated or damaged ({error_text(e)})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with code, truncated file, not a torch file at all
-        raise UserError(f"{path}: not a loadable weights file ({type(e).__name__}: {first_line(e)})")
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+        with warnings.catch_warnings():     # "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a pickled nn.Module, or a pickle that would run code
+        raise UserError(f"{path} holds pickled objects, not a plain state dict (refused: loading it could run "
+                        "code); re-save with torch.save(model.state_dict(), ...) or as .safetensors")
+    except Exception as e:  # truncated file, not a torch file at all
+        raise UserError(f"{path}: not a loadable weights file: empty, truncated or not written by torch.save "
+                        f"({type(e).__name__}: {error_text(e, 100)})")
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return obj
@@ -314,6 +341,7 @@ def _first_non_utf8_line(path) -> int:
 def _first_extra_field(path) -> tuple[int, int | None]:
     """(the header's field count, the first line holding a non-empty field past it, or None)."""
     import csv
+    csv.field_size_limit(2**31 - 1)                 # pandas has no field limit; csv's default is 131,072 characters
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         rows = csv.reader(f)
         width = next((len(r) for r in rows if r), 0)

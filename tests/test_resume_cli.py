@@ -204,3 +204,17 @@ def test_a_relative_data_folder_resumes_from_elsewhere_with_a_config_file_and_it
     assert train.main(["--resume", str(last), "--config", "c.yaml", "--data", str(tmp_path / "data"),
                        "--epochs", "2", "--max-steps", "2"]) == 0     # only the file's keys compared; the same folder
     assert torch.load(last, weights_only=True)["trainer"]["step"] == 2
+
+
+def test_resume_needs_no_source_weights_file_once_last_pth_holds_every_weight(sample_dir, tmp_path, capsys):
+    import timm
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), weights)
+    args = FLAGS + ["--data", str(sample_dir), "--image-weights", str(weights), "--out-dir", str(tmp_path / "out"),
+                    "--final-path", ""]
+    assert train.main(args + ["--max-steps", "1"]) == 0
+    assert "loaded 84 tensors from" in capsys.readouterr().out
+    weights.unlink()                                           # moved or deleted after the run started
+    assert train.main(["--resume", str(tmp_path / "out" / "last.pth"), "--max-steps", "2"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(tmp_path / "out" / "last.pth", weights_only=True)["trainer"]["step"] == 2
