@@ -365,6 +365,11 @@ def moved_data(saved: str, given: str) -> bool:
     return Path(given).resolve() == Path(saved).resolve() or (Path(saved).is_absolute() and not Path(saved).exists())
 
 
+def same_path(a: str, b: str) -> bool:
+    """`~/w.pth` and `/root/w.pth` (or `./w.pth` from its folder) name one file: a weights source typed again."""
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
 def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The run's own config from its checkpoint, with the safe flags given on top (-> [what changed]); a flag,
     --preset or --config value that would change the model, the data or the schedule is refused in one line."""
@@ -378,7 +383,8 @@ def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> tuple[Con
         want = asked[f.name]
         if want is None and f.name in set_by_files and f.name not in RESUME_SAFE:
             want, flag = getattr(from_files, f.name), f"--preset/--config ({f.name})"
-        if want is None or want == getattr(cfg, f.name):
+        if want is None or want == getattr(cfg, f.name) or (f.name in ("image_weights", "text_model") and same_path(
+                want, getattr(cfg, f.name))):
             continue
         if f.name == "data" and moved_data(cfg.data, want):
             changed.append(f"--data {cfg.data!r} -> {want!r} (the same folder, or the run's one is gone: moved)")

@@ -91,8 +91,9 @@ def hub_cache_only(on: bool):
             constants.HF_HUB_OFFLINE = before
 
 
-def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
-    """timm model with pooled features (num_classes=0); weights from the hub, a packaged file, a path, or none."""
+def build_image_encoder(cfg: Config, load_weights: bool = True, report: bool = True) -> nn.Module:
+    """timm model with pooled features (num_classes=0); weights from the hub, a packaged file, a path, or none
+    (report: the one "loaded N tensors" line; off where a stored checkpoint's package tower is rebuilt)."""
     src = cfg.image_weights if load_weights else "none"
     try:
         if src == "hub":
@@ -107,7 +108,7 @@ def build_image_encoder(cfg: Config, load_weights: bool = True) -> nn.Module:
         raise UserError(_hub_hint("image", cfg.image_model, e))
     if src != "none":
         path = os.path.expanduser(resolve_source(src))
-        load_matching(model, load_state_dict(path), path)      # its classifier dropped too
+        load_matching(model, load_state_dict(path), path, report)      # its classifier dropped too
     model.reset_classifier(0)
     return model
 

@@ -69,7 +69,7 @@ def build_tower(cfg: Config, tower: str) -> torch.nn.Module:
     """The tower with its package weights, as ExprCLIP(cfg) builds it (global RNG state left untouched)."""
     with torch.random.fork_rng(devices=[]):
         enc = build_text_encoder(cfg, load_weights=True)[0] if tower == "text_encoder" \
-            else build_image_encoder(cfg, load_weights=True)
+            else build_image_encoder(cfg, load_weights=True, report=False)       # said once, at the run's build
     return enc.requires_grad_(False).eval()
 
 

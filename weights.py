@@ -66,7 +66,7 @@ def _by_position(sd: dict, full: list[str], own: dict, heads: tuple[str, ...]) -
     return dict(zip(own, values)), ignored
 
 
-def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str, report: bool = True) -> None:
     """Load a weights file into a timm model, leaving it without a classifier (num_classes=0). A wrapper prefix is
     dropped, and so is the file's classifier (any class count); by key names, else, when the tensors line up one to
     one in order and shape (e.g. the lukemelas EfficientNet-Lite0 file vs timm's tf_efficientnet_lite0), by
@@ -92,7 +92,8 @@ def load_matching(module: nn.Module, sd: dict[str, torch.Tensor], source: str) -
             raise UserError(f"{source}: {k} is {list(v.shape)} in the file but {list(own[k].shape)} in the model; "
                             "check --image-model (and --image-size) match the file")
     module.load_state_dict(pairs, strict=False)      # every key but num_batches_tracked checked present above
-    log.info(load_report(source, len(pairs), [(k, sd[k]) for k in head], extra, by_position))
+    (log.info if report else log.debug)(load_report(source, len(pairs), [(k, sd[k]) for k in head], extra,
+                                                    by_position))
 
 
 def load_report(source: str, n: int, head: list[tuple[str, torch.Tensor]], extra: list[str], by_position: bool) -> str:

@@ -104,6 +104,21 @@ def test_a_tilde_path_is_expanded_in_flags_and_config_files(tmp_path, monkeypatc
     build_image_encoder(image_cfg("~/w.pth"))
 
 
+def test_a_packaged_tower_rebuilt_from_a_checkpoint_says_nothing_and_a_resume_may_retype_its_path(
+        tmp_path, monkeypatch, r10, capsys):
+    import argparse
+    from config import config_to_dict, resumed_config
+    from package_refs import build_tower
+    build_tower(make_config(preset="offline", overrides=dict(image_size=32)), "image_encoder")  # load, export, resume
+    assert "loaded" not in capsys.readouterr().out
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved(tmp_path, r10)
+    run = config_to_dict(image_cfg(tmp_path / "w.pth"))
+    args = argparse.Namespace(image_weights="~/w.pth", preset=None, config=None, resume=str(tmp_path / "last.pth"))
+    cfg, changed = resumed_config(run, args)                 # `--image-weights=~/w.pth` as typed at first training
+    assert cfg.image_weights == str(tmp_path / "w.pth") and changed == []
+
+
 # ----------------------------------------------------------------------------- local text folders
 
 @pytest.fixture(scope="module")
