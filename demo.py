@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 from functools import partial
 from pathlib import Path
 
 from captions import load_caption_bank
-from faces import CROP_MAX_SIDE
+from faces import CROP_MAX_SIDE, check_min_side
 from logs import get_logger
 from photos import FACES_MODES, describe_update, failure_lines
 from photoviews import (add_photos, add_photos_steps, clicked_key, gallery_warnings, header, picked_view,
@@ -33,8 +32,8 @@ from served_model import (BUNDLED_MODEL, ROOT, ROOT_MODEL, TRAIN_COMMAND, choose
 from utils import UserError, run_cli
 from video import load_frames
 from webguard import (MAX_UPLOAD_PIXELS, check_port_free, download_path, keep_text, lenient, named, number_in,
-                      one_or_many_files, open_upload, port_in_use, quiet_refusals, read_vocab_upload, upload_path,
-                      vocab_items, whole_number_in, with_fallback, yes_no)
+                      one_or_many_files, open_upload, port_in_use, quiet_refusals, read_vocab_upload, serving,
+                      upload_name, upload_path, vocab_items, whole_number_in, with_fallback, yes_no)
 
 log = get_logger(__name__)
 PAPER_SENTENCES = [sentences[0] for sentences in load_caption_bank("paper").values()]   # the paper's eight, in order
@@ -81,7 +80,8 @@ def rank_view(engine: Engine, image, vocab_text, detect, max_faces: int = 5):
     from faces import DECODE_SIDE
     items, detect = vocab_items(vocab_text), yes_no(detect, "Detect faces")
     photo = open_upload(image, DECODE_SIDE)
-    res = rank_faces(engine, photo, [s for _, s in items], detect, max_faces)   # big JPEGs decode at 1/2..1/8
+    res = rank_faces(engine, photo, [s for _, s in items], detect, max_faces,     # big JPEGs decode at 1/2..1/8
+                     name=upload_name(image))
     names = [name for name, _ in items]
     notes = []
     if res.crop:
@@ -183,7 +183,9 @@ def make_handlers(engine: Engine, max_faces: int = 5, max_frames: int = 32) -> d
 
     @with_fallback(lambda msg, *_: ([], msg))
     def on_similar(image, k, detect=True):
-        face, how = largest_face(open_upload(image), yes_no(detect, "Detect faces"), engine.cfg.grayscale)
+        photo, detect = open_upload(image), yes_no(detect, "Detect faces")
+        check_min_side(photo.size, upload_name(image))                  # largest_face says "the image"
+        face, how = largest_face(photo, detect, engine.cfg.grayscale)
         hits = similar_images(engine, face, top_k(k))
         items = result_items(engine, hits)
         return items, f"{len(items)} faces with the closest expression to {QUERY_FACE[how]}"
@@ -363,11 +365,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def sigterm_as_ctrl_c(signum, frame):
-    """SIGTERM (systemd, `docker stop`, `kill`) closes the server as Ctrl-C does: its temporary files are removed."""
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.quickstart:
@@ -384,16 +381,14 @@ def main(argv=None) -> int:
     log.info(f"gallery {shown_path(Path(a.gallery))}: {describe_update(engine.stats, len(engine.index))}")
     for line in failure_lines(engine.stats) + gallery_warnings(engine):
         log.warning(line)
-    app = build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64)
-    before = signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
-    try:
-        app.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
-    except OSError as e:                 # Gradio: "Cannot find empty port in range: 7860-7860. ..."
-        if "port" not in str(e).lower():
-            raise
-        raise UserError(port_in_use(a.host, a.port)) from None      # taken while the gallery was indexed
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with serving():                      # SIGTERM as Ctrl-C; Gradio's files in a folder removed on close
+        app = build_app(engine, a.max_faces, a.max_frames).queue(default_concurrency_limit=4, max_size=64)
+        try:
+            app.launch(server_name=a.host, server_port=a.port, share=a.share, max_file_size="20mb")
+        except OSError as e:             # Gradio: "Cannot find empty port in range: 7860-7860. ..."
+            if "port" not in str(e).lower():
+                raise
+            raise UserError(port_in_use(a.host, a.port)) from None  # taken while the gallery was indexed
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from logs import get_logger
+from photos import entry_keys
 from retrieval import Engine, similar_to_gallery_image
 from uploads import save_uploads
 from utils import UserError
@@ -161,23 +162,32 @@ def add_photos(engine: Engine, files) -> str:
     this request that cannot be read are named (by their own name) and removed, so no later request meets them."""
     if engine.index is None or engine.upload_dir is None:
         raise UserError("this demo has no gallery to add photos to")
+    sent_as: dict = {}                                    # saved path -> what the user called the file
     with _adding:
-        saved, skipped = save_uploads(files, engine.upload_dir)
+        saved, skipped = save_uploads(files, engine.upload_dir, dedupe=True, sent_as=sent_as)
         stats = engine.reindex(progress=False) if saved else {"failed_paths": [], "faces": 0, "reasons": {}}
-        mine = {p.resolve() for p in saved}
-        bad = [p for p in stats.get("failed_paths", []) if Path(p).resolve() in mine]     # this request's only
+        mine, reasons = {p.resolve(): p for p in saved}, stats.get("reasons", {})
+        bad = {mine[Path(f).resolve()]: reasons.get(str(f), "unreadable") for f in stats.get("failed_paths", [])
+               if Path(f).resolve() in mine}                 # this request's only: {saved path: why}
         for p in bad:
-            Path(p).unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
         for folder in {p.parent for p in saved}:            # this request's folder: removed when left empty
             with suppress(OSError):
                 folder.rmdir()
-    if skipped:                                           # the server log's one line for what was refused
-        log.info(f"add_photos request: skipped {'; '.join(skipped)}")
-    reasons = stats.get("reasons", {})
-    lines = [f"skipped (unreadable): {Path(p).name}: {reasons.get(str(p), 'unreadable')}" for p in bad]
-    return "\n\n".join([f"Added {len(saved) - len(bad)} photo(s) ({stats.get('faces', 0)} faces found); "
+        faces = _faces_of(engine, [p for p in saved if p not in bad])
+    unreadable = [f"{sent_as[p]}: {why}" for p, why in bad.items()]
+    if skipped or unreadable:                             # the server log's one line for what was refused
+        log.info(f"add_photos request: skipped {'; '.join(skipped + unreadable)}")
+    return "\n\n".join([f"Added {len(saved) - len(bad)} photo(s) ({faces} faces found); "
                          f"the gallery now has {engine.index.n_photos()} photos, {len(engine.index)} faces."]
-                        + lines + [f"skipped: {s}" for s in skipped])
+                        + [f"skipped (unreadable): {u}" for u in unreadable] + [f"skipped: {s}" for s in skipped])
+
+
+def _faces_of(engine: Engine, photos: list[Path]) -> int:
+    """Search entries (faces) the gallery holds for these photos (not those of others re-indexed alongside)."""
+    index = engine.index
+    recs = [index.records.get(index.entry(p).key) for p in photos]
+    return sum(len(entry_keys(r)) for r in recs if r)
 
 
 def add_photos_steps(engine: Engine, files, every: float = 0.5):

@@ -32,10 +32,12 @@ from embed import embed_images, embed_texts
 from faces import Box, annotate, check_min_side, faces_or_whole, is_crop_sized
 from image_files import safe_open_image
 from index import GalleryIndex, make_encoder
+from logs import get_logger
 from model import ExprCLIP
 from precision import autocast_for
 from utils import UserError, file_digest, pick_device
 
+log = get_logger(__name__)
 MAX_QUERY_CHARS = 500
 TEXT_CACHE = 4096             # sentence embeddings an Engine keeps (Engine.embed_text)
 
@@ -245,7 +247,10 @@ def _search(engine: Engine, q: np.ndarray, k: int) -> list[tuple[Path, float]]:
         raise UserError("the gallery is empty: put images in the gallery folder (--gallery DIR) and restart")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise UserError(f"k {k!r}: give a whole number >= 1 (how many results)")
-    return engine.index.search_current(q, k)[0]
+    hits, stale = engine.index.search_current(q, k)
+    if stale:
+        log.info(f"left out {stale} result(s) whose photo changed since indexing")
+    return hits
 
 
 def rank_expressions(engine: Engine, image: Image.Image, sentences: list[str]) -> list[tuple[str, float, float]]:

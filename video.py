@@ -122,6 +122,20 @@ def _sample(cap, n: int, max_frames: int, fps: float) -> tuple[list[VideoFrame],
     return frames, read
 
 
+def _video_kind(path) -> tuple[str, str] | None:
+    """(container, extension) that a file's first bytes name, else None (a video saved under an image's name)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[4:8] == b"ftyp":
+        return "MP4", "mp4"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI", "avi"
+    return ("Matroska/WebM", "mkv") if head[:4] == b"\x1a\x45\xdf\xa3" else None
+
+
 def _not_a_video(path, why: str) -> str:
     """Why a video could not be read; a still image under a video's name is named as one."""
     try:
@@ -132,6 +146,17 @@ def _not_a_video(path, why: str) -> str:
     if kind:
         return f"{path}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
     return f"{path}: {why} (use MP4, AVI, MOV, WebM)"
+
+
+def _open_still(path, max_pixels: int) -> Image.Image:
+    """safe_open_image; a video saved under an image's name says so (PIL's error named it no image)."""
+    try:
+        return safe_open_image(path, max_pixels)
+    except UserError:
+        if kind := _video_kind(path):
+            raise UserError(f"{path}: a video ({kind[0]}), not an image; rename it .{kind[1]} to score it as a "
+                            "video") from None
+        raise
 
 
 def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS,
@@ -153,7 +178,7 @@ def load_frames(paths, max_frames: int = 32, max_pixels: int = MAX_PIXELS,
                 if notes is not None:
                     notes += [n.replace(p, Path(p).name) for n in said]
             else:
-                still = _shrink(safe_open_image(p, max_pixels))
+                still = _shrink(_open_still(p, max_pixels))
                 check_min_side(still.size, str(p))
                 still.info.pop("time_s", None)                        # a still has no time (a PNG chunk may name one)
                 frames.append(still)

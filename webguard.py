@@ -11,6 +11,7 @@ traceback for each refusal; `lenient` hands such values to the handler instead, 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import io
@@ -18,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import traceback
@@ -195,10 +197,26 @@ def quiet_refusals(app):
         except ValidationError as e:
             msg = (f"an input is not what this endpoint takes ({e.title} expected; send files with "
                    "gradio_client.handle_file(path))")
+        except Exception as e:  # noqa: BLE001 -- Gradio's download of a URL: ValueError, httpx errors, Exception
+            if not (urls := _urls(inputs)):
+                raise
+            why = " ".join(str(e).split())[:120] or type(e).__name__
+            msg = f"could not fetch the URL {urls[0][:100]} ({why}); upload the file instead"
         refused(block_fn.api_name or block_fn.name, msg)
         raise gr.Error(msg, print_exception=False)
     app.preprocess_data = preprocess_data
     return app
+
+
+def _urls(payload) -> list[str]:
+    """The http(s) URLs given as an upload's path in a request's raw inputs (Gradio downloads those itself)."""
+    if isinstance(payload, (list, tuple)):
+        return [u for p in payload for u in _urls(p)]
+    if isinstance(payload, dict):
+        path = payload.get("path")
+        own = [path] if isinstance(path, str) and re.match(r"https?://", path, re.I) else []
+        return own + [u for v in payload.values() if isinstance(v, (list, dict)) for u in _urls(v)]
+    return []
 
 
 def upload_path(payload):
@@ -224,6 +242,11 @@ def open_upload(image, max_side: int | None = None):
         raise
 
 
+def upload_name(image) -> str:
+    """How a message names a request's image: its file name, else "the image" (pixels sent from Python)."""
+    return Path(image).name if isinstance(image, (str, os.PathLike)) and os.fspath(image) else "the image"
+
+
 def port_in_use(host: str, port: int) -> str:
     return (f"--port {port} on {host}: in use (another demo running?) or not allowed (below 1024 needs root); pass "
             f"--port {port + 1} or stop the other server")
@@ -236,6 +259,31 @@ def check_port_free(host: str, port: int) -> None:
             pass
     except OSError:
         raise UserError(port_in_use(host, port)) from None
+
+
+def sigterm_as_ctrl_c(signum, frame):
+    """SIGTERM (systemd, `docker stop`, `kill`) closes the server as Ctrl-C does: its temporary files are removed."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def serving():
+    """While a server runs: SIGTERM closes it as Ctrl-C does, and Gradio's uploads and copies of served files go to
+    a folder of this run's own (GRADIO_TEMP_DIR, set here, under the one a user set, else the system temp folder),
+    removed on close: Gradio left them in /tmp/gradio. Build the app inside (Gradio reads the folder then)."""
+    before_env, before_sig = os.environ.get("GRADIO_TEMP_DIR"), signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
+    parent = before_env or tempfile.gettempdir()
+    os.makedirs(parent, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = root = tempfile.mkdtemp(prefix="exprclip-served-", dir=parent)
+    try:
+        yield Path(root)
+    finally:
+        signal.signal(signal.SIGTERM, before_sig)
+        if before_env is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before_env
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @functools.cache

@@ -4,8 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 
 import demo
+import webguard
 from embed import embed_images
 from index import list_images
 from photos import describe_update
@@ -51,7 +54,8 @@ def test_known_model_ranks_the_described_class_first(engine):
     assert similar[0][0] == hits[0][0] and similar[0][1] == pytest.approx(1.0, abs=2e-3)   # itself first
 
 
-def test_python_api_leaves_out_photos_gone_since_indexing_and_refuses_odd_arguments(trained, sample_dir, tmp_path):
+def test_python_api_leaves_out_photos_gone_since_indexing_and_refuses_odd_arguments(trained, sample_dir, tmp_path,
+                                                                                    capsys):
     gal = tmp_path / "gal"
     gal.mkdir()
     faces = sorted((sample_dir / "images").glob("*.png"))
@@ -61,7 +65,10 @@ def test_python_api_leaves_out_photos_gone_since_indexing_and_refuses_odd_argume
     first, second = [p for p, _ in search_text(eng, HAPPY, k=2)]
     first.unlink()                                                     # deleted, and replaced by another face
     shutil.copy(gal / sorted(p.name for p in gal.iterdir() if p.name.startswith("sadness"))[0], second)
+    capsys.readouterr()
     hits = search_text(eng, HAPPY, k=3)
+    log = capsys.readouterr().out.splitlines()                         # one line for the search, not one per result
+    assert [ln for ln in log if "left out" in ln] == ["left out 2 result(s) whose photo changed since indexing"], log
     assert len(hits) == 3 and first not in [p for p, _ in hits] and second not in [p for p, _ in hits]
     assert all(s <= 1.0 for _, s in similar_to_gallery_image(eng, hits[0][0], k=3))
     with pytest.raises(UserError, match="moved, deleted or replaced"):
@@ -143,7 +150,6 @@ def test_foreign_checkpoint_is_one_line(tmp_path, capsys):
 @pytest.fixture(autouse=True)
 def any_port(monkeypatch):
     """demo.main called in-process does not check the default port (a server on 7860 must not fail these tests)."""
-    import webguard
     monkeypatch.setattr(demo, "check_port_free", lambda host, port: None if port == 7860 else
                         webguard.check_port_free(host, port))
 
@@ -193,9 +199,32 @@ def test_sigterm_closes_the_server_like_ctrl_c_and_the_handler_is_put_back(train
     _models(monkeypatch, tmp_path / "model_final.pth", trained[0])
     before = signal.getsignal(signal.SIGTERM)
     assert run_cli(demo.main, _serve_args(_gallery(sample_dir, tmp_path / "gal", n=2), tmp_path)) == 0
-    assert seen == [demo.sigterm_as_ctrl_c] and signal.getsignal(signal.SIGTERM) == before
+    assert seen == [webguard.sigterm_as_ctrl_c] and signal.getsignal(signal.SIGTERM) == before
     with pytest.raises(KeyboardInterrupt):                  # what Gradio's launch() closes the server on
-        demo.sigterm_as_ctrl_c(signal.SIGTERM, None)
+        webguard.sigterm_as_ctrl_c(signal.SIGTERM, None)
+
+
+def test_gradio_files_of_a_run_are_removed_when_it_closes(trained, sample_dir, tmp_path, monkeypatch):
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+    folders = []
+
+    def serve_then_sigterm(self, **kw):                     # Gradio writes uploads and served copies, then SIGTERM
+        folders.append(Path(get_upload_folder()))
+        (folders[-1] / "0123abcd").mkdir(parents=True)
+        (folders[-1] / "0123abcd" / "face.jpg").write_bytes(b"x")
+        # then Ctrl-C or SIGTERM: launch() closes the server and returns
+
+    monkeypatch.setattr(gr.Blocks, "launch", serve_then_sigterm)
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    _models(monkeypatch, tmp_path / "model_final.pth", trained[0])
+    assert run_cli(demo.main, _serve_args(_gallery(sample_dir, tmp_path / "gal", n=2), tmp_path)) == 0
+    assert folders and folders[0] != Path(tempfile.gettempdir()) / "gradio" and not folders[0].exists()
+    assert "GRADIO_TEMP_DIR" not in os.environ
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "mine"))       # a folder the user chose: one run under it
+    assert run_cli(demo.main, _serve_args(tmp_path / "gal", tmp_path)) == 0
+    assert folders[1].parent == tmp_path / "mine" and list((tmp_path / "mine").iterdir()) == []
+    assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "mine")
 
 
 def test_a_busy_or_impossible_port_is_one_line(trained, sample_dir, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """Demo features: vocabulary save/load, per-face ranking, similar-from-gallery, sequence mode, a concurrent-load
 test against the real app, and prepare.py --detect-faces."""
+import shutil
 import socket
 import tempfile
 import time
@@ -221,6 +222,12 @@ def test_a_photo_named_like_a_video_is_told_to_be_renamed(tmp_path):
         read_video(tmp_path / "junk.mp4")
 
 
+def test_a_video_named_like_an_image_is_told_to_be_renamed(h, tmp_path):
+    (tmp_path / "video.jpg").write_bytes(_video(tmp_path / "clip.avi").read_bytes())
+    _, _, msg = h["sequence"]([str(tmp_path / "video.jpg"), str(tmp_path / "clip.avi")], VOCAB, False, 0.5)
+    assert "video.jpg: a video (AVI), not an image; rename it .avi to score it as a video" in msg, msg
+
+
 def test_load_frames_orders_by_name_caps_and_reports_bad_files(tmp_path):
     for i in (10, 2, 1):
         Image.new("L", (40, 40), i * 20).save(tmp_path / f"frame{i}.png")
@@ -312,12 +319,49 @@ def test_an_add_request_whose_every_file_is_unreadable_leaves_no_folder_behind(e
     assert set(engine.upload_dir.iterdir()) == before
 
 
+def test_the_add_reply_counts_only_the_faces_of_this_requests_files(engine, h, sample_dir, tmp_path):
+    face, other = _sample_faces(sample_dir, 2)
+    mine = Image.open(face).convert("RGB")
+    mine.putpixel((0, 0), (1, 2, 3))                   # a photo of its own (not already added by another test)
+    mine.save(tmp_path / "mine.png")
+    (msg,) = h["add_photos"]([str(tmp_path / "mine.png")])
+    assert msg.startswith("Added 1 photo(s) (1 faces found)"), msg
+    saved = max(engine.upload_dir.rglob("mine*.png"), key=lambda p: p.stat().st_mtime_ns)
+    shutil.copyfile(other, saved)                      # changed since: re-indexed by the next request's reindex
+    (tmp_path / "fake.png").write_bytes(b"not a png")
+    (msg,) = h["add_photos"]([str(tmp_path / "fake.png")])
+    assert msg.startswith("Added 0 photo(s) (0 faces found)"), msg
+
+
+def test_unreadable_added_files_are_logged_under_the_names_the_user_sent(h, tmp_path, capsys):
+    for folder, data in (("a", b"not a jpeg"), ("b", b"nor this one")):        # two uploads named the same
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same.jpg").write_bytes(data)
+    capsys.readouterr()
+    (msg,) = h["add_photos"]([str(tmp_path / "a" / "same.jpg"), str(tmp_path / "b" / "same.jpg")])
+    log = [ln for ln in capsys.readouterr().out.splitlines() if "add_photos request" in ln]
+    assert "skipped (unreadable): same.jpg (1st file):" in msg and "skipped (unreadable): same.jpg (2nd file):" in msg
+    assert "same-1" not in msg and len(log) == 1 and "same.jpg (2nd file)" in log[0], (msg, log)
+
+
+def test_a_photo_added_twice_is_indexed_once(engine, h, sample_dir, tmp_path):
+    mine = Image.open(_sample_faces(sample_dir, 1)[0]).convert("RGB")
+    mine.putpixel((0, 0), (4, 5, 6))                   # a photo no other test adds
+    mine.save(tmp_path / "twice.png")
+    (msg,) = h["add_photos"]([str(tmp_path / "twice.png")] * 2)            # a double click's two files
+    assert msg.startswith("Added 1 photo(s)") and "skipped: twice.png (2nd file): already in the gallery" in msg
+    faces = len(engine.index)
+    (msg,) = h["add_photos"]([str(tmp_path / "twice.png")])                # the same photo again, later
+    assert msg.startswith("Added 0 photo(s)") and "skipped: twice.png: already in the gallery" in msg, msg
+    assert len(engine.index) == faces
+
+
 def test_images_too_small_for_a_face_and_invisible_queries_are_refused(h, sample_dir, tmp_path):
     Image.new("L", (1, 1), 128).save(tmp_path / "dot.png")
     Image.new("L", (600, 8), 128).save(tmp_path / "strip.png")
     dot, strip = str(tmp_path / "dot.png"), str(tmp_path / "strip.png")
-    assert "1x1 px is too small to read a face" in h["rank"](dot, VOCAB, True)[-1]
-    assert "600x8 px is too small to read a face" in h["similar"](strip, 3)[-1]
+    assert "dot.png: 1x1 px is too small to read a face" in h["rank"](dot, VOCAB, True)[-1]
+    assert "strip.png: 600x8 px is too small to read a face" in h["similar"](strip, 3)[-1]
     bars, _, msg = h["sequence"]([dot] + _sample_faces(sample_dir, 2), VOCAB, True, 0.5)
     assert "**2 frames**" in msg and "Skipped 1 file(s): dot.png: 1x1 px is too small" in msg and bars
     for query in ("\u200b\u202e", "\x00\x00", " \u2060 "):

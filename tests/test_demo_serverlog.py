@@ -92,6 +92,19 @@ def test_inputs_gradio_refuses_before_any_handler_are_one_log_line_and_a_short_e
     assert "did not receive as an upload" in lines[0] and "an input is not what this endpoint takes" in lines[-1]
 
 
+def test_an_upload_given_as_a_url_is_one_log_line_and_says_to_upload_the_file(app_url, capfd):
+    url, tmp, _ = app_url
+    link = {"path": "http://127.0.0.1:9/x.jpg", "meta": {"_type": "gradio.FileData"}}  # refused by Gradio's SSRF check
+    capfd.readouterr()
+    answers = [_raw_call(url, "rank", [link, VOCAB, True]), _raw_call(url, "sequence", [[link], VOCAB, False, 0.5])]
+    assert all(a.startswith("event: error") and "could not fetch the URL http://127.0.0.1:9/x.jpg" in a
+               and "upload the file instead" in a for a in answers), answers
+    log = "".join(capfd.readouterr())
+    assert "Traceback" not in log, log[-3000:]
+    lines = [ln for ln in log.splitlines() if ln.startswith("refused ")]
+    assert [ln.split()[1] for ln in lines] == ["rank", "sequence"], log[-3000:]
+
+
 def test_a_bug_in_a_handler_still_prints_its_traceback(capsys):
     @with_fallback(lambda msg, *_: (msg,))
     def buggy(x):
