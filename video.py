@@ -145,6 +145,8 @@ def _not_a_video(path, why: str) -> str:
         kind = None
     if kind:
         return f"{path}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
+    if video := _video_kind(path):                                   # its header says video: damaged, not the type
+        return f"{path}: {why}: the file starts as an {video[0]} but is damaged or cut short (copy it again)"
     return f"{path}: {why} (use MP4, AVI, MOV, WebM)"
 
 

@@ -124,7 +124,8 @@ def test_an_unreadable_video_is_one_line_without_ffmpegs_own_and_counted_as_a_vi
     r = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(clip), "--checkpoint", str(trained[0]),
                         "--device", "cpu"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     said = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.returncode == 2 and said == [f"skipped {clip}: not a video OpenCV can read (use MP4, AVI, MOV, WebM)",
+    assert r.returncode == 2 and said == [f"skipped {clip}: not a video OpenCV can read: the file starts as an MP4 "
+                                          "but is damaged or cut short (copy it again)",
                                           "error: the video could not be read (the reason is above); nothing written"]
     assert "1 video, 0 video frames: 0 faces found in 0 pictures, 1 skipped (unreadable)" in r.stdout
 
