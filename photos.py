@@ -31,7 +31,7 @@ import pandas as pd
 from faces import CROP_MAX_SIDE, MIN_SIDE, is_crop_sized  # noqa: F401 -- CROP_MAX_SIDE: the rule above
 from image_files import header_size
 from index import BUSY, GalleryIndex, list_images
-from utils import UserError, atomic_write_text, first_line, folder_lock
+from utils import UserError, atomic_write_text, error_text, first_line, folder_lock
 
 FACES_MODES = ("auto", "crops", "photos")
 MAX_FACES = 20               # faces kept per photo, largest first
@@ -384,8 +384,7 @@ class PhotoIndex:
     def _fail(stats: dict, p: Path, reason: str) -> None:
         stats["failed"] += 1
         stats["failed_paths"].append(Path(p))
-        line = first_line(reason, 400)
-        stats["reasons"][str(p)] = line if len(line) <= 160 else line[:160].rsplit(" ", 1)[0] + " …"   # whole words
+        stats["reasons"][str(p)] = error_text(first_line(reason, 400), 160)          # cut at a whole word
         return None
 
 

@@ -283,8 +283,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")   # training scripts' {key: weights} dicts
 
 
-def error_text(e: BaseException, n: int = 150) -> str:
-    """An exception's message on one line: ANSI escapes and line breaks gone, at most n characters, cut at a word."""
+def error_text(e: BaseException | str, n: int = 150) -> str:
+    """An exception's (or a message's) text on one line: ANSI escapes and line breaks gone, at most n characters, cut at a word."""
     import re
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split()) or type(e).__name__
     return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."

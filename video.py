@@ -122,7 +122,7 @@ def _sample(cap, n: int, max_frames: int, fps: float) -> tuple[list[VideoFrame],
     return frames, read
 
 
-def _video_kind(path) -> tuple[str, str] | None:
+def video_kind(path) -> tuple[str, str] | None:
     """(container, extension) that a file's first bytes name, else None (a video saved under an image's name)."""
     try:
         with open(path, "rb") as f:
@@ -145,7 +145,7 @@ def _not_a_video(path, why: str) -> str:
         kind = None
     if kind:
         return f"{path}: a {kind} image, not a video; rename it .{kind.lower()} to read it as a photo"
-    if video := _video_kind(path):                                   # its header says video: damaged, not the type
+    if video := video_kind(path):                                   # its header says video: damaged, not the type
         return f"{path}: {why}: the file starts as an {video[0]} but is damaged or cut short (copy it again)"
     return f"{path}: {why} (use MP4, AVI, MOV, WebM)"
 
@@ -155,7 +155,7 @@ def _open_still(path, max_pixels: int) -> Image.Image:
     try:
         return safe_open_image(path, max_pixels)
     except UserError:
-        if kind := _video_kind(path):
+        if kind := video_kind(path):
             raise UserError(f"{path}: a video ({kind[0]}), not an image; rename it .{kind[1]} to score it as a "
                             "video") from None
         raise

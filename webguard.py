@@ -235,9 +235,8 @@ def open_upload(image, max_side: int | None = None):
     try:
         return safe_open_image(image, max_pixels=MAX_UPLOAD_PIXELS, max_side=max_side)
     except UserError:
-        from video import VIDEO_EXTS
-        video = VIDEO_EXTS - {".gif"}                                 # a GIF's own error (PIL reads GIFs) stays
-        if isinstance(image, (str, os.PathLike)) and Path(image).suffix.lower() in video and os.path.isfile(image):
+        from video import video_kind                                  # the file's first bytes, as Sequence reads them
+        if isinstance(image, (str, os.PathLike)) and video_kind(image):
             raise UserError(f"{image}: a video, not a photo; score videos in the Sequence tab") from None
         raise
 

@@ -537,6 +537,8 @@ def test_a_video_uploaded_as_a_photo_is_sent_to_the_sequence_tab(h, tmp_path):
     _video(tmp_path / "clip.avi", 3)
     assert "clip.avi: a video, not a photo; score videos in the Sequence tab" in h["rank"](
         str(tmp_path / "clip.avi"), VOCAB, True)[2]
+    (tmp_path / "clip.jpg").write_bytes((tmp_path / "clip.avi").read_bytes())      # by its bytes, not its name
+    assert "clip.jpg: a video, not a photo" in h["rank"](str(tmp_path / "clip.jpg"), VOCAB, True)[2]
 
 
 def test_a_video_cut_short_is_said_on_the_page(h, tmp_path):

@@ -374,7 +374,7 @@ def test_an_unreadable_file_says_permission_denied_and_long_reasons_end_on_a_who
     assert stats["reasons"][str(root / "locked.jpg")] == "permission denied (check its permissions)"
     stats = dict(failed=0, failed_paths=[], reasons={})
     PhotoIndex._fail(stats, root / "x.jpg", "word " * 60)
-    assert stats["reasons"][str(root / "x.jpg")].endswith("word …")
+    assert stats["reasons"][str(root / "x.jpg")].endswith("word ...")
 
 
 def test_uploads_with_one_name_are_told_apart_from_each_other_and_from_the_gallery(tmp_path):
