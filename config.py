@@ -237,7 +237,8 @@ def make_config(overrides: dict[str, Any] | None = None, preset: str | None = No
         raise UserError(f"{cfg.text_model} is a packaged sentence encoder used as it is: pass --freeze-text "
                         "(and --text-weights pretrained)")
     if not cfg.image_weights.strip():
-        raise UserError("--image-weights '': give hub, none, pkg:efficientnet-lite0 or a weights file path")
+        raise UserError("--image-weights '': give hub, none, pkg:efficientnet-lite0 (lite1, lite2) or a weights "
+                        "file path")
     if cfg.text_width > 0 and cfg.text_weights == "pretrained":
         raise UserError(f"--text-width {cfg.text_width} builds a random-init text tower of that width (pretrained "
                         "weights have their own): pass --text-weights none, or --text-width 0")
